@@ -1,0 +1,61 @@
+# joey — top-level entry points. On a fresh Debian 12 machine, as root:
+#   make run    installs what is missing, builds everything, runs `joeyctl run -- uname -a`
+#   make test   builds everything and runs every test
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+CARGO ?= cargo
+JOEY_CACHE ?= /var/cache/joey
+export JOEY_CACHE
+GUEST_DIR := build/guest
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN := target/$(AGENT_TARGET)/release/joey-agent
+JOEYCTL := target/release/joeyctl
+INSTALL_GUEST_DIR ?= /usr/share/joey/guest
+
+.PHONY: all deps build agent kernel initrd guest install-guest run test unit-test integration-test bench clean
+
+all: build guest
+
+deps:
+	bash scripts/deps.sh
+
+build: deps
+	$(CARGO) build --release --bin joeyctl
+
+agent: deps
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p joey-agent --target $(AGENT_TARGET)
+
+kernel: deps
+	mkdir -p $(GUEST_DIR)
+	d=$$(bash guest/build-kernel.sh) && ln -sfn $$d/bzImage $(GUEST_DIR)/bzImage && ln -sfn $$d/vmlinux $(GUEST_DIR)/vmlinux
+
+initrd: agent
+	mkdir -p $(GUEST_DIR)
+	d=$$(bash guest/build-initrd.sh $(AGENT_BIN)) && ln -sfn $$d/initrd.img $(GUEST_DIR)/initrd.img
+
+guest: kernel initrd
+
+install-guest: guest
+	install -d $(INSTALL_GUEST_DIR)
+	install -m 0644 $(GUEST_DIR)/bzImage $(INSTALL_GUEST_DIR)/bzImage
+	install -m 0644 $(GUEST_DIR)/initrd.img $(INSTALL_GUEST_DIR)/initrd.img
+
+run: build install-guest
+	$(JOEYCTL) run --timings -- uname -a
+
+unit-test: deps
+	$(CARGO) test --release --workspace --exclude joey-tests
+
+integration-test: build guest
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	  $(CARGO) test --release -p joey-tests -- --test-threads=2
+
+test: unit-test integration-test
+
+bench: build guest
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	  bash scripts/bench.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf build

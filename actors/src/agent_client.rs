@@ -1,0 +1,247 @@
+//! Client of the guest agent: ttrpc over hybrid vsock (`CONNECT <port>\n` on a unix socket).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use joey_agent_protocol::agent;
+use joey_agent_protocol::agent_ttrpc::AgentServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("hybrid vsock connect to {path} port {port}: {reason}")]
+    Connect { path: PathBuf, port: u32, reason: String },
+    #[error("agent did not become ready within {0:?} (last error: {1})")]
+    NotReady(Duration, String),
+    #[error("agent RPC {rpc} failed: {message}")]
+    Rpc { rpc: &'static str, code: RpcCode, message: String },
+}
+
+/// The gRPC status code class of a failed RPC, as far as callers care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcCode {
+    NotFound,
+    InvalidArgument,
+    PermissionDenied,
+    AlreadyExists,
+    Transport,
+    Other,
+}
+
+fn rpc_err(rpc: &'static str, e: ttrpc::Error) -> AgentError {
+    match e {
+        ttrpc::Error::RpcStatus(s) => {
+            let code = match s.code() {
+                ttrpc::Code::NOT_FOUND => RpcCode::NotFound,
+                ttrpc::Code::INVALID_ARGUMENT => RpcCode::InvalidArgument,
+                ttrpc::Code::PERMISSION_DENIED => RpcCode::PermissionDenied,
+                ttrpc::Code::ALREADY_EXISTS => RpcCode::AlreadyExists,
+                _ => RpcCode::Other,
+            };
+            AgentError::Rpc {
+                rpc,
+                code,
+                message: s.message().to_string(),
+            }
+        }
+        other => AgentError::Rpc {
+            rpc,
+            code: RpcCode::Transport,
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Opens a stream to guest port `port` through the hybrid vsock unix socket.
+pub async fn hybrid_connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
+    let err = |reason: String| AgentError::Connect {
+        path: uds.to_path_buf(),
+        port,
+        reason,
+    };
+    let fut = async {
+        let mut s = UnixStream::connect(uds).await.map_err(|e| err(e.to_string()))?;
+        s.write_all(format!("CONNECT {port}\n").as_bytes())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        // Read the reply byte by byte so no payload byte is consumed.
+        let mut line = Vec::with_capacity(16);
+        loop {
+            let mut b = [0u8; 1];
+            let n = s.read(&mut b).await.map_err(|e| err(e.to_string()))?;
+            if n == 0 {
+                return Err(err("closed before OK (nobody listening in the guest yet?)".into()));
+            }
+            if b[0] == b'\n' {
+                break;
+            }
+            line.push(b[0]);
+            if line.len() > 32 {
+                return Err(err("over-long reply".into()));
+            }
+        }
+        let line = String::from_utf8_lossy(&line);
+        if !line.starts_with("OK ") {
+            return Err(err(format!("unexpected reply {line:?}")));
+        }
+        Ok(s)
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(err(format!("timed out after {timeout:?}"))),
+    }
+}
+
+/// A connected agent client. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: AgentServiceClient,
+    rpc_timeout: Duration,
+}
+
+fn ctx(t: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(t.as_nanos().min(i64::MAX as u128) as i64)
+}
+
+/// No client-side deadline (long waits: process exit, output). Cancelled by dropping the future.
+fn ctx_forever() -> ttrpc::context::Context {
+    ttrpc::context::Context::default()
+}
+
+impl AgentClient {
+    /// Connects and waits until the agent answers `Check`, retrying until `deadline` passes.
+    pub async fn connect_ready(
+        uds: &Path,
+        port: u32,
+        ready_timeout: Duration,
+        rpc_timeout: Duration,
+    ) -> Result<AgentClient, AgentError> {
+        let start = Instant::now();
+        let mut last = String::from("no attempt");
+        while start.elapsed() < ready_timeout {
+            let left = ready_timeout.saturating_sub(start.elapsed());
+            match hybrid_connect(uds, port, left.min(Duration::from_secs(5))).await {
+                Ok(stream) => {
+                    let c = AgentClient {
+                        inner: AgentServiceClient::new(ttrpc::asynchronous::Client::new(
+                            ttrpc::asynchronous::transport::Socket::from(stream),
+                        )),
+                        rpc_timeout,
+                    };
+                    match c.check().await {
+                        Ok(_) => return Ok(c),
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(AgentError::NotReady(ready_timeout, last))
+    }
+
+    pub async fn check(&self) -> Result<String, AgentError> {
+        let r = self
+            .inner
+            .check(ctx(self.rpc_timeout), &agent::CheckRequest::new())
+            .await
+            .map_err(|e| rpc_err("Check", e))?;
+        Ok(r.status)
+    }
+
+    pub async fn version(&self) -> Result<agent::VersionResponse, AgentError> {
+        self.inner
+            .version(ctx(self.rpc_timeout), &agent::Empty::new())
+            .await
+            .map_err(|e| rpc_err("Version", e))
+    }
+
+    pub async fn exec(&self, req: agent::ExecProcessRequest) -> Result<u32, AgentError> {
+        let r = self
+            .inner
+            .exec_process(ctx(self.rpc_timeout), &req)
+            .await
+            .map_err(|e| rpc_err("ExecProcess", e))?;
+        Ok(r.pid)
+    }
+
+    pub async fn wait(&self, exec_id: &str) -> Result<agent::WaitProcessResponse, AgentError> {
+        let req = agent::WaitProcessRequest {
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        self.inner
+            .wait_process(ctx_forever(), &req)
+            .await
+            .map_err(|e| rpc_err("WaitProcess", e))
+    }
+
+    pub async fn signal(&self, exec_id: &str, signal: u32) -> Result<(), AgentError> {
+        let req = agent::SignalProcessRequest {
+            exec_id: exec_id.to_string(),
+            signal,
+            ..Default::default()
+        };
+        self.inner
+            .signal_process(ctx(self.rpc_timeout), &req)
+            .await
+            .map_err(|e| rpc_err("SignalProcess", e))?;
+        Ok(())
+    }
+
+    pub async fn write_stdin(&self, exec_id: &str, data: Vec<u8>) -> Result<u32, AgentError> {
+        let req = agent::WriteStdinRequest {
+            exec_id: exec_id.to_string(),
+            data,
+            ..Default::default()
+        };
+        let r = self
+            .inner
+            .write_stdin(ctx_forever(), &req)
+            .await
+            .map_err(|e| rpc_err("WriteStdin", e))?;
+        Ok(r.len)
+    }
+
+    pub async fn close_stdin(&self, exec_id: &str) -> Result<(), AgentError> {
+        let req = agent::CloseStdinRequest {
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        self.inner
+            .close_stdin(ctx(self.rpc_timeout), &req)
+            .await
+            .map_err(|e| rpc_err("CloseStdin", e))?;
+        Ok(())
+    }
+
+    /// Reads output; an empty vector means end of stream.
+    pub async fn read_output(&self, exec_id: &str, stderr: bool, len: u32) -> Result<Vec<u8>, AgentError> {
+        let req = agent::ReadOutputRequest {
+            exec_id: exec_id.to_string(),
+            len,
+            ..Default::default()
+        };
+        let r = if stderr {
+            self.inner
+                .read_stderr(ctx_forever(), &req)
+                .await
+                .map_err(|e| rpc_err("ReadStderr", e))?
+        } else {
+            self.inner
+                .read_stdout(ctx_forever(), &req)
+                .await
+                .map_err(|e| rpc_err("ReadStdout", e))?
+        };
+        Ok(r.data)
+    }
+
+    pub async fn destroy_sandbox(&self) -> Result<(), AgentError> {
+        self.inner
+            .destroy_sandbox(ctx(self.rpc_timeout), &agent::DestroySandboxRequest::new())
+            .await
+            .map_err(|e| rpc_err("DestroySandbox", e))?;
+        Ok(())
+    }
+}

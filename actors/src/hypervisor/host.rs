@@ -1,0 +1,204 @@
+//! Honest detection of what the host's KVM can run.
+//!
+//! A PVM-type KVM (`kvm_pvm`) runs small identity-mapped guests but cannot run an unmodified
+//! Linux kernel; only hardware-assisted KVM (`kvm_intel` / `kvm_amd`) can.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// What the host's KVM is, as far as we can tell without booting anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmFlavor {
+    /// No usable /dev/kvm.
+    Absent(String),
+    /// Hardware virtualisation (VT-x / AMD-V): unmodified Linux guests run.
+    Hardware(String),
+    /// PVM-type KVM: unmodified Linux guests do not run.
+    Pvm,
+    /// /dev/kvm exists but the module is unknown.
+    Unknown(String),
+}
+
+/// The accelerator picked for a QEMU guest, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccelChoice {
+    pub accel: crate::hypervisor::Accelerator,
+    pub reason: String,
+}
+
+impl fmt::Display for AccelChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.accel, self.reason)
+    }
+}
+
+/// Where to look; a struct so tests can point it at a fake sysfs.
+#[derive(Debug, Clone)]
+pub struct HostPaths {
+    pub dev_kvm: PathBuf,
+    pub sys_module: PathBuf,
+}
+
+impl Default for HostPaths {
+    fn default() -> Self {
+        HostPaths {
+            dev_kvm: PathBuf::from("/dev/kvm"),
+            sys_module: PathBuf::from("/sys/module"),
+        }
+    }
+}
+
+fn dev_kvm_usable(p: &Path) -> Result<(), String> {
+    match std::fs::OpenOptions::new().read(true).write(true).open(p) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{} not usable: {}", p.display(), e)),
+    }
+}
+
+/// Classifies the host's KVM.
+pub fn detect_kvm(paths: &HostPaths) -> KvmFlavor {
+    if let Err(why) = dev_kvm_usable(&paths.dev_kvm) {
+        return KvmFlavor::Absent(why);
+    }
+    let loaded = |m: &str| paths.sys_module.join(m).exists();
+    if loaded("kvm_intel") {
+        return KvmFlavor::Hardware("kvm_intel (VT-x)".into());
+    }
+    if loaded("kvm_amd") {
+        return KvmFlavor::Hardware("kvm_amd (AMD-V)".into());
+    }
+    if loaded("kvm_pvm") {
+        return KvmFlavor::Pvm;
+    }
+    KvmFlavor::Unknown("/dev/kvm present but neither kvm_intel, kvm_amd nor kvm_pvm is loaded".into())
+}
+
+/// Picks KVM or TCG for a QEMU guest running an unmodified Linux kernel.
+pub fn choose_qemu_accel(requested: joey_config::Accel, flavor: &KvmFlavor) -> Result<AccelChoice, String> {
+    use crate::hypervisor::Accelerator;
+    use joey_config::Accel;
+    match requested {
+        Accel::Tcg => Ok(AccelChoice {
+            accel: Accelerator::Tcg,
+            reason: "hypervisor.qemu.accel = \"tcg\" in config".into(),
+        }),
+        Accel::Kvm => match flavor {
+            KvmFlavor::Hardware(m) => Ok(AccelChoice {
+                accel: Accelerator::Kvm,
+                reason: format!("hypervisor.qemu.accel = \"kvm\"; host KVM is {m}"),
+            }),
+            KvmFlavor::Pvm => Err("hypervisor.qemu.accel = \"kvm\" but the host KVM is PVM-type \
+                 (/sys/module/kvm_pvm), which cannot run an unmodified Linux guest"
+                .into()),
+            KvmFlavor::Absent(why) | KvmFlavor::Unknown(why) => {
+                Err(format!("hypervisor.qemu.accel = \"kvm\" but {why}"))
+            }
+        },
+        Accel::Auto => Ok(match flavor {
+            KvmFlavor::Hardware(m) => AccelChoice {
+                accel: Accelerator::Kvm,
+                reason: format!("host KVM is {m}, which runs unmodified Linux guests"),
+            },
+            KvmFlavor::Pvm => AccelChoice {
+                accel: Accelerator::Tcg,
+                reason: "host KVM is PVM-type (kvm_pvm loaded, no kvm_intel/kvm_amd): it cannot run \
+                         an unmodified Linux guest, so QEMU uses TCG"
+                    .into(),
+            },
+            KvmFlavor::Absent(why) => AccelChoice {
+                accel: Accelerator::Tcg,
+                reason: format!("{why}; QEMU uses TCG"),
+            },
+            KvmFlavor::Unknown(why) => AccelChoice {
+                accel: Accelerator::Tcg,
+                reason: format!("{why}; not trusting it with a Linux guest, QEMU uses TCG"),
+            },
+        }),
+    }
+}
+
+/// Which hypervisor backend runs the sandbox, and why.
+pub fn choose_backend(
+    requested: joey_config::HypervisorKind,
+    flavor: &KvmFlavor,
+) -> Result<(crate::hypervisor::BackendKind, String), String> {
+    use crate::hypervisor::BackendKind;
+    use joey_config::HypervisorKind;
+    match requested {
+        HypervisorKind::Qemu => Ok((BackendKind::Qemu, "hypervisor.kind = \"qemu\" in config".into())),
+        HypervisorKind::Builtin => Err(
+            "hypervisor.kind = \"builtin\": the built-in VMM cannot boot Linux guests yet \
+             (see issue: built-in VMM); use \"qemu\" or \"auto\""
+                .into(),
+        ),
+        HypervisorKind::Auto => match flavor {
+            KvmFlavor::Hardware(m) => Ok((
+                BackendKind::Qemu,
+                format!("auto: host KVM is {m}; the built-in VMM's Linux boot is not available yet, using qemu"),
+            )),
+            KvmFlavor::Pvm => Ok((
+                BackendKind::Qemu,
+                "auto: host KVM is PVM-type and cannot run an unmodified Linux guest; using qemu".into(),
+            )),
+            KvmFlavor::Absent(why) | KvmFlavor::Unknown(why) => {
+                Ok((BackendKind::Qemu, format!("auto: {why}; using qemu")))
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::Accelerator;
+
+    fn fake_host(modules: &[&str], kvm: bool) -> (tempfile::TempDir, HostPaths) {
+        let d = tempfile::tempdir().unwrap();
+        let sys = d.path().join("module");
+        std::fs::create_dir(&sys).unwrap();
+        for m in modules {
+            std::fs::create_dir(sys.join(m)).unwrap();
+        }
+        let dev = d.path().join("kvm");
+        if kvm {
+            std::fs::write(&dev, b"").unwrap();
+        }
+        (d, HostPaths { dev_kvm: dev, sys_module: sys })
+    }
+
+    #[test]
+    fn pvm_host_picks_tcg() {
+        let (_d, p) = fake_host(&["kvm", "kvm_pvm"], true);
+        assert_eq!(detect_kvm(&p), KvmFlavor::Pvm);
+        let c = choose_qemu_accel(joey_config::Accel::Auto, &KvmFlavor::Pvm).unwrap();
+        assert_eq!(c.accel, Accelerator::Tcg);
+        assert!(c.reason.contains("PVM"), "{}", c.reason);
+        assert!(choose_qemu_accel(joey_config::Accel::Kvm, &KvmFlavor::Pvm).is_err());
+    }
+
+    #[test]
+    fn hardware_host_picks_kvm() {
+        let (_d, p) = fake_host(&["kvm", "kvm_intel"], true);
+        let f = detect_kvm(&p);
+        assert!(matches!(f, KvmFlavor::Hardware(_)));
+        let c = choose_qemu_accel(joey_config::Accel::Auto, &f).unwrap();
+        assert_eq!(c.accel, Accelerator::Kvm);
+    }
+
+    #[test]
+    fn no_kvm_picks_tcg() {
+        let (_d, p) = fake_host(&[], false);
+        let f = detect_kvm(&p);
+        assert!(matches!(f, KvmFlavor::Absent(_)));
+        let c = choose_qemu_accel(joey_config::Accel::Auto, &f).unwrap();
+        assert_eq!(c.accel, Accelerator::Tcg);
+        let c = choose_qemu_accel(joey_config::Accel::Tcg, &KvmFlavor::Hardware("x".into())).unwrap();
+        assert_eq!(c.accel, Accelerator::Tcg);
+    }
+
+    #[test]
+    fn builtin_is_refused_honestly() {
+        let e = choose_backend(joey_config::HypervisorKind::Builtin, &KvmFlavor::Pvm).unwrap_err();
+        assert!(e.contains("built-in VMM"));
+    }
+}

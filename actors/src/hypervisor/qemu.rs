@@ -1,0 +1,334 @@
+//! The `qemu` backend: QEMU `microvm` with our own vsock device served over vhost-user.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use joey_vmm_core::devices::vsock::{VhostUserVsockHandle, VhostUserVsockServer, VsockConfig};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use super::{Accelerator, HypervisorError, VmExit, VmSpec};
+
+/// Files of one VM inside its sandbox state directory.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub console_log: PathBuf,
+    pub qemu_log: PathBuf,
+    pub qmp_sock: PathBuf,
+    pub vhost_vsock_sock: PathBuf,
+    pub vsock_uds: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(state_dir: &Path) -> Self {
+        VmPaths {
+            console_log: state_dir.join("console.log"),
+            qemu_log: state_dir.join("qemu.log"),
+            qmp_sock: state_dir.join("qmp.sock"),
+            vhost_vsock_sock: state_dir.join("vhost-vsock.sock"),
+            vsock_uds: state_dir.join("vsock.sock"),
+        }
+    }
+}
+
+/// How a stop ended the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMethod {
+    /// The guest powered itself off (agent DestroySandbox) or had already exited.
+    GuestExit,
+    /// QMP `quit`.
+    QmpQuit,
+    /// SIGKILL after the timeouts.
+    Kill,
+}
+
+/// Resolves a binary name against PATH (absolute or relative paths are taken as they are).
+pub fn resolve_binary(bin: &Path) -> Result<PathBuf, HypervisorError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let is_exec = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if bin.components().count() > 1 || bin.is_absolute() {
+        return if is_exec(bin) {
+            Ok(bin.to_path_buf())
+        } else {
+            Err(HypervisorError::QemuNotFound(bin.display().to_string()))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let cand = dir.join(bin);
+        if is_exec(&cand) {
+            return Ok(cand);
+        }
+    }
+    Err(HypervisorError::QemuNotFound(bin.display().to_string()))
+}
+
+/// Builds QEMU's argument list (without the binary).
+pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
+    let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 quiet");
+    if !spec.kernel_params.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(spec.kernel_params.trim());
+    }
+    let (accel, cpu) = match spec.accel {
+        Accelerator::Kvm => ("kvm", "host"),
+        Accelerator::Tcg => ("tcg", "max"),
+    };
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&["-M", "microvm,isa-serial=on,rtc=off,acpi=off,memory-backend=mem"]);
+    push(&["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)]);
+    push(&["-global", "virtio-mmio.force-legacy=false"]);
+    push(&["-accel", accel, "-cpu", cpu]);
+    push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    push(&["-serial", &format!("file:{}", paths.console_log.display())]);
+    push(&["-kernel", &spec.kernel.display().to_string()]);
+    push(&["-initrd", &spec.initrd.display().to_string()]);
+    push(&["-append", &cmdline]);
+    push(&["-chardev", &format!("socket,id=vsock0,path={}", paths.vhost_vsock_sock.display())]);
+    push(&["-device", "vhost-user-vsock-device,chardev=vsock0"]);
+    push(&["-device", "virtio-rng-device"]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.qmp_sock.display())]);
+    a
+}
+
+/// A running QEMU microVM.
+pub struct QemuVm {
+    pub pid: u32,
+    pub paths: VmPaths,
+    exit_rx: watch::Receiver<Option<VmExit>>,
+    vsock: Option<VhostUserVsockHandle>,
+    pub started_at: Instant,
+}
+
+impl QemuVm {
+    /// Starts the vsock device thread, then QEMU.
+    pub fn start(spec: &VmSpec) -> Result<QemuVm, HypervisorError> {
+        let binary = resolve_binary(&spec.qemu_binary)?;
+        let paths = VmPaths::new(&spec.state_dir);
+        let server = VhostUserVsockServer::bind(
+            &paths.vhost_vsock_sock,
+            VsockConfig {
+                guest_cid: spec.guest_cid,
+                uds_path: paths.vsock_uds.clone(),
+            },
+        )
+        .map_err(|e| HypervisorError::Device(e.to_string()))?;
+        let vsock = server
+            .spawn()
+            .map_err(|e| HypervisorError::Device(e.to_string()))?;
+
+        let log = std::fs::File::create(&paths.qemu_log).map_err(|e| HypervisorError::Io {
+            what: format!("create {}", paths.qemu_log.display()),
+            source: e,
+        })?;
+        let log2 = log.try_clone().map_err(|e| HypervisorError::Io {
+            what: "dup qemu log fd".into(),
+            source: e,
+        })?;
+        let mut cmd = std::process::Command::new(&binary);
+        cmd.args(qemu_args(spec, &paths))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            // Own process group: a Ctrl-C on the terminal reaches joeyctl, which tears the VM down.
+            .process_group(0);
+        // SAFETY: the closure only calls async-signal-safe prctl(2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                // QEMU must not outlive the runtime process, even if it is SIGKILLed.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.kill_on_drop(true);
+        let started_at = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                vsock.stop();
+                let _ = vsock.join_timeout(Duration::from_secs(2));
+                return Err(HypervisorError::Spawn {
+                    binary: binary.display().to_string(),
+                    source: e,
+                });
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let (tx, exit_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let st = child.wait().await;
+            let exit = match st {
+                Ok(s) => VmExit::from_status(s),
+                Err(e) => VmExit::WaitFailed(e.to_string()),
+            };
+            let _ = tx.send(Some(exit));
+        });
+        tracing::info!(pid, accel = %spec.accel, "qemu started");
+        Ok(QemuVm {
+            pid,
+            paths,
+            exit_rx,
+            vsock: Some(vsock),
+            started_at,
+        })
+    }
+
+    /// A receiver that turns `Some` once QEMU has exited.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
+        self.exit_rx.clone()
+    }
+
+    async fn wait_exit(rx: &mut watch::Receiver<Option<VmExit>>, timeout: Duration) -> Option<VmExit> {
+        let fut = rx.wait_for(|v| v.is_some());
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(v)) => v.clone(),
+            _ => None,
+        }
+    }
+
+    /// Stops the VM: waits up to `grace` for the guest to exit by itself (after the agent's
+    /// DestroySandbox), then QMP `quit`, then SIGKILL. Stops and joins the device thread.
+    pub async fn stop(mut self, grace: Duration) -> Result<(StopMethod, VmExit), HypervisorError> {
+        let mut rx = self.exit_rx.clone();
+        let mut method = StopMethod::GuestExit;
+        let mut exit = Self::wait_exit(&mut rx, grace).await;
+        if exit.is_none() {
+            method = StopMethod::QmpQuit;
+            if let Err(e) = qmp_quit(&self.paths.qmp_sock, Duration::from_secs(2)).await {
+                tracing::warn!(error = %e, "QMP quit failed");
+            }
+            exit = Self::wait_exit(&mut rx, Duration::from_secs(3)).await;
+        }
+        if exit.is_none() {
+            method = StopMethod::Kill;
+            tracing::warn!(pid = self.pid, "qemu did not quit; sending SIGKILL");
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet
+            // (the watcher task has not reported its exit).
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            }
+            exit = Self::wait_exit(&mut rx, Duration::from_secs(5)).await;
+        }
+        self.stop_devices();
+        match exit {
+            Some(e) => Ok((method, e)),
+            None => Err(HypervisorError::StopTimeout(self.pid)),
+        }
+    }
+
+    fn stop_devices(&mut self) {
+        if let Some(v) = self.vsock.take() {
+            v.stop();
+            if let Err(e) = v.join_timeout(Duration::from_secs(3)) {
+                tracing::warn!(error = %e, "vsock device thread did not end in time");
+            }
+        }
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if self.exit_rx.borrow().is_none() {
+            // SAFETY: kill(2) on our own, not yet reaped child.
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        self.stop_devices();
+    }
+}
+
+/// Sends `quit` over QMP.
+pub async fn qmp_quit(sock: &Path, timeout: Duration) -> Result<(), HypervisorError> {
+    let fut = async {
+        let stream = UnixStream::connect(sock).await?;
+        let (r, mut w) = stream.into_split();
+        let mut lines = BufReader::new(r).lines();
+        // Greeting.
+        let _ = lines.next_line().await?;
+        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").await?;
+        let _ = lines.next_line().await?;
+        w.write_all(b"{\"execute\":\"quit\"}\n").await?;
+        let _ = lines.next_line().await?;
+        Ok::<(), std::io::Error>(())
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(HypervisorError::Qmp(e.to_string())),
+        Err(_) => Err(HypervisorError::Qmp("timed out".into())),
+    }
+}
+
+/// Last `n` lines of a log file (for error messages).
+pub fn tail(path: &Path, n: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl VmExit {
+    fn from_status(s: ExitStatus) -> VmExit {
+        use std::os::unix::process::ExitStatusExt as _;
+        match (s.code(), s.signal()) {
+            (Some(c), _) => VmExit::Exited(c),
+            (None, Some(sig)) => VmExit::Signaled(sig),
+            _ => VmExit::WaitFailed("unknown exit status".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "t".into(),
+            state_dir: PathBuf::from("/run/joey/t"),
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: PathBuf::from("/k/bzImage"),
+            initrd: PathBuf::from("/k/initrd.img"),
+            kernel_params: "foo=1".into(),
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            accel: Accelerator::Tcg,
+            guest_cid: 3,
+        }
+    }
+
+    #[test]
+    fn args_have_the_vhost_user_requirements() {
+        let s = spec();
+        let a = qemu_args(&s, &VmPaths::new(&s.state_dir)).join(" ");
+        assert!(a.contains("acpi=off"));
+        assert!(a.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
+        assert!(a.contains("virtio-mmio.force-legacy=false"));
+        assert!(a.contains("-accel tcg -cpu max"));
+        assert!(a.contains("-smp 2"));
+        assert!(a.contains("vhost-user-vsock-device,chardev=vsock0"));
+        assert!(a.contains("path=/run/joey/t/vhost-vsock.sock"));
+        assert!(a.contains("-no-reboot"));
+        assert!(a.contains("panic=-1 quiet foo=1"));
+    }
+
+    #[test]
+    fn resolve_missing_binary_is_typed() {
+        let e = resolve_binary(Path::new("/nonexistent/qemu")).unwrap_err();
+        assert!(matches!(e, HypervisorError::QemuNotFound(_)));
+        let e = resolve_binary(Path::new("no-such-qemu-binary-xyz")).unwrap_err();
+        assert_eq!(e.to_string(), "QEMU binary not found: no-such-qemu-binary-xyz");
+        assert!(resolve_binary(Path::new("sh")).is_ok());
+    }
+}

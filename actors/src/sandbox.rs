@@ -1,0 +1,419 @@
+//! The Sandbox actor: owns the agent client and the sandbox lifecycle, and drives the
+//! Hypervisor actor.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use joey_agent_protocol::agent;
+use joey_config::Config;
+use tokio::sync::watch;
+
+use crate::agent_client::{AgentClient, AgentError};
+use crate::hypervisor::{
+    self, host, Accelerator, BackendKind, HypervisorActor, HypervisorError, StartVm, StopVm, VmExit, VmSpec,
+};
+use crate::lifecycle::{InvalidTransition, SandboxState};
+
+/// Guest context id given to every sandbox's vsock device (each device is private to its VM).
+pub const GUEST_CID: u64 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// Bad input from the user (config, missing files or binaries): exit code 2 in joeyctl.
+    #[error("{0}")]
+    BadInput(String),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("the VM {exit} unexpectedly{details}")]
+    VmDied { exit: VmExit, details: String },
+    #[error(transparent)]
+    State(#[from] InvalidTransition),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("actor mailbox error: {0}")]
+    Mailbox(String),
+}
+
+impl SandboxError {
+    /// Whether the error was caused by bad input (configuration, missing files).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            SandboxError::BadInput(_) | SandboxError::Hypervisor(HypervisorError::QemuNotFound(_))
+        )
+    }
+}
+
+impl From<MailboxError> for SandboxError {
+    fn from(e: MailboxError) -> Self {
+        SandboxError::Mailbox(e.to_string())
+    }
+}
+
+/// What a started sandbox reports.
+#[derive(Debug, Clone)]
+pub struct SandboxStarted {
+    pub id: String,
+    pub backend: BackendKind,
+    pub backend_reason: String,
+    pub accel: Accelerator,
+    pub accel_reason: String,
+    /// From asking the hypervisor to start the VM until the agent answered `Check`.
+    pub vm_start_to_agent_ready: Duration,
+    pub agent_version: String,
+    pub kernel_release: String,
+    pub vm_pid: u32,
+    pub state_dir: PathBuf,
+}
+
+/// What a stopped sandbox reports.
+#[derive(Debug, Clone)]
+pub struct SandboxStopped {
+    pub teardown: Duration,
+    pub method: Option<hypervisor::qemu::StopMethod>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<SandboxStarted, SandboxError>")]
+pub struct StartSandbox;
+
+#[derive(Message)]
+#[rtype(result = "Result<SandboxStopped, SandboxError>")]
+pub struct StopSandbox;
+
+#[derive(Message)]
+#[rtype(result = "SandboxState")]
+pub struct GetState;
+
+#[derive(Message)]
+#[rtype(result = "Result<u32, SandboxError>")]
+pub struct ExecProcess(pub agent::ExecProcessRequest);
+
+#[derive(Message)]
+#[rtype(result = "Result<agent::WaitProcessResponse, SandboxError>")]
+pub struct WaitProcess {
+    pub exec_id: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), SandboxError>")]
+pub struct SignalProcess {
+    pub exec_id: String,
+    pub signal: u32,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<u32, SandboxError>")]
+pub struct WriteStdin {
+    pub exec_id: String,
+    pub data: Vec<u8>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), SandboxError>")]
+pub struct CloseStdin {
+    pub exec_id: String,
+}
+
+/// Reads process output; an empty reply means end of stream.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<u8>, SandboxError>")]
+pub struct ReadOutput {
+    pub exec_id: String,
+    pub stderr: bool,
+    pub len: u32,
+}
+
+/// The Sandbox actor.
+pub struct SandboxActor {
+    id: String,
+    config: Config,
+    config_origin: String,
+    state: SandboxState,
+    hypervisor: Addr<HypervisorActor>,
+    agent: Option<AgentClient>,
+    vm_exit: Option<watch::Receiver<Option<VmExit>>>,
+    state_dir: PathBuf,
+    console_log: Option<PathBuf>,
+}
+
+impl SandboxActor {
+    pub fn new(id: String, config: Config, config_origin: String, hypervisor: Addr<HypervisorActor>) -> Self {
+        let state_dir = config.runtime.state_dir.join(&id);
+        SandboxActor {
+            id,
+            config,
+            config_origin,
+            state: SandboxState::Created,
+            hypervisor,
+            agent: None,
+            vm_exit: None,
+            state_dir,
+            console_log: None,
+        }
+    }
+
+    fn agent(&self) -> Result<(AgentClient, watch::Receiver<Option<VmExit>>, Option<PathBuf>), SandboxError> {
+        match (&self.agent, &self.vm_exit, self.state) {
+            (Some(a), Some(x), SandboxState::Running) => Ok((a.clone(), x.clone(), self.console_log.clone())),
+            _ => Err(SandboxError::State(InvalidTransition {
+                what: "sandbox (agent call)",
+                from: self.state.to_string(),
+                to: "running".into(),
+            })),
+        }
+    }
+}
+
+/// Runs `fut`, but fails with `VmDied` as soon as the VM process exits.
+async fn guarded<T, F>(
+    mut exit: watch::Receiver<Option<VmExit>>,
+    console: Option<PathBuf>,
+    fut: F,
+) -> Result<T, SandboxError>
+where
+    F: std::future::Future<Output = Result<T, AgentError>>,
+{
+    tokio::select! {
+        r = fut => r.map_err(SandboxError::from),
+        ex = exit.wait_for(|v| v.is_some()) => {
+            let exit = ex.ok().and_then(|v| v.clone()).unwrap_or(VmExit::WaitFailed("watch closed".into()));
+            Err(vm_died(exit, console.as_deref()))
+        }
+    }
+}
+
+fn vm_died(exit: VmExit, console: Option<&std::path::Path>) -> SandboxError {
+    let details = console
+        .map(|p| hypervisor::qemu::tail(p, 5))
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| format!("; last console lines:\n{t}"))
+        .unwrap_or_default();
+    SandboxError::VmDied { exit, details }
+}
+
+fn make_state_dir(p: &std::path::Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| SandboxError::Io {
+            what: format!("create state dir {}", parent.display()),
+            source: e,
+        })?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(p)
+        .map_err(|e| SandboxError::Io {
+            what: format!("create sandbox dir {}", p.display()),
+            source: e,
+        })
+}
+
+impl Actor for SandboxActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<GetState> for SandboxActor {
+    type Result = SandboxState;
+    fn handle(&mut self, _: GetState, _: &mut Context<Self>) -> SandboxState {
+        self.state
+    }
+}
+
+impl Handler<StartSandbox> for SandboxActor {
+    type Result = ResponseActFuture<Self, Result<SandboxStarted, SandboxError>>;
+
+    fn handle(&mut self, _: StartSandbox, _ctx: &mut Context<Self>) -> Self::Result {
+        let prep = (|| -> Result<_, SandboxError> {
+            self.state.transition(SandboxState::Starting)?;
+            let cfg = &self.config;
+            cfg.check_files(&self.config_origin)
+                .map_err(|e| SandboxError::BadInput(e.to_string()))?;
+            let flavor = host::detect_kvm(&host::HostPaths::default());
+            let (backend, backend_reason) =
+                host::choose_backend(cfg.hypervisor.kind, &flavor).map_err(SandboxError::BadInput)?;
+            let accel = host::choose_qemu_accel(cfg.hypervisor.qemu.accel, &flavor).map_err(SandboxError::BadInput)?;
+            hypervisor::qemu::resolve_binary(&cfg.hypervisor.qemu.binary)?;
+            make_state_dir(&self.state_dir)?;
+            tracing::info!(sandbox = %self.id, %backend, reason = %backend_reason, "hypervisor backend chosen");
+            tracing::info!(sandbox = %self.id, accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
+            let spec = VmSpec {
+                id: self.id.clone(),
+                state_dir: self.state_dir.clone(),
+                vcpus: cfg.hypervisor.vcpus,
+                memory_mib: cfg.hypervisor.memory_mib,
+                kernel: cfg.hypervisor.kernel.clone(),
+                initrd: cfg.hypervisor.initrd.clone(),
+                kernel_params: cfg.hypervisor.kernel_params.clone(),
+                qemu_binary: cfg.hypervisor.qemu.binary.clone(),
+                accel: accel.accel,
+                guest_cid: GUEST_CID,
+            };
+            Ok((spec, backend, backend_reason, accel))
+        })();
+        let (spec, backend, backend_reason, accel) = match prep {
+            Ok(v) => v,
+            Err(e) => {
+                if self.state == SandboxState::Starting {
+                    let _ = self.state.transition(SandboxState::Stopping);
+                    let _ = self.state.transition(SandboxState::Stopped);
+                }
+                return Box::pin(fut::ready(Err(e)));
+            }
+        };
+        let hv = self.hypervisor.clone();
+        let port = self.config.agent.vsock_port;
+        let ready_timeout = Duration::from_millis(self.config.agent.ready_timeout_ms);
+        let rpc_timeout = Duration::from_millis(self.config.agent.rpc_timeout_ms);
+        let id = self.id.clone();
+        let state_dir = self.state_dir.clone();
+        let fut = async move {
+            let t0 = Instant::now();
+            let vm = hv.send(StartVm(spec)).await??;
+            let agent = guarded(
+                vm.exit.clone(),
+                Some(vm.console_log.clone()),
+                AgentClient::connect_ready(&vm.vsock_uds, port, ready_timeout, rpc_timeout),
+            )
+            .await?;
+            let ready = t0.elapsed();
+            let version = agent.version().await?;
+            Ok((agent, vm, ready, version))
+        };
+        Box::pin(fut.into_actor(self).then(move |res, act, _ctx| {
+            let out = match res {
+                Ok((agent, vm, ready, version)) => {
+                    act.agent = Some(agent);
+                    act.vm_exit = Some(vm.exit.clone());
+                    act.console_log = Some(vm.console_log.clone());
+                    match act.state.transition(SandboxState::Running) {
+                        Ok(()) => Ok(SandboxStarted {
+                            id: id.clone(),
+                            backend,
+                            backend_reason,
+                            accel: accel.accel,
+                            accel_reason: accel.reason,
+                            vm_start_to_agent_ready: ready,
+                            agent_version: version.agent_version,
+                            kernel_release: version.kernel_release,
+                            vm_pid: vm.pid,
+                            state_dir: state_dir.clone(),
+                        }),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            let cleanup = if out.is_err() {
+                // Tear down whatever was started; the caller gets the original error.
+                let _ = act.state.transition(SandboxState::Failed);
+                let _ = act.state.transition(SandboxState::Stopping);
+                Some((act.hypervisor.clone(), act.state_dir.clone()))
+            } else {
+                None
+            };
+            async move {
+                if let Some((hv, dir)) = cleanup {
+                    let _ = hv.send(StopVm { grace: Duration::ZERO }).await;
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                out
+            }
+            .into_actor(act)
+            .map(|out, act, _| {
+                if out.is_err() {
+                    let _ = act.state.transition(SandboxState::Stopped);
+                }
+                out
+            })
+        }))
+    }
+}
+
+impl Handler<StopSandbox> for SandboxActor {
+    type Result = ResponseActFuture<Self, Result<SandboxStopped, SandboxError>>;
+
+    fn handle(&mut self, _: StopSandbox, _ctx: &mut Context<Self>) -> Self::Result {
+        if matches!(self.state, SandboxState::Stopped | SandboxState::Created) {
+            if self.state == SandboxState::Created {
+                let _ = self.state.transition(SandboxState::Stopped);
+            }
+            return Box::pin(fut::ready(Ok(SandboxStopped {
+                teardown: Duration::ZERO,
+                method: None,
+            })));
+        }
+        let graceful = self.state == SandboxState::Running;
+        if let Err(e) = self.state.transition(SandboxState::Stopping) {
+            return Box::pin(fut::ready(Err(e.into())));
+        }
+        let agent = self.agent.take();
+        let hv = self.hypervisor.clone();
+        let dir = self.state_dir.clone();
+        let grace = Duration::from_millis(self.config.runtime.shutdown_timeout_ms);
+        let rpc_timeout = Duration::from_millis(self.config.agent.rpc_timeout_ms);
+        let fut = async move {
+            let t0 = Instant::now();
+            let mut vm_grace = Duration::ZERO;
+            if let (true, Some(a)) = (graceful, agent) {
+                match tokio::time::timeout(rpc_timeout, a.destroy_sandbox()).await {
+                    Ok(Ok(())) => vm_grace = grace,
+                    Ok(Err(e)) => tracing::warn!(error = %e, "agent DestroySandbox failed"),
+                    Err(_) => tracing::warn!("agent DestroySandbox timed out"),
+                }
+            }
+            let report = hv.send(StopVm { grace: vm_grace }).await;
+            let method = match report {
+                Ok(Ok(r)) => Some(r.method),
+                Ok(Err(HypervisorError::NotRunning)) => None,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "stopping the VM failed");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "hypervisor actor unreachable");
+                    None
+                }
+            };
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(error = %e, dir = %dir.display(), "removing sandbox state dir failed");
+                }
+            }
+            SandboxStopped {
+                teardown: t0.elapsed(),
+                method,
+            }
+        };
+        Box::pin(fut.into_actor(self).map(|r, act, _| {
+            act.vm_exit = None;
+            act.state.transition(SandboxState::Stopped)?;
+            Ok(r)
+        }))
+    }
+}
+
+macro_rules! forward {
+    ($msg:ty, $ret:ty, |$a:ident, $m:ident| $body:expr) => {
+        impl Handler<$msg> for SandboxActor {
+            type Result = ResponseFuture<Result<$ret, SandboxError>>;
+            fn handle(&mut self, $m: $msg, _: &mut Context<Self>) -> Self::Result {
+                let ($a, exit, console) = match self.agent() {
+                    Ok(v) => v,
+                    Err(e) => return Box::pin(async move { Err(e) }),
+                };
+                Box::pin(async move { guarded(exit, console, async move { $body }).await })
+            }
+        }
+    };
+}
+
+forward!(ExecProcess, u32, |a, m| a.exec(m.0).await);
+forward!(WaitProcess, agent::WaitProcessResponse, |a, m| a.wait(&m.exec_id).await);
+forward!(SignalProcess, (), |a, m| a.signal(&m.exec_id, m.signal).await);
+forward!(WriteStdin, u32, |a, m| a.write_stdin(&m.exec_id, m.data).await);
+forward!(CloseStdin, (), |a, m| a.close_stdin(&m.exec_id).await);
+forward!(ReadOutput, Vec<u8>, |a, m| a.read_output(&m.exec_id, m.stderr, m.len).await);

@@ -1,0 +1,44 @@
+//! ttrpc protocol between the joey runtime (host) and the guest agent.
+//!
+//! Generated from `protos/agent.proto` with ttrpc-codegen at build time.
+
+/// Protobuf messages of `agent.proto`.
+#[allow(
+    unknown_lints,
+    clippy::all,
+    unused_attributes,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    trivial_casts,
+    unused_results,
+    unused_mut
+)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+/// ttrpc client and server glue of `AgentService`.
+#[allow(
+    unknown_lints,
+    clippy::all,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    trivial_casts,
+    unsafe_code,
+    unused_imports,
+    unused_results
+)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+/// vsock port the agent listens on inside the guest.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// Protocol version reported by `Version`.
+pub const PROTOCOL_VERSION: &str = "1";

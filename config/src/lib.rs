@@ -1,0 +1,879 @@
+//! Configuration for the joey runtime.
+//!
+//! The configuration is a TOML file. Every key is optional: missing keys take
+//! the compiled-in defaults (see the `Default` impls). Unknown keys are errors
+//! (`deny_unknown_fields` on every table), so a typo never goes unnoticed.
+//!
+//! Where the file comes from: see [`Config::load`] and `docs/config.md`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Config file read when neither `--config` nor `$JOEY_CONFIG` is given (if it exists).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/joey/config.toml";
+/// Environment variable naming the config file.
+pub const CONFIG_ENV: &str = "JOEY_CONFIG";
+
+/// Origin used in errors when the config is the built-in defaults.
+const ORIGIN_DEFAULTS: &str = "<defaults>";
+
+/// Allowed values of `runtime.log_level`.
+const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
+
+// ---------------------------------------------------------------------------
+// Types
+// ---------------------------------------------------------------------------
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub hypervisor: HypervisorConfig,
+    pub agent: AgentConfig,
+    pub runtime: RuntimeConfig,
+}
+
+/// Which VMM runs the sandbox microVM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorKind {
+    /// Pick automatically.
+    #[default]
+    Auto,
+    /// External QEMU process.
+    Qemu,
+    /// The built-in VMM (`joey-vmm-core`).
+    Builtin,
+}
+
+impl fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HypervisorKind::Auto => "auto",
+            HypervisorKind::Qemu => "qemu",
+            HypervisorKind::Builtin => "builtin",
+        })
+    }
+}
+
+/// QEMU accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when `/dev/kvm` is usable, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// `[hypervisor]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HypervisorConfig {
+    pub kind: HypervisorKind,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    #[serde(serialize_with = "ser_path")]
+    pub kernel: PathBuf,
+    #[serde(serialize_with = "ser_path")]
+    pub initrd: PathBuf,
+    pub kernel_params: String,
+    pub qemu: QemuConfig,
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        HypervisorConfig {
+            kind: HypervisorKind::Auto,
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: PathBuf::from("/usr/share/joey/guest/bzImage"),
+            initrd: PathBuf::from("/usr/share/joey/guest/initrd.img"),
+            kernel_params: String::new(),
+            qemu: QemuConfig::default(),
+        }
+    }
+}
+
+/// `[hypervisor.qemu]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuConfig {
+    /// Looked up in `PATH` when not absolute.
+    #[serde(serialize_with = "ser_path")]
+    pub binary: PathBuf,
+    pub accel: Accel,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel: Accel::Auto,
+        }
+    }
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    pub vsock_port: u32,
+    /// VM start -> agent answers Check.
+    pub ready_timeout_ms: u64,
+    /// Per agent RPC that is not a long wait.
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            vsock_port: 1024,
+            ready_timeout_ms: 30_000,
+            rpc_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Per-sandbox directories live under it.
+    #[serde(serialize_with = "ser_path")]
+    pub state_dir: PathBuf,
+    /// Graceful stop before QMP quit, then SIGKILL.
+    pub shutdown_timeout_ms: u64,
+    /// error | warn | info | debug | trace
+    pub log_level: String,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            state_dir: PathBuf::from("/run/joey"),
+            shutdown_timeout_ms: 5_000,
+            log_level: "info".to_string(),
+        }
+    }
+}
+
+/// Paths are written as (lossy) UTF-8 strings so that `to_toml_string` never fails.
+fn ser_path<S: Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&p.to_string_lossy())
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+/// Config errors. Every variant displays as a single line.
+///
+/// `path` in `Parse`/`Invalid`/`MissingFile` is the config file path, or
+/// `"<defaults>"` / `"<string>"` when the config did not come from a file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: invalid value for `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+    #[error("{path}: `{key}` points to {}, which does not exist", file.display())]
+    MissingFile {
+        path: String,
+        key: String,
+        file: PathBuf,
+    },
+}
+
+// ---------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------
+
+impl Config {
+    /// Explicit path (from `--config`) wins, else `$JOEY_CONFIG` (if set and
+    /// non-empty), else [`DEFAULT_CONFIG_PATH`] if it exists, else the built-in
+    /// defaults.
+    ///
+    /// Returns the config and the file it came from (`None` = built-in
+    /// defaults). A file given explicitly (flag or env) that does not exist is
+    /// an error ([`ConfigError::Read`]).
+    pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        let env = std::env::var_os(CONFIG_ENV);
+        load_with(
+            explicit,
+            env.as_deref().map(Path::new),
+            Path::new(DEFAULT_CONFIG_PATH),
+        )
+    }
+
+    /// Parses TOML text and validates it. `origin` names the source in errors
+    /// (a file path, or `"<string>"`).
+    pub fn from_toml_str(s: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(s).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: flatten_toml_error(&e, s),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates one file.
+    pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Range checks; the first bad value is returned as [`ConfigError::Invalid`].
+    ///
+    /// - `hypervisor.vcpus` in 1..=64
+    /// - `hypervisor.memory_mib` in 64..=65536
+    /// - `hypervisor.kernel`, `hypervisor.initrd`, `hypervisor.qemu.binary` not empty
+    /// - `agent.vsock_port` in 1024..=4294967294 (below 1024 is privileged,
+    ///   4294967295 is VMADDR_PORT_ANY)
+    /// - `agent.ready_timeout_ms`, `agent.rpc_timeout_ms`,
+    ///   `runtime.shutdown_timeout_ms` > 0
+    /// - `runtime.state_dir` absolute
+    /// - `runtime.log_level` one of error|warn|info|debug|trace
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        let h = &self.hypervisor;
+        if !(1..=64).contains(&h.vcpus) {
+            return Err(invalid(
+                "hypervisor.vcpus",
+                format!("{} is out of range (valid: 1..=64)", h.vcpus),
+            ));
+        }
+        if !(64..=65536).contains(&h.memory_mib) {
+            return Err(invalid(
+                "hypervisor.memory_mib",
+                format!("{} is out of range (valid: 64..=65536)", h.memory_mib),
+            ));
+        }
+        for (key, p) in [
+            ("hypervisor.kernel", &h.kernel),
+            ("hypervisor.initrd", &h.initrd),
+            ("hypervisor.qemu.binary", &h.qemu.binary),
+        ] {
+            if p.as_os_str().is_empty() {
+                return Err(invalid(key, "must not be empty".to_string()));
+            }
+        }
+        let a = &self.agent;
+        if a.vsock_port < 1024 || a.vsock_port == u32::MAX {
+            return Err(invalid(
+                "agent.vsock_port",
+                format!(
+                    "{} is out of range (valid: 1024..=4294967294)",
+                    a.vsock_port
+                ),
+            ));
+        }
+        let r = &self.runtime;
+        for (key, v) in [
+            ("agent.ready_timeout_ms", a.ready_timeout_ms),
+            ("agent.rpc_timeout_ms", a.rpc_timeout_ms),
+            ("runtime.shutdown_timeout_ms", r.shutdown_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0".to_string()));
+            }
+        }
+        if !r.state_dir.is_absolute() {
+            return Err(invalid(
+                "runtime.state_dir",
+                format!("{} is not an absolute path", r.state_dir.display()),
+            ));
+        }
+        if !LOG_LEVELS.contains(&r.log_level.as_str()) {
+            return Err(invalid(
+                "runtime.log_level",
+                format!(
+                    "{:?} is not one of error, warn, info, debug, trace",
+                    r.log_level
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that `hypervisor.kernel` and `hypervisor.initrd` exist
+    /// ([`ConfigError::MissingFile`]). Called at sandbox start, not at load.
+    pub fn check_files(&self, origin: &str) -> Result<(), ConfigError> {
+        for (key, file) in [
+            ("hypervisor.kernel", &self.hypervisor.kernel),
+            ("hypervisor.initrd", &self.hypervisor.initrd),
+        ] {
+            if !file.exists() {
+                return Err(ConfigError::MissingFile {
+                    path: origin.to_string(),
+                    key: key.to_string(),
+                    file: file.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The full config as TOML, every key written (for `joeyctl config dump`).
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string_pretty(self).expect("Config always serializes to TOML")
+    }
+}
+
+/// [`Config::load`] with the environment value and default path injected (testable).
+fn load_with(
+    explicit: Option<&Path>,
+    env: Option<&Path>,
+    default_path: &Path,
+) -> Result<(Config, Option<PathBuf>), ConfigError> {
+    let chosen = explicit.or(env.filter(|p| !p.as_os_str().is_empty()));
+    if let Some(path) = chosen {
+        return Ok((Config::load_file(path)?, Some(path.to_path_buf())));
+    }
+    if default_path.exists() {
+        return Ok((
+            Config::load_file(default_path)?,
+            Some(default_path.to_path_buf()),
+        ));
+    }
+    let cfg = Config::default();
+    cfg.validate(ORIGIN_DEFAULTS)?;
+    Ok((cfg, None))
+}
+
+/// Turns toml's multi-line, source-quoting error into one line:
+/// `line L, column C: <message lines joined with "; ">`.
+fn flatten_toml_error(e: &toml::de::Error, src: &str) -> String {
+    let msg = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    match e.span() {
+        Some(span) => {
+            let mut start = span.start.min(src.len());
+            while !src.is_char_boundary(start) {
+                start -= 1;
+            }
+            let before = &src[..start];
+            let line = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = before[line_start..].chars().count() + 1;
+            format!("line {line}, column {column}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const FULL_EXAMPLE: &str = r#"
+[hypervisor]
+kind = "qemu"
+vcpus = 4
+memory_mib = 2048
+kernel = "/opt/joey/vmlinuz"
+initrd = "/opt/joey/initrd.img"
+kernel_params = "console=ttyS0 quiet"
+
+[hypervisor.qemu]
+binary = "/usr/bin/qemu-system-x86_64"
+accel = "kvm"
+
+[agent]
+vsock_port = 2048
+ready_timeout_ms = 60000
+rpc_timeout_ms = 5000
+
+[runtime]
+state_dir = "/var/run/joey"
+shutdown_timeout_ms = 3000
+log_level = "debug"
+"#;
+
+    fn write_tmp(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        p
+    }
+
+    fn full_example() -> Config {
+        Config {
+            hypervisor: HypervisorConfig {
+                kind: HypervisorKind::Qemu,
+                vcpus: 4,
+                memory_mib: 2048,
+                kernel: "/opt/joey/vmlinuz".into(),
+                initrd: "/opt/joey/initrd.img".into(),
+                kernel_params: "console=ttyS0 quiet".into(),
+                qemu: QemuConfig {
+                    binary: "/usr/bin/qemu-system-x86_64".into(),
+                    accel: Accel::Kvm,
+                },
+            },
+            agent: AgentConfig {
+                vsock_port: 2048,
+                ready_timeout_ms: 60_000,
+                rpc_timeout_ms: 5_000,
+            },
+            runtime: RuntimeConfig {
+                state_dir: "/var/run/joey".into(),
+                shutdown_timeout_ms: 3_000,
+                log_level: "debug".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.hypervisor.kind, HypervisorKind::Auto);
+        assert_eq!(c.hypervisor.vcpus, 1);
+        assert_eq!(c.hypervisor.memory_mib, 256);
+        assert_eq!(
+            c.hypervisor.kernel,
+            Path::new("/usr/share/joey/guest/bzImage")
+        );
+        assert_eq!(
+            c.hypervisor.initrd,
+            Path::new("/usr/share/joey/guest/initrd.img")
+        );
+        assert_eq!(c.hypervisor.kernel_params, "");
+        assert_eq!(c.hypervisor.qemu.binary, Path::new("qemu-system-x86_64"));
+        assert_eq!(c.hypervisor.qemu.accel, Accel::Auto);
+        assert_eq!(c.agent.vsock_port, 1024);
+        assert_eq!(c.agent.ready_timeout_ms, 30_000);
+        assert_eq!(c.agent.rpc_timeout_ms, 10_000);
+        assert_eq!(c.runtime.state_dir, Path::new("/run/joey"));
+        assert_eq!(c.runtime.shutdown_timeout_ms, 5_000);
+        assert_eq!(c.runtime.log_level, "info");
+        c.validate("<defaults>").unwrap();
+        // Empty text and empty tables give the defaults.
+        assert_eq!(Config::from_toml_str("", "<string>").unwrap(), c);
+        assert_eq!(
+            Config::from_toml_str(
+                "[hypervisor]\n[hypervisor.qemu]\n[agent]\n[runtime]\n",
+                "<string>"
+            )
+            .unwrap(),
+            c
+        );
+        // Partial tables keep the other defaults.
+        let p = Config::from_toml_str("[hypervisor]\nvcpus = 2\n", "<string>").unwrap();
+        assert_eq!(p.hypervisor.vcpus, 2);
+        assert_eq!(p.hypervisor.memory_mib, 256);
+        assert_eq!(p.agent, AgentConfig::default());
+    }
+
+    #[test]
+    fn display_lowercase() {
+        assert_eq!(HypervisorKind::Auto.to_string(), "auto");
+        assert_eq!(HypervisorKind::Qemu.to_string(), "qemu");
+        assert_eq!(HypervisorKind::Builtin.to_string(), "builtin");
+        assert_eq!(Accel::Auto.to_string(), "auto");
+        assert_eq!(Accel::Kvm.to_string(), "kvm");
+        assert_eq!(Accel::Tcg.to_string(), "tcg");
+        let c = Config::from_toml_str(
+            "[hypervisor]\nkind = \"builtin\"\n[hypervisor.qemu]\naccel = \"tcg\"\n",
+            "<string>",
+        )
+        .unwrap();
+        assert_eq!(c.hypervisor.kind, HypervisorKind::Builtin);
+        assert_eq!(c.hypervisor.qemu.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn full_example_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_tmp(dir.path(), "config.toml", FULL_EXAMPLE);
+        let c = Config::load_file(&p).unwrap();
+        assert_eq!(c, full_example());
+        let dumped = c.to_toml_string();
+        let again = Config::from_toml_str(&dumped, "<string>").unwrap();
+        assert_eq!(again, c);
+        // Defaults dump every key and round-trip too.
+        let d = Config::default().to_toml_string();
+        for key in [
+            "[hypervisor]",
+            "kind",
+            "vcpus",
+            "memory_mib",
+            "kernel",
+            "initrd",
+            "kernel_params",
+            "[hypervisor.qemu]",
+            "binary",
+            "accel",
+            "[agent]",
+            "vsock_port",
+            "ready_timeout_ms",
+            "rpc_timeout_ms",
+            "[runtime]",
+            "state_dir",
+            "shutdown_timeout_ms",
+            "log_level",
+        ] {
+            assert!(d.contains(key), "dump lacks {key}:\n{d}");
+        }
+        assert_eq!(
+            Config::from_toml_str(&d, "<string>").unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn docs_example_parses() {
+        // The example in docs/config.md must stay valid.
+        // The first ```toml block sets every key to its default; all blocks must parse.
+        let doc = include_str!("../../docs/config.md");
+        let blocks: Vec<&str> = doc
+            .split("```toml\n")
+            .skip(1)
+            .map(|b| &b[..b.find("```").unwrap()])
+            .collect();
+        assert!(!blocks.is_empty(), "docs/config.md has no ```toml block");
+        let first = Config::from_toml_str(blocks[0], "docs/config.md").unwrap();
+        assert_eq!(first, Config::default());
+        assert_eq!(blocks[0].trim(), Config::default().to_toml_string().trim());
+        for b in &blocks[1..] {
+            Config::from_toml_str(b, "docs/config.md").unwrap();
+        }
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_parse_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_tmp(
+            dir.path(),
+            "c.toml",
+            "[hypervisor]\nvcpus = 2\n\n[runtim]\nlog_level = \"info\"\n",
+        );
+        let e = Config::load_file(&p).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        let s = e.to_string();
+        assert!(s.contains("runtim"), "{s}");
+        assert!(s.contains(&p.display().to_string()), "{s}");
+        assert!(s.contains("line 4"), "{s}");
+        assert!(!s.contains('\n'), "not one line: {s:?}");
+    }
+
+    #[test]
+    fn unknown_nested_key_is_parse_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_tmp(dir.path(), "c.toml", "# comment\n[hypervisor]\nvcpu = 2\n");
+        let e = Config::load_file(&p).unwrap_err();
+        let s = e.to_string();
+        match &e {
+            ConfigError::Parse { path, message } => {
+                assert_eq!(path, &p.display().to_string());
+                assert!(message.contains("`vcpu`"), "{message}");
+                assert!(message.starts_with("line 3, column 1:"), "{message}");
+            }
+            other => panic!("expected Parse, got {other:?}"),
+        }
+        assert!(s.starts_with(&format!("{}: ", p.display())), "{s}");
+        assert!(!s.contains('\n'), "not one line: {s:?}");
+
+        // Deeper table too.
+        let e = Config::from_toml_str("[hypervisor.qemu]\naccelerator = \"kvm\"\n", "<string>")
+            .unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("<string>: "), "{s}");
+        assert!(s.contains("accelerator"), "{s}");
+        assert!(!s.contains('\n'), "{s:?}");
+    }
+
+    #[test]
+    fn syntax_error_is_one_line() {
+        let e = Config::from_toml_str("[hypervisor\nvcpus = 2\n", "<string>").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        let s = e.to_string();
+        assert!(s.starts_with("<string>: line 1"), "{s}");
+        assert!(!s.contains('\n'), "{s:?}");
+        let e = Config::from_toml_str("[agent]\nvsock_port = \n", "<string>").unwrap_err();
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_parse_error() {
+        let e = Config::from_toml_str("[hypervisor]\nvcpus = \"two\"\n", "<string>").unwrap_err();
+        let s = e.to_string();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        assert!(s.contains("line 2"), "{s}");
+        assert!(s.contains("invalid type"), "{s}");
+        assert!(!s.contains('\n'), "{s:?}");
+        // Negative into u32, and a table where a value is expected.
+        assert!(matches!(
+            Config::from_toml_str("[agent]\nvsock_port = -1\n", "<string>"),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            Config::from_toml_str("hypervisor = 3\n", "<string>"),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_kind_names_allowed_values() {
+        let e = Config::from_toml_str("[hypervisor]\nkind = \"xen\"\n", "<string>").unwrap_err();
+        let s = e.to_string();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        for v in ["xen", "auto", "qemu", "builtin"] {
+            assert!(s.contains(v), "{s}");
+        }
+        let e =
+            Config::from_toml_str("[hypervisor.qemu]\naccel = \"hvf\"\n", "<string>").unwrap_err();
+        let s = e.to_string();
+        for v in ["hvf", "auto", "kvm", "tcg"] {
+            assert!(s.contains(v), "{s}");
+        }
+        // Case matters.
+        assert!(Config::from_toml_str("[hypervisor]\nkind = \"QEMU\"\n", "<string>").is_err());
+    }
+
+    fn invalid_key(toml: &str) -> String {
+        match Config::from_toml_str(toml, "/x/config.toml") {
+            Err(ConfigError::Invalid { path, key, message }) => {
+                assert_eq!(path, "/x/config.toml");
+                assert!(!message.is_empty());
+                key
+            }
+            other => panic!("{toml:?}: expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_are_invalid() {
+        let e = Config::from_toml_str("[hypervisor]\nvcpus = 65\n", "/etc/joey/config.toml")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/etc/joey/config.toml: invalid value for `hypervisor.vcpus`: 65 is out of range (valid: 1..=64)"
+        );
+        assert_eq!(invalid_key("[hypervisor]\nvcpus = 0\n"), "hypervisor.vcpus");
+        assert_eq!(
+            invalid_key("[hypervisor]\nmemory_mib = 63\n"),
+            "hypervisor.memory_mib"
+        );
+        assert_eq!(
+            invalid_key("[hypervisor]\nmemory_mib = 65537\n"),
+            "hypervisor.memory_mib"
+        );
+        assert_eq!(
+            invalid_key("[hypervisor]\nkernel = \"\"\n"),
+            "hypervisor.kernel"
+        );
+        assert_eq!(
+            invalid_key("[hypervisor]\ninitrd = \"\"\n"),
+            "hypervisor.initrd"
+        );
+        assert_eq!(
+            invalid_key("[hypervisor.qemu]\nbinary = \"\"\n"),
+            "hypervisor.qemu.binary"
+        );
+        assert_eq!(
+            invalid_key("[agent]\nvsock_port = 1023\n"),
+            "agent.vsock_port"
+        );
+        assert_eq!(
+            invalid_key("[agent]\nvsock_port = 4294967295\n"),
+            "agent.vsock_port"
+        );
+        assert_eq!(
+            invalid_key("[agent]\nready_timeout_ms = 0\n"),
+            "agent.ready_timeout_ms"
+        );
+        assert_eq!(
+            invalid_key("[agent]\nrpc_timeout_ms = 0\n"),
+            "agent.rpc_timeout_ms"
+        );
+        assert_eq!(
+            invalid_key("[runtime]\nshutdown_timeout_ms = 0\n"),
+            "runtime.shutdown_timeout_ms"
+        );
+        assert_eq!(
+            invalid_key("[runtime]\nstate_dir = \"run/joey\"\n"),
+            "runtime.state_dir"
+        );
+        assert_eq!(
+            invalid_key("[runtime]\nlog_level = \"verbose\"\n"),
+            "runtime.log_level"
+        );
+        assert_eq!(
+            invalid_key("[runtime]\nlog_level = \"INFO\"\n"),
+            "runtime.log_level"
+        );
+        // Boundaries are valid.
+        Config::from_toml_str(
+            "[hypervisor]\nvcpus = 64\nmemory_mib = 65536\n[agent]\nvsock_port = 4294967294\n",
+            "<string>",
+        )
+        .unwrap();
+        Config::from_toml_str("[hypervisor]\nvcpus = 1\nmemory_mib = 64\n", "<string>").unwrap();
+        for l in LOG_LEVELS {
+            Config::from_toml_str(&format!("[runtime]\nlog_level = \"{l}\"\n"), "<string>")
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn load_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let explicit = write_tmp(dir.path(), "explicit.toml", "[hypervisor]\nvcpus = 2\n");
+        let env = write_tmp(dir.path(), "env.toml", "[hypervisor]\nvcpus = 3\n");
+        let default = write_tmp(dir.path(), "default.toml", "[hypervisor]\nvcpus = 4\n");
+        let absent = dir.path().join("absent.toml");
+
+        let (c, from) = load_with(Some(&explicit), Some(&env), &default).unwrap();
+        assert_eq!(
+            (c.hypervisor.vcpus, from.as_deref()),
+            (2, Some(explicit.as_path()))
+        );
+        let (c, from) = load_with(None, Some(&env), &default).unwrap();
+        assert_eq!(
+            (c.hypervisor.vcpus, from.as_deref()),
+            (3, Some(env.as_path()))
+        );
+        let (c, from) = load_with(None, None, &default).unwrap();
+        assert_eq!(
+            (c.hypervisor.vcpus, from.as_deref()),
+            (4, Some(default.as_path()))
+        );
+        // Empty env value counts as unset.
+        let (c, _) = load_with(None, Some(Path::new("")), &default).unwrap();
+        assert_eq!(c.hypervisor.vcpus, 4);
+        // No file anywhere: built-in defaults, no path.
+        let (c, from) = load_with(None, None, &absent).unwrap();
+        assert_eq!((c, from), (Config::default(), None));
+        // An existing default file with errors is still an error.
+        let bad = write_tmp(dir.path(), "bad.toml", "bogus = 1\n");
+        assert!(matches!(
+            load_with(None, None, &bad),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_explicit_file_is_read_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("nope.toml");
+        let default = write_tmp(dir.path(), "default.toml", "");
+        for (explicit, env) in [
+            (Some(absent.as_path()), None),
+            (None, Some(absent.as_path())),
+        ] {
+            match load_with(explicit, env, &default) {
+                Err(ConfigError::Read { path, source }) => {
+                    assert_eq!(path, absent);
+                    assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+                }
+                other => panic!("expected Read, got {other:?}"),
+            }
+        }
+        let e = Config::load(Some(&absent)).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.starts_with(&format!("cannot read config file {}: ", absent.display())),
+            "{s}"
+        );
+        assert!(!s.contains('\n'), "{s:?}");
+    }
+
+    /// The only test that touches the process environment (`JOEY_CONFIG`).
+    #[test]
+    fn load_reads_env_var() {
+        let dir = tempfile::tempdir().unwrap();
+        let explicit = write_tmp(dir.path(), "explicit.toml", "[hypervisor]\nvcpus = 2\n");
+        let env = write_tmp(dir.path(), "env.toml", "[hypervisor]\nvcpus = 3\n");
+        let saved = std::env::var_os(CONFIG_ENV);
+
+        std::env::set_var(CONFIG_ENV, &env);
+        let r1 = Config::load(None);
+        let r2 = Config::load(Some(&explicit));
+        std::env::set_var(CONFIG_ENV, dir.path().join("missing.toml"));
+        let r3 = Config::load(None);
+        match saved {
+            Some(v) => std::env::set_var(CONFIG_ENV, v),
+            None => std::env::remove_var(CONFIG_ENV),
+        }
+
+        let (c, from) = r1.unwrap();
+        assert_eq!((c.hypervisor.vcpus, from), (3, Some(env.clone())));
+        let (c, from) = r2.unwrap();
+        assert_eq!((c.hypervisor.vcpus, from), (2, Some(explicit.clone())));
+        assert!(matches!(r3, Err(ConfigError::Read { .. })), "{r3:?}");
+    }
+
+    #[test]
+    fn check_files_reports_missing_kernel_and_initrd() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = write_tmp(dir.path(), "bzImage", "k");
+        let initrd = write_tmp(dir.path(), "initrd.img", "i");
+        let mut c = Config::default();
+        c.hypervisor.kernel = dir.path().join("no-bzImage");
+        c.hypervisor.initrd = initrd.clone();
+        let e = c.check_files("/etc/joey/config.toml").unwrap_err();
+        match &e {
+            ConfigError::MissingFile { path, key, file } => {
+                assert_eq!(path, "/etc/joey/config.toml");
+                assert_eq!(key, "hypervisor.kernel");
+                assert_eq!(file, &dir.path().join("no-bzImage"));
+            }
+            other => panic!("expected MissingFile, got {other:?}"),
+        }
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "/etc/joey/config.toml: `hypervisor.kernel` points to {}, which does not exist",
+                dir.path().join("no-bzImage").display()
+            )
+        );
+        c.hypervisor.kernel = kernel;
+        c.hypervisor.initrd = dir.path().join("no-initrd");
+        match c.check_files("<defaults>") {
+            Err(ConfigError::MissingFile { key, .. }) => assert_eq!(key, "hypervisor.initrd"),
+            other => panic!("expected MissingFile, got {other:?}"),
+        }
+        c.hypervisor.initrd = initrd;
+        c.check_files("<defaults>").unwrap();
+    }
+}

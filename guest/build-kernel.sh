@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds the joey guest kernel from Debian's linux-source-6.1 with tinyconfig + guest/kernel.fragment.
+# The result is cached outside the git tree, keyed by a hash of its inputs:
+#   $JOEY_CACHE/kernel/<hash>/{bzImage,vmlinux,config}
+# Prints the path of the cache directory on stdout (last line).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${JOEY_CACHE:-/var/cache/joey}
+src_tar=/usr/src/linux-source-6.1.tar.xz
+[ -f "$src_tar" ] || { echo "build-kernel: $src_tar missing (run scripts/deps.sh)" >&2; exit 1; }
+srcver=$(dpkg-query -W -f='${Version}' linux-source-6.1)
+key=$( { echo "$srcver"; cat "$here/kernel.fragment" "$here/build-kernel.sh"; } | sha256sum | cut -c1-16)
+out="$cache/kernel/$key"
+if [ -f "$out/bzImage" ] && [ -f "$out/vmlinux" ]; then
+  echo "build-kernel: cached $out" >&2
+  echo "$out"; exit 0
+fi
+work="$cache/kernel/build-$key"
+rm -rf "$work"; mkdir -p "$work"
+echo "build-kernel: unpacking $src_tar ($srcver)" >&2
+tar -C "$work" -xf "$src_tar"
+cd "$work/linux-source-6.1"
+make -s tinyconfig >&2
+scripts/kconfig/merge_config.sh -m .config "$here/kernel.fragment" >&2
+make -s olddefconfig >&2
+# Every fragment option must have survived olddefconfig, or the guest is not what we think it is.
+bad=0
+while IFS= read -r line; do
+  case "$line" in CONFIG_*=*) grep -qx "$line" .config || { echo "build-kernel: option lost: $line" >&2; bad=1; };; esac
+done < "$here/kernel.fragment"
+[ $bad = 0 ] || exit 1
+echo "build-kernel: compiling (make -j$(nproc) bzImage)" >&2
+make -s -j"$(nproc)" bzImage >&2
+mkdir -p "$out.tmp"
+cp arch/x86/boot/bzImage vmlinux .config "$out.tmp/"
+mv "$out.tmp/.config" "$out.tmp/config"
+rm -rf "$out"; mv "$out.tmp" "$out"
+cd /; rm -rf "$work"
+echo "build-kernel: built $out" >&2
+echo "$out"

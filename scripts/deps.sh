@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the Debian packages joey needs to build and test, if any is missing.
+set -euo pipefail
+PKGS=(qemu-system-x86 qemu-utils linux-source-6.1 bc flex bison libelf-dev libssl-dev
+      cpio gzip xz-utils make gcc busybox-static)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,97 @@
+//! joeyctl subcommands.
+
+pub mod run;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for bad input (config, missing kernel or QEMU, bad arguments).
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Exit code for a runtime failure (VM or agent), like `docker run`'s 125.
+pub const EXIT_RUNTIME: i32 = 125;
+/// The command could not be executed (permission, bad cwd).
+pub const EXIT_CANNOT_EXEC: i32 = 126;
+/// The command was not found in the guest.
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+#[derive(Parser, Debug)]
+#[command(name = "joeyctl", version, about = "joey secure container runtime: developer/operator CLI")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Boot a sandbox microVM, run CMD in it, stream its output, exit with its exit code.
+    Run(run::RunArgs),
+    /// Print the effective configuration (defaults merged with the config file) as TOML.
+    Config {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Say what the host's KVM is and which hypervisor/accelerator joey would pick, and why.
+    HostCheck {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load_config(p: Option<&std::path::Path>) -> Result<(joey_config::Config, String), i32> {
+    match joey_config::Config::load(p) {
+        Ok((c, origin)) => Ok((
+            c,
+            origin
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "<defaults>".to_string()),
+        )),
+        Err(e) => {
+            eprintln!("joeyctl: error: {e}");
+            Err(EXIT_BAD_INPUT)
+        }
+    }
+}
+
+/// Parses arguments and runs the subcommand; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => EXIT_BAD_INPUT,
+            };
+        }
+    };
+    match cli.cmd {
+        Cmd::Run(args) => run::run(args),
+        Cmd::Config { config } => match load_config(config.as_deref()) {
+            Ok((c, origin)) => {
+                println!("# effective joey configuration (from {origin})");
+                print!("{}", c.to_toml_string());
+                0
+            }
+            Err(code) => code,
+        },
+        Cmd::HostCheck { config } => {
+            let (c, _) = match load_config(config.as_deref()) {
+                Ok(v) => v,
+                Err(code) => return code,
+            };
+            use joey_actors::hypervisor::host;
+            let flavor = host::detect_kvm(&host::HostPaths::default());
+            println!("kvm: {flavor:?}");
+            match host::choose_backend(c.hypervisor.kind, &flavor) {
+                Ok((b, why)) => println!("hypervisor: {b} ({why})"),
+                Err(e) => println!("hypervisor: none ({e})"),
+            }
+            match host::choose_qemu_accel(c.hypervisor.qemu.accel, &flavor) {
+                Ok(a) => println!("qemu accelerator: {a}"),
+                Err(e) => println!("qemu accelerator: none ({e})"),
+            }
+            0
+        }
+    }
+}

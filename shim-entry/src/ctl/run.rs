@@ -1,0 +1,276 @@
+//! `joeyctl run`: one command in a fresh sandbox microVM.
+
+use std::io::{Read as _, Write as _};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use joey_actors::sandbox::{
+    CloseStdin, ExecProcess, ReadOutput, SandboxActor, SandboxError, SandboxStarted, StartSandbox, StopSandbox,
+    WaitProcess, WriteStdin,
+};
+use joey_actors::{AgentError, HypervisorActor, RpcCode};
+use joey_agent_protocol::agent::ExecProcessRequest;
+use tokio::io::AsyncWriteExt as _;
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::{EXIT_BAD_INPUT, EXIT_CANNOT_EXEC, EXIT_NOT_FOUND, EXIT_RUNTIME};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Config file (default: $JOEY_CONFIG, else /etc/joey/config.toml if present, else built-in defaults).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print timings (ms) and the hypervisor/accelerator used to stderr when done.
+    #[arg(long)]
+    pub timings: bool,
+    /// Log what the runtime does (info level) to stderr.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+const EXEC_ID: &str = "main";
+const READ_CHUNK: u32 = 256 * 1024;
+
+/// Runs the subcommand; returns the exit code.
+pub fn run(args: RunArgs) -> i32 {
+    let (config, origin) = match super::load_config(args.config.as_deref()) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let level = if args.verbose { config.runtime.log_level.as_str() } else { "warn" };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    let sys = actix::System::new();
+    let code = sys.block_on(run_async(args, config, origin));
+    let _ = std::io::stdout().flush();
+    code
+}
+
+/// Reads our stdin on a dedicated OS thread (stdin reads cannot be cancelled) and hands the
+/// chunks to async code through a bounded channel. `None` marks EOF.
+fn spawn_stdin_reader() -> tokio::sync::mpsc::Receiver<Option<Vec<u8>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let _ = std::thread::Builder::new()
+        .name("joeyctl-stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.blocking_send(None);
+                        return;
+                    }
+                    Ok(n) => {
+                        if tx.blocking_send(Some(buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    rx
+}
+
+fn report_error(e: &SandboxError) -> i32 {
+    eprintln!("joeyctl: error: {e}");
+    if e.is_bad_input() {
+        EXIT_BAD_INPUT
+    } else {
+        EXIT_RUNTIME
+    }
+}
+
+enum Outcome {
+    Exited(i32),
+    Interrupted(i32),
+    Failed(i32),
+}
+
+async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -> i32 {
+    let id = joey_actors::new_sandbox_id();
+    let hv = HypervisorActor::new().start();
+    let sb = SandboxActor::new(id, config, origin, hv).start();
+
+    let mut sigint = signal(SignalKind::interrupt()).ok();
+    let mut sigterm = signal(SignalKind::terminate()).ok();
+    let mut sighup = signal(SignalKind::hangup()).ok();
+    let signalled = async move {
+        let recv = |s: &mut Option<tokio::signal::unix::Signal>| {
+            let fut = s.as_mut().map(|s| s.recv());
+            async move {
+                match fut {
+                    Some(f) => {
+                        f.await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        };
+        tokio::select! {
+            _ = recv(&mut sigint) => 130,
+            _ = recv(&mut sigterm) => 143,
+            _ = recv(&mut sighup) => 129,
+        }
+    };
+    tokio::pin!(signalled);
+
+    // Boot. StartSandbox is atomic in the actor; a signal meanwhile is honoured right after.
+    let start = sb.send(StartSandbox);
+    let started: SandboxStarted = tokio::select! {
+        r = start => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return report_error(&e),
+            Err(e) => { eprintln!("joeyctl: error: {e}"); return EXIT_RUNTIME; }
+        },
+        code = &mut signalled => {
+            let _ = sb.send(StopSandbox).await;
+            return code;
+        }
+    };
+
+    let t_exec = Instant::now();
+    let outcome = tokio::select! {
+        o = run_process(&sb, args.command.clone()) => o,
+        code = &mut signalled => Outcome::Interrupted(code),
+    };
+    let exec_to_exit = t_exec.elapsed();
+
+    let stopped = sb.send(StopSandbox).await;
+    let teardown = match &stopped {
+        Ok(Ok(s)) => s.teardown,
+        Ok(Err(e)) => {
+            eprintln!("joeyctl: error: teardown: {e}");
+            Duration::ZERO
+        }
+        Err(e) => {
+            eprintln!("joeyctl: error: teardown: {e}");
+            Duration::ZERO
+        }
+    };
+    if args.timings {
+        eprintln!(
+            "joey timings: hypervisor={} accel={} vm_start_to_agent_ready_ms={} exec_to_exit_ms={} teardown_ms={}",
+            started.backend,
+            started.accel,
+            started.vm_start_to_agent_ready.as_millis(),
+            exec_to_exit.as_millis(),
+            teardown.as_millis()
+        );
+        eprintln!("joey timings: hypervisor reason: {}", started.backend_reason);
+        eprintln!("joey timings: accel reason: {}", started.accel_reason);
+    }
+    match outcome {
+        Outcome::Exited(c) | Outcome::Interrupted(c) | Outcome::Failed(c) => c,
+    }
+}
+
+async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>) -> Outcome {
+    let req = ExecProcessRequest {
+        exec_id: EXEC_ID.into(),
+        argv,
+        ..Default::default()
+    };
+    match sb.send(ExecProcess(req)).await {
+        Ok(Ok(_pid)) => {}
+        Ok(Err(e)) => {
+            eprintln!("joeyctl: error: {e}");
+            let code = match &e {
+                SandboxError::Agent(AgentError::Rpc { code: RpcCode::NotFound, .. }) => EXIT_NOT_FOUND,
+                SandboxError::Agent(AgentError::Rpc {
+                    code: RpcCode::PermissionDenied | RpcCode::InvalidArgument,
+                    ..
+                }) => EXIT_CANNOT_EXEC,
+                _ => EXIT_RUNTIME,
+            };
+            return Outcome::Failed(code);
+        }
+        Err(e) => {
+            eprintln!("joeyctl: error: {e}");
+            return Outcome::Failed(EXIT_RUNTIME);
+        }
+    }
+
+    let pump = |stderr: bool| {
+        let sb = sb.clone();
+        async move {
+            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin> = if stderr {
+                Box::new(tokio::io::stderr())
+            } else {
+                Box::new(tokio::io::stdout())
+            };
+            loop {
+                let r = sb
+                    .send(ReadOutput {
+                        exec_id: EXEC_ID.into(),
+                        stderr,
+                        len: READ_CHUNK,
+                    })
+                    .await;
+                match r {
+                    Ok(Ok(data)) if data.is_empty() => break Ok(()),
+                    Ok(Ok(data)) => {
+                        if out.write_all(&data).await.is_err() {
+                            break Ok(());
+                        }
+                        let _ = out.flush().await;
+                    }
+                    Ok(Err(e)) => break Err(e.to_string()),
+                    Err(e) => break Err(e.to_string()),
+                }
+            }
+        }
+    };
+    let stdin_fwd = {
+        let sb = sb.clone();
+        async move {
+            let mut rx = spawn_stdin_reader();
+            while let Some(Some(chunk)) = rx.recv().await {
+                match sb
+                    .send(WriteStdin {
+                        exec_id: EXEC_ID.into(),
+                        data: chunk,
+                    })
+                    .await
+                {
+                    Ok(Ok(_)) => {}
+                    // The process stopped reading (exited or closed stdin): stop forwarding.
+                    _ => return,
+                }
+            }
+            let _ = sb.send(CloseStdin { exec_id: EXEC_ID.into() }).await;
+        }
+    };
+    let stdin_task = tokio::spawn(stdin_fwd);
+    let outputs = async { tokio::join!(pump(false), pump(true)) };
+    let wait = sb.send(WaitProcess { exec_id: EXEC_ID.into() });
+    let (waited, (o1, o2)) = tokio::join!(wait, outputs);
+    stdin_task.abort();
+    for r in [o1, o2] {
+        if let Err(e) = r {
+            eprintln!("joeyctl: error: output stream: {e}");
+            return Outcome::Failed(EXIT_RUNTIME);
+        }
+    }
+    match waited {
+        Ok(Ok(w)) => Outcome::Exited(w.status),
+        Ok(Err(e)) => {
+            eprintln!("joeyctl: error: {e}");
+            Outcome::Failed(EXIT_RUNTIME)
+        }
+        Err(e) => {
+            eprintln!("joeyctl: error: {e}");
+            Outcome::Failed(EXIT_RUNTIME)
+        }
+    }
+}

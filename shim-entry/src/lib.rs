@@ -1,0 +1,4 @@
+//! Entry points of joey's binaries: `joeyctl` (developer/operator CLI) and, with the shim issue,
+//! `containerd-shim-joey-v2`.
+
+pub mod ctl;
