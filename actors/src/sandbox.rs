@@ -217,14 +217,14 @@ impl Actor for SandboxActor {
 }
 
 impl Handler<GetState> for SandboxActor {
-    type Result = SandboxState;
-    fn handle(&mut self, _: GetState, _: &mut Context<Self>) -> SandboxState {
-        self.state
+    type Result = MessageResult<GetState>;
+    fn handle(&mut self, _: GetState, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.state)
     }
 }
 
 impl Handler<StartSandbox> for SandboxActor {
-    type Result = ResponseActFuture<Self, Result<SandboxStarted, SandboxError>>;
+    type Result = AtomicResponse<Self, Result<SandboxStarted, SandboxError>>;
 
     fn handle(&mut self, _: StartSandbox, _ctx: &mut Context<Self>) -> Self::Result {
         let prep = (|| -> Result<_, SandboxError> {
@@ -261,7 +261,7 @@ impl Handler<StartSandbox> for SandboxActor {
                     let _ = self.state.transition(SandboxState::Stopping);
                     let _ = self.state.transition(SandboxState::Stopped);
                 }
-                return Box::pin(fut::ready(Err(e)));
+                return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
             }
         };
         let hv = self.hypervisor.clone();
@@ -283,9 +283,23 @@ impl Handler<StartSandbox> for SandboxActor {
             let version = agent.version().await?;
             Ok((agent, vm, ready, version))
         };
-        Box::pin(fut.into_actor(self).then(move |res, act, _ctx| {
+        AtomicResponse::new(Box::pin(fut.into_actor(self).then(move |res, act, ctx| {
             let out = match res {
                 Ok((agent, vm, ready, version)) => {
+                    // Mark the sandbox failed as soon as the VM process goes away on its own.
+                    let mut exit = vm.exit.clone();
+                    ctx.spawn(
+                        async move {
+                            let _ = exit.wait_for(|v| v.is_some()).await;
+                        }
+                        .into_actor(act)
+                        .map(|_, act, _| {
+                            if act.state == SandboxState::Running {
+                                tracing::warn!(sandbox = %act.id, "VM exited unexpectedly");
+                                let _ = act.state.transition(SandboxState::Failed);
+                            }
+                        }),
+                    );
                     act.agent = Some(agent);
                     act.vm_exit = Some(vm.exit.clone());
                     act.console_log = Some(vm.console_log.clone());
@@ -329,26 +343,26 @@ impl Handler<StartSandbox> for SandboxActor {
                 }
                 out
             })
-        }))
+        })))
     }
 }
 
 impl Handler<StopSandbox> for SandboxActor {
-    type Result = ResponseActFuture<Self, Result<SandboxStopped, SandboxError>>;
+    type Result = AtomicResponse<Self, Result<SandboxStopped, SandboxError>>;
 
     fn handle(&mut self, _: StopSandbox, _ctx: &mut Context<Self>) -> Self::Result {
         if matches!(self.state, SandboxState::Stopped | SandboxState::Created) {
             if self.state == SandboxState::Created {
                 let _ = self.state.transition(SandboxState::Stopped);
             }
-            return Box::pin(fut::ready(Ok(SandboxStopped {
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(SandboxStopped {
                 teardown: Duration::ZERO,
                 method: None,
-            })));
+            }))));
         }
         let graceful = self.state == SandboxState::Running;
         if let Err(e) = self.state.transition(SandboxState::Stopping) {
-            return Box::pin(fut::ready(Err(e.into())));
+            return AtomicResponse::new(Box::pin(fut::ready(Err(e.into()))));
         }
         let agent = self.agent.take();
         let hv = self.hypervisor.clone();
@@ -388,11 +402,11 @@ impl Handler<StopSandbox> for SandboxActor {
                 method,
             }
         };
-        Box::pin(fut.into_actor(self).map(|r, act, _| {
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|r, act, _| {
             act.vm_exit = None;
             act.state.transition(SandboxState::Stopped)?;
             Ok(r)
-        }))
+        })))
     }
 }
 

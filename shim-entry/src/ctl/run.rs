@@ -82,6 +82,23 @@ fn spawn_stdin_reader() -> tokio::sync::mpsc::Receiver<Option<Vec<u8>>> {
     rx
 }
 
+/// Resolves with the exit code for the first of SIGINT/SIGTERM/SIGHUP received.
+async fn wait_for_signal() -> i32 {
+    async fn one(kind: SignalKind) {
+        match signal(kind) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    }
+    tokio::select! {
+        _ = one(SignalKind::interrupt()) => 130,
+        _ = one(SignalKind::terminate()) => 143,
+        _ = one(SignalKind::hangup()) => 129,
+    }
+}
+
 fn report_error(e: &SandboxError) -> i32 {
     eprintln!("joeyctl: error: {e}");
     if e.is_bad_input() {
@@ -102,27 +119,7 @@ async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -
     let hv = HypervisorActor::new().start();
     let sb = SandboxActor::new(id, config, origin, hv).start();
 
-    let mut sigint = signal(SignalKind::interrupt()).ok();
-    let mut sigterm = signal(SignalKind::terminate()).ok();
-    let mut sighup = signal(SignalKind::hangup()).ok();
-    let signalled = async move {
-        let recv = |s: &mut Option<tokio::signal::unix::Signal>| {
-            let fut = s.as_mut().map(|s| s.recv());
-            async move {
-                match fut {
-                    Some(f) => {
-                        f.await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            }
-        };
-        tokio::select! {
-            _ = recv(&mut sigint) => 130,
-            _ = recv(&mut sigterm) => 143,
-            _ = recv(&mut sighup) => 129,
-        }
-    };
+    let signalled = wait_for_signal();
     tokio::pin!(signalled);
 
     // Boot. StartSandbox is atomic in the actor; a signal meanwhile is honoured right after.

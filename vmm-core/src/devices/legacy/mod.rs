@@ -1,0 +1,8 @@
+//! Legacy PC devices of the built-in VMM: 8250 serial (COM1) and the i8042
+//! controller (only its CPU-reset command).
+
+pub mod i8042;
+pub mod serial;
+
+pub use i8042::I8042;
+pub use serial::{LogSink, RateLimit, SerialDevice};
