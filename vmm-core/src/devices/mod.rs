@@ -3,4 +3,6 @@
 
 //! Virtual devices of the joey VMM.
 
+/// Legacy PC devices (8250 serial, i8042) of the built-in VMM.
+pub mod legacy;
 pub mod vsock;

@@ -25,7 +25,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::boot::{self, layout};
-use crate::legacy::{serial::IrqTrigger, LogSink, RateLimit, SerialDevice, I8042};
+use crate::devices::legacy::{serial::IrqTrigger, LogSink, RateLimit, SerialDevice, I8042};
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
 use crate::vstate::{cpuid, memory, regs, vm};
 use bus::{Bus, BusError};
@@ -101,7 +101,7 @@ pub enum VmmError {
     #[error("bus: {0}")]
     Bus(#[from] BusError),
     #[error("serial: {0}")]
-    Serial(#[from] crate::legacy::serial::SerialError),
+    Serial(#[from] crate::devices::legacy::serial::SerialError),
     #[error("KVM_IRQFD: {0}")]
     Irqfd(#[source] kvm_ioctls::Error),
     #[error("cannot {op} a VM in state {state:?}")]
