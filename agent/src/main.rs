@@ -83,7 +83,9 @@ fn parse_args<I: IntoIterator<Item = String>>(args: I, pid1: bool) -> Result<Par
                 )))
             }
             other if !pid1 => {
-                return Err(MainError::Usage(format!("unknown argument {other:?}\n{USAGE}")))
+                return Err(MainError::Usage(format!(
+                    "unknown argument {other:?}\n{USAGE}"
+                )))
             }
             _ => {}
         }
@@ -227,10 +229,7 @@ mod tests {
     #[test]
     fn default_is_vsock_1024() {
         assert_eq!(run_opts(&[], false).listen, "vsock://-1:1024");
-        assert_eq!(
-            ready_line("vsock://-1:1024"),
-            "ready on vsock port 1024"
-        );
+        assert_eq!(ready_line("vsock://-1:1024"), "ready on vsock port 1024");
     }
 
     #[test]
@@ -244,12 +243,18 @@ mod tests {
             "unix:///tmp/b.sock"
         );
         assert!(parse_args(args(&["--listen"]), false).is_err());
-        assert_eq!(ready_line("unix:///tmp/a.sock"), "ready on unix:///tmp/a.sock");
+        assert_eq!(
+            ready_line("unix:///tmp/a.sock"),
+            "ready on unix:///tmp/a.sock"
+        );
     }
 
     #[test]
     fn unknown_args_rejected_unless_pid1() {
         assert!(parse_args(args(&["console=ttyS0"]), false).is_err());
-        assert_eq!(run_opts(&["console=ttyS0", "quiet"], true).listen, "vsock://-1:1024");
+        assert_eq!(
+            run_opts(&["console=ttyS0", "quiet"], true).listen,
+            "vsock://-1:1024"
+        );
     }
 }

@@ -83,9 +83,7 @@ enum ReadOutcome {
 
 impl OutputStream {
     fn new(file: Option<File>, pty: bool) -> io::Result<OutputStream> {
-        let fd = file
-            .map(|f| async_fd(f, Interest::READABLE))
-            .transpose()?;
+        let fd = file.map(|f| async_fd(f, Interest::READABLE)).transpose()?;
         let eof = fd.is_none();
         Ok(OutputStream {
             fd: Mutex::new(fd),
@@ -262,7 +260,7 @@ impl Process {
                 op: "write",
                 source,
             })?;
-            match ready.try_io(|inner| (&*inner.get_ref()).write(&data[written..])) {
+            match ready.try_io(|inner| inner.get_ref().write(&data[written..])) {
                 Ok(Ok(n)) => written += n,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => {

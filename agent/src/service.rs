@@ -125,7 +125,11 @@ fn eviction_victims(mut finished: Vec<(u64, String)>, keep: usize) -> Vec<String
     }
     finished.sort();
     let excess = finished.len() - keep;
-    finished.into_iter().take(excess).map(|(_, id)| id).collect()
+    finished
+        .into_iter()
+        .take(excess)
+        .map(|(_, id)| id)
+        .collect()
 }
 
 impl Agent {
@@ -199,11 +203,12 @@ impl Agent {
                 )));
             }
         };
+        // Only the program name: arguments may carry secrets and the console log leaves the VM.
         agent_log!(
             "exec {}: pid {pid}{} {:?}",
             req.exec_id,
             if terminal { " (tty)" } else { "" },
-            req.argv
+            req.argv.first().map(String::as_str).unwrap_or_default()
         );
         let mut procs = self.procs();
         procs.insert(req.exec_id, process);

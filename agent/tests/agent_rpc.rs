@@ -202,7 +202,11 @@ async fn echo_out_err_and_exit_code() {
             assert_eq!((w.exit_code, w.signal, w.status), (3, 0, 3));
         }
         // Reads after EOF keep returning EOF.
-        assert!(a.read_chunk("e1", false, 10).await.expect("read").is_empty());
+        assert!(a
+            .read_chunk("e1", false, 10)
+            .await
+            .expect("read")
+            .is_empty());
         a.assert_alive().await;
     })
     .await;
@@ -212,7 +216,11 @@ async fn echo_out_err_and_exit_code() {
 async fn version_env_and_cwd() {
     with_timeout(async {
         let mut a = TestAgent::start().await;
-        let v = a.client.version(ctx(), &Empty::new()).await.expect("version");
+        let v = a
+            .client
+            .version(ctx(), &Empty::new())
+            .await
+            .expect("version");
         assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
         assert_eq!(v.protocol_version, joey_agent_protocol::PROTOCOL_VERSION);
         assert!(!v.kernel_release.is_empty());
@@ -275,12 +283,14 @@ async fn exec_errors() {
     with_timeout(async {
         let mut a = TestAgent::start().await;
         let msg = expect_code(
-            a.exec_full("n1", &["no-such-command-xyz"], &[], "", false).await,
+            a.exec_full("n1", &["no-such-command-xyz"], &[], "", false)
+                .await,
             Code::NOT_FOUND,
         );
         assert_eq!(msg, "executable file not found: no-such-command-xyz");
         expect_code(
-            a.exec_full("n2", &["/no/such/binary"], &[], "", false).await,
+            a.exec_full("n2", &["/no/such/binary"], &[], "", false)
+                .await,
             Code::NOT_FOUND,
         );
         expect_code(
@@ -288,7 +298,8 @@ async fn exec_errors() {
             Code::INVALID_ARGUMENT,
         );
         let msg = expect_code(
-            a.exec_full("n4", &["true"], &[], "/no/such/dir", false).await,
+            a.exec_full("n4", &["true"], &[], "/no/such/dir", false)
+                .await,
             Code::INVALID_ARGUMENT,
         );
         assert!(msg.contains("/no/such/dir"), "{msg}");
@@ -309,8 +320,11 @@ async fn exec_errors() {
         // failed child must not race with the reaper, and the error must come back.
         let bad_interp = dir.path().join("bad-interp.sh");
         std::fs::write(&bad_interp, "#!/no/such/interpreter\n").expect("write");
-        std::fs::set_permissions(&bad_interp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
+        std::fs::set_permissions(
+            &bad_interp,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
         let bad_interp = bad_interp.display().to_string();
         expect_code(
             a.exec_full("n7", &[&bad_interp], &[], "", false).await,
@@ -498,9 +512,14 @@ fn assert_no_zombie_children(agent_pid: u32) {
         return; // CONFIG_PROC_CHILDREN missing: nothing to check.
     };
     for pid in list.split_whitespace() {
-        let stat = std::fs::read_to_string(Path::new("/proc").join(pid).join("stat"))
-            .unwrap_or_default();
-        let state = stat.rsplit(')').next().unwrap_or("").split_whitespace().next();
+        let stat =
+            std::fs::read_to_string(Path::new("/proc").join(pid).join("stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
         assert_ne!(state, Some("Z"), "zombie child {pid}: {stat}");
     }
 }
@@ -535,7 +554,14 @@ async fn destroy_sandbox_exits_in_listen_mode() {
 async fn pid1_mode_in_pid_namespace() {
     with_timeout(async {
         let probe = Command::new("unshare")
-            .args(["--pid", "--fork", "--mount", "--propagation", "private", "true"])
+            .args([
+                "--pid",
+                "--fork",
+                "--mount",
+                "--propagation",
+                "private",
+                "true",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -587,7 +613,11 @@ async fn pid1_mode_in_pid_namespace() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         a.exec(
             "zombies",
-            &["sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status || true"],
+            &[
+                "sh",
+                "-c",
+                "grep -l '^State:.*Z' /proc/[0-9]*/status || true",
+            ],
         )
         .await;
         let zombies = a.read_all("zombies", false).await;
