@@ -50,7 +50,9 @@ integration-test: build guest
 	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  $(CARGO) test --release -p joey-tests -- --test-threads=2
 
-test: unit-test integration-test
+test: build guest
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	  bash scripts/test.sh
 
 bench: build guest
 	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every joey test (unit + integration with real QEMU/kernel/agent) and prints one summary
+# line: "tests: N passed, M failed". Expects JOEYCTL, JOEY_KERNEL, JOEY_INITRD (set by `make test`).
+set -uo pipefail
+: "${JOEYCTL:?}" "${JOEY_KERNEL:?}" "${JOEY_INITRD:?}"
+CARGO=${CARGO:-cargo}
+log=$(mktemp /tmp/joey-test.XXXXXX)
+trap 'rm -f "$log"' EXIT
+status=0
+step() {
+  echo "+ $*"
+  "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || status=$rc
+}
+step "$CARGO" test --release --workspace --exclude joey-tests
+step "$CARGO" test --release -p joey-tests -- --test-threads=2
+sum() { grep -E '^test result:' "$log" | sed -E "s/.* ([0-9]+) $1.*/\1/" | awk '{s+=$1} END {print s+0}'; }
+passed=$(sum passed)
+failed=$(sum failed)
+ignored=$(sum ignored)
+echo
+echo "tests: $passed passed, $failed failed, $ignored skipped"
+if [ "$status" = 0 ] && [ "$failed" != 0 ]; then status=1; fi
+exit "$status"

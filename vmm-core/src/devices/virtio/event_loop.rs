@@ -1,0 +1,322 @@
+// Copyright 2024 The joey Authors.
+// SPDX-License-Identifier: Apache-2.0
+
+//! The device event loop: one OS thread (separate from the vCPU threads) that epolls every
+//! queue ioeventfd and device fd of the virtio-mmio transports and runs the device handlers.
+//! Used-buffer interrupts go to the guest through each transport's irqfd.
+//!
+//! Control: a bounded command channel plus an exit eventfd in the epoll set that wakes the
+//! thread; [`EventLoopHandle::stop`] joins with a timeout.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::mmio::MmioTransport;
+
+/// Capacity of the command channel.
+const COMMAND_CAPACITY: usize = 4;
+/// Epoll wait bound: the thread re-checks its command channel at least this often.
+const POLL_TIMEOUT_MS: i32 = 500;
+/// Events handled per `epoll_wait`.
+const EVENTS_PER_WAIT: usize = 32;
+/// Token of the exit eventfd.
+const EXIT_TOKEN: u64 = u64::MAX;
+/// Slot of a device's own fd in a token (queue slots are the queue index).
+const DEVICE_SLOT: u64 = 0xffff;
+
+/// A transport shared between the MMIO bus and the event loop.
+pub type SharedTransport = Arc<Mutex<MmioTransport>>;
+
+/// Errors of the device event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    #[error("epoll: {0}")]
+    Epoll(#[source] std::io::Error),
+    #[error("exit eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("spawning the device thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("device thread did not exit within {0:?}")]
+    JoinTimeout(Duration),
+    #[error("device thread panicked")]
+    Panicked,
+}
+
+/// Commands to the event loop thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopCommand {
+    /// Run every device's fd handler once (e.g. after a resume).
+    Kick,
+    /// Leave the loop.
+    Stop,
+}
+
+/// Where an epoll event comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Queue { device: usize, queue: usize },
+    Device { device: usize },
+    Exit,
+}
+
+fn token(device: usize, slot: u64) -> u64 {
+    ((device as u64) << 16) | slot
+}
+
+fn decode(token: u64) -> Source {
+    if token == EXIT_TOKEN {
+        return Source::Exit;
+    }
+    let device = (token >> 16) as usize;
+    match token & 0xffff {
+        DEVICE_SLOT => Source::Device { device },
+        q => Source::Queue {
+            device,
+            queue: q as usize,
+        },
+    }
+}
+
+fn lock(t: &SharedTransport) -> MutexGuard<'_, MmioTransport> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn add(epoll: &Epoll, fd: RawFd, token: u64) -> Result<(), EventLoopError> {
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+        .map_err(EventLoopError::Epoll)
+}
+
+/// Builds the epoll set: the exit eventfd, then every queue eventfd and device fd.
+fn build_epoll(devices: &[SharedTransport], exit: &EventFd) -> Result<Epoll, EventLoopError> {
+    let epoll = Epoll::new().map_err(EventLoopError::Epoll)?;
+    add(&epoll, exit.as_raw_fd(), EXIT_TOKEN)?;
+    for (i, d) in devices.iter().enumerate() {
+        let t = lock(d);
+        for (q, evt) in t.queue_evts().iter().enumerate() {
+            add(&epoll, evt.as_raw_fd(), token(i, q as u64))?;
+        }
+        if let Some(fd) = t.device_fd() {
+            add(&epoll, fd, token(i, DEVICE_SLOT))?;
+        }
+    }
+    Ok(epoll)
+}
+
+/// Handle to the running device thread.
+#[derive(Debug)]
+pub struct EventLoopHandle {
+    cmd_tx: Sender<LoopCommand>,
+    exit_evt: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Starts the device thread serving `devices`.
+pub fn spawn(devices: Vec<SharedTransport>) -> Result<EventLoopHandle, EventLoopError> {
+    let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::EventFd)?;
+    let epoll = build_epoll(&devices, &exit_evt)?;
+    let thread_exit = exit_evt.try_clone().map_err(EventLoopError::EventFd)?;
+    let (cmd_tx, cmd_rx) = bounded(COMMAND_CAPACITY);
+    let thread = std::thread::Builder::new()
+        .name("joey-virtio".into())
+        .spawn(move || run(epoll, devices, thread_exit, cmd_rx))
+        .map_err(EventLoopError::Spawn)?;
+    Ok(EventLoopHandle {
+        cmd_tx,
+        exit_evt,
+        thread: Some(thread),
+    })
+}
+
+fn run(epoll: Epoll, devices: Vec<SharedTransport>, exit: EventFd, cmds: Receiver<LoopCommand>) {
+    let mut events = vec![EpollEvent::default(); EVENTS_PER_WAIT];
+    loop {
+        let n = match epoll.wait(POLL_TIMEOUT_MS, &mut events[..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(e) => {
+                tracing::error!("virtio event loop: epoll_wait failed: {e}; exiting");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            match decode(ev.data()) {
+                Source::Exit => {
+                    let _ = exit.read();
+                }
+                Source::Queue { device, queue } => {
+                    if let Some(d) = devices.get(device) {
+                        lock(d).process_queue_event(queue);
+                    }
+                }
+                Source::Device { device } => {
+                    if let Some(d) = devices.get(device) {
+                        lock(d).process_device_event();
+                    }
+                }
+            }
+        }
+        while let Ok(cmd) = cmds.try_recv() {
+            match cmd {
+                LoopCommand::Stop => return,
+                LoopCommand::Kick => devices.iter().for_each(|d| lock(d).process_device_event()),
+            }
+        }
+        if cmds.is_empty() && Arc::strong_count(&Arc::new(())) == 0 {
+            unreachable!();
+        }
+    }
+}
+
+impl EventLoopHandle {
+    /// Sends `cmd` without blocking and wakes the thread.
+    pub fn send(&self, cmd: LoopCommand) -> bool {
+        let sent = match self.cmd_tx.try_send(cmd) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        };
+        if let Err(e) = self.exit_evt.write(1) {
+            tracing::warn!("virtio event loop: cannot wake thread: {e}");
+        }
+        sent
+    }
+
+    /// Whether the thread has finished.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Asks the thread to exit and joins it within `timeout`. On timeout the thread is left
+    /// detached and an error is returned. Idempotent.
+    pub fn stop(&mut self, timeout: Duration) -> Result<(), EventLoopError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        self.send(LoopCommand::Stop);
+        let deadline = Instant::now() + timeout;
+        while !thread.is_finished() {
+            if Instant::now() >= deadline {
+                tracing::error!("virtio event loop did not exit; leaving it detached");
+                return Err(EventLoopError::JoinTimeout(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        thread.join().map_err(|_| EventLoopError::Panicked)
+    }
+}
+
+impl Drop for EventLoopHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop(Duration::from_secs(2)) {
+            tracing::warn!("stopping the virtio event loop on drop: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::{VirtioDevice, VirtioError};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use virtio_queue::Queue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    struct Counter {
+        notified: Arc<AtomicUsize>,
+        fd_events: Arc<AtomicUsize>,
+        fd: EventFd,
+    }
+
+    impl VirtioDevice for Counter {
+        fn device_type(&self) -> u32 {
+            7
+        }
+        fn avail_features(&self) -> u64 {
+            1 << 32
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[8]
+        }
+        fn read_config(&self, _o: u64, _d: &mut [u8]) {}
+        fn process_queue(
+            &mut self,
+            _m: &GuestMemoryMmap,
+            _q: &mut [Queue],
+            _i: usize,
+        ) -> Result<bool, VirtioError> {
+            self.notified.fetch_add(1, Ordering::SeqCst);
+            Ok(false)
+        }
+        fn event_fd(&self) -> Option<RawFd> {
+            Some(self.fd.as_raw_fd())
+        }
+        fn process_event(
+            &mut self,
+            _m: &GuestMemoryMmap,
+            q: Option<&mut [Queue]>,
+        ) -> Result<bool, VirtioError> {
+            assert!(q.is_none(), "inactive device got its queues");
+            let _ = self.fd.read();
+            self.fd_events.fetch_add(1, Ordering::SeqCst);
+            Ok(false)
+        }
+    }
+
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip() {
+        assert_eq!(decode(token(3, 2)), Source::Queue { device: 3, queue: 2 });
+        assert_eq!(decode(token(5, DEVICE_SLOT)), Source::Device { device: 5 });
+        assert_eq!(decode(EXIT_TOKEN), Source::Exit);
+    }
+
+    #[test]
+    fn dispatches_device_fd_and_stops() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let fd_events = Arc::new(AtomicUsize::new(0));
+        let notified = Arc::new(AtomicUsize::new(0));
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let dev_fd = fd.try_clone().unwrap();
+        let t = MmioTransport::new(
+            Box::new(Counter {
+                notified: notified.clone(),
+                fd_events: fd_events.clone(),
+                fd,
+            }),
+            mem,
+        )
+        .unwrap();
+        let qevt = t.queue_evts()[0].try_clone().unwrap();
+        let mut h = spawn(vec![Arc::new(Mutex::new(t))]).unwrap();
+        dev_fd.write(1).unwrap();
+        wait_for("device fd event", || fd_events.load(Ordering::SeqCst) == 1);
+        // Queue notification of an inactive device: drained, handler not called.
+        qevt.write(1).unwrap();
+        wait_for("queue eventfd drained", || qevt.read().is_err());
+        assert_eq!(notified.load(Ordering::SeqCst), 0);
+        assert!(h.send(LoopCommand::Kick));
+        wait_for("kick", || fd_events.load(Ordering::SeqCst) == 2);
+        let t0 = Instant::now();
+        h.stop(Duration::from_secs(2)).unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        assert!(h.is_finished());
+        h.stop(Duration::from_secs(1)).unwrap();
+    }
+}
