@@ -26,8 +26,31 @@ for i in $(seq "$N"); do
   ready+=($(sed -E 's/.*vm_start_to_agent_ready_ms=([0-9]+).*/\1/' <<<"$line"))
   accel=$(sed -E 's/.*hypervisor=([a-z]+) accel=([a-z]+).*/\1 \2/' <<<"$line")
 done
+# Baseline measured in the same run: bare QEMU booting the same kernel into a busybox /init
+# that reboots at once (no agent, no vsock): the floor joey's boot is compared with.
+mkdir -p "$tmp/bb/bin"
+cp /bin/busybox "$tmp/bb/bin/busybox"
+ln -s busybox "$tmp/bb/bin/sh"; ln -s busybox "$tmp/bb/bin/reboot"
+printf '#!/bin/sh\nreboot -f\n' > "$tmp/bb/init"; chmod +x "$tmp/bb/init"
+(cd "$tmp/bb" && find . | cpio -o -H newc 2>/dev/null | gzip > "$tmp/bb.img")
+accel_flag=$(cut -d' ' -f2 <<<"$accel")
+cpu=max; [ "$accel_flag" = kvm ] && cpu=host
+qemu=()
+for i in $(seq "$N"); do
+  t0=$(date +%s%N)
+  qemu-system-x86_64 -M microvm,isa-serial=on,rtc=off,acpi=off,memory-backend=mem \
+    -object memory-backend-memfd,id=mem,size=256M,share=on -global virtio-mmio.force-legacy=false \
+    -accel "$accel_flag" -cpu "$cpu" -m 256M -smp 1 -nodefaults -no-user-config -display none -no-reboot \
+    -serial null -kernel "$JOEY_KERNEL" -initrd "$tmp/bb.img" -append "console=ttyS0 reboot=t panic=-1 quiet"
+  t1=$(date +%s%N)
+  qemu+=($(( (t1 - t0) / 1000000 )))
+done
 reason=$(grep '^joey timings: accel reason:' <<<"$err" | sed 's/^joey timings: accel reason: //')
 echo "joey bench: runs=$N hypervisor/accel=$accel"
 echo "joey bench: accel reason: $reason"
 echo "joey bench: vm_start_to_agent_ready_ms median=$(printf '%s\n' "${ready[@]}" | median) all=[${ready[*]}]"
-echo "joey bench: joeyctl_run_true_ms      median=$(printf '%s\n' "${whole[@]}" | median) all=[${whole[*]}]"
+mw=$(printf '%s\n' "${whole[@]}" | median)
+mq=$(printf '%s\n' "${qemu[@]}" | median)
+echo "joey bench: joeyctl_run_true_ms      median=$mw all=[${whole[*]}]"
+echo "joey bench: bare_qemu_boot_reboot_ms median=$mq all=[${qemu[*]}] (same kernel, busybox /init that reboots)"
+echo "joey bench: ratio joeyctl_run_true / bare_qemu_boot = $(awk -v a="$mw" -v b="$mq" 'BEGIN {printf "%.2f", a/b}')"

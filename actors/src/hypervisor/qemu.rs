@@ -157,8 +157,9 @@ impl QemuVm {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                vsock.stop();
-                let _ = vsock.join_timeout(Duration::from_secs(2));
+                // Dropping the handle stops the device thread and removes its sockets (no join:
+                // this runs on the actor's thread).
+                drop(vsock);
                 return Err(HypervisorError::Spawn {
                     binary: binary.display().to_string(),
                     source: e,
@@ -221,20 +222,26 @@ impl QemuVm {
             }
             exit = Self::wait_exit(&mut rx, Duration::from_secs(5)).await;
         }
-        self.stop_devices();
+        // Joining the device thread blocks (bounded by its timeout): keep it off the async runtime.
+        let vsock = self.vsock.take();
+        let _ = tokio::task::spawn_blocking(move || Self::stop_vsock(vsock)).await;
         match exit {
             Some(e) => Ok((method, e)),
             None => Err(HypervisorError::StopTimeout(self.pid)),
         }
     }
 
-    fn stop_devices(&mut self) {
-        if let Some(v) = self.vsock.take() {
+    fn stop_vsock(vsock: Option<VhostUserVsockHandle>) {
+        if let Some(v) = vsock {
             v.stop();
             if let Err(e) = v.join_timeout(Duration::from_secs(3)) {
-                tracing::warn!(error = %e, "vsock device thread did not end in time");
+                tracing::warn!(error = %e, "vsock device thread ended with an error or did not end in time");
             }
         }
+    }
+
+    fn stop_devices(&mut self) {
+        Self::stop_vsock(self.vsock.take());
     }
 }
 

@@ -6,3 +6,8 @@
 /// Legacy PC devices (8250 serial, i8042) of the built-in VMM.
 pub mod legacy;
 pub mod vsock;
+pub mod fs;
+/// virtio-blk (raw file backend) of the built-in VMM.
+pub mod blk;
+/// virtio-mmio transport and the device event loop of the built-in VMM.
+pub mod virtio;

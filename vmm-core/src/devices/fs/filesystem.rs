@@ -521,7 +521,7 @@ impl<F: FileSystem> FileSystem for SharedDirFs<F> {
         &self,
         ctx: &Context,
         inode: Self::Inode,
-        requests: Vec<fuse_backend_rs::api::filesystem::RemovemappingOne>,
+        requests: Vec<fuse_backend_rs::abi::virtio_fs::RemovemappingOne>,
         vu_req: &mut dyn FsCacheReqHandler,
     ) -> io::Result<()> {
         self.inner.removemapping(ctx, inode, requests, vu_req)

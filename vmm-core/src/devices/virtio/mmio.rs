@@ -503,7 +503,6 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::QueueOwnedT;
     use vm_memory::GuestAddress;
 
     #[derive(Default)]

@@ -31,6 +31,11 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
+/// Virtio device id of a block device.
+pub const TYPE_BLOCK: u32 = 2;
+/// Virtio device id of a vsock device.
+pub const TYPE_VSOCK: u32 = 19;
+
 /// `VIRTIO_F_VERSION_1` (feature bit 32).
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 /// Interrupt status bit: a used ring changed.

@@ -14,6 +14,7 @@
 //! socket `<uds_path>_<P>`.
 
 pub mod device;
+pub mod event_handler;
 pub mod muxer;
 pub mod packet;
 pub mod socket_path;
@@ -22,6 +23,7 @@ pub mod vhost_user;
 use std::path::PathBuf;
 
 pub use device::{DeviceError, VsockDevice};
+pub use event_handler::VirtioVsock;
 pub use muxer::{MuxerError, VsockMuxer};
 pub use vhost_user::{VhostUserError, VhostUserVsockHandle, VhostUserVsockServer, VsockBackend};
 

@@ -1,0 +1,445 @@
+// Copyright 2024 The joey Authors.
+// SPDX-License-Identifier: Apache-2.0
+
+//! The virtio-blk device: a raw disk file, its config space and request execution.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use super::metrics::BlockMetrics;
+use super::request::{self, DataBuf, Request, RequestType};
+use super::{BlockConfig, BlockError, ID_BYTES, MAX_DESCRIPTORS, QUEUE_SIZE, SECTOR_SIZE};
+use crate::devices::virtio::VIRTIO_F_VERSION_1;
+
+/// Bytes copied between the disk and guest memory per step (bounds host memory per request).
+const CHUNK: usize = 64 * 1024;
+/// Config space: `le64 capacity`, `le32 size_max`, `le32 seg_max`.
+const CONFIG_LEN: usize = 16;
+
+/// A virtio-blk device backed by a raw file.
+#[derive(Debug)]
+pub struct Block {
+    disk: File,
+    capacity: u64,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    config: [u8; CONFIG_LEN],
+    queue_sizes: [u16; 1],
+    metrics: Arc<BlockMetrics>,
+}
+
+impl Block {
+    /// Opens the disk (read-only if configured). `id` is the `T_GET_ID` serial (truncated to 20
+    /// bytes).
+    pub fn new(cfg: &BlockConfig, id: &str) -> Result<Self, BlockError> {
+        let open_err = |source| BlockError::Open {
+            path: cfg.path.display().to_string(),
+            source,
+        };
+        let disk = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .open(&cfg.path)
+            .map_err(open_err)?;
+        let len = disk.metadata().map_err(open_err)?.len();
+        let capacity = len / SECTOR_SIZE;
+        let mut config = [0u8; CONFIG_LEN];
+        config[..8].copy_from_slice(&capacity.to_le_bytes());
+        config[12..16].copy_from_slice(&((MAX_DESCRIPTORS - 2) as u32).to_le_bytes());
+        let mut idb = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Block {
+            disk,
+            capacity,
+            read_only: cfg.read_only,
+            id: idb,
+            config,
+            queue_sizes: [QUEUE_SIZE],
+            metrics: Arc::new(BlockMetrics::default()),
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &Arc<BlockMetrics> {
+        &self.metrics
+    }
+
+    /// Offered features.
+    pub fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX);
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    pub(crate) fn config_bytes(&self) -> &[u8] {
+        &self.config
+    }
+
+    pub(crate) fn queue_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    /// Consumes every available chain of `queue`. Returns whether the used ring changed.
+    pub fn process_queue<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+    ) -> Result<bool, BlockError> {
+        if !queue.ready() {
+            return Ok(false);
+        }
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = self.process_chain(mem, chain);
+            queue.add_used(mem, head, len)?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    /// Handles one chain; returns the used length (bytes written into guest buffers).
+    pub fn process_chain<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
+        let req = match request::parse(mem, chain) {
+            Ok(r) => r,
+            Err(e) => {
+                BlockMetrics::add(&self.metrics.invalid_chains, 1);
+                tracing::debug!("virtio-blk: malformed chain: {}", e.error);
+                if let Some(st) = e.status {
+                    write_status(mem, st, VIRTIO_BLK_S_IOERR);
+                }
+                return 0;
+            }
+        };
+        let (status, written) = match self.execute(mem, &req) {
+            Ok(n) => (VIRTIO_BLK_S_OK, n),
+            Err(BlockError::Unsupported(t)) => {
+                BlockMetrics::add(&self.metrics.unsupported, 1);
+                tracing::debug!("virtio-blk: unsupported request type {t}");
+                (VIRTIO_BLK_S_UNSUPP, 0)
+            }
+            Err(e) => {
+                BlockMetrics::add(&self.metrics.io_errors, 1);
+                tracing::debug!("virtio-blk: request failed: {e}");
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+        };
+        write_status(mem, req.status, status);
+        written + 1
+    }
+
+    /// Executes a validated request; returns the data bytes written into guest memory.
+    fn execute<M: GuestMemory>(&mut self, mem: &M, req: &Request) -> Result<u32, BlockError> {
+        match req.kind {
+            RequestType::In => {
+                let off = self.check_bounds(req)?;
+                let n = self.read_to_guest(mem, off, &req.data)?;
+                BlockMetrics::add(&self.metrics.read_ops, 1);
+                BlockMetrics::add(&self.metrics.read_bytes, n);
+                Ok(n as u32)
+            }
+            RequestType::Out => {
+                if self.read_only {
+                    return Err(BlockError::ReadOnlyWrite);
+                }
+                let off = self.check_bounds(req)?;
+                let n = self.write_from_guest(mem, off, &req.data)?;
+                BlockMetrics::add(&self.metrics.write_ops, 1);
+                BlockMetrics::add(&self.metrics.write_bytes, n);
+                Ok(0)
+            }
+            RequestType::Flush => {
+                if !self.read_only {
+                    self.disk.sync_data().map_err(BlockError::Io)?;
+                }
+                BlockMetrics::add(&self.metrics.flush_ops, 1);
+                Ok(0)
+            }
+            RequestType::GetId => {
+                BlockMetrics::add(&self.metrics.get_id_ops, 1);
+                self.write_id(mem, &req.data)
+            }
+            RequestType::Unsupported(t) => Err(BlockError::Unsupported(t)),
+        }
+    }
+
+    /// Checks that the request's data is whole sectors inside the disk; returns the byte offset.
+    fn check_bounds(&self, req: &Request) -> Result<u64, BlockError> {
+        let len = req.data_len();
+        if len % SECTOR_SIZE != 0 {
+            return Err(BlockError::UnalignedLength(len));
+        }
+        let count = len / SECTOR_SIZE;
+        let out = BlockError::SectorOutOfRange {
+            sector: req.sector,
+            count,
+            capacity: self.capacity,
+        };
+        match req.sector.checked_add(count) {
+            Some(end) if end <= self.capacity => Ok(req.sector * SECTOR_SIZE),
+            _ => Err(out),
+        }
+    }
+
+    fn read_to_guest<M: GuestMemory>(
+        &self,
+        mem: &M,
+        mut off: u64,
+        bufs: &[DataBuf],
+    ) -> Result<u64, BlockError> {
+        let mut chunk = vec![0u8; CHUNK];
+        let mut total = 0;
+        for b in bufs {
+            for (addr, n) in chunks(b) {
+                let c = &mut chunk[..n];
+                self.disk.read_exact_at(c, off).map_err(BlockError::Io)?;
+                mem.write_slice(c, addr)?;
+                off += n as u64;
+                total += n as u64;
+            }
+        }
+        Ok(total)
+    }
+
+    fn write_from_guest<M: GuestMemory>(
+        &self,
+        mem: &M,
+        mut off: u64,
+        bufs: &[DataBuf],
+    ) -> Result<u64, BlockError> {
+        let mut chunk = vec![0u8; CHUNK];
+        let mut total = 0;
+        for b in bufs {
+            for (addr, n) in chunks(b) {
+                let c = &mut chunk[..n];
+                mem.read_slice(c, addr)?;
+                self.disk.write_all_at(c, off).map_err(BlockError::Io)?;
+                off += n as u64;
+                total += n as u64;
+            }
+        }
+        Ok(total)
+    }
+
+    fn write_id<M: GuestMemory>(&self, mem: &M, bufs: &[DataBuf]) -> Result<u32, BlockError> {
+        let mut left = &self.id[..];
+        let mut written = 0u32;
+        for b in bufs {
+            if left.is_empty() {
+                break;
+            }
+            let n = left.len().min(b.len as usize);
+            mem.write_slice(&left[..n], b.addr)?;
+            left = &left[n..];
+            written += n as u32;
+        }
+        Ok(written)
+    }
+}
+
+/// Splits a buffer into `(address, length)` steps of at most [`CHUNK`] bytes.
+fn chunks(b: &DataBuf) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
+    let len = u64::from(b.len);
+    (0..len)
+        .step_by(CHUNK)
+        .map(move |o| (GuestAddress(b.addr.0 + o), (len - o).min(CHUNK as u64) as usize))
+}
+
+fn write_status<M: GuestMemory>(mem: &M, addr: GuestAddress, status: u32) {
+    if let Err(e) = mem.write_obj(status as u8, addr) {
+        tracing::debug!("virtio-blk: cannot write status byte: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::blk::request::tests::{mem, raw, write_header, DATA, HDR, STATUS, W};
+    use std::io::Write;
+    use virtio_bindings::bindings::virtio_blk::{
+        VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    fn disk(sectors: u64) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..sectors * SECTOR_SIZE).map(|i| (i % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        f
+    }
+
+    fn block(f: &tempfile::NamedTempFile, read_only: bool) -> Block {
+        Block::new(
+            &BlockConfig {
+                path: f.path().to_path_buf(),
+                read_only,
+            },
+            "joey-blk0",
+        )
+        .unwrap()
+    }
+
+    /// Submits one chain through a real queue; returns (used len, status byte).
+    fn submit(b: &mut Block, m: &GuestMemoryMmap, descs: &[RawDescriptor]) -> (u32, u8) {
+        m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mq = MockSplitQueue::create(m, GuestAddress(0), 16);
+        mq.build_desc_chain(descs).unwrap();
+        let mut q: Queue = mq.create_queue().unwrap();
+        assert!(b.process_queue(m, &mut q).unwrap());
+        assert_eq!(mq.used().idx().load(), 1, "chain not returned");
+        let e = mq.used().ring().ref_at(0).unwrap().load();
+        (e.len(), m.read_obj(GuestAddress(STATUS)).unwrap())
+    }
+
+    #[test]
+    fn config_and_features() {
+        let f = disk(8);
+        let b = block(&f, false);
+        assert_eq!(b.capacity(), 8);
+        assert_eq!(&b.config_bytes()[..8], &8u64.to_le_bytes());
+        assert_eq!(b.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(block(&f, true).features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert!(matches!(
+            Block::new(
+                &BlockConfig {
+                    path: "/nonexistent/disk".into(),
+                    read_only: true
+                },
+                "x"
+            ),
+            Err(BlockError::Open { .. })
+        ));
+    }
+
+    #[test]
+    fn read_write_flush_get_id() {
+        let f = disk(8);
+        let mut b = block(&f, false);
+        let m = mem();
+        write_header(&m, VIRTIO_BLK_T_IN, 2);
+        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 1024, W), raw(STATUS, 1, W)]);
+        assert_eq!((len, st), (1025, VIRTIO_BLK_S_OK as u8));
+        let mut got = vec![0u8; 1024];
+        m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        let want: Vec<u8> = (1024..2048u64).map(|i| (i % 251) as u8).collect();
+        assert_eq!(got, want);
+
+        m.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+        write_header(&m, VIRTIO_BLK_T_OUT, 7);
+        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 512, 0), raw(STATUS, 1, W)]);
+        assert_eq!((len, st), (1, VIRTIO_BLK_S_OK as u8));
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert_eq!(&on_disk[7 * 512..], &[0xab; 512][..]);
+
+        write_header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(STATUS, 1, W)]);
+        assert_eq!((len, st), (1, VIRTIO_BLK_S_OK as u8));
+
+        write_header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 20, W), raw(STATUS, 1, W)]);
+        assert_eq!((len, st), (21, VIRTIO_BLK_S_OK as u8));
+        let mut id = [0u8; 9];
+        m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"joey-blk0");
+
+        write_header(&m, 99, 0);
+        let (_, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(STATUS, 1, W)]);
+        assert_eq!(st, VIRTIO_BLK_S_UNSUPP as u8);
+        let mm = b.metrics();
+        assert_eq!(BlockMetrics::get(&mm.read_bytes), 1024);
+        assert_eq!(BlockMetrics::get(&mm.write_bytes), 512);
+        assert_eq!(BlockMetrics::get(&mm.flush_ops), 1);
+        assert_eq!(BlockMetrics::get(&mm.unsupported), 1);
+    }
+
+    #[test]
+    fn read_only_write_is_ioerr_and_disk_unchanged() {
+        let f = disk(4);
+        let before = std::fs::read(f.path()).unwrap();
+        let mut b = block(&f, true);
+        let m = mem();
+        write_header(&m, VIRTIO_BLK_T_OUT, 0);
+        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 512, 0), raw(STATUS, 1, W)]);
+        assert_eq!((len, st), (1, VIRTIO_BLK_S_IOERR as u8));
+        assert_eq!(std::fs::read(f.path()).unwrap(), before);
+        assert_eq!(BlockMetrics::get(&b.metrics().io_errors), 1);
+    }
+
+    #[test]
+    fn sector_bounds_are_checked() {
+        let f = disk(4);
+        let mut b = block(&f, false);
+        let m = mem();
+        for (sector, len) in [(4u64, 512u32), (3, 1024), (u64::MAX, 512), (0, 100)] {
+            write_header(&m, VIRTIO_BLK_T_IN, sector);
+            let (used, st) =
+                submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, len, W), raw(STATUS, 1, W)]);
+            assert_eq!((used, st), (1, VIRTIO_BLK_S_IOERR as u8), "sector {sector} len {len}");
+        }
+        // The last sector is fine.
+        write_header(&m, VIRTIO_BLK_T_IN, 3);
+        let (_, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 512, W), raw(STATUS, 1, W)]);
+        assert_eq!(st, VIRTIO_BLK_S_OK as u8);
+    }
+
+    #[test]
+    fn malformed_chains_get_used_len_0_and_ioerr() {
+        let f = disk(4);
+        let mut b = block(&f, false);
+        let m = mem();
+        write_header(&m, VIRTIO_BLK_T_IN, 0);
+        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(0x3ff00, 512, W), raw(STATUS, 1, W)]);
+        assert_eq!((len, st), (0, VIRTIO_BLK_S_IOERR as u8));
+        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 512, 0), raw(STATUS, 1, W)]);
+        assert_eq!((len, st), (0, VIRTIO_BLK_S_IOERR as u8));
+        // No writable status byte: nothing written, still returned with length 0.
+        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 512, W), raw(STATUS, 1, 0)]);
+        assert_eq!((len, st), (0, 0xff));
+        assert_eq!(BlockMetrics::get(&b.metrics().invalid_chains), 3);
+    }
+
+    #[test]
+    fn queue_keeps_going_after_bad_chains() {
+        let f = disk(4);
+        let mut b = block(&f, false);
+        let m = mem();
+        write_header(&m, VIRTIO_BLK_T_IN, 0);
+        let mq = MockSplitQueue::create(&m, GuestAddress(0), 16);
+        // Two chains: a looping one, then a good one.
+        let n = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        let descs = [
+            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(HDR, 16, n, 1)),
+            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(DATA, 512, W | n, 0)),
+            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(HDR, 16, n, 3)),
+            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(DATA, 512, W | n, 4)),
+            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(STATUS, 1, W, 0)),
+        ];
+        mq.add_desc_chains(&descs[..2], 0).unwrap();
+        mq.add_desc_chains(&descs[2..], 2).unwrap();
+        let mut q: Queue = mq.create_queue().unwrap();
+        assert!(b.process_queue(&m, &mut q).unwrap());
+        assert_eq!(mq.used().idx().load(), 2);
+        assert_eq!(mq.used().ring().ref_at(0).unwrap().load().len(), 0);
+        assert_eq!(mq.used().ring().ref_at(1).unwrap().load().len(), 513);
+    }
+}

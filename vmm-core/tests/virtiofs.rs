@@ -1,0 +1,363 @@
+//! virtio-fs end to end: QEMU (TCG, microvm) boots the real guest kernel with a tiny busybox
+//! initramfs that mounts our vhost-user-fs device and reports what it sees on the serial console.
+//!
+//! Needs qemu-system-x86_64, /bin/busybox (static), cpio, gzip and the guest kernel
+//! /work/main/build/guest/bzImage (`guest/build-kernel.sh`); without them the tests fail with a
+//! clear message (they do not skip silently).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use joey_vmm_core::devices::fs::{CachePolicy, FsConfig, VhostUserFsServer};
+use sha2::{Digest, Sha256};
+
+const QEMU: &str = "qemu-system-x86_64";
+const BUSYBOX: &str = "/bin/busybox";
+const TAG: &str = "joeyfs";
+const QEMU_TIMEOUT: Duration = Duration::from_secs(60);
+const HELLO: &[u8] = b"hello from the host\n";
+const WRITTEN: &[u8] = b"written by the guest\n";
+
+fn kernel() -> PathBuf {
+    let k = Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest/bzImage");
+    assert!(
+        k.exists(),
+        "guest kernel {} is missing: build it with guest/build-kernel.sh (needs VIRTIO_FS, \
+         FUSE_FS); this test does not skip silently",
+        k.display()
+    );
+    k
+}
+
+fn require_tools() {
+    for tool in [QEMU, "cpio", "gzip"] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "{tool} is not installed; this test needs it");
+    }
+    assert!(Path::new(BUSYBOX).exists(), "{BUSYBOX} (static) is missing");
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// 1 MiB of deterministic pseudo-random bytes (xorshift).
+fn big_data() -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The guest's /init: mounts the share and prints tagged lines to the console.
+fn init_script(read_only: bool) -> String {
+    let write_part = if read_only {
+        r#"
+if echo nope > /mnt/new.txt 2>/tmp/err; then echo "WRITE ok"; else echo "WRITE failed: $(cat /tmp/err)"; fi
+if rm /mnt/hello.txt 2>/tmp/err; then echo "RM ok"; else echo "RM failed: $(cat /tmp/err)"; fi
+if mkdir /mnt/newdir 2>/tmp/err; then echo "MKDIR ok"; else echo "MKDIR failed: $(cat /tmp/err)"; fi
+"#
+    } else {
+        r#"
+if echo "written by the guest" > /mnt/written.txt 2>/tmp/err; then echo "WRITE ok"; else echo "WRITE failed: $(cat /tmp/err)"; fi
+echo "READBACK $(cat /mnt/written.txt)"
+if mkdir /mnt/newdir 2>/tmp/err; then echo "MKDIR ok"; else echo "MKDIR failed: $(cat /tmp/err)"; fi
+sync
+"#
+    };
+    format!(
+        r#"#!/bin/sh
+mount -t devtmpfs dev /dev
+exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+if mount -t virtiofs {TAG} /mnt; then echo "MOUNT ok"; else echo "MOUNT failed"; fi
+echo "HELLO $(cat /mnt/hello.txt)"
+echo "SHA $(sha256sum /mnt/hello.txt)"
+echo "SHA $(sha256sum /mnt/sub/big.bin)"
+echo "LS-BEGIN"
+ls -1 /mnt/sub
+echo "LS-END"
+{write_part}
+echo "DONE"
+reboot -f
+"#
+    )
+}
+
+/// Builds a gzip'ed newc initramfs with busybox and `script` as /init.
+fn build_initrd(dir: &Path, script: &str) -> PathBuf {
+    let root = dir.join("initramfs");
+    for d in ["bin", "dev", "proc", "sys", "mnt", "tmp"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh",
+        "mount",
+        "cat",
+        "ls",
+        "echo",
+        "reboot",
+        "mkdir",
+        "sha256sum",
+        "rm",
+        "sync",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    let init = root.join("init");
+    fs::write(&init, script).unwrap();
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.join("initrd.gz");
+    let status = Command::new("sh")
+        .current_dir(&root)
+        .arg("-c")
+        .arg(format!(
+            "find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+            out.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the initramfs failed");
+    out
+}
+
+/// Kills QEMU if the test panics before it exited.
+struct QemuGuard(Option<Child>);
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_qemu(dir: &Path, sock: &Path, initrd: &Path, console: &Path) -> QemuGuard {
+    let log = fs::File::create(dir.join("qemu.log")).unwrap();
+    let child = Command::new(QEMU)
+        .args([
+            "-M",
+            "microvm,isa-serial=on,rtc=off,acpi=off,memory-backend=mem",
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-global",
+            "virtio-mmio.force-legacy=false",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "256M",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+        ])
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(kernel())
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
+        .arg("-chardev")
+        .arg(format!("socket,id=fs0,path={}", sock.display()))
+        .args(["-device", &format!("vhost-user-fs-device,chardev=fs0,tag={TAG}")])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("cannot start qemu-system-x86_64");
+    QemuGuard(Some(child))
+}
+
+/// Waits for QEMU to exit (the guest reboots with -no-reboot); kills it after the timeout.
+fn wait_qemu(guard: &mut QemuGuard, dir: &Path, console: &Path) -> Duration {
+    let start = Instant::now();
+    let child = guard.0.as_mut().unwrap();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            guard.0 = None;
+            assert!(
+                status.success(),
+                "qemu failed: {status}\nqemu: {}\nconsole: {}",
+                fs::read_to_string(dir.join("qemu.log")).unwrap_or_default(),
+                fs::read_to_string(console).unwrap_or_default()
+            );
+            return start.elapsed();
+        }
+        if start.elapsed() > QEMU_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            guard.0 = None;
+            panic!(
+                "qemu did not exit within {QEMU_TIMEOUT:?}\nqemu: {}\nconsole: {}",
+                fs::read_to_string(dir.join("qemu.log")).unwrap_or_default(),
+                fs::read_to_string(console).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Console lines, without carriage returns and kernel noise.
+fn console_lines(console: &Path) -> Vec<String> {
+    let raw = fs::read(console).unwrap();
+    String::from_utf8_lossy(&raw)
+        .lines()
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect()
+}
+
+fn assert_line(lines: &[String], want: &str) {
+    assert!(
+        lines.iter().any(|l| l == want),
+        "console lacks line {want:?}; console:\n{}",
+        lines.join("\n")
+    );
+}
+
+struct Run {
+    lines: Vec<String>,
+    share: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Prepares the shared directory, serves it, boots the guest, and checks the server side
+/// (thread ends with QEMU, socket removed).
+fn run_guest(read_only: bool) -> Run {
+    let kernel_path = kernel();
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    fs::create_dir_all(share.join("sub")).unwrap();
+    fs::write(share.join("hello.txt"), HELLO).unwrap();
+    fs::write(share.join("sub/big.bin"), big_data()).unwrap();
+    fs::write(share.join("sub/a.txt"), b"a").unwrap();
+    fs::create_dir(share.join("sub/zdir")).unwrap();
+
+    let sock = dir.path().join("fs.sock");
+    let console = dir.path().join("console.log");
+    let initrd = build_initrd(dir.path(), &init_script(read_only));
+    let cfg = FsConfig {
+        shared_dir: share.clone(),
+        read_only,
+        cache: CachePolicy::Auto,
+    };
+    let handle = VhostUserFsServer::bind(&sock, cfg)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let mut qemu = spawn_qemu(dir.path(), &sock, &initrd, &console);
+    let took = wait_qemu(&mut qemu, dir.path(), &console);
+    eprintln!(
+        "guest run ({}, kernel {}) took {took:?}",
+        if read_only { "ro" } else { "rw" },
+        kernel_path.display()
+    );
+
+    // QEMU is gone: the serving thread must end by itself.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !handle.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "serving thread still running 5 s after QEMU exited"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    handle.join_timeout(Duration::from_secs(1)).unwrap();
+    assert!(!sock.exists(), "vhost-user socket left behind");
+
+    let lines = console_lines(&console);
+    // Keep the console for post-mortems.
+    let _ = std::io::stderr().write_all(lines.join("\n").as_bytes());
+    Run {
+        lines,
+        share,
+        _dir: dir,
+    }
+}
+
+fn assert_common(lines: &[String]) {
+    assert_line(lines, "MOUNT ok");
+    assert_line(lines, &format!("HELLO {}", String::from_utf8_lossy(HELLO).trim_end()));
+    assert_line(
+        lines,
+        &format!("SHA {}  /mnt/hello.txt", sha256_hex(HELLO)),
+    );
+    assert_line(
+        lines,
+        &format!("SHA {}  /mnt/sub/big.bin", sha256_hex(&big_data())),
+    );
+    let begin = lines.iter().position(|l| l == "LS-BEGIN").expect("LS-BEGIN");
+    let end = lines.iter().position(|l| l == "LS-END").expect("LS-END");
+    assert_eq!(lines[begin + 1..end], ["a.txt", "big.bin", "zdir"]);
+    assert_line(lines, "DONE");
+}
+
+#[test]
+fn virtiofs_guest_reads_and_writes_shared_dir() {
+    let run = run_guest(false);
+    assert_common(&run.lines);
+    assert_line(&run.lines, "WRITE ok");
+    assert_line(
+        &run.lines,
+        &format!("READBACK {}", String::from_utf8_lossy(WRITTEN).trim_end()),
+    );
+    assert_line(&run.lines, "MKDIR ok");
+    assert_eq!(fs::read(run.share.join("written.txt")).unwrap(), WRITTEN);
+    assert!(run.share.join("newdir").is_dir());
+    assert_eq!(fs::read(run.share.join("hello.txt")).unwrap(), HELLO);
+}
+
+#[test]
+fn virtiofs_read_only_export_refuses_writes() {
+    let run = run_guest(true);
+    assert_common(&run.lines);
+    let failed = |what: &str| {
+        run.lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{what} ")))
+            .cloned()
+            .unwrap_or_default()
+    };
+    for what in ["WRITE", "RM", "MKDIR"] {
+        let line = failed(what);
+        assert!(
+            line.starts_with(&format!("{what} failed:")) && line.contains("Read-only file system"),
+            "{what} did not fail with EROFS: {line:?}"
+        );
+    }
+    // The host directory is unchanged.
+    let mut names: Vec<_> = fs::read_dir(&run.share)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["hello.txt", "sub"]);
+    assert_eq!(fs::read(run.share.join("hello.txt")).unwrap(), HELLO);
+    assert_eq!(fs::read(run.share.join("sub/big.bin")).unwrap(), big_data());
+}
