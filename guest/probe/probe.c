@@ -15,6 +15,15 @@
  *   probe.initrd_sum=HEX   expected FNV-1a 32 of the initrd (initrd check)
  *   probe.spin=1           after the checks, increment the u64 at PROBE_COUNTER_ADDR forever
  *   probe.triple_fault=1   after the checks, triple fault (empty IDT + ud2)
+ *   virtio_mmio.device=S@B:I  a virtio-mmio device to drive (any number; the VMM appends them)
+ *   probe.blkN_sum=HEX     FNV-1a 32 of sector 0 of the N-th virtio-blk device
+ *   probe.blkN_sectors=N   its expected capacity (optional)
+ *   probe.vsock_port=P     host port the probe connects to over virtio-vsock
+ *   probe.vsock_msg=S      bytes sent there (default hello-from-probe); expects S upper-cased back
+ *   probe.vsock_cid=N      expected guest CID (optional)
+ *
+ * virtio-blk: reads sector 0, GET_ID, writes sector 1 with blk_pattern() and reads it back
+ * (read-only disks: the write must fail with IOERR), reads past the end (IOERR).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -379,9 +388,521 @@ static void check_cpus(void) {
     ok("cpus");
 }
 
-/* LATER: virtio-mmio device checks (discover devices from the command line,
- * negotiate features, drive a queue) go here, each reporting ok/FAIL. */
-static void check_virtio_mmio(void) {}
+/* ---- virtio-mmio driver (virtio 1.x, register layout version 2) ---- */
+#define VIRTIO_MAGIC 0x74726976u
+#define VM_MAGIC 0x000
+#define VM_VERSION 0x004
+#define VM_DEVICE_ID 0x008
+#define VM_DEV_FEATURES 0x010
+#define VM_DEV_FEATURES_SEL 0x014
+#define VM_DRV_FEATURES 0x020
+#define VM_DRV_FEATURES_SEL 0x024
+#define VM_QUEUE_SEL 0x030
+#define VM_QUEUE_NUM_MAX 0x034
+#define VM_QUEUE_NUM 0x038
+#define VM_QUEUE_READY 0x044
+#define VM_QUEUE_NOTIFY 0x050
+#define VM_INT_STATUS 0x060
+#define VM_INT_ACK 0x064
+#define VM_STATUS 0x070
+#define VM_QUEUE_DESC 0x080
+#define VM_QUEUE_DRIVER 0x090
+#define VM_QUEUE_DEVICE 0x0a0
+#define VM_CONFIG 0x100
+#define ST_ACK 1u
+#define ST_DRIVER 2u
+#define ST_DRIVER_OK 4u
+#define ST_FEATURES_OK 8u
+#define ST_NEEDS_RESET 0x40u
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define VQ_SIZE 8
+/* Polls of a used ring before giving up (the guest runs slowly under PVM). */
+#define USED_SPINS 3000000UL
+
+static inline void wr32(u64 a, u32 v) { *(volatile u32 *)(uintptr_t)a = v; }
+static inline void wr16(u64 a, u16 v) { *(volatile u16 *)(uintptr_t)a = v; }
+static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
+
+/* Bump allocator of identity-mapped pages for rings and buffers. */
+#define POOL_PAGES 64
+static u8 pool[POOL_PAGES * 4096] __attribute__((aligned(4096)));
+static u32 pool_used;
+static u64 alloc_page(void) {
+    if (pool_used >= POOL_PAGES) return 0;
+    /* .bss: zeroed by the loader, and each page is handed out once. */
+    return (u64)(uintptr_t)&pool[pool_used++ * 4096];
+}
+
+struct vq {
+    u64 base;           /* device MMIO base */
+    u16 index, size;    /* queue index, queue size */
+    u16 avail_idx, last_used;
+    u64 desc, avail, used; /* ring addresses (one page: desc @0, avail @0x400, used @0x800) */
+};
+
+struct buf {
+    u64 addr;
+    u32 len;
+    int write; /* device-writable */
+};
+
+/* Publishes the chain `b[0..n)` at descriptors head..head+n-1. */
+static void vq_add(struct vq *q, u16 head, const struct buf *b, int n) {
+    for (int i = 0; i < n; i++) {
+        u64 d = q->desc + (u64)(head + i) * 16;
+        *(volatile u64 *)(uintptr_t)d = b[i].addr;
+        wr32(d + 8, b[i].len);
+        wr16(d + 12, (u16)((b[i].write ? DESC_F_WRITE : 0) | (i < n - 1 ? DESC_F_NEXT : 0)));
+        wr16(d + 14, (u16)(head + i + 1));
+    }
+    wr16(q->avail + 4 + 2 * (q->avail_idx % q->size), head);
+    mb();
+    q->avail_idx++;
+    wr16(q->avail + 2, q->avail_idx);
+    mb();
+}
+
+static void vq_notify(struct vq *q) {
+    mb();
+    wr32(q->base + VM_QUEUE_NOTIFY, q->index);
+}
+
+/* Waits for the next used element. Returns 1 with its id/len, 0 on timeout. */
+static int vq_wait_used(struct vq *q, u32 *id, u32 *len) {
+    for (u64 i = 0; i < USED_SPINS; i++) {
+        if (rd16(q->used + 2) != q->last_used) {
+            mb();
+            u64 e = q->used + 4 + 8 * (u64)(q->last_used % q->size);
+            *id = rd32(e);
+            *len = rd32(e + 4);
+            q->last_used++;
+            return 1;
+        }
+        __asm__ volatile("pause");
+    }
+    return 0;
+}
+
+static const char *vq_setup(u64 base, struct vq *q, u16 index) {
+    wr32(base + VM_QUEUE_SEL, index);
+    if (rd32(base + VM_QUEUE_READY) != 0) return "queue already ready";
+    u32 max = rd32(base + VM_QUEUE_NUM_MAX);
+    if (max == 0) return "queue not available";
+    u64 page = alloc_page();
+    if (!page) return "out of probe memory";
+    q->base = base;
+    q->index = index;
+    q->size = max < VQ_SIZE ? (u16)max : VQ_SIZE;
+    q->avail_idx = q->last_used = 0;
+    q->desc = page;
+    q->avail = page + 0x400;
+    q->used = page + 0x800;
+    wr32(base + VM_QUEUE_NUM, q->size);
+    wr32(base + VM_QUEUE_DESC, (u32)q->desc);
+    wr32(base + VM_QUEUE_DESC + 4, (u32)(q->desc >> 32));
+    wr32(base + VM_QUEUE_DRIVER, (u32)q->avail);
+    wr32(base + VM_QUEUE_DRIVER + 4, (u32)(q->avail >> 32));
+    wr32(base + VM_QUEUE_DEVICE, (u32)q->used);
+    wr32(base + VM_QUEUE_DEVICE + 4, (u32)(q->used >> 32));
+    wr32(base + VM_QUEUE_READY, 1);
+    if (rd32(base + VM_QUEUE_READY) != 1) return "queue did not become ready";
+    return NULL;
+}
+
+/* Driver initialization (virtio 1.x, 3.1.1). Accepts VERSION_1 plus `accept` (low bits);
+ * returns NULL or what went wrong, *features = the device's low feature bits. */
+static const char *virtio_init(u64 base, u32 accept, u32 *features, struct vq *qs, int nq) {
+    wr32(base + VM_STATUS, 0);
+    if (rd32(base + VM_STATUS) != 0) return "reset did not clear status";
+    wr32(base + VM_STATUS, ST_ACK);
+    wr32(base + VM_STATUS, ST_ACK | ST_DRIVER);
+    wr32(base + VM_DEV_FEATURES_SEL, 1);
+    u32 hi = rd32(base + VM_DEV_FEATURES);
+    wr32(base + VM_DEV_FEATURES_SEL, 0);
+    u32 lo = rd32(base + VM_DEV_FEATURES);
+    if (!(hi & 1)) return "device does not offer VERSION_1";
+    *features = lo;
+    wr32(base + VM_DRV_FEATURES_SEL, 1);
+    wr32(base + VM_DRV_FEATURES, 1);
+    wr32(base + VM_DRV_FEATURES_SEL, 0);
+    wr32(base + VM_DRV_FEATURES, lo & accept);
+    wr32(base + VM_STATUS, ST_ACK | ST_DRIVER | ST_FEATURES_OK);
+    if (!(rd32(base + VM_STATUS) & ST_FEATURES_OK)) return "FEATURES_OK not accepted";
+    for (int i = 0; i < nq; i++) {
+        const char *e = vq_setup(base, &qs[i], (u16)i);
+        if (e) return e;
+    }
+    wr32(base + VM_STATUS, ST_ACK | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
+    u32 st = rd32(base + VM_STATUS);
+    if (st & ST_NEEDS_RESET) return "device needs reset after DRIVER_OK";
+    if (!(st & ST_DRIVER_OK)) return "DRIVER_OK not set";
+    return NULL;
+}
+
+static u64 rd_config64(u64 base, u64 off) {
+    return rd32(base + VM_CONFIG + off) | ((u64)rd32(base + VM_CONFIG + off + 4) << 32);
+}
+
+/* "<a><i><b>" into buf (names of checks and parameters). */
+static const char *nm(char *buf, const char *a, u64 i, const char *b) {
+    char *p = buf;
+    while (*a) *p++ = *a++;
+    char d[21];
+    int n = 0;
+    do {
+        d[n++] = (char)('0' + i % 10);
+        i /= 10;
+    } while (i);
+    while (n) *p++ = d[--n];
+    while (*b) *p++ = *b++;
+    *p = 0;
+    return buf;
+}
+
+static void fail_hex(const char *name, const char *detail, u64 v) {
+    fail(name, detail);
+    puthex(v);
+    fail_end();
+}
+
+/* ---- virtio-blk ---- */
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define BLK_T_FLUSH 4
+#define BLK_T_GET_ID 8
+#define BLK_F_RO (1u << 5)
+#define BLK_F_FLUSH (1u << 9)
+#define BLK_S_IOERR 1
+#define BLK_NO_ANSWER 0x100
+
+/* One request; returns the status byte (or BLK_NO_ANSWER), *used = used length. */
+static u32 blk_request(struct vq *q, u64 scratch, u32 type, u64 sector, u64 data, u32 len,
+                       u32 *used) {
+    u64 hdr = scratch, status = scratch + 16;
+    wr32(hdr, type);
+    wr32(hdr + 4, 0);
+    *(volatile u64 *)(uintptr_t)(hdr + 8) = sector;
+    *(volatile u8 *)(uintptr_t)status = 0xff;
+    struct buf b[3];
+    int n = 0;
+    b[n++] = (struct buf){hdr, 16, 0};
+    if (len) b[n++] = (struct buf){data, len, type != BLK_T_OUT};
+    b[n++] = (struct buf){status, 1, 1};
+    vq_add(q, 0, b, n);
+    vq_notify(q);
+    u32 id, l;
+    if (!vq_wait_used(q, &id, &l)) return BLK_NO_ANSWER;
+    *used = l;
+    return rd8(status);
+}
+
+static u8 blk_pattern(u32 j, u64 dev) { return (u8)(j * 7 + 0x5a + dev); }
+
+static void check_blk(u64 base, u64 i) {
+    char name[32], key[40];
+    struct vq q;
+    u32 feat = 0, used = 0, st;
+    const char *e = virtio_init(base, BLK_F_RO | BLK_F_FLUSH, &feat, &q, 1);
+    if (e) {
+        fail(nm(name, "blk", i, "_init"), e);
+        fail_end();
+        return;
+    }
+    u64 cap = rd_config64(base, 0), want;
+    if (parse_u64(param(nm(key, "probe.blk", i, "_sectors")), 10, &want) && want != cap) {
+        fail_hex(nm(name, "blk", i, "_init"), "capacity ", cap);
+        return;
+    }
+    ok(nm(name, "blk", i, "_init"));
+    u64 scratch = alloc_page(), buf = alloc_page(), buf2 = alloc_page();
+    if (!scratch || !buf || !buf2) {
+        fail(nm(name, "blk", i, "_read"), "out of probe memory");
+        fail_end();
+        return;
+    }
+
+    /* Read sector 0 and compare its checksum; the device must have raised its interrupt. */
+    wr32(base + VM_INT_ACK, rd32(base + VM_INT_STATUS));
+    st = blk_request(&q, scratch, BLK_T_IN, 0, buf, 512, &used);
+    u32 isr = rd32(base + VM_INT_STATUS);
+    wr32(base + VM_INT_ACK, isr);
+    nm(name, "blk", i, "_read");
+    if (st != 0 || used != 513) {
+        fail_hex(name, "status/used ", ((u64)st << 32) | used);
+    } else if (!(isr & 1)) {
+        fail_hex(name, "no used-buffer interrupt, isr=", isr);
+    } else if (!parse_u64(param(nm(key, "probe.blk", i, "_sum")), 16, &want)) {
+        fail(name, "no probe.blkN_sum");
+        fail_end();
+    } else if (fnv1a32(buf, 512) != (u32)want) {
+        fail_hex(name, "sum=", fnv1a32(buf, 512));
+    } else {
+        ok(name);
+    }
+
+    /* GET_ID: the VMM names its disks joey-blk<N>. */
+    memset((void *)(uintptr_t)buf, 0, 32);
+    st = blk_request(&q, scratch, BLK_T_GET_ID, 0, buf, 20, &used);
+    nm(name, "blk", i, "_id");
+    if (st != 0 || rd32(buf) != 0x79656f6a /* "joey" */) fail_hex(name, "status/id ", ((u64)st << 32) | rd32(buf));
+    else ok(name);
+
+    if (feat & BLK_F_RO) {
+        /* Read-only disk: a write must fail with IOERR. */
+        for (u32 j = 0; j < 512; j++) ((u8 *)(uintptr_t)buf)[j] = blk_pattern(j, i);
+        st = blk_request(&q, scratch, BLK_T_OUT, 1, buf, 512, &used);
+        nm(name, "blk", i, "_ro");
+        if (st != BLK_S_IOERR) fail_hex(name, "write to read-only disk returned ", st);
+        else ok(name);
+    } else {
+        /* Write sector 1 with a pattern, flush, read it back (the host checks the file). */
+        for (u32 j = 0; j < 512; j++) ((u8 *)(uintptr_t)buf)[j] = blk_pattern(j, i);
+        nm(name, "blk", i, "_write");
+        st = blk_request(&q, scratch, BLK_T_OUT, 1, buf, 512, &used);
+        if (st != 0) {
+            fail_hex(name, "write status ", st);
+        } else if ((st = blk_request(&q, scratch, BLK_T_FLUSH, 0, 0, 0, &used)) != 0) {
+            fail_hex(name, "flush status ", st);
+        } else if ((st = blk_request(&q, scratch, BLK_T_IN, 1, buf2, 512, &used)) != 0) {
+            fail_hex(name, "read-back status ", st);
+        } else {
+            u32 j = 0;
+            while (j < 512 && rd8(buf2 + j) == blk_pattern(j, i)) j++;
+            if (j != 512) fail_hex(name, "read-back differs at ", j);
+            else ok(name);
+        }
+    }
+
+    /* A read past the end must fail with IOERR (and not wedge the queue). */
+    st = blk_request(&q, scratch, BLK_T_IN, cap, buf, 512, &used);
+    nm(name, "blk", i, "_bounds");
+    if (st != BLK_S_IOERR) fail_hex(name, "read past the end returned ", st);
+    else ok(name);
+}
+
+/* ---- virtio-vsock ---- */
+#define VSOCK_HDR 44
+#define VSOCK_OP_REQUEST 1
+#define VSOCK_OP_RESPONSE 2
+#define VSOCK_OP_RST 3
+#define VSOCK_OP_SHUTDOWN 4
+#define VSOCK_OP_RW 5
+#define VSOCK_LOCAL_PORT 50000u
+#define VSOCK_RX_BUFS 4
+#define VSOCK_RX_LEN (VSOCK_HDR + 256)
+#define VSOCK_MSG_MAX 64
+
+struct vsock {
+    struct vq q[3]; /* rx, tx, event */
+    u64 cid;
+    u32 port;
+    u64 tx_buf, rx_bufs;
+};
+
+static void vsock_post_rx(struct vsock *v, u16 id) {
+    struct buf b = {v->rx_bufs + (u64)id * 512, VSOCK_RX_LEN, 1};
+    vq_add(&v->q[0], id, &b, 1);
+}
+
+/* Sends one packet (header + payload in one descriptor) and waits until the device took it. */
+static int vsock_send(struct vsock *v, u16 op, u32 flags, const char *data, u32 len) {
+    u64 h = v->tx_buf;
+    memset((void *)(uintptr_t)h, 0, VSOCK_HDR);
+    *(volatile u64 *)(uintptr_t)h = v->cid;
+    *(volatile u64 *)(uintptr_t)(h + 8) = 2;
+    wr32(h + 16, VSOCK_LOCAL_PORT);
+    wr32(h + 20, v->port);
+    wr32(h + 24, len);
+    wr16(h + 28, 1); /* stream */
+    wr16(h + 30, op);
+    wr32(h + 32, flags);
+    wr32(h + 36, 4096); /* buf_alloc */
+    wr32(h + 40, 0);    /* fwd_cnt */
+    memcpy((void *)(uintptr_t)(h + VSOCK_HDR), data, len);
+    struct buf b = {h, VSOCK_HDR + len, 0};
+    vq_add(&v->q[1], 0, &b, 1);
+    vq_notify(&v->q[1]);
+    u32 id, l;
+    return vq_wait_used(&v->q[1], &id, &l);
+}
+
+/* Next packet of our connection: returns its op (copying RW payload to out+*got), 0 on timeout. */
+static u16 vsock_recv(struct vsock *v, char *out, u32 *got, u32 max) {
+    for (;;) {
+        u32 id, len;
+        if (!vq_wait_used(&v->q[0], &id, &len)) return 0;
+        if (id >= VSOCK_RX_BUFS) return 0;
+        u64 p = v->rx_bufs + (u64)id * 512;
+        u16 op = rd16(p + 30);
+        u32 plen = rd32(p + 24);
+        int mine = rd32(p + 16) == v->port && rd32(p + 20) == VSOCK_LOCAL_PORT;
+        if (mine && op == VSOCK_OP_RW) {
+            for (u32 j = 0; j < plen && j + VSOCK_HDR < len && *got < max; j++)
+                out[(*got)++] = (char)rd8(p + VSOCK_HDR + j);
+        }
+        vsock_post_rx(v, (u16)id);
+        vq_notify(&v->q[0]);
+        if (mine) return op;
+    }
+}
+
+static void check_vsock(u64 base) {
+    struct vsock v;
+    u32 feat = 0;
+    u64 want;
+    const char *e = virtio_init(base, 0, &feat, v.q, 3);
+    if (e) {
+        fail("vsock_init", e);
+        fail_end();
+        return;
+    }
+    v.cid = rd_config64(base, 0);
+    if (parse_u64(param("probe.vsock_cid"), 10, &want) && want != v.cid) {
+        fail_hex("vsock_init", "guest_cid ", v.cid);
+        return;
+    }
+    v.tx_buf = alloc_page();
+    v.rx_bufs = alloc_page();
+    if (!v.tx_buf || !v.rx_bufs) {
+        fail("vsock_init", "out of probe memory");
+        fail_end();
+        return;
+    }
+    ok("vsock_init");
+    if (!parse_u64(param("probe.vsock_port"), 10, &want)) {
+        fail("vsock_connect", "no probe.vsock_port");
+        fail_end();
+        return;
+    }
+    v.port = (u32)want;
+    for (u16 i = 0; i < VSOCK_RX_BUFS; i++) vsock_post_rx(&v, i);
+    vq_notify(&v.q[0]);
+
+    char in[VSOCK_MSG_MAX];
+    u32 got = 0;
+    if (!vsock_send(&v, VSOCK_OP_REQUEST, 0, "", 0)) {
+        fail("vsock_connect", "tx queue did not return the request");
+        fail_end();
+        return;
+    }
+    u16 op = vsock_recv(&v, in, &got, sizeof(in));
+    if (op != VSOCK_OP_RESPONSE) {
+        fail_hex("vsock_connect", "expected OP_RESPONSE, got op ", op);
+        return;
+    }
+    ok("vsock_connect");
+
+    /* Send the message; the host answers it in upper case. */
+    char msg[VSOCK_MSG_MAX], upper[VSOCK_MSG_MAX];
+    const char *m = param("probe.vsock_msg");
+    u32 n = 0;
+    if (!m) m = "hello-from-probe";
+    for (; m[n] && !is_space(m[n]) && n < VSOCK_MSG_MAX; n++) {
+        msg[n] = m[n];
+        upper[n] = (m[n] >= 'a' && m[n] <= 'z') ? (char)(m[n] - 32) : m[n];
+    }
+    if (!vsock_send(&v, VSOCK_OP_RW, 0, msg, n)) {
+        fail("vsock_echo", "tx queue did not return the data");
+        fail_end();
+        return;
+    }
+    got = 0;
+    while (got < n) {
+        op = vsock_recv(&v, in, &got, sizeof(in));
+        if (op == 0 || op == VSOCK_OP_RST || op == VSOCK_OP_SHUTDOWN) break;
+    }
+    u32 j = 0;
+    while (j < n && j < got && in[j] == upper[j]) j++;
+    if (got != n || j != n) {
+        fail("vsock_echo", "got ");
+        putdec(got);
+        puts_(" bytes: ");
+        for (u32 k = 0; k < got; k++) putc_(in[k]);
+        fail_end();
+    } else {
+        ok("vsock_echo");
+    }
+    vsock_send(&v, VSOCK_OP_SHUTDOWN, 3, "", 0);
+}
+
+/* Parses "<size>@<base>:<irq>" (size with optional K/M suffix). */
+static int parse_mmio_dev(const char *s, u64 *size, u64 *base, u64 *irq) {
+    u64 v = 0;
+    int n = 0;
+    for (; *s >= '0' && *s <= '9'; s++, n++) v = v * 10 + (u64)(*s - '0');
+    if (!n) return 0;
+    if (*s == 'K' || *s == 'k') v <<= 10, s++;
+    else if (*s == 'M' || *s == 'm') v <<= 20, s++;
+    *size = v;
+    if (*s++ != '@') return 0;
+    if (s[0] != '0' || s[1] != 'x') return 0;
+    s += 2;
+    v = 0;
+    n = 0;
+    for (;; s++, n++) {
+        int d;
+        if (*s >= '0' && *s <= '9') d = *s - '0';
+        else if (*s >= 'a' && *s <= 'f') d = *s - 'a' + 10;
+        else break;
+        v = (v << 4) | (u64)d;
+    }
+    if (!n || *s++ != ':') return 0;
+    *base = v;
+    return parse_u64(s, 10, irq);
+}
+
+/* Drives every virtio-mmio device named on the command line, then reports devices the
+ * command line expects (probe.blkN_sum, probe.vsock_port) that were not found. */
+static void check_virtio_mmio(void) {
+    static const char key[] = "virtio_mmio.device=";
+    char name[32], pkey[40];
+    u64 ndev = 0, nblk = 0, nvsock = 0;
+    for (const char *p = cmdline; *p;) {
+        while (is_space(*p)) p++;
+        const char *k = key, *q = p;
+        while (*k && *q == *k) k++, q++;
+        if (!*k) {
+            u64 size, base, irq;
+            nm(name, "virtio", ndev++, "");
+            if (!parse_mmio_dev(q, &size, &base, &irq) || size < 0x200) {
+                fail(name, "cannot parse virtio_mmio.device");
+                fail_end();
+            } else if (rd32(base + VM_MAGIC) != VIRTIO_MAGIC) {
+                fail(name, "no device at ");
+                puthex(base);
+                puts_(" magic=");
+                puthex(rd32(base + VM_MAGIC));
+                fail_end();
+            } else if (rd32(base + VM_VERSION) != 2) {
+                fail_hex(name, "version ", rd32(base + VM_VERSION));
+            } else {
+                u32 id = rd32(base + VM_DEVICE_ID);
+                if (id == 2) {
+                    ok(name);
+                    check_blk(base, nblk++);
+                } else if (id == 19) {
+                    ok(name);
+                    nvsock++;
+                    check_vsock(base);
+                } else {
+                    fail_hex(name, "unknown device id ", id);
+                }
+            }
+        }
+        while (*p && !is_space(*p)) p++;
+    }
+    for (u64 i = nblk; i < 8; i++) {
+        if (param(nm(pkey, "probe.blk", i, "_sum"))) {
+            fail(nm(name, "blk", i, ""), "expected by the command line but not found");
+            fail_end();
+        }
+    }
+    if (!nvsock && param("probe.vsock_port")) {
+        fail("vsock", "expected by the command line but not found");
+        fail_end();
+    }
+}
 
 static void __attribute__((noreturn)) triple_fault(void) {
     struct __attribute__((packed)) {

@@ -104,6 +104,8 @@ fn start_probe_mem(vcpus: u8, memory_mib: u32, cmdline: &str, initrd: Option<&[u
         initrd: initrd_path,
         cmdline: cmdline.to_string(),
         serial_log: log.clone(),
+        vsock: None,
+        block_devices: Vec::new(),
     };
     let t = Instant::now();
     let mut vmm = Vmm::create(cfg).expect("creating the probe VM");
@@ -316,6 +318,8 @@ fn stop_before_start_and_drop_without_stop() {
         initrd: None,
         cmdline: cmdline.clone(),
         serial_log: dir.path().join("s.log"),
+        vsock: None,
+        block_devices: Vec::new(),
     };
     let mut vmm = Vmm::create(cfg).unwrap();
     vmm.stop().unwrap();
@@ -344,6 +348,8 @@ fn malformed_kernel_is_a_typed_error() {
         initrd: None,
         cmdline: String::new(),
         serial_log: dir.path().join("s.log"),
+        vsock: None,
+        block_devices: Vec::new(),
     };
     let err = Vmm::create(cfg).unwrap_err();
     assert!(err.to_string().contains("bad ELF magic"), "{err}");

@@ -6,7 +6,6 @@
 //! clear message (they do not skip silently).
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,13 +69,13 @@ fn big_data() -> Vec<u8> {
 fn init_script(read_only: bool) -> String {
     let write_part = if read_only {
         r#"
-if echo nope > /mnt/new.txt 2>/tmp/err; then echo "WRITE ok"; else echo "WRITE failed: $(cat /tmp/err)"; fi
+if (echo nope > /mnt/new.txt) 2>/tmp/err; then echo "WRITE ok"; else echo "WRITE failed: $(cat /tmp/err)"; fi
 if rm /mnt/hello.txt 2>/tmp/err; then echo "RM ok"; else echo "RM failed: $(cat /tmp/err)"; fi
 if mkdir /mnt/newdir 2>/tmp/err; then echo "MKDIR ok"; else echo "MKDIR failed: $(cat /tmp/err)"; fi
 "#
     } else {
         r#"
-if echo "written by the guest" > /mnt/written.txt 2>/tmp/err; then echo "WRITE ok"; else echo "WRITE failed: $(cat /tmp/err)"; fi
+if (echo "written by the guest" > /mnt/written.txt) 2>/tmp/err; then echo "WRITE ok"; else echo "WRITE failed: $(cat /tmp/err)"; fi
 echo "READBACK $(cat /mnt/written.txt)"
 if mkdir /mnt/newdir 2>/tmp/err; then echo "MKDIR ok"; else echo "MKDIR failed: $(cat /tmp/err)"; fi
 sync
@@ -185,7 +184,10 @@ fn spawn_qemu(dir: &Path, sock: &Path, initrd: &Path, console: &Path) -> QemuGua
         .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
         .arg("-chardev")
         .arg(format!("socket,id=fs0,path={}", sock.display()))
-        .args(["-device", &format!("vhost-user-fs-device,chardev=fs0,tag={TAG}")])
+        .args([
+            "-device",
+            &format!("vhost-user-fs-device,chardev=fs0,tag={TAG}"),
+        ])
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -221,6 +223,16 @@ fn wait_qemu(guard: &mut QemuGuard, dir: &Path, console: &Path) -> Duration {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The umask of the test process (main thread's fs context), from /proc.
+fn process_umask() -> String {
+    let status = fs::read_to_string(format!("/proc/{}/status", std::process::id())).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("Umask:"))
+        .expect("Umask in /proc/PID/status")
+        .to_string()
 }
 
 /// Console lines, without carriage returns and kernel noise.
@@ -267,6 +279,7 @@ fn run_guest(read_only: bool) -> Run {
         read_only,
         cache: CachePolicy::Auto,
     };
+    let umask_before = process_umask();
     let handle = VhostUserFsServer::bind(&sock, cfg)
         .unwrap()
         .spawn()
@@ -290,10 +303,12 @@ fn run_guest(read_only: bool) -> Run {
     }
     handle.join_timeout(Duration::from_secs(1)).unwrap();
     assert!(!sock.exists(), "vhost-user socket left behind");
+    // The passthrough fs set umask(0) on FUSE_INIT, but only in the device's fs context.
+    assert_eq!(process_umask(), umask_before, "process umask changed");
 
     let lines = console_lines(&console);
     // Keep the console for post-mortems.
-    let _ = std::io::stderr().write_all(lines.join("\n").as_bytes());
+    eprintln!("console:\n{}", lines.join("\n"));
     Run {
         lines,
         share,
@@ -303,16 +318,19 @@ fn run_guest(read_only: bool) -> Run {
 
 fn assert_common(lines: &[String]) {
     assert_line(lines, "MOUNT ok");
-    assert_line(lines, &format!("HELLO {}", String::from_utf8_lossy(HELLO).trim_end()));
     assert_line(
         lines,
-        &format!("SHA {}  /mnt/hello.txt", sha256_hex(HELLO)),
+        &format!("HELLO {}", String::from_utf8_lossy(HELLO).trim_end()),
     );
+    assert_line(lines, &format!("SHA {}  /mnt/hello.txt", sha256_hex(HELLO)));
     assert_line(
         lines,
         &format!("SHA {}  /mnt/sub/big.bin", sha256_hex(&big_data())),
     );
-    let begin = lines.iter().position(|l| l == "LS-BEGIN").expect("LS-BEGIN");
+    let begin = lines
+        .iter()
+        .position(|l| l == "LS-BEGIN")
+        .expect("LS-BEGIN");
     let end = lines.iter().position(|l| l == "LS-END").expect("LS-END");
     assert_eq!(lines[begin + 1..end], ["a.txt", "big.bin", "zdir"]);
     assert_line(lines, "DONE");

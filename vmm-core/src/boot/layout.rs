@@ -49,6 +49,17 @@ pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 /// i8042 keyboard controller port base (command register at +4 = 0x64).
 pub const I8042_PORT: u64 = 0x60;
+/// First virtio-mmio device window (inside the 32-bit MMIO gap); devices follow every
+/// [`VIRTIO_MMIO_SIZE`] bytes.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of each virtio-mmio window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// GSI (IOAPIC pin) of the first virtio-mmio device.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// Last GSI usable by virtio-mmio devices (the IOAPIC has pins 0..=23).
+pub const VIRTIO_IRQ_LAST: u32 = 23;
+/// Most virtio-mmio devices of one VM (one IRQ each).
+pub const MAX_VIRTIO_DEVICES: usize = (VIRTIO_IRQ_LAST - VIRTIO_IRQ_BASE + 1) as usize;
 
 // The boot data areas must not overlap.
 const _: () = assert!(BOOT_IDT_ADDR + 8 <= ZERO_PAGE_ADDR);
@@ -56,3 +67,9 @@ const _: () = assert!(ZERO_PAGE_ADDR + 4096 <= BOOT_STACK_POINTER);
 const _: () = assert!(BOOT_STACK_POINTER < PML4_ADDR);
 const _: () = assert!(PD_ADDR + IDENTITY_MAP_GIB * 0x1000 <= CMDLINE_ADDR);
 const _: () = assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
+// The virtio-mmio windows lie in the MMIO gap, below the KVM TSS / identity map pages.
+const _: () = assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START);
+const _: () = assert!(
+    VIRTIO_MMIO_BASE + MAX_VIRTIO_DEVICES as u64 * VIRTIO_MMIO_SIZE <= KVM_IDENTITY_MAP_ADDRESS
+);
+const _: () = assert!(VIRTIO_IRQ_BASE > COM1_IRQ);

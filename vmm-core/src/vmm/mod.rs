@@ -15,6 +15,7 @@
 
 pub mod bus;
 pub mod event;
+pub mod virtio;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -26,10 +27,14 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::boot::{self, layout};
 use crate::devices::legacy::{serial::IrqTrigger, LogSink, RateLimit, SerialDevice, I8042};
+use crate::devices::blk::BlockMetrics;
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
 use crate::vstate::{cpuid, memory, regs, vm};
 use bus::{Bus, BusError};
+pub use crate::devices::blk::BlockConfig;
+pub use crate::devices::vsock::VsockConfig;
 pub use event::{EventSender, VmEvent};
+pub use virtio::{MmioDeviceInfo, VirtioDevices, VirtioDevicesError};
 
 /// Capacity of the VM event channel.
 pub const EVENT_CHANNEL_CAPACITY: usize = 64;
@@ -51,6 +56,10 @@ pub struct VmConfig {
     pub cmdline: String,
     /// File receiving the guest's COM1 output (truncated at create).
     pub serial_log: PathBuf,
+    /// In-process virtio-vsock device (hybrid vsock on the host side).
+    pub vsock: Option<VsockConfig>,
+    /// virtio-blk devices, in order (`joey-blk<N>` serials).
+    pub block_devices: Vec<BlockConfig>,
 }
 
 /// Most vCPUs accepted by [`Vmm::create`].
@@ -102,6 +111,8 @@ pub enum VmmError {
     Bus(#[from] BusError),
     #[error("serial: {0}")]
     Serial(#[from] crate::devices::legacy::serial::SerialError),
+    #[error("virtio devices: {0}")]
+    Virtio(#[from] VirtioDevicesError),
     #[error("KVM_IRQFD: {0}")]
     Irqfd(#[source] kvm_ioctls::Error),
     #[error("cannot {op} a VM in state {state:?}")]
@@ -123,6 +134,8 @@ pub struct Vmm {
     control_timeout: Duration,
     serial: Arc<Mutex<SerialDevice>>,
     pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    virtio: VirtioDevices,
     boot: boot::BootSetup,
     // Order matters for drop: the VM fd goes before the memory it maps.
     vm: VmFd,
@@ -169,12 +182,14 @@ impl Vmm {
         vm::setup_irqchip(&vm_fd)?;
         vm::register_memory(&kvm, &vm_fd, &mem)?;
 
+        let pending = virtio::create_devices(cfg.vsock.as_ref(), &cfg.block_devices)?;
+        let cmdline = pending.extend_cmdline(&cfg.cmdline);
         let boot = boot::setup_boot(
             &mem,
             mem_size,
             &cfg.kernel,
             cfg.initrd.as_deref(),
-            &cfg.cmdline,
+            &cmdline,
             cfg.vcpus,
         )?;
         regs::write_boot_tables(&mem)?;
@@ -195,8 +210,9 @@ impl Vmm {
             layout::I8042_PORT,
             5,
         )?;
-        // LATER: virtio-mmio devices go on this bus.
-        let mmio = Arc::new(Bus::new());
+        let mut mmio = Bus::new();
+        let virtio = pending.attach(&vm_fd, &mem, &mut mmio)?;
+        let mmio = Arc::new(mmio);
         let pio_bus = Arc::new(pio);
 
         let base_cpuid = cpuid::supported_cpuid(&kvm)?;
@@ -224,6 +240,8 @@ impl Vmm {
             control_timeout: DEFAULT_CONTROL_TIMEOUT,
             serial,
             pio_bus,
+            mmio_bus: mmio,
+            virtio,
             boot,
             vm: vm_fd,
             _kvm: kvm,
@@ -256,6 +274,26 @@ impl Vmm {
         &self.pio_bus
     }
 
+    /// MMIO bus (virtio-mmio devices).
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio_bus
+    }
+
+    /// The virtio-mmio devices (vsock first, then block devices), with their windows and GSIs.
+    pub fn virtio_devices(&self) -> &[MmioDeviceInfo] {
+        self.virtio.infos()
+    }
+
+    /// Counters of the `index`-th block device.
+    pub fn block_metrics(&self, index: usize) -> Option<&Arc<BlockMetrics>> {
+        self.virtio.block_metrics(index)
+    }
+
+    /// Device status register of the `index`-th virtio device.
+    pub fn virtio_status(&self, index: usize) -> Option<u32> {
+        self.virtio.status(index)
+    }
+
     /// Bytes of serial output dropped by the rate limiter.
     pub fn serial_dropped(&self) -> u64 {
         self.serial.lock().map(|s| s.dropped()).unwrap_or(0)
@@ -277,9 +315,10 @@ impl Vmm {
         }
     }
 
-    /// Starts all vCPU threads.
+    /// Starts the device event loop, then all vCPU threads.
     pub fn start(&mut self) -> Result<(), VmmError> {
         self.transition("start", VmmState::Running)?;
+        self.virtio.start()?;
         for v in self.vcpus.drain(..) {
             self.handles.push(v.start()?);
         }
@@ -345,7 +384,11 @@ impl Vmm {
                 );
             }
         }
-        r
+        let d = self
+            .virtio
+            .stop(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)));
+        r?;
+        Ok(d?)
     }
 
     /// Next VM event, waiting at most `timeout`.
@@ -398,6 +441,8 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
             serial_log: "/dev/null".into(),
+            vsock: None,
+            block_devices: Vec::new(),
         };
         assert!(matches!(
             Vmm::create(cfg.clone()),

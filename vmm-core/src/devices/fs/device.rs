@@ -82,8 +82,8 @@ where
     M: Deref + Clone,
     M::Target: GuestMemory + Sized,
 {
-    let reader = Reader::from_descriptor_chain(mem, chain.clone())
-        .map_err(RequestError::DescriptorChain)?;
+    let reader =
+        Reader::from_descriptor_chain(mem, chain.clone()).map_err(RequestError::DescriptorChain)?;
     let writer = VirtioFsWriter::new(mem, chain).map_err(RequestError::DescriptorChain)?;
     // fuse-backend-rs parses guest-controlled data; a bug there must not take the device down.
     let handled = catch_unwind(AssertUnwindSafe(|| {

@@ -665,7 +665,8 @@ mod tests {
 
         let f = fs.lookup(&ctx, ROOT_ID, c"f").unwrap();
         assert!(is_erofs(
-            fs.open(&ctx, f.inode, libc::O_WRONLY as u32, 0).unwrap_err()
+            fs.open(&ctx, f.inode, libc::O_WRONLY as u32, 0)
+                .unwrap_err()
         ));
         assert!(is_erofs(
             fs.open(&ctx, f.inode, libc::O_RDWR as u32, 0).unwrap_err()

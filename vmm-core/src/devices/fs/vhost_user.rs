@@ -872,7 +872,10 @@ mod tests {
         assert_eq!(request.used().idx().load(), 1);
         let out: OutHeader = m.read_obj(GuestAddress(0x2_0000)).unwrap();
         assert_eq!((out.unique, out.error), (7, 0));
-        assert_eq!(request.used().ring().ref_at(0).unwrap().load().len(), out.len);
+        assert_eq!(
+            request.used().ring().ref_at(0).unwrap().load().len(),
+            out.len
+        );
         assert_eq!(hiprio.used().idx().load(), 1);
         assert_eq!(hiprio.used().ring().ref_at(0).unwrap().load().len(), 0);
         assert!(calls[0].read().unwrap() > 0, "hiprio queue not signalled");
