@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use joey_vmm_core::devices::blk::BlockMetrics;
+use joey_vmm_core::devices::virtio::metrics::TransportMetrics;
 use joey_vmm_core::vmm::{BlockConfig, VmConfig, VmEvent, Vmm, VmmState, VsockConfig};
 
 const MEM_MIB: u32 = 128;
@@ -78,9 +79,7 @@ fn spawn_echo(uds: &Path, port: u32, expect: &'static str) -> JoinHandle<Vec<u8>
         let mut s = loop {
             match listener.accept() {
                 Ok((s, _)) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
                 Err(e) => panic!("guest never connected to {path}: {e}"),
             }
         };
@@ -125,7 +124,13 @@ impl Guest {
     }
 }
 
-fn start(vcpus: u8, cmdline: &str, log: PathBuf, vsock: Option<VsockConfig>, blk: Vec<BlockConfig>) -> Guest {
+fn start(
+    vcpus: u8,
+    cmdline: &str,
+    log: PathBuf,
+    vsock: Option<VsockConfig>,
+    blk: Vec<BlockConfig>,
+) -> Guest {
     require_kvm();
     let cfg = VmConfig {
         vcpus,
@@ -176,23 +181,55 @@ fn vsock_and_blk_pass(vcpus: u8) {
             read_only: true,
         },
     ];
-    let mut g = start(vcpus, &cmdline, dir.path().join("serial.log"), Some(vsock), blk);
+    let mut g = start(
+        vcpus,
+        &cmdline,
+        dir.path().join("serial.log"),
+        Some(vsock),
+        blk,
+    );
     let infos = g.vmm.virtio_devices().to_vec();
     assert_eq!(
-        infos.iter().map(|i| (i.device_type, i.irq)).collect::<Vec<_>>(),
+        infos
+            .iter()
+            .map(|i| (i.device_type, i.irq))
+            .collect::<Vec<_>>(),
         vec![(19, 5), (2, 6), (2, 7)]
     );
     let s = g.run_to_reset();
     let checks = [
-        "boot_params", "cmdline", "e820", "cpus", "virtio0", "vsock_init", "vsock_connect",
-        "vsock_echo", "virtio1", "blk0_init", "blk0_read", "blk0_id", "blk0_write",
-        "blk0_bounds", "virtio2", "blk1_init", "blk1_read", "blk1_id", "blk1_ro", "blk1_bounds",
+        "boot_params",
+        "cmdline",
+        "e820",
+        "cpus",
+        "virtio0",
+        "vsock_init",
+        "vsock_connect",
+        "vsock_echo",
+        "virtio1",
+        "blk0_init",
+        "blk0_read",
+        "blk0_id",
+        "blk0_write",
+        "blk0_bounds",
+        "virtio2",
+        "blk1_init",
+        "blk1_read",
+        "blk1_id",
+        "blk1_ro",
+        "blk1_bounds",
     ];
     for c in checks {
-        assert!(has_line(&s, &format!("PROBE {c} ok")), "check {c} not ok:\n{s}");
+        assert!(
+            has_line(&s, &format!("PROBE {c} ok")),
+            "check {c} not ok:\n{s}"
+        );
     }
     assert!(!s.contains("FAIL"), "{s}");
-    assert!(has_line(&s, &format!("PROBE done {0}/{0}", checks.len())), "{s}");
+    assert!(
+        has_line(&s, &format!("PROBE done {0}/{0}", checks.len())),
+        "{s}"
+    );
 
     // Host side of vsock: exactly the guest's bytes arrived.
     let got = echo.join().expect("echo thread");
@@ -201,6 +238,22 @@ fn vsock_and_blk_pass(vcpus: u8) {
     let disk = std::fs::read(&rw).unwrap();
     assert_eq!(&disk[512..1024], &blk_pattern(0)[..]);
     assert_eq!(std::fs::read(&ro).unwrap(), ro_before);
+    // Every device is live, and QueueNotify went through the ioeventfds, not the vCPU exit path.
+    for i in 0..infos.len() {
+        assert_eq!(g.vmm.virtio_status(i), Some(0xf), "device {i} status");
+        let tm = g.vmm.virtio_metrics(i).unwrap();
+        assert!(
+            TransportMetrics::get(&tm.queue_notifications) > 0,
+            "device {i}"
+        );
+        assert_eq!(
+            TransportMetrics::get(&tm.trapped_notifications),
+            0,
+            "device {i}"
+        );
+        assert!(TransportMetrics::get(&tm.interrupts) > 0, "device {i}");
+        assert_eq!(TransportMetrics::get(&tm.device_errors), 0, "device {i}");
+    }
     let m = g.vmm.block_metrics(1).unwrap();
     assert_eq!(BlockMetrics::get(&m.write_bytes), 0);
     assert!(BlockMetrics::get(&m.io_errors) >= 2, "ro write + bounds");
@@ -232,14 +285,26 @@ fn probe_detects_missing_virtio_devices() {
         "virtio_mmio.device=4K@0xd0008000:12 probe.blk0_sum=12345678 \
          probe.vsock_port={VSOCK_PORT} probe.vsock_msg={VSOCK_MSG}"
     );
-    let mut g = start(1, &cmdline, dir.path().join("serial.log"), Some(vsock), Vec::new());
+    let mut g = start(
+        1,
+        &cmdline,
+        dir.path().join("serial.log"),
+        Some(vsock),
+        Vec::new(),
+    );
     let s = g.run_to_reset();
     assert!(
-        has_line(&s, "PROBE virtio0 FAIL no device at 0xd0008000 magic=0xffffffff"),
+        has_line(
+            &s,
+            "PROBE virtio0 FAIL no device at 0xd0008000 magic=0xffffffff"
+        ),
         "{s}"
     );
     assert!(
-        has_line(&s, "PROBE blk0 FAIL expected by the command line but not found"),
+        has_line(
+            &s,
+            "PROBE blk0 FAIL expected by the command line but not found"
+        ),
         "{s}"
     );
     assert!(has_line(&s, "PROBE virtio1 ok"), "{s}");
@@ -269,7 +334,11 @@ fn probe_read_only_disk_write_fails_with_ioerr() {
     assert!(has_line(&s, "PROBE blk0_ro ok"), "{s}");
     assert!(has_line(&s, "PROBE blk0_read ok"), "{s}");
     assert!(!s.contains("FAIL"), "{s}");
-    assert_eq!(std::fs::read(&ro).unwrap(), before, "read-only disk changed");
+    assert_eq!(
+        std::fs::read(&ro).unwrap(),
+        before,
+        "read-only disk changed"
+    );
     let m = g.vmm.block_metrics(0).unwrap();
     assert_eq!(BlockMetrics::get(&m.write_ops), 0);
     assert_eq!(BlockMetrics::get(&m.invalid_chains), 0);

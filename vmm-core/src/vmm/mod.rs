@@ -26,13 +26,13 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::boot::{self, layout};
-use crate::devices::legacy::{serial::IrqTrigger, LogSink, RateLimit, SerialDevice, I8042};
+pub use crate::devices::blk::BlockConfig;
 use crate::devices::blk::BlockMetrics;
+use crate::devices::legacy::{serial::IrqTrigger, LogSink, RateLimit, SerialDevice, I8042};
+pub use crate::devices::vsock::VsockConfig;
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
 use crate::vstate::{cpuid, memory, regs, vm};
 use bus::{Bus, BusError};
-pub use crate::devices::blk::BlockConfig;
-pub use crate::devices::vsock::VsockConfig;
 pub use event::{EventSender, VmEvent};
 pub use virtio::{MmioDeviceInfo, VirtioDevices, VirtioDevicesError};
 
@@ -289,6 +289,14 @@ impl Vmm {
         self.virtio.block_metrics(index)
     }
 
+    /// Transport counters (notifications, interrupts, errors) of the `index`-th virtio device.
+    pub fn virtio_metrics(
+        &self,
+        index: usize,
+    ) -> Option<Arc<crate::devices::virtio::metrics::TransportMetrics>> {
+        self.virtio.transport_metrics(index)
+    }
+
     /// Device status register of the `index`-th virtio device.
     pub fn virtio_status(&self, index: usize) -> Option<u32> {
         self.virtio.status(index)
@@ -384,9 +392,11 @@ impl Vmm {
                 );
             }
         }
-        let d = self
-            .virtio
-            .stop(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)));
+        let d = self.virtio.stop(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100)),
+        );
         r?;
         Ok(d?)
     }

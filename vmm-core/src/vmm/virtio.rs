@@ -15,6 +15,7 @@ use crate::boot::layout::{
 };
 use crate::devices::blk::{Block, BlockConfig, BlockError, BlockMetrics};
 use crate::devices::virtio::event_loop::{self, EventLoopError, EventLoopHandle, SharedTransport};
+use crate::devices::virtio::metrics::TransportMetrics;
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioError};
 use crate::devices::vsock::{DeviceError as VsockDeviceError, VirtioVsock, VsockConfig};
@@ -221,6 +222,16 @@ impl VirtioDevices {
         self.block_metrics.get(index)
     }
 
+    /// Transport counters of the `index`-th device.
+    pub fn transport_metrics(&self, index: usize) -> Option<Arc<TransportMetrics>> {
+        self.transports.get(index).map(|t| {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics()
+                .clone()
+        })
+    }
+
     /// Device status register of the `index`-th device.
     pub fn status(&self, index: usize) -> Option<u32> {
         self.transports
@@ -288,6 +299,17 @@ mod tests {
                 }]
             ),
             Err(VirtioDevicesError::Block { index: 0, .. })
+        ));
+        let many = vec![
+            BlockConfig {
+                path: dir.path().join("d.img"),
+                read_only: true,
+            };
+            MAX_VIRTIO_DEVICES + 1
+        ];
+        assert!(matches!(
+            create_devices(None, &many),
+            Err(VirtioDevicesError::TooManyDevices(20))
         ));
     }
 }

@@ -8,8 +8,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
@@ -80,9 +80,8 @@ impl Block {
 
     /// Offered features.
     pub fn features(&self) -> u64 {
-        let mut f = (1u64 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_BLK_F_FLUSH)
-            | (1 << VIRTIO_BLK_F_SEG_MAX);
+        let mut f =
+            (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
         if self.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -184,7 +183,7 @@ impl Block {
     /// Checks that the request's data is whole sectors inside the disk; returns the byte offset.
     fn check_bounds(&self, req: &Request) -> Result<u64, BlockError> {
         let len = req.data_len();
-        if len % SECTOR_SIZE != 0 {
+        if len & (SECTOR_SIZE - 1) != 0 {
             return Err(BlockError::UnalignedLength(len));
         }
         let count = len / SECTOR_SIZE;
@@ -258,9 +257,12 @@ impl Block {
 /// Splits a buffer into `(address, length)` steps of at most [`CHUNK`] bytes.
 fn chunks(b: &DataBuf) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
     let len = u64::from(b.len);
-    (0..len)
-        .step_by(CHUNK)
-        .map(move |o| (GuestAddress(b.addr.0 + o), (len - o).min(CHUNK as u64) as usize))
+    (0..len).step_by(CHUNK).map(move |o| {
+        (
+            GuestAddress(b.addr.0 + o),
+            (len - o).min(CHUNK as u64) as usize,
+        )
+    })
 }
 
 fn write_status<M: GuestMemory>(mem: &M, addr: GuestAddress, status: u32) {
@@ -283,7 +285,9 @@ mod tests {
 
     fn disk(sectors: u64) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();
-        let data: Vec<u8> = (0..sectors * SECTOR_SIZE).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..sectors * SECTOR_SIZE)
+            .map(|i| (i % 251) as u8)
+            .collect();
         f.write_all(&data).unwrap();
         f
     }
@@ -337,7 +341,11 @@ mod tests {
         let mut b = block(&f, false);
         let m = mem();
         write_header(&m, VIRTIO_BLK_T_IN, 2);
-        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 1024, W), raw(STATUS, 1, W)]);
+        let (len, st) = submit(
+            &mut b,
+            &m,
+            &[raw(HDR, 16, 0), raw(DATA, 1024, W), raw(STATUS, 1, W)],
+        );
         assert_eq!((len, st), (1025, VIRTIO_BLK_S_OK as u8));
         let mut got = vec![0u8; 1024];
         m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
@@ -346,7 +354,11 @@ mod tests {
 
         m.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
         write_header(&m, VIRTIO_BLK_T_OUT, 7);
-        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 512, 0), raw(STATUS, 1, W)]);
+        let (len, st) = submit(
+            &mut b,
+            &m,
+            &[raw(HDR, 16, 0), raw(DATA, 512, 0), raw(STATUS, 1, W)],
+        );
         assert_eq!((len, st), (1, VIRTIO_BLK_S_OK as u8));
         let on_disk = std::fs::read(f.path()).unwrap();
         assert_eq!(&on_disk[7 * 512..], &[0xab; 512][..]);
@@ -356,7 +368,11 @@ mod tests {
         assert_eq!((len, st), (1, VIRTIO_BLK_S_OK as u8));
 
         write_header(&m, VIRTIO_BLK_T_GET_ID, 0);
-        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 20, W), raw(STATUS, 1, W)]);
+        let (len, st) = submit(
+            &mut b,
+            &m,
+            &[raw(HDR, 16, 0), raw(DATA, 20, W), raw(STATUS, 1, W)],
+        );
         assert_eq!((len, st), (21, VIRTIO_BLK_S_OK as u8));
         let mut id = [0u8; 9];
         m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
@@ -379,7 +395,11 @@ mod tests {
         let mut b = block(&f, true);
         let m = mem();
         write_header(&m, VIRTIO_BLK_T_OUT, 0);
-        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 512, 0), raw(STATUS, 1, W)]);
+        let (len, st) = submit(
+            &mut b,
+            &m,
+            &[raw(HDR, 16, 0), raw(DATA, 512, 0), raw(STATUS, 1, W)],
+        );
         assert_eq!((len, st), (1, VIRTIO_BLK_S_IOERR as u8));
         assert_eq!(std::fs::read(f.path()).unwrap(), before);
         assert_eq!(BlockMetrics::get(&b.metrics().io_errors), 1);
@@ -392,13 +412,24 @@ mod tests {
         let m = mem();
         for (sector, len) in [(4u64, 512u32), (3, 1024), (u64::MAX, 512), (0, 100)] {
             write_header(&m, VIRTIO_BLK_T_IN, sector);
-            let (used, st) =
-                submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, len, W), raw(STATUS, 1, W)]);
-            assert_eq!((used, st), (1, VIRTIO_BLK_S_IOERR as u8), "sector {sector} len {len}");
+            let (used, st) = submit(
+                &mut b,
+                &m,
+                &[raw(HDR, 16, 0), raw(DATA, len, W), raw(STATUS, 1, W)],
+            );
+            assert_eq!(
+                (used, st),
+                (1, VIRTIO_BLK_S_IOERR as u8),
+                "sector {sector} len {len}"
+            );
         }
         // The last sector is fine.
         write_header(&m, VIRTIO_BLK_T_IN, 3);
-        let (_, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 512, W), raw(STATUS, 1, W)]);
+        let (_, st) = submit(
+            &mut b,
+            &m,
+            &[raw(HDR, 16, 0), raw(DATA, 512, W), raw(STATUS, 1, W)],
+        );
         assert_eq!(st, VIRTIO_BLK_S_OK as u8);
     }
 
@@ -408,12 +439,24 @@ mod tests {
         let mut b = block(&f, false);
         let m = mem();
         write_header(&m, VIRTIO_BLK_T_IN, 0);
-        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(0x3ff00, 512, W), raw(STATUS, 1, W)]);
+        let (len, st) = submit(
+            &mut b,
+            &m,
+            &[raw(HDR, 16, 0), raw(0x3ff00, 512, W), raw(STATUS, 1, W)],
+        );
         assert_eq!((len, st), (0, VIRTIO_BLK_S_IOERR as u8));
-        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 512, 0), raw(STATUS, 1, W)]);
+        let (len, st) = submit(
+            &mut b,
+            &m,
+            &[raw(HDR, 16, 0), raw(DATA, 512, 0), raw(STATUS, 1, W)],
+        );
         assert_eq!((len, st), (0, VIRTIO_BLK_S_IOERR as u8));
         // No writable status byte: nothing written, still returned with length 0.
-        let (len, st) = submit(&mut b, &m, &[raw(HDR, 16, 0), raw(DATA, 512, W), raw(STATUS, 1, 0)]);
+        let (len, st) = submit(
+            &mut b,
+            &m,
+            &[raw(HDR, 16, 0), raw(DATA, 512, W), raw(STATUS, 1, 0)],
+        );
         assert_eq!((len, st), (0, 0xff));
         assert_eq!(BlockMetrics::get(&b.metrics().invalid_chains), 3);
     }
@@ -429,9 +472,19 @@ mod tests {
         let n = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
         let descs = [
             RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(HDR, 16, n, 1)),
-            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(DATA, 512, W | n, 0)),
+            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+                DATA,
+                512,
+                W | n,
+                0,
+            )),
             RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(HDR, 16, n, 3)),
-            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(DATA, 512, W | n, 4)),
+            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+                DATA,
+                512,
+                W | n,
+                4,
+            )),
             RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(STATUS, 1, W, 0)),
         ];
         mq.add_desc_chains(&descs[..2], 0).unwrap();

@@ -222,7 +222,12 @@ pub(crate) mod tests {
         write_header(&m, VIRTIO_BLK_T_IN, 3);
         let r = parse_chain(
             &m,
-            &[raw(HDR, 16, 0), raw(DATA, 512, W), raw(DATA + 512, 512, W), raw(STATUS, 1, W)],
+            &[
+                raw(HDR, 16, 0),
+                raw(DATA, 512, W),
+                raw(DATA + 512, 512, W),
+                raw(STATUS, 1, W),
+            ],
         )
         .unwrap();
         assert_eq!(r.kind, RequestType::In);
@@ -299,9 +304,12 @@ pub(crate) mod tests {
             matches!(e, BlockError::ChainTooShort(1))
         });
         // Header out of memory.
-        expect_err(&m, &[raw(0x4_0000_0000, 16, 0), raw(STATUS, 1, W)], true, |e| {
-            matches!(e, BlockError::AddressOutOfRange { .. })
-        });
+        expect_err(
+            &m,
+            &[raw(0x4_0000_0000, 16, 0), raw(STATUS, 1, W)],
+            true,
+            |e| matches!(e, BlockError::AddressOutOfRange { .. }),
+        );
     }
 
     #[test]
@@ -344,7 +352,11 @@ pub(crate) mod tests {
         ];
         let chain = q.build_multiple_desc_chains(&descs).unwrap();
         let e = parse(&m, chain).unwrap_err();
-        assert!(matches!(e.error, BlockError::ChainTruncated), "{:?}", e.error);
+        assert!(
+            matches!(e.error, BlockError::ChainTruncated),
+            "{:?}",
+            e.error
+        );
         // `next` outside the table.
         let descs = [
             RawDescriptor::from(Descriptor::new(HDR, 16, n, 1)),
@@ -352,6 +364,10 @@ pub(crate) mod tests {
         ];
         let chain = q.build_multiple_desc_chains(&descs).unwrap();
         let e = parse(&m, chain).unwrap_err();
-        assert!(matches!(e.error, BlockError::ChainTruncated), "{:?}", e.error);
+        assert!(
+            matches!(e.error, BlockError::ChainTruncated),
+            "{:?}",
+            e.error
+        );
     }
 }

@@ -190,7 +190,10 @@ impl EventLoopHandle {
 
     /// Whether the thread has finished.
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+        match &self.thread {
+            Some(t) => t.is_finished(),
+            None => true,
+        }
     }
 
     /// Asks the thread to exit and joins it within `timeout`. On timeout the thread is left
@@ -279,7 +282,13 @@ mod tests {
 
     #[test]
     fn tokens_round_trip() {
-        assert_eq!(decode(token(3, 2)), Source::Queue { device: 3, queue: 2 });
+        assert_eq!(
+            decode(token(3, 2)),
+            Source::Queue {
+                device: 3,
+                queue: 2
+            }
+        );
         assert_eq!(decode(token(5, DEVICE_SLOT)), Source::Device { device: 5 });
         assert_eq!(decode(EXIT_TOKEN), Source::Exit);
     }

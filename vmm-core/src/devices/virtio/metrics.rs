@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct TransportMetrics {
     /// Queue notifications handled (ioeventfd or trapped QueueNotify writes).
     pub queue_notifications: AtomicU64,
+    /// QueueNotify writes that trapped to the bus handler (not caught by an ioeventfd).
+    pub trapped_notifications: AtomicU64,
     /// Used-buffer interrupts raised.
     pub interrupts: AtomicU64,
     /// Device activations (DRIVER_OK accepted).

@@ -18,10 +18,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::metrics::TransportMetrics;
-use super::status::{
-    ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
+use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
+use super::{
+    VirtioDevice, VirtioError, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
 };
-use super::{VirtioDevice, VirtioError, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use crate::vmm::bus::BusDevice;
 
 /// "virt" in little endian.
@@ -61,6 +61,9 @@ mod reg {
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_SEL: u64 = 0x0ac;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
@@ -88,7 +91,10 @@ impl std::fmt::Debug for MmioTransport {
         f.debug_struct("MmioTransport")
             .field("device_type", &self.device.device_type())
             .field("status", &format_args!("{:#x}", self.status))
-            .field("acked_features", &format_args!("{:#x}", self.acked_features))
+            .field(
+                "acked_features",
+                &format_args!("{:#x}", self.acked_features),
+            )
             .finish()
     }
 }
@@ -102,7 +108,9 @@ impl MmioTransport {
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap) -> Result<Self, VirtioError> {
         let sizes = device.queue_max_sizes();
         if sizes.is_empty() {
-            return Err(VirtioError::BadQueueConfig(virtio_queue::Error::InvalidMaxSize));
+            return Err(VirtioError::BadQueueConfig(
+                virtio_queue::Error::InvalidMaxSize,
+            ));
         }
         let queues = sizes
             .iter()
@@ -186,7 +194,9 @@ impl MmioTransport {
         if !self.is_active() {
             return;
         }
-        let r = self.device.process_queue(&self.mem, &mut self.queues, index);
+        let r = self
+            .device
+            .process_queue(&self.mem, &mut self.queues, index);
         self.handle_result(r);
     }
 
@@ -283,6 +293,8 @@ impl MmioTransport {
             reg::INTERRUPT_STATUS => self.interrupt_status,
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions: length and base read as all ones (virtio 1.x, 4.2.2).
+            reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX,
             _ => {
                 self.bad_access("read", offset);
                 0
@@ -299,6 +311,7 @@ impl MmioTransport {
             reg::QUEUE_NOTIFY => self.notify(v),
             reg::INTERRUPT_ACK => self.interrupt_status &= !v,
             reg::STATUS => self.set_status(v),
+            reg::SHM_SEL => {}
             reg::QUEUE_NUM
             | reg::QUEUE_READY
             | reg::QUEUE_DESC_LOW
@@ -354,6 +367,7 @@ impl MmioTransport {
     fn notify(&mut self, v: u32) {
         match self.queue_evts.get(v as usize) {
             Some(e) => {
+                TransportMetrics::inc(&self.metrics.trapped_notifications);
                 if let Err(err) = e.write(1) {
                     tracing::warn!("virtio: cannot signal queue {v}: {err}");
                 }
@@ -462,7 +476,7 @@ impl BusDevice for MmioTransport {
             data.fill(0);
             return self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || offset & 3 != 0 {
             data.fill(0);
             return self.bad_access("non 32-bit register read", offset);
         }
@@ -472,14 +486,12 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
-            return self
-                .device
-                .write_config(offset - CONFIG_SPACE_OFFSET, data);
+            return self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return self.bad_access("non 32-bit register write", offset);
         };
-        if offset % 4 != 0 {
+        if offset & 3 != 0 {
             return self.bad_access("unaligned register write", offset);
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));
@@ -592,7 +604,11 @@ mod tests {
         wr(t, reg::QUEUE_NUM, 16);
         let a = |g: GuestAddress| g.0;
         wr(t, reg::QUEUE_DESC_LOW, a(mq.desc_table_addr()) as u32);
-        wr(t, reg::QUEUE_DESC_HIGH, (a(mq.desc_table_addr()) >> 32) as u32);
+        wr(
+            t,
+            reg::QUEUE_DESC_HIGH,
+            (a(mq.desc_table_addr()) >> 32) as u32,
+        );
         wr(t, reg::QUEUE_DRIVER_LOW, a(mq.avail_addr()) as u32);
         wr(t, reg::QUEUE_DRIVER_HIGH, 0);
         wr(t, reg::QUEUE_DEVICE_LOW, a(mq.used_addr()) as u32);
@@ -615,6 +631,9 @@ mod tests {
         assert_eq!(rd(&mut t, reg::QUEUE_NUM_MAX), 16);
         wr(&mut t, reg::QUEUE_SEL, 2);
         assert_eq!(rd(&mut t, reg::QUEUE_NUM_MAX), 0, "missing queue");
+        wr(&mut t, reg::SHM_SEL, 0);
+        assert_eq!(rd(&mut t, reg::SHM_LEN_LOW), u32::MAX, "no shared memory");
+        assert_eq!(rd(&mut t, reg::CONFIG_GENERATION), 0);
         // Config space: any width, out of range reads 0.
         let mut b = [0u8; 2];
         t.read(0, CONFIG_SPACE_OFFSET + 3, &mut b);
@@ -679,7 +698,11 @@ mod tests {
         // Not a power of two: refused and remembered, activation then fails.
         wr(&mut t, reg::QUEUE_NUM, 5);
         assert_eq!(t.queues[0].size(), 4);
-        wr(&mut t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
         assert_ne!(rd(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
         assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
         assert!(!t.is_active());
@@ -697,7 +720,11 @@ mod tests {
         // Ready queues cannot be reconfigured.
         wr(&mut t, reg::QUEUE_NUM, 2);
         assert_eq!(t.queues[1].size(), 16);
-        wr(&mut t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
         assert!(t.is_active());
         assert!(p.activated.load(Ordering::SeqCst));
         let mut mq = mq;
@@ -705,6 +732,7 @@ mod tests {
         // A trapped notify signals the queue eventfd; the event loop then processes it.
         wr(&mut t, reg::QUEUE_NOTIFY, 1);
         assert_eq!(t.queue_evts()[1].read().unwrap(), 1);
+        assert_eq!(TransportMetrics::get(&t.metrics().trapped_notifications), 1);
         t.process_queue_event(1);
         assert_eq!(p.processed.load(Ordering::SeqCst), 1);
         assert_eq!(mq.used().idx().load(), 1);
@@ -720,7 +748,11 @@ mod tests {
         assert_ne!(rd(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
         assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
         // The driver cannot clear DEVICE_NEEDS_RESET, only reset.
-        wr(&mut t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
         assert_ne!(rd(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
         wr(&mut t, reg::STATUS, 0);
         assert_eq!(rd(&mut t, reg::STATUS), 0);
@@ -737,7 +769,11 @@ mod tests {
         wr(&mut t, reg::QUEUE_DRIVER_LOW, 0x1000);
         wr(&mut t, reg::QUEUE_DEVICE_LOW, 0x2000);
         wr(&mut t, reg::QUEUE_READY, 1);
-        wr(&mut t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
         assert_ne!(rd(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
         assert!(!p.activated.load(Ordering::SeqCst));
         // Notifications of an inactive device do nothing.
