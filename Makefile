@@ -57,6 +57,7 @@ test: build guest
 bench: build guest
 	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/bench.sh
+	$(CARGO) bench -p joey-vmm-core --bench probe_boot
 
 clean:
 	$(CARGO) clean
