@@ -7,6 +7,8 @@
 pub mod legacy;
 pub mod vsock;
 pub mod fs;
+/// Serving a vhost-user device backend to one frontend on a dedicated thread.
+pub mod vhost_user_server;
 /// virtio-blk (raw file backend) of the built-in VMM.
 pub mod blk;
 /// virtio-mmio transport and the device event loop of the built-in VMM.

@@ -102,9 +102,7 @@ impl From<DaemonError> for VhostUserError {
 }
 
 /// What a device backend adds to the generic server.
-pub trait ServedBackend:
-    VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + 'static
-{
+pub trait ServedBackend: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + 'static {
     /// Log prefix ("vsock", "virtio-fs").
     const NAME: &'static str;
     /// Name of the serving thread; the daemon's request thread is named `<THREAD_NAME>-req`.
@@ -121,7 +119,7 @@ pub trait ServedBackend:
 
     /// Runs first on the serving thread, before it spawns any other thread (the daemon's threads
     /// inherit what it sets up).
-    fn prepare_serving_thread() -> Result<(), VhostUserError> {
+    fn prepare_serving_thread(&self) -> Result<(), VhostUserError> {
         Ok(())
     }
 }
@@ -332,7 +330,7 @@ impl<B: ServedBackend> VhostUserServer<B> {
             backend,
         } = self;
         // Before any thread is spawned from here: they all inherit what it sets up.
-        B::prepare_serving_thread()?;
+        backend.prepare_serving_thread()?;
         let host_events = backend.host_events();
         let backend = Arc::new(RwLock::new(backend));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -685,10 +683,12 @@ pub(crate) mod tests {
     /// Serving-thread preparations seen by [`TestBackend`] (counted by the hook).
     static PREPARED: AtomicUsize = AtomicUsize::new(0);
 
-    /// A one-queue backend that does nothing, with one host event fd.
+    /// A one-queue backend that does nothing, with one host event fd; its thread preparation
+    /// fails if asked to.
     struct TestBackend {
         exit_events: ExitEvents,
         host_evt: EventFd,
+        fail_prepare: bool,
     }
 
     impl TestBackend {
@@ -696,6 +696,7 @@ pub(crate) mod tests {
             TestBackend {
                 exit_events: ExitEvents::default(),
                 host_evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+                fail_prepare: false,
             }
         }
     }
@@ -753,66 +754,16 @@ pub(crate) mod tests {
             vec![(self.host_evt.as_raw_fd(), 2)]
         }
 
-        fn prepare_serving_thread() -> Result<(), VhostUserError> {
+        fn prepare_serving_thread(&self) -> Result<(), VhostUserError> {
             assert_eq!(std::thread::current().name(), Some(Self::THREAD_NAME));
+            if self.fail_prepare {
+                return Err(VhostUserError::Setup {
+                    what: "cannot prepare",
+                    source: io::Error::from_raw_os_error(libc::EPERM),
+                });
+            }
             PREPARED.fetch_add(1, Ordering::SeqCst);
             Ok(())
-        }
-    }
-
-    /// A backend whose serving-thread preparation fails.
-    struct FailingBackend(TestBackend);
-
-    impl VhostUserBackendMut for FailingBackend {
-        type Bitmap = ();
-        type Vring = VringRwLock;
-
-        fn num_queues(&self) -> usize {
-            self.0.num_queues()
-        }
-
-        fn max_queue_size(&self) -> usize {
-            self.0.max_queue_size()
-        }
-
-        fn features(&self) -> u64 {
-            self.0.features()
-        }
-
-        fn protocol_features(&self) -> VhostUserProtocolFeatures {
-            self.0.protocol_features()
-        }
-
-        fn set_event_idx(&mut self, _enabled: bool) {}
-
-        fn update_memory(&mut self, _mem: GuestMemory) -> io::Result<()> {
-            Ok(())
-        }
-
-        fn handle_event(
-            &mut self,
-            _device_event: u16,
-            _evset: EventSet,
-            _vrings: &[VringRwLock],
-            _thread_id: usize,
-        ) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl ServedBackend for FailingBackend {
-        const NAME: &'static str = "failing";
-        const THREAD_NAME: &'static str = "joey-failing";
-
-        fn exit_events(&self) -> &ExitEvents {
-            &self.0.exit_events
-        }
-
-        fn prepare_serving_thread() -> Result<(), VhostUserError> {
-            Err(VhostUserError::Setup {
-                what: "cannot prepare",
-                source: io::Error::from_raw_os_error(libc::EPERM),
-            })
         }
     }
 
@@ -840,10 +791,10 @@ pub(crate) mod tests {
         assert!(sock.exists() && extra.exists());
         std::thread::sleep(Duration::from_millis(20));
         assert!(!handle.is_finished());
-        assert!(PREPARED.load(Ordering::SeqCst) > before, "hook did not run");
         handle.stop();
         handle.join_timeout(Duration::from_secs(1)).unwrap();
         assert!(start.elapsed() < Duration::from_secs(1));
+        assert!(PREPARED.load(Ordering::SeqCst) > before, "hook did not run");
         assert!(!sock.exists(), "vhost-user socket not removed");
         assert!(!extra.exists(), "extra socket not removed");
     }
@@ -878,12 +829,14 @@ pub(crate) mod tests {
     fn failing_thread_preparation_is_reported_by_join() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("vhost.sock");
-        let handle = VhostUserServer::bind(&sock, || {
-            Ok::<_, VhostUserError>(FailingBackend(TestBackend::new()))
-        })
-        .unwrap()
-        .spawn()
-        .unwrap();
+        let backend = TestBackend {
+            fail_prepare: true,
+            ..TestBackend::new()
+        };
+        let handle = VhostUserServer::bind(&sock, || Ok::<_, VhostUserError>(backend))
+            .unwrap()
+            .spawn()
+            .unwrap();
         let err = handle.join_timeout(Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, VhostUserError::Setup { .. }), "{err}");
         assert!(err.to_string().starts_with("cannot prepare: "));
@@ -953,7 +906,10 @@ pub(crate) mod tests {
         let _client = UnixStream::connect(&sock).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(is_accepted_socket_of(accepted.as_raw_fd(), &sock));
-        assert!(!is_accepted_socket_of(accepted.as_raw_fd(), &dir.path().join("x")));
+        assert!(!is_accepted_socket_of(
+            accepted.as_raw_fd(),
+            &dir.path().join("x")
+        ));
         let dup = find_accepted_socket(&sock).expect("accepted socket not found");
         assert!(is_accepted_socket_of(dup.as_raw_fd(), &sock));
     }

@@ -185,18 +185,41 @@ pub(crate) mod tests {
         len
     }
 
-    #[test]
-    fn malformed_chain_is_returned_with_len_zero() {
+    /// Puts the chains `chains` returns (after writing what they need into the guest memory) on
+    /// a fresh queue and processes it on a thread with its own fs context (FUSE_INIT imports the
+    /// root, which sets the umask: keep that off the test process). Returns the outcome, the
+    /// used ring's (id, len) entries and the guest memory.
+    fn process_chains(
+        chains: impl FnOnce(&GuestMemoryMmap<()>) -> Vec<RawDescriptor>,
+    ) -> (QueueOutcome, Vec<(u32, u32)>, GuestMemoryMmap<()>) {
         let dir = tempfile::tempdir().unwrap();
         let server = server(dir.path());
         let m = mem();
         let mock = MockSplitQueue::create(&m, GuestAddress(0), QSIZE);
         let mut queue: Queue = mock.create_queue().unwrap();
+        mock.add_desc_chains(&chains(&m), 0).unwrap();
+        let outcome = std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::devices::fs::vhost_user::isolate_fs_context().unwrap();
+                process_queue(&server, &m, &mut queue).unwrap()
+            })
+            .join()
+            .unwrap()
+        });
+        let used = (0..mock.used().idx().load())
+            .map(|i| mock.used().ring().ref_at(usize::from(i)).unwrap().load())
+            .map(|e| (e.id(), e.len()))
+            .collect();
+        (outcome, used, m.clone())
+    }
+
+    #[test]
+    fn malformed_chain_is_returned_with_len_zero() {
         let w = VRING_DESC_F_WRITE;
         let wn = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT;
         let rn = VRING_DESC_F_NEXT;
-        mock.add_desc_chains(
-            &[
+        let (outcome, used, _) = process_chains(|_| {
+            vec![
                 // 1: request buffer outside guest memory.
                 desc(0x4000_0000, 64, rn, 1),
                 desc(0x2_0000, 256, w, 0),
@@ -207,73 +230,39 @@ pub(crate) mod tests {
                 desc(0x1_0000, 64, rn, 5),
                 desc((1 << 20) - 16, 256, wn, 6),
                 desc(0x2_0000, 16, w, 0),
-            ],
-            0,
-        )
-        .unwrap();
-
-        let outcome = process_queue(&server, &m, &mut queue).unwrap();
+            ]
+        });
         assert_eq!(outcome.used, 3);
         assert_eq!(outcome.failed, 3);
         assert!(matches!(
             outcome.last_error,
             Some(RequestError::DescriptorChain(_))
         ));
-        assert_eq!(mock.used().idx().load(), 3);
-        let used: Vec<_> = (0..3)
-            .map(|i| mock.used().ring().ref_at(i).unwrap().load())
-            .map(|e| (e.id(), e.len()))
-            .collect();
         assert_eq!(used, vec![(0, 0), (2, 0), (4, 0)]);
     }
 
     #[test]
     fn chain_without_reply_buffer_is_a_typed_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let server = server(dir.path());
-        let m = mem();
-        let len = write_init_request(&m);
-        let mock = MockSplitQueue::create(&m, GuestAddress(0), QSIZE);
-        let mut queue: Queue = mock.create_queue().unwrap();
-        mock.add_desc_chains(&[desc(0x1_0000, len, 0, 0)], 0)
-            .unwrap();
-        let outcome = process_queue(&server, &m, &mut queue).unwrap();
+        let (outcome, used, _) =
+            process_chains(|m| vec![desc(0x1_0000, write_init_request(m), 0, 0)]);
         assert_eq!((outcome.used, outcome.failed), (1, 1));
         assert!(matches!(outcome.last_error, Some(RequestError::Fuse(_))));
-        assert_eq!(mock.used().ring().ref_at(0).unwrap().load().len(), 0);
+        assert_eq!(used, vec![(0, 0)]);
     }
 
     #[test]
     fn init_request_is_answered() {
-        let dir = tempfile::tempdir().unwrap();
-        let server = server(dir.path());
-        let m = mem();
-        let len = write_init_request(&m);
-        let mock = MockSplitQueue::create(&m, GuestAddress(0), QSIZE);
-        let mut queue: Queue = mock.create_queue().unwrap();
-        mock.add_desc_chains(
-            &[
-                desc(0x1_0000, len, VRING_DESC_F_NEXT, 1),
+        let (outcome, used, m) = process_chains(|m| {
+            vec![
+                desc(0x1_0000, write_init_request(m), VRING_DESC_F_NEXT, 1),
                 desc(0x2_0000, 256, VRING_DESC_F_WRITE, 0),
-            ],
-            0,
-        )
-        .unwrap();
-        // FUSE_INIT imports the root, which sets the umask: keep that off the test process.
-        let outcome = std::thread::scope(|s| {
-            s.spawn(|| {
-                crate::devices::fs::vhost_user::isolate_fs_context().unwrap();
-                process_queue(&server, &m, &mut queue).unwrap()
-            })
-            .join()
-            .unwrap()
+            ]
         });
         assert_eq!((outcome.used, outcome.failed), (1, 0));
-        let used = mock.used().ring().ref_at(0).unwrap().load();
         let out: OutHeader = m.read_obj(GuestAddress(0x2_0000)).unwrap();
         assert_eq!(out.unique, 7);
         assert_eq!(out.error, 0);
-        assert_eq!(used.len(), out.len);
+        assert_eq!(used, vec![(0, out.len)]);
         assert!(out.len as usize > OutHeader::default().as_slice().len());
     }
 }

@@ -371,21 +371,12 @@ mod tests {
 
         fn collect_rx(&mut self) -> Vec<RxPkt> {
             let mut out = Vec::new();
-            let used_idx = self.rx_mock.used().idx().load();
-            while self.rx_used_seen != used_idx {
-                let elem = self
-                    .rx_mock
-                    .used()
-                    .ring()
-                    .ref_at(self.rx_used_seen as usize % QUEUE_SIZE as usize)
-                    .unwrap()
-                    .load();
-                self.rx_used_seen = self.rx_used_seen.wrapping_add(1);
-                let (h, d) = self.rx_bufs[&(elem.id() as u16)];
+            for (id, len) in take_used(&self.rx_mock, &mut self.rx_used_seen) {
+                let (h, d) = self.rx_bufs[&(id as u16)];
                 let mut raw = [0u8; HEADER_SIZE];
                 self.mem.read_slice(&mut raw, GuestAddress(h)).unwrap();
                 let hdr = VsockHeader::from_bytes(&raw);
-                assert_eq!(elem.len() as usize, HEADER_SIZE + hdr.len as usize);
+                assert_eq!(len as usize, HEADER_SIZE + hdr.len as usize);
                 let mut data = vec![0u8; hdr.len as usize];
                 self.mem.read_slice(&mut data, GuestAddress(d)).unwrap();
                 out.push(RxPkt { hdr, data });
@@ -431,20 +422,7 @@ mod tests {
         }
 
         fn tx_used(&mut self) -> Vec<(u32, u32)> {
-            let mut out = Vec::new();
-            let used_idx = self.tx_mock.used().idx().load();
-            while self.tx_used_seen != used_idx {
-                let elem = self
-                    .tx_mock
-                    .used()
-                    .ring()
-                    .ref_at(self.tx_used_seen as usize % QUEUE_SIZE as usize)
-                    .unwrap()
-                    .load();
-                self.tx_used_seen = self.tx_used_seen.wrapping_add(1);
-                out.push((elem.id(), elem.len()));
-            }
-            out
+            take_used(&self.tx_mock, &mut self.tx_used_seen)
         }
 
         /// Host-initiated connection up to the OK line; returns (host stream, host port).
@@ -775,9 +753,38 @@ mod tests {
         assert_eq!(pkts[0].hdr.dst_port, 88);
     }
 
+    /// The (id, len) of the used elements `mock` added since `*seen`; advances `*seen`.
+    fn take_used(
+        mock: &MockSplitQueue<'static, GuestMemoryMmap<()>>,
+        seen: &mut u16,
+    ) -> Vec<(u32, u32)> {
+        let used_idx = mock.used().idx().load();
+        let mut out = Vec::new();
+        while *seen != used_idx {
+            let elem = mock
+                .used()
+                .ring()
+                .ref_at(*seen as usize % QUEUE_SIZE as usize)
+                .unwrap()
+                .load();
+            *seen = seen.wrapping_add(1);
+            out.push((elem.id(), elem.len()));
+        }
+        out
+    }
+
     fn assert_tx_chain_rejected(descs: &[(u64, u32, u32)], check: impl Fn(&PacketError) -> bool) {
+        assert_built_tx_chain_rejected(|_| descs.to_vec(), check);
+    }
+
+    /// Like [`assert_tx_chain_rejected`], for the chain `build` prepares in the guest.
+    fn assert_built_tx_chain_rejected(
+        build: impl FnOnce(&mut Guest) -> Vec<(u64, u32, u32)>,
+        check: impl Fn(&PacketError) -> bool,
+    ) {
         let mut g = Guest::new();
-        let head = g.add_tx_chain(descs);
+        let descs = build(&mut g);
+        let head = g.add_tx_chain(&descs);
         assert!(g.dev.process_tx_queue(g.mem, &mut g.tx).unwrap());
         match g.dev.take_last_chain_error() {
             Some(DeviceError::MalformedTxChain(e)) => assert!(check(&e), "unexpected {e:?}"),
@@ -791,26 +798,30 @@ mod tests {
         assert_eq!(g.dev.malformed_chains(), 1);
     }
 
+    /// Writes a RW header claiming `len` payload bytes; returns its descriptor followed by the
+    /// data descriptor `data` makes from the header address.
+    fn rw_chain(
+        g: &mut Guest,
+        len: u32,
+        data: impl FnOnce(u64) -> (u64, u32, u32),
+    ) -> Vec<(u64, u32, u32)> {
+        let h = g.alloc(HEADER_SIZE as u64);
+        let mut hdr = g.hdr(VSOCK_OP_RW, 1, 2);
+        hdr.len = len;
+        g.mem.write_slice(&hdr.to_bytes(), GuestAddress(h)).unwrap();
+        vec![(h, HEADER_SIZE as u32, 0), data(h)]
+    }
+
     #[test]
     fn malformed_tx_chain_out_of_range_address() {
         assert_tx_chain_rejected(&[(MEM_SIZE as u64 + 0x1000, HEADER_SIZE as u32, 0)], |e| {
             matches!(e, PacketError::InvalidMemoryAccess(_))
         });
         // Header fine, data out of range.
-        let mut g = Guest::new();
-        let h = g.alloc(HEADER_SIZE as u64);
-        let mut hdr = g.hdr(VSOCK_OP_RW, 1, 2);
-        hdr.len = 16;
-        g.mem.write_slice(&hdr.to_bytes(), GuestAddress(h)).unwrap();
-        let head = g.add_tx_chain(&[(h, HEADER_SIZE as u32, 0), (u64::MAX - 8, 16, 0)]);
-        g.dev.process_tx_queue(g.mem, &mut g.tx).unwrap();
-        assert!(matches!(
-            g.dev.take_last_chain_error(),
-            Some(DeviceError::MalformedTxChain(
-                PacketError::InvalidMemoryAccess(_)
-            ))
-        ));
-        assert_eq!(g.tx_used(), vec![(u32::from(head), 0)]);
+        assert_built_tx_chain_rejected(
+            |g| rw_chain(g, 16, |_| (u64::MAX - 8, 16, 0)),
+            |e| matches!(e, PacketError::InvalidMemoryAccess(_)),
+        );
     }
 
     #[test]
@@ -836,20 +847,10 @@ mod tests {
 
     #[test]
     fn malformed_tx_chain_oversized_payload() {
-        let mut g = Guest::new();
-        let h = g.alloc(HEADER_SIZE as u64);
-        let mut hdr = g.hdr(VSOCK_OP_RW, 1, 2);
-        hdr.len = MAX_PKT_DATA + 1;
-        g.mem.write_slice(&hdr.to_bytes(), GuestAddress(h)).unwrap();
-        let head = g.add_tx_chain(&[(h, HEADER_SIZE as u32, 0), (h + 0x1000, 16, 0)]);
-        g.dev.process_tx_queue(g.mem, &mut g.tx).unwrap();
-        assert!(matches!(
-            g.dev.take_last_chain_error(),
-            Some(DeviceError::MalformedTxChain(
-                PacketError::InvalidHeaderLen(_)
-            ))
-        ));
-        assert_eq!(g.tx_used(), vec![(u32::from(head), 0)]);
+        assert_built_tx_chain_rejected(
+            |g| rw_chain(g, MAX_PKT_DATA + 1, |h| (h + 0x1000, 16, 0)),
+            |e| matches!(e, PacketError::InvalidHeaderLen(_)),
+        );
     }
 
     #[test]

@@ -1129,19 +1129,7 @@ fn read_host_data<B: BitmapSlice>(conn: &mut Conn, pkt: &mut VsockPacket<'_, B>)
 /// `send(2)` with `MSG_NOSIGNAL`: a host peer that went away yields `EPIPE`, never `SIGPIPE`.
 fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call.
-    let r = unsafe {
-        libc::send(
-            stream.as_raw_fd(),
-            buf.as_ptr().cast::<libc::c_void>(),
-            buf.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    unsafe { send_raw_nosignal(stream, buf.as_ptr(), buf.len()) }
 }
 
 /// [`send_nosignal`] straight from guest memory.
@@ -1153,11 +1141,21 @@ fn send_volatile_nosignal<B: BitmapSlice>(
     // SAFETY: the guard keeps the mapping behind `buf` valid for `buf.len()` bytes during the
     // call and the kernel only reads from it. Concurrent guest writes can only change the bytes
     // sent, which is the guest's own business.
+    unsafe { send_raw_nosignal(stream, guard.as_ptr(), buf.len()) }
+}
+
+/// Non-blocking `send(2)` of the `len` bytes at `ptr` with `MSG_NOSIGNAL`.
+///
+/// # Safety
+///
+/// `ptr` must be valid for reads of `len` bytes for the duration of the call.
+unsafe fn send_raw_nosignal(stream: &UnixStream, ptr: *const u8, len: usize) -> io::Result<usize> {
+    // SAFETY: the caller guarantees that `ptr` is readable for `len` bytes.
     let r = unsafe {
         libc::send(
             stream.as_raw_fd(),
-            guard.as_ptr().cast::<libc::c_void>(),
-            buf.len(),
+            ptr.cast::<libc::c_void>(),
+            len,
             libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
         )
     };
