@@ -39,6 +39,7 @@ install-guest: guest
 	install -d $(INSTALL_GUEST_DIR)
 	install -m 0644 $(GUEST_DIR)/bzImage $(INSTALL_GUEST_DIR)/bzImage
 	install -m 0644 $(GUEST_DIR)/initrd.img $(INSTALL_GUEST_DIR)/initrd.img
+	install -m 0644 $(GUEST_DIR)/vmlinux $(INSTALL_GUEST_DIR)/vmlinux
 
 run: build install-guest
 	$(JOEYCTL) run --timings -- uname -a

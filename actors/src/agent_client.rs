@@ -7,6 +7,7 @@ use joey_agent_protocol::agent;
 use joey_agent_protocol::agent_ttrpc::AgentServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use joey_observability::prometheus::{HistogramTimer, HistogramVec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -98,6 +99,8 @@ pub async fn hybrid_connect(uds: &Path, port: u32, timeout: Duration) -> Result<
 pub struct AgentClient {
     inner: AgentServiceClient,
     rpc_timeout: Duration,
+    /// `joey_shim_agent_rpc_duration_seconds`, once the sandbox attached it.
+    rpc_metrics: Option<HistogramVec>,
 }
 
 fn ctx(t: Duration) -> ttrpc::context::Context {
@@ -110,6 +113,26 @@ fn ctx_forever() -> ttrpc::context::Context {
 }
 
 impl AgentClient {
+    /// Times every later RPC of this client (and its clones) in `h`, labelled by method.
+    pub fn with_rpc_metrics(mut self, h: HistogramVec) -> AgentClient {
+        self.rpc_metrics = Some(h);
+        self
+    }
+
+    /// A timer that records the RPC's duration when dropped (also when the call is cancelled).
+    fn time(&self, method: &'static str) -> Option<HistogramTimer> {
+        self.rpc_metrics.as_ref().map(|h| h.with_label_values(&[method]).start_timer())
+    }
+
+    /// Guest and agent resource usage, with its own deadline (metrics must never wait long).
+    pub async fn guest_metrics(&self, timeout: Duration) -> Result<agent::GuestMetricsResponse, AgentError> {
+        let _timer = self.time("GetGuestMetrics");
+        self.inner
+            .get_guest_metrics(ctx(timeout), &agent::GuestMetricsRequest::new())
+            .await
+            .map_err(|e| rpc_err("GetGuestMetrics", e))
+    }
+
     /// Connects and waits until the agent answers `Check`, retrying until `deadline` passes.
     pub async fn connect_ready(
         uds: &Path,
@@ -128,6 +151,7 @@ impl AgentClient {
                             ttrpc::asynchronous::transport::Socket::from(stream),
                         )),
                         rpc_timeout,
+                        rpc_metrics: None,
                     };
                     match c.check().await {
                         Ok(_) => return Ok(c),
@@ -142,6 +166,7 @@ impl AgentClient {
     }
 
     pub async fn check(&self) -> Result<String, AgentError> {
+        let _timer = self.time("Check");
         let r = self
             .inner
             .check(ctx(self.rpc_timeout), &agent::CheckRequest::new())
@@ -151,6 +176,7 @@ impl AgentClient {
     }
 
     pub async fn version(&self) -> Result<agent::VersionResponse, AgentError> {
+        let _timer = self.time("Version");
         self.inner
             .version(ctx(self.rpc_timeout), &agent::Empty::new())
             .await
@@ -158,6 +184,7 @@ impl AgentClient {
     }
 
     pub async fn exec(&self, req: agent::ExecProcessRequest) -> Result<u32, AgentError> {
+        let _timer = self.time("ExecProcess");
         let r = self
             .inner
             .exec_process(ctx(self.rpc_timeout), &req)
@@ -167,6 +194,7 @@ impl AgentClient {
     }
 
     pub async fn wait(&self, exec_id: &str) -> Result<agent::WaitProcessResponse, AgentError> {
+        let _timer = self.time("WaitProcess");
         let req = agent::WaitProcessRequest {
             exec_id: exec_id.to_string(),
             ..Default::default()
@@ -178,6 +206,7 @@ impl AgentClient {
     }
 
     pub async fn signal(&self, exec_id: &str, signal: u32) -> Result<(), AgentError> {
+        let _timer = self.time("SignalProcess");
         let req = agent::SignalProcessRequest {
             exec_id: exec_id.to_string(),
             signal,
@@ -191,6 +220,7 @@ impl AgentClient {
     }
 
     pub async fn write_stdin(&self, exec_id: &str, data: Vec<u8>) -> Result<u32, AgentError> {
+        let _timer = self.time("WriteStdin");
         let req = agent::WriteStdinRequest {
             exec_id: exec_id.to_string(),
             data,
@@ -205,6 +235,7 @@ impl AgentClient {
     }
 
     pub async fn close_stdin(&self, exec_id: &str) -> Result<(), AgentError> {
+        let _timer = self.time("CloseStdin");
         let req = agent::CloseStdinRequest {
             exec_id: exec_id.to_string(),
             ..Default::default()
@@ -218,6 +249,7 @@ impl AgentClient {
 
     /// Reads output; an empty vector means end of stream.
     pub async fn read_output(&self, exec_id: &str, stderr: bool, len: u32) -> Result<Vec<u8>, AgentError> {
+        let _timer = self.time(if stderr { "ReadStderr" } else { "ReadStdout" });
         let req = agent::ReadOutputRequest {
             exec_id: exec_id.to_string(),
             len,
@@ -238,10 +270,22 @@ impl AgentClient {
     }
 
     pub async fn destroy_sandbox(&self) -> Result<(), AgentError> {
+        let _timer = self.time("DestroySandbox");
         self.inner
             .destroy_sandbox(ctx(self.rpc_timeout), &agent::DestroySandboxRequest::new())
             .await
             .map_err(|e| rpc_err("DestroySandbox", e))?;
         Ok(())
+    }
+
+    /// Starts a container; returns the guest pid of its first process.
+    pub async fn create_container(&self, req: agent::CreateContainerRequest) -> Result<u32, AgentError> {
+        let _timer = self.time("CreateContainer");
+        let r = self
+            .inner
+            .create_container(ctx(self.rpc_timeout), &req)
+            .await
+            .map_err(|e| rpc_err("CreateContainer", e))?;
+        Ok(r.pid)
     }
 }

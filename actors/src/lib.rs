@@ -1,4 +1,4 @@
-//! joey's actors: Sandbox and Hypervisor (Container, Network and ShareFs arrive with later issues).
+//! joey's actors: Sandbox, Hypervisor and ShareFs (Container and Network arrive with later issues).
 //!
 //! Each actor owns its state; others hold an `Addr`. Requests are typed messages, one struct per
 //! request with its reply type. Nothing here blocks the async runtime: long agent calls are
@@ -8,6 +8,7 @@ pub mod agent_client;
 pub mod hypervisor;
 pub mod lifecycle;
 pub mod sandbox;
+pub mod sharefs;
 
 pub use agent_client::{AgentClient, AgentError, RpcCode};
 pub use hypervisor::{Accelerator, BackendKind, HypervisorActor, HypervisorError};

@@ -14,6 +14,7 @@ use crate::hypervisor::{
     self, host, Accelerator, BackendKind, HypervisorActor, HypervisorError, StartVm, StopVm, VmExit, VmSpec,
 };
 use crate::lifecycle::{InvalidTransition, SandboxState};
+use crate::sharefs::{SetupShareFs, ShareFsActor, ShareFsError, ShareRootfs, StopShareFs, Unshare};
 
 /// Guest context id given to every sandbox's vsock device (each device is private to its VM).
 pub const GUEST_CID: u64 = 3;
@@ -27,6 +28,8 @@ pub enum SandboxError {
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    ShareFs(#[from] ShareFsError),
     #[error("the VM {exit} unexpectedly{details}")]
     VmDied { exit: VmExit, details: String },
     #[error(transparent)]
@@ -43,7 +46,7 @@ impl SandboxError {
         matches!(
             self,
             SandboxError::BadInput(_) | SandboxError::Hypervisor(HypervisorError::QemuNotFound(_))
-        )
+        ) || matches!(self, SandboxError::Hypervisor(h) if h.is_bad_input())
     }
 }
 
@@ -138,6 +141,10 @@ pub struct SandboxActor {
     vm_exit: Option<watch::Receiver<Option<VmExit>>>,
     state_dir: PathBuf,
     console_log: Option<PathBuf>,
+    /// This sandbox's metrics registry (served by [`serve_metrics`]).
+    metrics: std::sync::Arc<joey_observability::SandboxMetrics>,
+    /// Created by StartSandbox; owns the virtio-fs device and the shared dir.
+    sharefs: Option<Addr<ShareFsActor>>,
 }
 
 impl SandboxActor {
@@ -153,6 +160,11 @@ impl SandboxActor {
             vm_exit: None,
             state_dir,
             console_log: None,
+            // The metric definitions are constants (unit-tested in joey-observability).
+            metrics: std::sync::Arc::new(
+                joey_observability::SandboxMetrics::new().expect("joey metric definitions are valid"),
+            ),
+            sharefs: None,
         }
     }
 
@@ -230,13 +242,14 @@ impl Handler<StartSandbox> for SandboxActor {
         let prep = (|| -> Result<_, SandboxError> {
             self.state.transition(SandboxState::Starting)?;
             let cfg = &self.config;
-            cfg.check_files(&self.config_origin)
-                .map_err(|e| SandboxError::BadInput(e.to_string()))?;
             let flavor = host::detect_kvm(&host::HostPaths::default());
-            let (backend, backend_reason) =
-                host::choose_backend(cfg.hypervisor.kind, &flavor).map_err(SandboxError::BadInput)?;
-            let accel = host::choose_qemu_accel(cfg.hypervisor.qemu.accel, &flavor).map_err(SandboxError::BadInput)?;
-            hypervisor::qemu::resolve_binary(&cfg.hypervisor.qemu.binary)?;
+            // Backend (qemu/builtin), accelerator, and the files/binaries that backend needs.
+            let hypervisor::BackendSelection {
+                backend,
+                backend_reason,
+                accel,
+                kernel,
+            } = hypervisor::select_backend(cfg, &self.config_origin, &flavor)?;
             make_state_dir(&self.state_dir)?;
             tracing::info!(sandbox = %self.id, %backend, reason = %backend_reason, "hypervisor backend chosen");
             tracing::info!(sandbox = %self.id, accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
@@ -245,7 +258,7 @@ impl Handler<StartSandbox> for SandboxActor {
                 state_dir: self.state_dir.clone(),
                 vcpus: cfg.hypervisor.vcpus,
                 memory_mib: cfg.hypervisor.memory_mib,
-                kernel: cfg.hypervisor.kernel.clone(),
+                kernel,
                 initrd: cfg.hypervisor.initrd.clone(),
                 kernel_params: cfg.hypervisor.kernel_params.clone(),
                 qemu_binary: cfg.hypervisor.qemu.binary.clone(),
@@ -270,9 +283,13 @@ impl Handler<StartSandbox> for SandboxActor {
         let rpc_timeout = Duration::from_millis(self.config.agent.rpc_timeout_ms);
         let id = self.id.clone();
         let state_dir = self.state_dir.clone();
+        let sharefs = ShareFsActor::new(self.state_dir.clone()).start();
+        self.sharefs = Some(sharefs.clone());
         let fut = async move {
+            // The virtio-fs device must be listening before the VMM starts.
+            sharefs.send(SetupShareFs).await??;
             let t0 = Instant::now();
-            let vm = hv.send(StartVm(spec)).await??;
+            let vm = hv.send(StartVm { spec, backend }).await??;
             let agent = guarded(
                 vm.exit.clone(),
                 Some(vm.console_log.clone()),
@@ -300,6 +317,15 @@ impl Handler<StartSandbox> for SandboxActor {
                             }
                         }),
                     );
+                    act.metrics.set_vm(&joey_observability::VmFacts {
+                        hypervisor: backend.to_string(),
+                        accel: accel.accel.to_string(),
+                        vcpus: act.config.hypervisor.vcpus,
+                        memory_bytes: u64::from(act.config.hypervisor.memory_mib) << 20,
+                        start_duration: ready,
+                        vmm_pid: (vm.pid != std::process::id()).then_some(vm.pid),
+                    });
+                    let agent = agent.with_rpc_metrics(act.metrics.agent_rpc_histogram());
                     act.agent = Some(agent);
                     act.vm_exit = Some(vm.exit.clone());
                     act.console_log = Some(vm.console_log.clone());
@@ -325,14 +351,16 @@ impl Handler<StartSandbox> for SandboxActor {
                 // Tear down whatever was started; the caller gets the original error.
                 let _ = act.state.transition(SandboxState::Failed);
                 let _ = act.state.transition(SandboxState::Stopping);
-                Some((act.hypervisor.clone(), act.state_dir.clone()))
+                Some((act.hypervisor.clone(), act.state_dir.clone(), act.sharefs.take()))
             } else {
                 None
             };
             async move {
-                if let Some((hv, dir)) = cleanup {
+                if let Some((hv, dir, sharefs)) = cleanup {
                     let _ = hv.send(StopVm { grace: Duration::ZERO }).await;
-                    let _ = std::fs::remove_dir_all(&dir);
+                    if stop_sharefs(sharefs).await {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
                 }
                 out
             }
@@ -367,6 +395,7 @@ impl Handler<StopSandbox> for SandboxActor {
         let agent = self.agent.take();
         let hv = self.hypervisor.clone();
         let dir = self.state_dir.clone();
+        let sharefs = self.sharefs.take();
         let grace = Duration::from_millis(self.config.runtime.shutdown_timeout_ms);
         let rpc_timeout = Duration::from_millis(self.config.agent.rpc_timeout_ms);
         let fut = async move {
@@ -392,7 +421,9 @@ impl Handler<StopSandbox> for SandboxActor {
                     None
                 }
             };
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if !stop_sharefs(sharefs).await {
+                tracing::warn!(dir = %dir.display(), "sharefs cleanup incomplete; keeping the state dir");
+            } else if let Err(e) = std::fs::remove_dir_all(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(error = %e, dir = %dir.display(), "removing sandbox state dir failed");
                 }
@@ -431,3 +462,192 @@ forward!(SignalProcess, (), |a, m| a.signal(&m.exec_id, m.signal).await);
 forward!(WriteStdin, u32, |a, m| a.write_stdin(&m.exec_id, m.data).await);
 forward!(CloseStdin, (), |a, m| a.close_stdin(&m.exec_id).await);
 forward!(ReadOutput, Vec<u8>, |a, m| a.read_output(&m.exec_id, m.stderr, m.len).await);
+
+/// Stops the ShareFs actor (after the VM). True when nothing of it is left, so that the state dir
+/// may be removed recursively (never while a container rootfs may still be bind-mounted in it).
+async fn stop_sharefs(sharefs: Option<Addr<ShareFsActor>>) -> bool {
+    let Some(sharefs) = sharefs else { return true };
+    match sharefs.send(StopShareFs).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "stopping sharefs failed");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "sharefs actor unreachable");
+            false
+        }
+    }
+}
+
+/// Starts a container whose rootfs is the host directory `rootfs`, shared with the guest over
+/// virtio-fs (ShareFs actor) and set up by the agent. Its process is served by the process
+/// messages under exec id = `container_id`. Replies with the guest pid.
+#[derive(Message)]
+#[rtype(result = "Result<u32, SandboxError>")]
+pub struct CreateContainer {
+    pub container_id: String,
+    pub rootfs: PathBuf,
+    pub read_only: bool,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub terminal: bool,
+    /// Empty: the container id.
+    pub hostname: String,
+}
+
+impl Handler<CreateContainer> for SandboxActor {
+    type Result = ResponseFuture<Result<u32, SandboxError>>;
+
+    fn handle(&mut self, m: CreateContainer, _: &mut Context<Self>) -> Self::Result {
+        let (a, exit, console) = match self.agent() {
+            Ok(v) => v,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let Some(sharefs) = self.sharefs.clone() else {
+            return Box::pin(async move { Err(SandboxError::BadInput("sandbox has no shared filesystem".into())) });
+        };
+        Box::pin(async move {
+            let rootfs = sharefs
+                .send(ShareRootfs {
+                    container_id: m.container_id.clone(),
+                    host_path: m.rootfs,
+                    read_only: m.read_only,
+                })
+                .await??;
+            let req = agent::CreateContainerRequest {
+                container_id: m.container_id.clone(),
+                rootfs,
+                argv: m.argv,
+                env: m.env,
+                cwd: m.cwd,
+                terminal: m.terminal,
+                hostname: m.hostname,
+                readonly_rootfs: m.read_only,
+                ..Default::default()
+            };
+            let r = guarded(exit, console, a.create_container(req)).await;
+            if r.is_err() {
+                let _ = sharefs.send(Unshare { container_id: m.container_id }).await;
+            }
+            r
+        })
+    }
+}
+
+/// How long a metrics scrape waits for the agent's guest metrics before skipping them.
+pub const AGENT_METRICS_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a metrics scrape waits for the Sandbox actor (busy while starting or stopping).
+pub const METRICS_REPLY_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Renders the sandbox's metrics exposition. The guest and agent families are fetched from the
+/// agent within `agent_timeout`; when it does not answer in time they are skipped and
+/// `joey_shim_metrics_agent_timeouts_total` counts it. Task RPCs are never waited on.
+#[derive(Message)]
+#[rtype(result = "Result<String, joey_observability::MetricsError>")]
+pub struct GetMetrics {
+    pub agent_timeout: Duration,
+}
+
+fn guest_sample(r: &agent::GuestMetricsResponse) -> joey_observability::GuestSample {
+    joey_observability::GuestSample {
+        mem_total_bytes: r.mem_total_bytes,
+        mem_free_bytes: r.mem_free_bytes,
+        mem_available_bytes: r.mem_available_bytes,
+        mem_cached_bytes: r.mem_cached_bytes,
+        load1: r.load1,
+        load5: r.load5,
+        load15: r.load15,
+        cpu_seconds: vec![
+            ("user", r.cpu_user_seconds),
+            ("nice", r.cpu_nice_seconds),
+            ("system", r.cpu_system_seconds),
+            ("idle", r.cpu_idle_seconds),
+            ("iowait", r.cpu_iowait_seconds),
+            ("irq", r.cpu_irq_seconds),
+            ("softirq", r.cpu_softirq_seconds),
+            ("steal", r.cpu_steal_seconds),
+        ],
+        cpus: r.cpus,
+        agent: joey_observability::procfs::ProcessStats {
+            cpu_seconds: r.agent_cpu_seconds,
+            resident_bytes: r.agent_resident_bytes,
+            threads: u64::from(r.agent_threads),
+            open_fds: u64::from(r.agent_open_fds),
+        },
+    }
+}
+
+impl Handler<GetMetrics> for SandboxActor {
+    type Result = ResponseFuture<Result<String, joey_observability::MetricsError>>;
+
+    fn handle(&mut self, m: GetMetrics, _: &mut Context<Self>) -> Self::Result {
+        let metrics = self.metrics.clone();
+        let agent = match (&self.agent, self.state) {
+            (Some(a), SandboxState::Running) => Some(a.clone()),
+            _ => None,
+        };
+        Box::pin(async move {
+            let guest = match agent {
+                // The RPC's own deadline is later, so that a slow agent shows as our timeout.
+                Some(a) => match tokio::time::timeout(
+                    m.agent_timeout,
+                    a.guest_metrics(m.agent_timeout + Duration::from_secs(1)),
+                )
+                .await
+                {
+                    Ok(Ok(r)) => Some(guest_sample(&r)),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "guest metrics unavailable");
+                        metrics.agent_failed();
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!(timeout = ?m.agent_timeout, "agent did not answer GetGuestMetrics in time");
+                        metrics.agent_timed_out();
+                        None
+                    }
+                },
+                None => None,
+            };
+            let refresh = metrics.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || refresh.refresh_processes()).await {
+                tracing::debug!(error = %e, "refreshing process metrics failed");
+            }
+            metrics.render(guest.as_ref())
+        })
+    }
+}
+
+/// Serves `GET /metrics` for the sandbox on `<state_dir>/metrics.sock` (the sandbox's own state
+/// dir) on a task of the current tokio runtime, until the returned server is dropped. Each
+/// scrape sends [`GetMetrics`] and answers 503 if the actor does not reply in time.
+pub fn serve_metrics(
+    sb: &Addr<SandboxActor>,
+    sandbox_state_dir: &std::path::Path,
+) -> Result<joey_observability::http::UnixServer, joey_observability::http::HttpError> {
+    use joey_observability::http::{serve_unix, Handler, Response};
+    let sb = sb.clone();
+    let handler: Handler = std::sync::Arc::new(move |path: String| {
+        let sb = sb.clone();
+        Box::pin(async move {
+            if path != "/metrics" {
+                return Response::text(404, "not found; try /metrics\n");
+            }
+            let get = sb.send(GetMetrics {
+                agent_timeout: AGENT_METRICS_TIMEOUT,
+            });
+            match tokio::time::timeout(METRICS_REPLY_TIMEOUT, get).await {
+                Ok(Ok(Ok(body))) => Response::ok_metrics(body),
+                Ok(Ok(Err(e))) => Response::text(500, format!("{e}\n")),
+                Ok(Err(e)) => Response::text(503, format!("sandbox actor: {e}\n")),
+                Err(_) => Response::text(503, "sandbox busy\n"),
+            }
+        })
+    });
+    serve_unix(
+        &sandbox_state_dir.join(joey_observability::monitor::METRICS_SOCKET),
+        handler,
+    )
+}

@@ -251,18 +251,37 @@ pub fn spawn(table: &ProcTable, spec: ExecSpec<'_>) -> Result<Spawned, ExecError
         cmd.env("PATH", DEFAULT_PATH);
     }
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    spawn_prepared(table, program, cmd, spec.terminal, None)
+}
 
+/// Extra work done in the forked child, after the stdio and signal setup and right before
+/// exec. It must only make async-signal-safe calls (no allocation, no locks).
+pub type ChildSetup = Box<dyn FnMut() -> io::Result<()> + Send + Sync>;
+
+/// Wires stdio (pipes or a pseudo terminal) into `cmd` (program, arguments and environment
+/// already set), spawns it through the table and returns the agent's ends. `setup` runs in the
+/// child last before exec. Blocking: call it from a blocking context.
+pub fn spawn_prepared(
+    table: &ProcTable,
+    program: &str,
+    mut cmd: Command,
+    terminal: bool,
+    setup: Option<ChildSetup>,
+) -> Result<Spawned, ExecError> {
+    let program = program.to_string();
+    let mut setup = setup;
     let mut pty_master = None;
-    if spec.terminal {
+    if terminal {
         let (master, slave) = open_pty().map_err(ExecError::Pty)?;
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(ExecError::Pty);
         cmd.stdin(Stdio::from(dup(&slave)?))
             .stdout(Stdio::from(dup(&slave)?))
             .stderr(Stdio::from(slave));
         // SAFETY: the closure runs in the forked child and only makes async-signal-safe calls
-        // (sigprocmask, signal, setsid, ioctl); it does not allocate or take locks.
+        // (sigprocmask, signal, setsid, ioctl, and `setup`, which by its contract makes only
+        // such calls); it does not allocate or take locks.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 reset_signals_in_child()?;
                 if libc::setsid() < 0 {
                     return Err(io::Error::last_os_error());
@@ -271,7 +290,10 @@ pub fn spawn(table: &ProcTable, spec: ExecSpec<'_>) -> Result<Spawned, ExecError
                 if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                Ok(())
+                match setup.as_mut() {
+                    Some(f) => f(),
+                    None => Ok(()),
+                }
             });
         }
         pty_master = Some(master);
@@ -279,9 +301,16 @@ pub fn spawn(table: &ProcTable, spec: ExecSpec<'_>) -> Result<Spawned, ExecError
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: the closure runs in the forked child and only makes async-signal-safe calls.
+        // SAFETY: the closure runs in the forked child and only makes async-signal-safe calls
+        // (`setup` included, by its contract).
         unsafe {
-            cmd.pre_exec(|| reset_signals_in_child());
+            cmd.pre_exec(move || {
+                reset_signals_in_child()?;
+                match setup.as_mut() {
+                    Some(f) => f(),
+                    None => Ok(()),
+                }
+            });
         }
     }
 

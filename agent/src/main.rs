@@ -6,8 +6,10 @@
 
 #[macro_use]
 mod log;
+mod container;
 mod exec;
 mod init;
+mod metrics;
 mod process;
 mod reaper;
 mod service;

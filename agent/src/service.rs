@@ -14,17 +14,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use joey_agent_protocol::agent::{
-    CheckRequest, CheckResponse, CloseStdinRequest, DestroySandboxRequest, Empty,
+    CheckRequest, CheckResponse, CloseStdinRequest, CreateContainerRequest,
+    CreateContainerResponse, DestroySandboxRequest, Empty,
     ExecProcessRequest, ExecProcessResponse, ReadOutputRequest, ReadOutputResponse,
     SignalProcessRequest, VersionResponse, WaitProcessRequest, WaitProcessResponse,
     WriteStdinRequest, WriteStdinResponse,
 };
 use joey_agent_protocol::agent_ttrpc;
-use joey_agent_protocol::PROTOCOL_VERSION;
+use joey_agent_protocol::{GUEST_SHARED_DIR, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::Code;
 
-use crate::exec::{self, ExecError, ExecSpec};
+use crate::container::{self, ContainerError, ContainerSpec};
+use crate::exec::{self, ExecError, ExecSpec, Spawned};
 use crate::process::{effective_read_len, Process, StreamError};
 use crate::reaper::{validate_signal, ProcTable, ReaperError};
 
@@ -46,6 +48,8 @@ pub enum ServiceError {
     #[error(transparent)]
     Exec(#[from] ExecError),
     #[error(transparent)]
+    Container(#[from] ContainerError),
+    #[error(transparent)]
     Stream(#[from] StreamError),
     #[error(transparent)]
     Reaper(#[from] ReaperError),
@@ -60,20 +64,21 @@ impl ServiceError {
             ServiceError::EmptyExecId => Code::INVALID_ARGUMENT,
             ServiceError::UnknownExec(_) => Code::NOT_FOUND,
             ServiceError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-            ServiceError::Exec(e) => match e {
-                ExecError::EmptyArgv
-                | ExecError::EmptyProgram
-                | ExecError::NulByte { .. }
-                | ExecError::InvalidEnv(_)
-                | ExecError::InvalidCwd { .. } => Code::INVALID_ARGUMENT,
-                ExecError::NotFound(_) => Code::NOT_FOUND,
-                ExecError::PermissionDenied(_) => Code::PERMISSION_DENIED,
-                ExecError::Spawn { source, .. } => match source.kind() {
-                    std::io::ErrorKind::NotFound => Code::NOT_FOUND,
-                    std::io::ErrorKind::PermissionDenied => Code::PERMISSION_DENIED,
-                    _ => Code::INTERNAL,
-                },
-                ExecError::Pty(_) | ExecError::Stdio(_) => Code::INTERNAL,
+            ServiceError::Exec(e) => exec_code(e),
+            ServiceError::Container(e) => match e {
+                ContainerError::InvalidId(_)
+                | ContainerError::InvalidRootfs { .. }
+                | ContainerError::InvalidHostname(_)
+                | ContainerError::InvalidCwd(_) => Code::INVALID_ARGUMENT,
+                ContainerError::RootfsNotFound(_) | ContainerError::ExecutableNotFound(_) => {
+                    Code::NOT_FOUND
+                }
+                ContainerError::NotExecutable(_) => Code::PERMISSION_DENIED,
+                ContainerError::MountShared { .. } => Code::FAILED_PRECONDITION,
+                ContainerError::OpenRootfs { .. }
+                | ContainerError::Setup { .. }
+                | ContainerError::Thread(_) => Code::INTERNAL,
+                ContainerError::Exec(e) => exec_code(e),
             },
             ServiceError::Stream(e) => match e {
                 StreamError::StdinClosed
@@ -91,6 +96,24 @@ impl ServiceError {
             },
             ServiceError::Internal(_) => Code::INTERNAL,
         }
+    }
+}
+
+fn exec_code(e: &ExecError) -> Code {
+    match e {
+        ExecError::EmptyArgv
+        | ExecError::EmptyProgram
+        | ExecError::NulByte { .. }
+        | ExecError::InvalidEnv(_)
+        | ExecError::InvalidCwd { .. } => Code::INVALID_ARGUMENT,
+        ExecError::NotFound(_) => Code::NOT_FOUND,
+        ExecError::PermissionDenied(_) => Code::PERMISSION_DENIED,
+        ExecError::Spawn { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => Code::NOT_FOUND,
+            std::io::ErrorKind::PermissionDenied => Code::PERMISSION_DENIED,
+            _ => Code::INTERNAL,
+        },
+        ExecError::Pty(_) | ExecError::Stdio(_) => Code::INTERNAL,
     }
 }
 
@@ -192,6 +215,55 @@ impl Agent {
         .await
         .map_err(|e| ServiceError::Internal(format!("exec task failed: {e}")))?;
         let spawned = spawned?;
+        self.register(req.exec_id, spawned, terminal, &req.argv, "exec")
+    }
+
+    /// Starts a container (its process is served under exec id = container id).
+    async fn create(
+        &self,
+        req: CreateContainerRequest,
+    ) -> Result<CreateContainerResponse, ServiceError> {
+        container::validate_id(&req.container_id)?;
+        let _serial = self.exec_lock.lock().await;
+        if self.procs().contains_key(&req.container_id) {
+            return Err(ServiceError::AlreadyExists(req.container_id));
+        }
+        let spec = ContainerSpec {
+            id: req.container_id,
+            rootfs: req.rootfs,
+            argv: req.argv,
+            env: req.env,
+            cwd: req.cwd,
+            terminal: req.terminal,
+            hostname: req.hostname,
+            readonly_rootfs: req.readonly_rootfs,
+        };
+        let table = self.table.clone();
+        // Only PID 1 in the guest has the virtio-fs share to mount.
+        let mount_shared = self.shutdown == ShutdownMode::Reboot;
+        let (spec, spawned) = tokio::task::spawn_blocking(move || {
+            let spawned = container::spawn(table, &spec, GUEST_SHARED_DIR, mount_shared);
+            (spec, spawned)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("container task failed: {e}")))?;
+        let spawned = spawned?;
+        let r = self.register(spec.id, spawned, spec.terminal, &spec.argv, "container")?;
+        Ok(CreateContainerResponse {
+            pid: r.pid,
+            ..Default::default()
+        })
+    }
+
+    /// Serves the stdio of a started process under `exec_id`.
+    fn register(
+        &self,
+        exec_id: String,
+        spawned: Spawned,
+        terminal: bool,
+        argv: &[String],
+        what: &str,
+    ) -> Result<ExecProcessResponse, ServiceError> {
         let pid = spawned.pid;
         let process = match Process::new(spawned, terminal) {
             Ok(p) => Arc::new(p),
@@ -205,13 +277,12 @@ impl Agent {
         };
         // Only the program name: arguments may carry secrets and the console log leaves the VM.
         agent_log!(
-            "exec {}: pid {pid}{} {:?}",
-            req.exec_id,
+            "{what} {exec_id}: pid {pid}{} {:?}",
             if terminal { " (tty)" } else { "" },
-            req.argv.first().map(String::as_str).unwrap_or_default()
+            argv.first().map(String::as_str).unwrap_or_default()
         );
         let mut procs = self.procs();
-        procs.insert(req.exec_id, process);
+        procs.insert(exec_id, process);
         Self::prune(&mut procs);
         // Pids fit in u32 (they are positive).
         Ok(ExecProcessResponse {
@@ -284,6 +355,19 @@ fn kernel_release() -> String {
 
 #[async_trait::async_trait]
 impl agent_ttrpc::AgentService for Agent {
+    async fn get_guest_metrics(
+        &self,
+        _ctx: &TtrpcContext,
+        _: joey_agent_protocol::agent::GuestMetricsRequest,
+    ) -> ttrpc::Result<joey_agent_protocol::agent::GuestMetricsResponse> {
+        // procfs reads are synchronous: keep them off the async workers.
+        match tokio::task::spawn_blocking(crate::metrics::collect).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(ServiceError::Internal(e.to_string()).into()),
+            Err(e) => Err(ServiceError::Internal(format!("metrics task: {e}")).into()),
+        }
+    }
+
     async fn check(&self, _ctx: &TtrpcContext, _: CheckRequest) -> ttrpc::Result<CheckResponse> {
         Ok(CheckResponse {
             status: "SERVING".into(),
@@ -362,6 +446,14 @@ impl agent_ttrpc::AgentService for Agent {
         req: ReadOutputRequest,
     ) -> ttrpc::Result<ReadOutputResponse> {
         Ok(self.read(req, true).await?)
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        Ok(self.create(req).await?)
     }
 
     async fn destroy_sandbox(

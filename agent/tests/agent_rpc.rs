@@ -637,3 +637,33 @@ async fn pid1_mode_in_pid_namespace() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn create_container_errors_name_the_problem() {
+    use joey_agent_protocol::agent::CreateContainerRequest;
+    with_timeout(async {
+        let mut agent = TestAgent::start().await;
+        let req = |id: &str, rootfs: &str| CreateContainerRequest {
+            container_id: id.into(),
+            rootfs: rootfs.into(),
+            argv: vec!["sh".into()],
+            ..Default::default()
+        };
+        let cases = [
+            (req("c1", "/run/joey/shared/no-such-ctr/rootfs"), Code::NOT_FOUND, "/run/joey/shared/no-such-ctr/rootfs"),
+            (req("c1", "/tmp"), Code::INVALID_ARGUMENT, "/tmp"),
+            (req("c1", "/run/joey/shared/../x"), Code::INVALID_ARGUMENT, "/run/joey/shared/../x"),
+            (req("../c1", "/run/joey/shared/c1/rootfs"), Code::INVALID_ARGUMENT, "../c1"),
+            (req("", "/run/joey/shared/c1/rootfs"), Code::INVALID_ARGUMENT, "container id"),
+        ];
+        for (r, code, needle) in cases {
+            let msg = expect_code(agent.client.create_container(ctx(), &r).await, code);
+            assert!(msg.contains(needle), "{msg}");
+        }
+        let mut no_argv = req("c1", "/run/joey/shared/c1/rootfs");
+        no_argv.argv.clear();
+        expect_code(agent.client.create_container(ctx(), &no_argv).await, Code::INVALID_ARGUMENT);
+        agent.assert_alive().await;
+    })
+    .await;
+}

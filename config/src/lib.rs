@@ -92,6 +92,7 @@ pub struct HypervisorConfig {
     pub initrd: PathBuf,
     pub kernel_params: String,
     pub qemu: QemuConfig,
+    pub builtin: BuiltinConfig,
 }
 
 impl Default for HypervisorConfig {
@@ -104,6 +105,7 @@ impl Default for HypervisorConfig {
             initrd: PathBuf::from("/usr/share/joey/guest/initrd.img"),
             kernel_params: String::new(),
             qemu: QemuConfig::default(),
+            builtin: BuiltinConfig::default(),
         }
     }
 }
@@ -123,6 +125,24 @@ impl Default for QemuConfig {
         QemuConfig {
             binary: PathBuf::from("qemu-system-x86_64"),
             accel: Accel::Auto,
+        }
+    }
+}
+
+/// `[hypervisor.builtin]`: the built-in VMM (`joey-vmm-core`) boots an ELF `vmlinux`
+/// (64-bit entry), not the `bzImage` QEMU loads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BuiltinConfig {
+    /// Uncompressed ELF guest kernel.
+    #[serde(serialize_with = "ser_path")]
+    pub kernel: PathBuf,
+}
+
+impl Default for BuiltinConfig {
+    fn default() -> Self {
+        BuiltinConfig {
+            kernel: PathBuf::from("/usr/share/joey/guest/vmlinux"),
         }
     }
 }
@@ -252,7 +272,8 @@ impl Config {
     ///
     /// - `hypervisor.vcpus` in 1..=64
     /// - `hypervisor.memory_mib` in 64..=65536
-    /// - `hypervisor.kernel`, `hypervisor.initrd`, `hypervisor.qemu.binary` not empty
+    /// - `hypervisor.kernel`, `hypervisor.initrd`, `hypervisor.qemu.binary`,
+    ///   `hypervisor.builtin.kernel` not empty
     /// - `agent.vsock_port` in 1024..=4294967294 (below 1024 is privileged,
     ///   4294967295 is VMADDR_PORT_ANY)
     /// - `agent.ready_timeout_ms`, `agent.rpc_timeout_ms`,
@@ -282,6 +303,7 @@ impl Config {
             ("hypervisor.kernel", &h.kernel),
             ("hypervisor.initrd", &h.initrd),
             ("hypervisor.qemu.binary", &h.qemu.binary),
+            ("hypervisor.builtin.kernel", &h.builtin.kernel),
         ] {
             if p.as_os_str().is_empty() {
                 return Err(invalid(key, "must not be empty".to_string()));
@@ -326,12 +348,35 @@ impl Config {
     }
 
     /// Checks that `hypervisor.kernel` and `hypervisor.initrd` exist
-    /// ([`ConfigError::MissingFile`]). Called at sandbox start, not at load.
+    /// ([`ConfigError::MissingFile`]): the files the QEMU backend boots. Called at sandbox
+    /// start, not at load.
     pub fn check_files(&self, origin: &str) -> Result<(), ConfigError> {
-        for (key, file) in [
-            ("hypervisor.kernel", &self.hypervisor.kernel),
-            ("hypervisor.initrd", &self.hypervisor.initrd),
-        ] {
+        Self::check_exist(
+            origin,
+            [
+                ("hypervisor.kernel", &self.hypervisor.kernel),
+                ("hypervisor.initrd", &self.hypervisor.initrd),
+            ],
+        )
+    }
+
+    /// Checks that `hypervisor.builtin.kernel` and `hypervisor.initrd` exist: the files the
+    /// built-in VMM boots.
+    pub fn check_builtin_files(&self, origin: &str) -> Result<(), ConfigError> {
+        Self::check_exist(
+            origin,
+            [
+                ("hypervisor.builtin.kernel", &self.hypervisor.builtin.kernel),
+                ("hypervisor.initrd", &self.hypervisor.initrd),
+            ],
+        )
+    }
+
+    fn check_exist<'a>(
+        origin: &str,
+        files: impl IntoIterator<Item = (&'static str, &'a PathBuf)>,
+    ) -> Result<(), ConfigError> {
+        for (key, file) in files {
             if !file.exists() {
                 return Err(ConfigError::MissingFile {
                     path: origin.to_string(),
@@ -418,6 +463,9 @@ kernel_params = "console=ttyS0 quiet"
 binary = "/usr/bin/qemu-system-x86_64"
 accel = "kvm"
 
+[hypervisor.builtin]
+kernel = "/opt/joey/vmlinux"
+
 [agent]
 vsock_port = 2048
 ready_timeout_ms = 60000
@@ -448,6 +496,9 @@ log_level = "debug"
                 qemu: QemuConfig {
                     binary: "/usr/bin/qemu-system-x86_64".into(),
                     accel: Accel::Kvm,
+                },
+                builtin: BuiltinConfig {
+                    kernel: "/opt/joey/vmlinux".into(),
                 },
             },
             agent: AgentConfig {
@@ -480,6 +531,10 @@ log_level = "debug"
         assert_eq!(c.hypervisor.kernel_params, "");
         assert_eq!(c.hypervisor.qemu.binary, Path::new("qemu-system-x86_64"));
         assert_eq!(c.hypervisor.qemu.accel, Accel::Auto);
+        assert_eq!(
+            c.hypervisor.builtin.kernel,
+            Path::new("/usr/share/joey/guest/vmlinux")
+        );
         assert_eq!(c.agent.vsock_port, 1024);
         assert_eq!(c.agent.ready_timeout_ms, 30_000);
         assert_eq!(c.agent.rpc_timeout_ms, 10_000);
@@ -491,7 +546,7 @@ log_level = "debug"
         assert_eq!(Config::from_toml_str("", "<string>").unwrap(), c);
         assert_eq!(
             Config::from_toml_str(
-                "[hypervisor]\n[hypervisor.qemu]\n[agent]\n[runtime]\n",
+                "[hypervisor]\n[hypervisor.qemu]\n[hypervisor.builtin]\n[agent]\n[runtime]\n",
                 "<string>"
             )
             .unwrap(),
@@ -543,6 +598,7 @@ log_level = "debug"
             "[hypervisor.qemu]",
             "binary",
             "accel",
+            "[hypervisor.builtin]",
             "[agent]",
             "vsock_port",
             "ready_timeout_ms",
@@ -620,6 +676,10 @@ log_level = "debug"
         assert!(s.starts_with("<string>: "), "{s}");
         assert!(s.contains("accelerator"), "{s}");
         assert!(!s.contains('\n'), "{s:?}");
+        let e = Config::from_toml_str("[hypervisor.builtin]\nkernal = \"/k\"\n", "<string>")
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        assert!(e.to_string().contains("kernal"), "{e}");
     }
 
     #[test]
@@ -709,6 +769,10 @@ log_level = "debug"
         assert_eq!(
             invalid_key("[hypervisor.qemu]\nbinary = \"\"\n"),
             "hypervisor.qemu.binary"
+        );
+        assert_eq!(
+            invalid_key("[hypervisor.builtin]\nkernel = \"\"\n"),
+            "hypervisor.builtin.kernel"
         );
         assert_eq!(
             invalid_key("[agent]\nvsock_port = 1023\n"),
@@ -873,7 +937,34 @@ log_level = "debug"
             Err(ConfigError::MissingFile { key, .. }) => assert_eq!(key, "hypervisor.initrd"),
             other => panic!("expected MissingFile, got {other:?}"),
         }
-        c.hypervisor.initrd = initrd;
+        c.hypervisor.initrd = initrd.clone();
         c.check_files("<defaults>").unwrap();
+    }
+
+    #[test]
+    fn check_builtin_files_reports_missing_vmlinux() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmlinux = write_tmp(dir.path(), "vmlinux", "k");
+        let initrd = write_tmp(dir.path(), "initrd.img", "i");
+        let mut c = Config::default();
+        // The bzImage is not needed by the built-in VMM.
+        c.hypervisor.kernel = dir.path().join("no-bzImage");
+        c.hypervisor.builtin.kernel = dir.path().join("no-vmlinux");
+        c.hypervisor.initrd = initrd;
+        let e = c.check_builtin_files("<defaults>").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "<defaults>: `hypervisor.builtin.kernel` points to {}, which does not exist",
+                dir.path().join("no-vmlinux").display()
+            )
+        );
+        c.hypervisor.builtin.kernel = vmlinux;
+        c.check_builtin_files("<defaults>").unwrap();
+        c.hypervisor.initrd = dir.path().join("no-initrd");
+        match c.check_builtin_files("<defaults>") {
+            Err(ConfigError::MissingFile { key, .. }) => assert_eq!(key, "hypervisor.initrd"),
+            other => panic!("expected MissingFile, got {other:?}"),
+        }
     }
 }

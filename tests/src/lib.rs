@@ -1,7 +1,11 @@
 //! Harness for joey's integration tests: real QEMU, real guest kernel and agent, no mocks.
 //!
 //! The Makefile passes the artifacts under test: `JOEYCTL` (binary), `JOEY_KERNEL`, `JOEY_INITRD`.
-//! A test run without them fails loudly rather than skipping.
+//! A test run without them fails loudly rather than skipping. The built-in VMM boots the ELF
+//! `vmlinux`: `JOEY_VMLINUX`, else `vmlinux` next to `JOEY_KERNEL`.
+//!
+//! Every environment pins its [`Backend`] (`hypervisor.kind`), so a test means the same thing on
+//! every host whatever `auto` would pick.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,6 +23,71 @@ pub fn joeyctl_path() -> PathBuf {
     required_env("JOEYCTL")
 }
 
+/// The ELF kernel the built-in VMM boots.
+pub fn vmlinux_path() -> PathBuf {
+    match std::env::var_os("JOEY_VMLINUX") {
+        Some(v) => PathBuf::from(v),
+        None => required_env("JOEY_KERNEL")
+            .parent()
+            .map(|d| d.join("vmlinux"))
+            .unwrap_or_else(|| PathBuf::from("vmlinux")),
+    }
+}
+
+/// Which hypervisor backend an environment runs (`hypervisor.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Qemu,
+    Builtin,
+}
+
+impl Backend {
+    /// The `hypervisor.kind` value, also what `joeyctl run --timings` prints as `hypervisor=`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Backend::Qemu => "qemu",
+            Backend::Builtin => "builtin",
+        }
+    }
+
+    /// Puts `kind = "<backend>"` into the `[hypervisor]` table of `body` and, for the built-in
+    /// VMM, adds `[hypervisor.builtin] kernel = <vmlinux>` unless `body` has that table.
+    pub fn apply(self, body: &str) -> String {
+        let kind = format!("[hypervisor]\nkind = \"{}\"\n", self.kind());
+        let mut out = if body.contains("[hypervisor]\n") {
+            body.replacen("[hypervisor]\n", &kind, 1)
+        } else {
+            format!("{kind}{body}")
+        };
+        if self == Backend::Builtin && !body.contains("[hypervisor.builtin]") {
+            out.push_str(&format!("\n[hypervisor.builtin]\nkernel = \"{}\"\n", vmlinux_path().display()));
+        }
+        out
+    }
+}
+
+/// What `joeyctl host-check` says about the built-in VMM on this host: `Ok(why)` where it can
+/// run the Linux guest, `Err(why not)` otherwise (the reason joey's host detection gives).
+pub fn builtin_host_support() -> Result<String, String> {
+    let o = Command::new(joeyctl_path())
+        .args(["host-check"])
+        .env_remove("JOEY_CONFIG")
+        .output()
+        .expect("run joeyctl host-check");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("builtin vmm: "))
+        .unwrap_or_else(|| panic!("host-check says nothing about the built-in VMM:\n{out}"));
+    if let Some(why) = line.strip_prefix("available: ") {
+        Ok(why.to_string())
+    } else if let Some(why) = line.strip_prefix("unavailable: ") {
+        Err(why.to_string())
+    } else {
+        panic!("unexpected host-check line: builtin vmm: {line}")
+    }
+}
+
 /// One isolated test environment: its own config file and state directory.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -27,9 +96,14 @@ pub struct Env {
 }
 
 impl Env {
-    /// An environment whose config uses the kernel and initrd under test.
+    /// A QEMU environment whose config uses the kernel and initrd under test.
     pub fn new() -> Env {
-        Self::with_config(|k, i| {
+        Self::with_backend(Backend::Qemu)
+    }
+
+    /// An environment on `backend` whose config uses the kernel and initrd under test.
+    pub fn with_backend(backend: Backend) -> Env {
+        Self::with_backend_config(backend, |k, i| {
             format!(
                 "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\n",
                 k.display(),
@@ -38,15 +112,21 @@ impl Env {
         })
     }
 
-    /// An environment with a custom config; the closure gets (kernel, initrd) and returns TOML
-    /// without `[runtime]` (the harness adds its own state_dir).
+    /// A QEMU environment with a custom config (see [`Env::with_backend_config`]).
     pub fn with_config(f: impl FnOnce(&Path, &Path) -> String) -> Env {
+        Self::with_backend_config(Backend::Qemu, f)
+    }
+
+    /// An environment with a custom config; the closure gets (kernel, initrd) and returns TOML
+    /// without `[runtime]` (the harness adds its own state_dir) and without
+    /// `hypervisor.kind` (the harness sets it to `backend`, see [`Backend::apply`]).
+    pub fn with_backend_config(backend: Backend, f: impl FnOnce(&Path, &Path) -> String) -> Env {
         let kernel = required_env("JOEY_KERNEL");
         let initrd = required_env("JOEY_INITRD");
         let dir = tempfile::Builder::new().prefix("joey-it-").tempdir().expect("tempdir");
         let state_dir = dir.path().join("state");
         let config = dir.path().join("config.toml");
-        let body = f(&kernel, &initrd);
+        let body = backend.apply(&f(&kernel, &initrd));
         let text = format!("{body}\n[runtime]\nstate_dir = \"{}\"\n", state_dir.display());
         std::fs::write(&config, text).expect("write config");
         Env { dir, config, state_dir }

@@ -117,32 +117,74 @@ pub fn choose_qemu_accel(requested: joey_config::Accel, flavor: &KvmFlavor) -> R
     }
 }
 
+/// Why the host's KVM cannot run an unmodified Linux guest (`None`: it can).
+///
+/// This is what decides whether the built-in VMM (which always uses KVM) is usable.
+pub fn linux_guest_blocker(flavor: &KvmFlavor) -> Option<String> {
+    match flavor {
+        KvmFlavor::Hardware(_) => None,
+        KvmFlavor::Pvm => Some(
+            "the host KVM is PVM-type (kvm_pvm loaded, no kvm_intel/kvm_amd), which cannot run an \
+             unmodified Linux guest"
+                .into(),
+        ),
+        KvmFlavor::Absent(why) => Some(format!("no usable KVM ({why})")),
+        KvmFlavor::Unknown(why) => Some(why.clone()),
+    }
+}
+
+/// Whether the built-in VMM can run the Linux guest here: `Ok(why)` or `Err(why not)`.
+pub fn builtin_support(flavor: &KvmFlavor) -> Result<String, String> {
+    match (flavor, linux_guest_blocker(flavor)) {
+        (_, Some(why)) => Err(why),
+        (KvmFlavor::Hardware(m), None) => Ok(format!("host KVM is {m}, which runs unmodified Linux guests")),
+        (other, None) => Ok(format!("{other:?}")),
+    }
+}
+
 /// Which hypervisor backend runs the sandbox, and why.
+///
+/// | configured | hardware KVM | PVM / unknown / no KVM |
+/// |---|---|---|
+/// | `qemu` | qemu | qemu |
+/// | `builtin` | builtin | error (why) |
+/// | `auto` | builtin | qemu |
 pub fn choose_backend(
     requested: joey_config::HypervisorKind,
     flavor: &KvmFlavor,
 ) -> Result<(crate::hypervisor::BackendKind, String), String> {
     use crate::hypervisor::BackendKind;
     use joey_config::HypervisorKind;
-    match requested {
-        HypervisorKind::Qemu => Ok((BackendKind::Qemu, "hypervisor.kind = \"qemu\" in config".into())),
-        HypervisorKind::Builtin => Err(
-            "hypervisor.kind = \"builtin\": the built-in VMM cannot boot Linux guests yet \
-             (see issue: built-in VMM); use \"qemu\" or \"auto\""
-                .into(),
-        ),
-        HypervisorKind::Auto => match flavor {
-            KvmFlavor::Hardware(m) => Ok((
-                BackendKind::Qemu,
-                format!("auto: host KVM is {m}; the built-in VMM's Linux boot is not available yet, using qemu"),
-            )),
-            KvmFlavor::Pvm => Ok((
-                BackendKind::Qemu,
-                "auto: host KVM is PVM-type and cannot run an unmodified Linux guest; using qemu".into(),
-            )),
-            KvmFlavor::Absent(why) | KvmFlavor::Unknown(why) => {
-                Ok((BackendKind::Qemu, format!("auto: {why}; using qemu")))
-            }
+    match (requested, builtin_support(flavor)) {
+        (HypervisorKind::Qemu, _) => Ok((BackendKind::Qemu, "hypervisor.kind = \"qemu\" in config".into())),
+        (HypervisorKind::Builtin, Ok(why)) => Ok((
+            BackendKind::Builtin,
+            format!("hypervisor.kind = \"builtin\" in config; {why}"),
+        )),
+        (HypervisorKind::Builtin, Err(why)) => Err(format!(
+            "hypervisor.kind = \"builtin\" cannot be used on this host: {why}; use \"qemu\" or \"auto\""
+        )),
+        (HypervisorKind::Auto, Ok(why)) => Ok((BackendKind::Builtin, format!("auto: {why}; using the built-in VMM"))),
+        (HypervisorKind::Auto, Err(why)) => Ok((BackendKind::Qemu, format!("auto: {why}; using qemu"))),
+    }
+}
+
+/// The accelerator of the chosen backend: the built-in VMM always runs on KVM (it is only
+/// chosen where KVM runs Linux guests); QEMU follows `hypervisor.qemu.accel`.
+pub fn choose_accel(
+    backend: crate::hypervisor::BackendKind,
+    requested: joey_config::Accel,
+    flavor: &KvmFlavor,
+) -> Result<AccelChoice, String> {
+    use crate::hypervisor::{Accelerator, BackendKind};
+    match backend {
+        BackendKind::Qemu => choose_qemu_accel(requested, flavor),
+        BackendKind::Builtin => match builtin_support(flavor) {
+            Ok(why) => Ok(AccelChoice {
+                accel: Accelerator::Kvm,
+                reason: format!("the built-in VMM runs guests on KVM; {why}"),
+            }),
+            Err(why) => Err(format!("the built-in VMM needs KVM that runs Linux guests: {why}")),
         },
     }
 }
@@ -196,9 +238,65 @@ mod tests {
         assert_eq!(c.accel, Accelerator::Tcg);
     }
 
+    fn flavors() -> Vec<KvmFlavor> {
+        vec![
+            KvmFlavor::Hardware("kvm_intel (VT-x)".into()),
+            KvmFlavor::Hardware("kvm_amd (AMD-V)".into()),
+            KvmFlavor::Pvm,
+            KvmFlavor::Absent("/dev/kvm not usable: No such file or directory (os error 2)".into()),
+            KvmFlavor::Unknown("/dev/kvm present but neither kvm_intel, kvm_amd nor kvm_pvm is loaded".into()),
+        ]
+    }
+
+    /// Host flavor x configured kind -> backend or error, the whole matrix.
     #[test]
-    fn builtin_is_refused_honestly() {
+    fn backend_choice_matrix() {
+        use crate::hypervisor::BackendKind;
+        use joey_config::HypervisorKind;
+        for f in flavors() {
+            let hw = matches!(f, KvmFlavor::Hardware(_));
+            // qemu: always qemu.
+            let (b, why) = choose_backend(HypervisorKind::Qemu, &f).unwrap();
+            assert_eq!(b, BackendKind::Qemu, "{f:?}");
+            assert!(why.contains("\"qemu\" in config"), "{why}");
+            // auto: builtin exactly where KVM runs Linux guests.
+            let (b, why) = choose_backend(HypervisorKind::Auto, &f).unwrap();
+            assert_eq!(b, if hw { BackendKind::Builtin } else { BackendKind::Qemu }, "{f:?}");
+            assert!(why.starts_with("auto: "), "{why}");
+            // builtin: refused, with the detection's reason, where KVM cannot run Linux guests.
+            match (choose_backend(HypervisorKind::Builtin, &f), linux_guest_blocker(&f)) {
+                (Ok((b, why)), None) => {
+                    assert_eq!(b, BackendKind::Builtin);
+                    assert!(why.contains("runs unmodified Linux guests"), "{why}");
+                }
+                (Err(e), Some(blocker)) => {
+                    assert!(e.contains(&blocker), "{e}");
+                    assert!(e.starts_with("hypervisor.kind = \"builtin\" cannot be used on this host: "), "{e}");
+                    assert!(!e.contains('\n'), "{e:?}");
+                }
+                other => panic!("{f:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn builtin_refusal_names_pvm() {
         let e = choose_backend(joey_config::HypervisorKind::Builtin, &KvmFlavor::Pvm).unwrap_err();
-        assert!(e.contains("built-in VMM"));
+        assert!(e.contains("PVM-type") && e.contains("cannot run an unmodified Linux guest"), "{e}");
+        assert_eq!(builtin_support(&KvmFlavor::Pvm).unwrap_err(), linux_guest_blocker(&KvmFlavor::Pvm).unwrap());
+    }
+
+    #[test]
+    fn builtin_backend_runs_on_kvm() {
+        use crate::hypervisor::BackendKind;
+        let hw = KvmFlavor::Hardware("kvm_intel (VT-x)".into());
+        // hypervisor.qemu.accel does not matter for the built-in VMM.
+        for a in [joey_config::Accel::Auto, joey_config::Accel::Tcg, joey_config::Accel::Kvm] {
+            let c = choose_accel(BackendKind::Builtin, a, &hw).unwrap();
+            assert_eq!(c.accel, Accelerator::Kvm);
+        }
+        assert!(choose_accel(BackendKind::Builtin, joey_config::Accel::Auto, &KvmFlavor::Pvm).is_err());
+        let c = choose_accel(BackendKind::Qemu, joey_config::Accel::Auto, &KvmFlavor::Pvm).unwrap();
+        assert_eq!(c.accel, Accelerator::Tcg);
     }
 }

@@ -1,9 +1,15 @@
 //! The Hypervisor actor and its backends.
 //!
-//! The actor owns the backend (today: QEMU `microvm`; the built-in VMM joins later). Device
-//! threads (the vsock device) are owned by the backend and only talk to async code through
-//! channels with timeouts.
+//! The actor owns one VM on one of two backends ([`BackendKind`]):
+//! - `qemu`: QEMU `microvm` in its own process, with our vsock device served over vhost-user on a
+//!   device thread ([`qemu::QemuVm`]);
+//! - `builtin`: the built-in VMM (`joey-vmm-core`) in this process, on KVM, owned by a dedicated
+//!   VMM thread that bridges the VM's events to the async world ([`builtin::BuiltinVm`]).
+//!
+//! [`select_backend`] decides which one runs (and why), [`host`] says what the host's KVM can
+//! do. Device and VMM threads only talk to async code through channels with timeouts.
 
+pub mod builtin;
 pub mod host;
 pub mod qemu;
 
@@ -35,23 +41,35 @@ impl fmt::Display for Accelerator {
 /// Which backend runs the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
+    /// QEMU `microvm` (an external process).
     Qemu,
+    /// The built-in VMM (in this process, KVM only).
+    Builtin,
 }
 
 impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             BackendKind::Qemu => "qemu",
+            BackendKind::Builtin => "builtin",
         })
     }
 }
 
-/// How the VM process ended.
+/// How the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
+    /// The QEMU process exited with a code.
     Exited(i32),
+    /// The QEMU process was killed by a signal.
     Signaled(i32),
     WaitFailed(String),
+    /// Built-in VMM: the guest ended the VM (reset, power off, fault); what happened.
+    GuestStopped(String),
+    /// Built-in VMM: stopped by the runtime.
+    ForceStopped,
+    /// Built-in VMM: the VMM failed (create, stop, or its thread panicked).
+    VmmFailed(String),
 }
 
 impl fmt::Display for VmExit {
@@ -60,8 +78,24 @@ impl fmt::Display for VmExit {
             VmExit::Exited(c) => write!(f, "exited with code {c}"),
             VmExit::Signaled(s) => write!(f, "killed by signal {s}"),
             VmExit::WaitFailed(e) => write!(f, "wait failed: {e}"),
+            VmExit::GuestStopped(why) => write!(f, "stopped ({why})"),
+            VmExit::ForceStopped => write!(f, "was stopped by the runtime"),
+            VmExit::VmmFailed(e) => write!(f, "failed in the built-in VMM ({e})"),
         }
     }
+}
+
+/// How a stop ended the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMethod {
+    /// The guest ended the VM itself (agent DestroySandbox) or had already ended it.
+    GuestExit,
+    /// QEMU: QMP `quit`.
+    QmpQuit,
+    /// QEMU: SIGKILL after the timeouts.
+    Kill,
+    /// Built-in VMM: `Vmm::stop` on the VMM thread.
+    VmmStop,
 }
 
 /// Everything needed to start one VM.
@@ -72,6 +106,7 @@ pub struct VmSpec {
     pub state_dir: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The kernel the backend boots (`bzImage` for QEMU, ELF `vmlinux` for the built-in VMM).
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub kernel_params: String,
@@ -82,6 +117,9 @@ pub struct VmSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
+    /// Bad input (config vs. host): exit code 2 in joeyctl.
+    #[error("{0}")]
+    BadInput(String),
     #[error("QEMU binary not found: {0}")]
     QemuNotFound(String),
     #[error("failed to start {binary}: {source}")]
@@ -94,28 +132,91 @@ pub enum HypervisorError {
     Qmp(String),
     #[error("VM process {0} did not exit after SIGKILL")]
     StopTimeout(u32),
+    #[error(transparent)]
+    Builtin(#[from] builtin::BuiltinError),
     #[error("no VM is running")]
     NotRunning,
     #[error(transparent)]
     State(#[from] InvalidTransition),
 }
 
+impl HypervisorError {
+    /// Whether the error was caused by bad input (configuration, missing files or binaries).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, HypervisorError::BadInput(_) | HypervisorError::QemuNotFound(_))
+    }
+}
+
+/// The backend that will run a sandbox, decided before anything starts.
+#[derive(Debug, Clone)]
+pub struct BackendSelection {
+    pub backend: BackendKind,
+    pub backend_reason: String,
+    pub accel: host::AccelChoice,
+    /// The kernel this backend boots.
+    pub kernel: PathBuf,
+}
+
+/// Picks the backend for `cfg` on a host whose KVM is `flavor` (see [`host::choose_backend`])
+/// and checks what that backend needs: its kernel and the initrd exist, the QEMU binary is
+/// found, the vCPU count fits. Everything refused here is bad input.
+pub fn select_backend(
+    cfg: &joey_config::Config,
+    origin: &str,
+    flavor: &host::KvmFlavor,
+) -> Result<BackendSelection, HypervisorError> {
+    let h = &cfg.hypervisor;
+    let (backend, backend_reason) = host::choose_backend(h.kind, flavor).map_err(HypervisorError::BadInput)?;
+    let accel = host::choose_accel(backend, h.qemu.accel, flavor).map_err(HypervisorError::BadInput)?;
+    let bad = |e: joey_config::ConfigError| HypervisorError::BadInput(e.to_string());
+    let kernel = match backend {
+        BackendKind::Qemu => {
+            cfg.check_files(origin).map_err(bad)?;
+            qemu::resolve_binary(&h.qemu.binary)?;
+            h.kernel.clone()
+        }
+        BackendKind::Builtin => {
+            if h.vcpus > u32::from(joey_vmm_core::vmm::MAX_VCPUS) {
+                return Err(HypervisorError::BadInput(format!(
+                    "{origin}: invalid value for `hypervisor.vcpus`: the built-in VMM runs at most {} vCPUs, \
+                     {} configured",
+                    joey_vmm_core::vmm::MAX_VCPUS,
+                    h.vcpus
+                )));
+            }
+            cfg.check_builtin_files(origin).map_err(bad)?;
+            h.builtin.kernel.clone()
+        }
+    };
+    Ok(BackendSelection {
+        backend,
+        backend_reason,
+        accel,
+        kernel,
+    })
+}
+
 /// Reply to [`StartVm`].
 #[derive(Debug, Clone)]
 pub struct VmStarted {
+    /// The process running the guest (QEMU, or this process for the built-in VMM).
     pub pid: u32,
     /// Hybrid-vsock unix socket of the guest (`CONNECT <port>`).
     pub vsock_uds: PathBuf,
     pub console_log: PathBuf,
-    pub qemu_log: PathBuf,
-    /// Turns `Some` when the VM process has exited.
+    /// QEMU's own log (`None` for the built-in VMM, which logs through tracing).
+    pub vmm_log: Option<PathBuf>,
+    /// Turns `Some` when the VM has ended.
     pub exit: watch::Receiver<Option<VmExit>>,
 }
 
-/// Starts the VM described by the spec.
+/// Starts the VM described by the spec on the given backend.
 #[derive(Message)]
 #[rtype(result = "Result<VmStarted, HypervisorError>")]
-pub struct StartVm(pub VmSpec);
+pub struct StartVm {
+    pub spec: VmSpec,
+    pub backend: BackendKind,
+}
 
 /// Stops the VM (after `grace` for the guest to power off by itself).
 #[derive(Message)]
@@ -127,13 +228,28 @@ pub struct StopVm {
 /// Reply to [`StopVm`].
 #[derive(Debug, Clone)]
 pub struct StopReport {
-    pub method: qemu::StopMethod,
+    pub method: StopMethod,
     pub exit: VmExit,
+}
+
+/// The running VM, on whichever backend.
+enum Vm {
+    Qemu(qemu::QemuVm),
+    Builtin(builtin::BuiltinVm),
+}
+
+impl Vm {
+    async fn stop(self, grace: Duration) -> Result<(StopMethod, VmExit), HypervisorError> {
+        match self {
+            Vm::Qemu(vm) => vm.stop(grace).await,
+            Vm::Builtin(vm) => Ok(vm.stop(grace).await?),
+        }
+    }
 }
 
 /// The Hypervisor actor: owns the VM backend.
 pub struct HypervisorActor {
-    vm: Option<qemu::QemuVm>,
+    vm: Option<Vm>,
     state: VmState,
 }
 
@@ -143,6 +259,57 @@ impl HypervisorActor {
             vm: None,
             state: VmState::NotStarted,
         }
+    }
+
+    fn check_can_start(&self) -> Result<(), HypervisorError> {
+        if self.state.can_transition(VmState::Running) {
+            Ok(())
+        } else {
+            Err(InvalidTransition {
+                what: "vm",
+                from: self.state.to_string(),
+                to: VmState::Running.to_string(),
+            }
+            .into())
+        }
+    }
+
+    fn start_qemu(&mut self, spec: &VmSpec) -> Result<VmStarted, HypervisorError> {
+        let vm = qemu::QemuVm::start(spec)?;
+        self.state.transition(VmState::Running)?;
+        let started = VmStarted {
+            pid: vm.pid,
+            vsock_uds: vm.paths.vsock_uds.clone(),
+            console_log: vm.paths.console_log.clone(),
+            vmm_log: Some(vm.paths.qemu_log.clone()),
+            exit: vm.exit_watch(),
+        };
+        self.vm = Some(Vm::Qemu(vm));
+        Ok(started)
+    }
+
+    fn adopt_builtin(&mut self, mut vm: builtin::BuiltinVm, ctx: &mut Context<Self>) -> Result<VmStarted, HypervisorError> {
+        self.state.transition(VmState::Running)?;
+        if let Some(mut events) = vm.take_events() {
+            // The VMM thread's events, drained on the actor's context (never blocking).
+            ctx.spawn(
+                async move {
+                    while let Some(ev) = events.recv().await {
+                        tracing::info!(event = ?ev, "built-in VM event received");
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+        let started = VmStarted {
+            pid: std::process::id(),
+            vsock_uds: vm.paths.vsock_uds.clone(),
+            console_log: vm.paths.console_log.clone(),
+            vmm_log: None,
+            exit: vm.exit_watch(),
+        };
+        self.vm = Some(Vm::Builtin(vm));
+        Ok(started)
     }
 }
 
@@ -157,28 +324,28 @@ impl Actor for HypervisorActor {
 }
 
 impl Handler<StartVm> for HypervisorActor {
-    type Result = Result<VmStarted, HypervisorError>;
+    type Result = AtomicResponse<Self, Result<VmStarted, HypervisorError>>;
 
     fn handle(&mut self, msg: StartVm, _ctx: &mut Context<Self>) -> Self::Result {
-        if !self.state.can_transition(VmState::Running) {
-            return Err(InvalidTransition {
-                what: "vm",
-                from: self.state.to_string(),
-                to: VmState::Running.to_string(),
-            }
-            .into());
+        if let Err(e) = self.check_can_start() {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
         }
-        let vm = qemu::QemuVm::start(&msg.0)?;
-        self.state.transition(VmState::Running)?;
-        let started = VmStarted {
-            pid: vm.pid,
-            vsock_uds: vm.paths.vsock_uds.clone(),
-            console_log: vm.paths.console_log.clone(),
-            qemu_log: vm.paths.qemu_log.clone(),
-            exit: vm.exit_watch(),
-        };
-        self.vm = Some(vm);
-        Ok(started)
+        let StartVm { spec, backend } = msg;
+        match backend {
+            BackendKind::Qemu => {
+                let r = self.start_qemu(&spec);
+                AtomicResponse::new(Box::pin(fut::ready(r)))
+            }
+            BackendKind::Builtin => {
+                // Creating the VM (kernel load, memory, vCPUs) happens on the VMM thread; the
+                // actor only awaits its report, bounded by builtin::START_TIMEOUT.
+                let fut = async move { builtin::BuiltinVm::start(&spec).await };
+                AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, act, ctx| {
+                    let vm = res?;
+                    act.adopt_builtin(vm, ctx)
+                })))
+            }
+        }
     }
 }
 
@@ -205,5 +372,86 @@ impl Handler<StopVm> for HypervisorActor {
             }
             res
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use host::KvmFlavor;
+
+    fn cfg_with_files(kind: joey_config::HypervisorKind) -> (tempfile::TempDir, joey_config::Config) {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = joey_config::Config::default();
+        c.hypervisor.kind = kind;
+        for (name, slot) in [
+            ("bzImage", &mut c.hypervisor.kernel),
+            ("initrd.img", &mut c.hypervisor.initrd),
+            ("vmlinux", &mut c.hypervisor.builtin.kernel),
+        ] {
+            let p = d.path().join(name);
+            std::fs::write(&p, b"x").unwrap();
+            *slot = p;
+        }
+        c.hypervisor.qemu.binary = PathBuf::from("sh");
+        (d, c)
+    }
+
+    const HW: fn() -> KvmFlavor = || KvmFlavor::Hardware("kvm_intel (VT-x)".into());
+
+    #[test]
+    fn selection_boots_the_backends_kernel() {
+        use joey_config::HypervisorKind;
+        let (_d, c) = cfg_with_files(HypervisorKind::Auto);
+        let s = select_backend(&c, "<t>", &HW()).unwrap();
+        assert_eq!((s.backend, s.accel.accel), (BackendKind::Builtin, Accelerator::Kvm));
+        assert_eq!(s.kernel, c.hypervisor.builtin.kernel);
+        let s = select_backend(&c, "<t>", &KvmFlavor::Pvm).unwrap();
+        assert_eq!((s.backend, s.accel.accel), (BackendKind::Qemu, Accelerator::Tcg));
+        assert_eq!(s.kernel, c.hypervisor.kernel);
+    }
+
+    #[test]
+    fn builtin_on_pvm_is_bad_input() {
+        let (_d, c) = cfg_with_files(joey_config::HypervisorKind::Builtin);
+        let e = select_backend(&c, "<t>", &KvmFlavor::Pvm).unwrap_err();
+        assert!(e.is_bad_input(), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains(&host::linux_guest_blocker(&KvmFlavor::Pvm).unwrap()), "{msg}");
+        assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn builtin_needs_only_its_own_files() {
+        use joey_config::HypervisorKind;
+        let (_d, mut c) = cfg_with_files(HypervisorKind::Builtin);
+        // Neither QEMU nor the bzImage are needed by the built-in VMM.
+        c.hypervisor.qemu.binary = PathBuf::from("/nonexistent/qemu");
+        c.hypervisor.kernel = PathBuf::from("/nonexistent/bzImage");
+        select_backend(&c, "<t>", &HW()).unwrap();
+        c.hypervisor.builtin.kernel = PathBuf::from("/nonexistent/vmlinux");
+        let e = select_backend(&c, "<t>", &HW()).unwrap_err();
+        assert!(e.is_bad_input() && e.to_string().contains("hypervisor.builtin.kernel"), "{e}");
+        // And QEMU needs its binary.
+        let (_d2, mut c) = cfg_with_files(HypervisorKind::Qemu);
+        c.hypervisor.qemu.binary = PathBuf::from("/nonexistent/qemu");
+        let e = select_backend(&c, "<t>", &HW()).unwrap_err();
+        assert!(matches!(e, HypervisorError::QemuNotFound(_)) && e.is_bad_input(), "{e:?}");
+    }
+
+    #[test]
+    fn builtin_vcpu_limit_is_bad_input() {
+        let (_d, mut c) = cfg_with_files(joey_config::HypervisorKind::Builtin);
+        c.hypervisor.vcpus = 64;
+        let e = select_backend(&c, "<t>", &HW()).unwrap_err();
+        assert!(e.is_bad_input() && e.to_string().contains("hypervisor.vcpus"), "{e}");
+    }
+
+    #[test]
+    fn displays() {
+        assert_eq!(BackendKind::Builtin.to_string(), "builtin");
+        assert_eq!(BackendKind::Qemu.to_string(), "qemu");
+        assert_eq!(VmExit::GuestStopped("guest reset".into()).to_string(), "stopped (guest reset)");
+        assert_eq!(VmExit::ForceStopped.to_string(), "was stopped by the runtime");
     }
 }

@@ -20,6 +20,8 @@ pub struct VmPaths {
     pub qmp_sock: PathBuf,
     pub vhost_vsock_sock: PathBuf,
     pub vsock_uds: PathBuf,
+    /// vhost-user socket of the ShareFs actor's virtio-fs device, when it has bound one.
+    pub vhost_fs_sock: Option<PathBuf>,
 }
 
 impl VmPaths {
@@ -30,20 +32,13 @@ impl VmPaths {
             qmp_sock: state_dir.join("qmp.sock"),
             vhost_vsock_sock: state_dir.join("vhost-vsock.sock"),
             vsock_uds: state_dir.join("vsock.sock"),
+            vhost_fs_sock: None,
         }
     }
 }
 
-/// How a stop ended the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopMethod {
-    /// The guest powered itself off (agent DestroySandbox) or had already exited.
-    GuestExit,
-    /// QMP `quit`.
-    QmpQuit,
-    /// SIGKILL after the timeouts.
-    Kill,
-}
+/// How a stop ended the VM (shared by both backends; QEMU uses `GuestExit`, `QmpQuit`, `Kill`).
+pub use super::StopMethod;
 
 /// Resolves a binary name against PATH (absolute or relative paths are taken as they are).
 pub fn resolve_binary(bin: &Path) -> Result<PathBuf, HypervisorError> {
@@ -95,6 +90,11 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
     push(&["-append", &cmdline]);
     push(&["-chardev", &format!("socket,id=vsock0,path={}", paths.vhost_vsock_sock.display())]);
     push(&["-device", "vhost-user-vsock-device,chardev=vsock0"]);
+    if let Some(fs) = &paths.vhost_fs_sock {
+        // virtio-fs served by the ShareFs actor (needs the shared memfd memory backend above).
+        push(&["-chardev", &format!("socket,id=fs0,path={}", fs.display())]);
+        push(&["-device", &format!("vhost-user-fs-device,chardev=fs0,tag={}", joey_agent_protocol::SHARED_FS_TAG)]);
+    }
     push(&["-device", "virtio-rng-device"]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.qmp_sock.display())]);
     a
@@ -113,7 +113,12 @@ impl QemuVm {
     /// Starts the vsock device thread, then QEMU.
     pub fn start(spec: &VmSpec) -> Result<QemuVm, HypervisorError> {
         let binary = resolve_binary(&spec.qemu_binary)?;
-        let paths = VmPaths::new(&spec.state_dir);
+        let mut paths = VmPaths::new(&spec.state_dir);
+        // The ShareFs actor binds its device socket in the state dir before StartVm.
+        let fs_sock = spec.state_dir.join(crate::sharefs::VHOST_FS_SOCK);
+        if fs_sock.exists() {
+            paths.vhost_fs_sock = Some(fs_sock);
+        }
         let server = VhostUserVsockServer::bind(
             &paths.vhost_vsock_sock,
             VsockConfig {
@@ -328,6 +333,17 @@ mod tests {
         assert!(a.contains("path=/run/joey/t/vhost-vsock.sock"));
         assert!(a.contains("-no-reboot"));
         assert!(a.contains("panic=-1 quiet foo=1"));
+        assert!(!a.contains("vhost-user-fs-device"));
+    }
+
+    #[test]
+    fn args_attach_the_sharefs_device() {
+        let s = spec();
+        let mut paths = VmPaths::new(&s.state_dir);
+        paths.vhost_fs_sock = Some(PathBuf::from("/run/joey/t/vhost-fs.sock"));
+        let a = qemu_args(&s, &paths).join(" ");
+        assert!(a.contains("-chardev socket,id=fs0,path=/run/joey/t/vhost-fs.sock"));
+        assert!(a.contains("-device vhost-user-fs-device,chardev=fs0,tag=joeyfs"));
     }
 
     #[test]

@@ -42,3 +42,7 @@ pub mod agent_ttrpc {
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Protocol version reported by `Version`.
 pub const PROTOCOL_VERSION: &str = "1";
+/// virtio-fs mount tag of the sandbox's shared directory (container rootfs dirs live under it).
+pub const SHARED_FS_TAG: &str = "joeyfs";
+/// Where the agent mounts the shared directory in the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/joey/shared";

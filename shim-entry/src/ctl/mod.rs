@@ -87,6 +87,11 @@ pub fn main() -> i32 {
                 Ok((b, why)) => println!("hypervisor: {b} ({why})"),
                 Err(e) => println!("hypervisor: none ({e})"),
             }
+            // Whether the built-in VMM can run the Linux guest here, whatever is configured.
+            match host::builtin_support(&flavor) {
+                Ok(why) => println!("builtin vmm: available: {why}"),
+                Err(why) => println!("builtin vmm: unavailable: {why}"),
+            }
             match host::choose_qemu_accel(c.hypervisor.qemu.accel, &flavor) {
                 Ok(a) => println!("qemu accelerator: {a}"),
                 Err(e) => println!("qemu accelerator: none ({e})"),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use joey_actors::sandbox::{
-    CloseStdin, ExecProcess, ReadOutput, SandboxActor, SandboxError, SandboxStarted, StartSandbox, StopSandbox,
+    CloseStdin, CreateContainer, ExecProcess, ReadOutput, SandboxActor, SandboxError, SandboxStarted, StartSandbox, StopSandbox,
     WaitProcess, WriteStdin,
 };
 use joey_actors::{AgentError, HypervisorActor, RpcCode};
@@ -27,12 +27,36 @@ pub struct RunArgs {
     /// Log what the runtime does (info level) to stderr.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Run CMD in a container whose root filesystem is this host directory (shared with the
+    /// guest over virtio-fs); without it CMD runs in the guest's own filesystem.
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: Option<PathBuf>,
+    /// With --rootfs: mount the container's root filesystem read-only.
+    #[arg(long, requires = "rootfs")]
+    pub read_only: bool,
+    /// With --rootfs: the container's hostname (default: the sandbox id).
+    #[arg(long, requires = "rootfs")]
+    pub hostname: Option<String>,
     /// The command and its arguments, after `--`.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
 }
 
 const EXEC_ID: &str = "main";
+
+/// What to start in the sandbox.
+#[derive(Debug, Clone)]
+enum Target {
+    /// A process in the guest's own filesystem (exec id [`EXEC_ID`]).
+    Guest,
+    /// A container (exec id = container id = sandbox id).
+    Container {
+        id: String,
+        rootfs: PathBuf,
+        read_only: bool,
+        hostname: Option<String>,
+    },
+}
 const READ_CHUNK: u32 = 256 * 1024;
 
 /// Runs the subcommand; returns the exit code.
@@ -116,6 +140,22 @@ enum Outcome {
 
 async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -> i32 {
     let id = joey_actors::new_sandbox_id();
+    let target = match &args.rootfs {
+        None => Target::Guest,
+        Some(dir) => match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => Target::Container {
+                id: id.clone(),
+                // Absolute, so that the bind mount does not depend on our cwd.
+                rootfs: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()),
+                read_only: args.read_only,
+                hostname: args.hostname.clone(),
+            },
+            _ => {
+                eprintln!("joeyctl: error: --rootfs {}: not a directory", dir.display());
+                return EXIT_BAD_INPUT;
+            }
+        },
+    };
     let hv = HypervisorActor::new().start();
     let sb = SandboxActor::new(id, config, origin, hv).start();
 
@@ -136,13 +176,23 @@ async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -
         }
     };
 
+    // GET /metrics on <state_dir>/<id>/metrics.sock while the sandbox runs (see docs/metrics.md).
+    let metrics_server = match joey_actors::sandbox::serve_metrics(&sb, &started.state_dir) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics endpoint unavailable");
+            None
+        }
+    };
+
     let t_exec = Instant::now();
     let outcome = tokio::select! {
-        o = run_process(&sb, args.command.clone()) => o,
+        o = run_process(&sb, args.command.clone(), target) => o,
         code = &mut signalled => Outcome::Interrupted(code),
     };
     let exec_to_exit = t_exec.elapsed();
 
+    drop(metrics_server);
     let stopped = sb.send(StopSandbox).await;
     let teardown = match &stopped {
         Ok(Ok(s)) => s.teardown,
@@ -172,13 +222,36 @@ async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -
     }
 }
 
-async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>) -> Outcome {
-    let req = ExecProcessRequest {
-        exec_id: EXEC_ID.into(),
-        argv,
-        ..Default::default()
+async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>, target: Target) -> Outcome {
+    let (exec_id, started) = match target {
+        Target::Guest => {
+            let req = ExecProcessRequest {
+                exec_id: EXEC_ID.into(),
+                argv,
+                ..Default::default()
+            };
+            (EXEC_ID.to_string(), sb.send(ExecProcess(req)).await)
+        }
+        Target::Container {
+            id,
+            rootfs,
+            read_only,
+            hostname,
+        } => {
+            let msg = CreateContainer {
+                container_id: id.clone(),
+                rootfs,
+                read_only,
+                argv,
+                env: Vec::new(),
+                cwd: String::new(),
+                terminal: false,
+                hostname: hostname.unwrap_or_default(),
+            };
+            (id, sb.send(msg).await)
+        }
     };
-    match sb.send(ExecProcess(req)).await {
+    match started {
         Ok(Ok(_pid)) => {}
         Ok(Err(e)) => {
             eprintln!("joeyctl: error: {e}");
@@ -200,6 +273,7 @@ async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>) -> Outcome {
 
     let pump = |stderr: bool| {
         let sb = sb.clone();
+        let exec_id = exec_id.clone();
         async move {
             let mut out: Box<dyn tokio::io::AsyncWrite + Unpin> = if stderr {
                 Box::new(tokio::io::stderr())
@@ -209,7 +283,7 @@ async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>) -> Outcome {
             loop {
                 let r = sb
                     .send(ReadOutput {
-                        exec_id: EXEC_ID.into(),
+                        exec_id: exec_id.clone(),
                         stderr,
                         len: READ_CHUNK,
                     })
@@ -230,12 +304,13 @@ async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>) -> Outcome {
     };
     let stdin_fwd = {
         let sb = sb.clone();
+        let exec_id = exec_id.clone();
         async move {
             let mut rx = spawn_stdin_reader();
             while let Some(Some(chunk)) = rx.recv().await {
                 match sb
                     .send(WriteStdin {
-                        exec_id: EXEC_ID.into(),
+                        exec_id: exec_id.clone(),
                         data: chunk,
                     })
                     .await
@@ -245,12 +320,12 @@ async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>) -> Outcome {
                     _ => return,
                 }
             }
-            let _ = sb.send(CloseStdin { exec_id: EXEC_ID.into() }).await;
+            let _ = sb.send(CloseStdin { exec_id }).await;
         }
     };
     let stdin_task = tokio::spawn(stdin_fwd);
     let outputs = async { tokio::join!(pump(false), pump(true)) };
-    let wait = sb.send(WaitProcess { exec_id: EXEC_ID.into() });
+    let wait = sb.send(WaitProcess { exec_id: exec_id.clone() });
     let (waited, (o1, o2)) = tokio::join!(wait, outputs);
     stdin_task.abort();
     for r in [o1, o2] {
