@@ -1,9 +1,10 @@
-//! Guest boot preparation: kernel loading (ELF64 `vmlinux`), command line,
+//! Guest boot preparation: kernel loading (ELF64 `vmlinux` or bzImage), command line,
 //! initrd, Linux boot protocol zero page and MP table.
 //!
 //! The entry state of the vCPUs (GDT, page tables, registers) lives in
 //! [`crate::vstate::regs`]; this module only fills guest memory.
 
+pub mod bzimage;
 pub mod elf;
 pub mod layout;
 pub mod mptable;
@@ -20,6 +21,14 @@ use layout::{CMDLINE_ADDR, CMDLINE_MAX_SIZE, MMIO_GAP_START, PAGE_SIZE, ZERO_PAG
 pub enum BootError {
     #[error("kernel: {0}")]
     Elf(#[from] elf::ElfError),
+    #[error("kernel (bzImage): {0}")]
+    BzImage(#[from] bzimage::BzImageError),
+    #[error("reading kernel {path}: {source}")]
+    KernelRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("zero page: {0}")]
     ZeroPage(#[from] zeropage::ZeroPageError),
     #[error("mptable: {0}")]
@@ -115,6 +124,24 @@ pub fn load_initrd(
     Ok((addr, size))
 }
 
+/// Loads an ELF64 vmlinux or a bzImage (told apart by their magic). For a bzImage the kernel's
+/// setup header is returned too, for the zero page.
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<(elf::KernelLoadInfo, Option<Vec<u8>>), BootError> {
+    let image = std::fs::read(path).map_err(|source| BootError::KernelRead {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if bzimage::is_bzimage(&image) {
+        let (info, hdr) = bzimage::load(mem, &image)?;
+        Ok((info, Some(hdr)))
+    } else {
+        Ok((elf::load_elf(mem, &image)?, None))
+    }
+}
+
 /// Loads the kernel, command line and initrd, and writes the zero page and MP table.
 pub fn setup_boot(
     mem: &GuestMemoryMmap,
@@ -124,13 +151,16 @@ pub fn setup_boot(
     cmdline: &str,
     vcpus: u8,
 ) -> Result<BootSetup, BootError> {
-    let k = elf::load_elf_file(mem, kernel)?;
+    let (k, setup_header) = load_kernel(mem, kernel)?;
     let cmdline_len = load_cmdline(mem, cmdline)?;
     let initrd = match initrd {
         Some(p) => Some(load_initrd(mem, mem_size, k.end.0, p)?),
         None => None,
     };
-    let bp = zeropage::build(mem_size, (CMDLINE_ADDR, cmdline_len), initrd)?;
+    let mut bp = zeropage::build(mem_size, (CMDLINE_ADDR, cmdline_len), initrd)?;
+    if let Some(h) = setup_header {
+        bp.apply_setup_header(&h, (CMDLINE_ADDR, cmdline_len), initrd);
+    }
     bp.write_to(mem, GuestAddress(ZERO_PAGE_ADDR))?;
     mptable::setup_mptable(mem, vcpus)?;
     Ok(BootSetup {

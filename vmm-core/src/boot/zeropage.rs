@@ -147,6 +147,21 @@ impl BootParams {
         self.bytes[o..o + 8].copy_from_slice(&v.to_le_bytes());
     }
 
+    /// Copies a bzImage's own setup header (from offset 0x1f1) into the zero page, as the boot
+    /// protocol asks, then re-applies what the loader owns: loader type, LOADED_HIGH, the
+    /// command line and the initrd.
+    pub fn apply_setup_header(&mut self, hdr: &[u8], cmdline: (u64, u32), initrd: Option<(u64, u64)>) {
+        let start = 0x1f1;
+        let n = hdr.len().min(ZERO_PAGE_SIZE - start);
+        self.bytes[start..start + n].copy_from_slice(&hdr[..n]);
+        self.bytes[off::TYPE_OF_LOADER] = LOADER_TYPE_UNDEFINED;
+        self.bytes[off::LOADFLAGS] |= LOADED_HIGH;
+        self.set_cmdline(cmdline.0, cmdline.1);
+        if let Some((a, s)) = initrd {
+            self.set_initrd(a, s);
+        }
+    }
+
     /// Reads a little-endian u32 at `o` (for tests and diagnostics).
     pub fn get_u32(&self, o: usize) -> u32 {
         u32::from_le_bytes(self.bytes[o..o + 4].try_into().unwrap_or([0; 4]))
