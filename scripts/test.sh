@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every joey test (unit + integration with real QEMU/kernel/agent) and prints one summary
-# line: "tests: N passed, M failed". Expects JOEYCTL, JOEY_KERNEL, JOEY_INITRD (set by `make test`).
+# line: "tests: N passed, M failed". Expects JOEYCTL, JOEY_MONITOR, JOEY_KERNEL, JOEY_INITRD (set by
+# `make test`).
 set -uo pipefail
-: "${JOEYCTL:?}" "${JOEY_KERNEL:?}" "${JOEY_INITRD:?}"
+: "${JOEYCTL:?}" "${JOEY_MONITOR:?}" "${JOEY_KERNEL:?}" "${JOEY_INITRD:?}"
 CARGO=${CARGO:-cargo}
 log=$(mktemp /tmp/joey-test.XXXXXX)
 trap 'rm -f "$log"' EXIT
