@@ -20,7 +20,7 @@ deps:
 	bash scripts/deps.sh
 
 build: deps
-	$(CARGO) build --release --bin joeyctl --bin joey-monitor
+	$(CARGO) build --release --bin joeyctl --bin joey-monitor --bin containerd-shim-joey-v2
 
 agent: deps
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p joey-agent --target $(AGENT_TARGET)
@@ -48,15 +48,15 @@ unit-test: deps
 	$(CARGO) test --release --workspace --exclude joey-tests
 
 integration-test: build guest
-	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  $(CARGO) test --release -p joey-tests -- --test-threads=2
 
 test: build guest
-	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/test.sh
 
 bench: build guest
-	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/bench.sh
 	$(CARGO) bench -p joey-vmm-core --bench probe_boot
 

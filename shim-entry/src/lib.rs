@@ -2,3 +2,4 @@
 //! `containerd-shim-joey-v2`.
 
 pub mod ctl;
+pub mod shim;

@@ -1,0 +1,167 @@
+//! `containerd-shim-joey-v2`: the containerd shim v2 (task API v2, containerd 1.6/1.7) of joey.
+//! See docs/shim.md.
+
+pub mod cleanup;
+pub mod mounts;
+pub mod spec;
+pub mod stdio;
+pub mod task;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use actix::Actor as _;
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::protos::api::DeleteResponse;
+use containerd_shim::{Config, Flags, StartOpts};
+use joey_actors::sandbox::SandboxActor;
+use joey_actors::HypervisorActor;
+
+/// containerd's runtime name for this shim.
+pub const RUNTIME_ID: &str = "io.containerd.joey.v2";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("joey config: {0}")]
+    Config(String),
+}
+
+/// The shim's sandbox id (which shim a container joins): the CRI sandbox id from the bundle's
+/// annotations, else the container id.
+pub fn grouping_id(bundle: &Path, id: &str) -> String {
+    spec::load(bundle)
+        .ok()
+        .and_then(|s| s.sandbox_id)
+        .unwrap_or_else(|| id.to_string())
+}
+
+fn load_config() -> Result<(joey_config::Config, String), ShimError> {
+    joey_config::Config::load(None)
+        .map(|(c, origin)| {
+            (
+                c,
+                origin.map(|p| p.display().to_string()).unwrap_or_else(|| "<defaults>".into()),
+            )
+        })
+        .map_err(|e| ShimError::Config(e.to_string()))
+}
+
+/// Logs go to containerd's `log` fifo in the bundle (the shim's cwd), when there is a reader.
+fn init_logging() {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("log")
+        .ok();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_target(false);
+    match file {
+        Some(f) => {
+            // Blocking writes from here on (a full pipe must not lose lines).
+            use std::os::fd::AsRawFd as _;
+            let _ = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()));
+            let f = std::sync::Mutex::new(f);
+            let _ = builder.with_writer(f).try_init();
+        }
+        None => {
+            let _ = builder.with_writer(std::io::sink).try_init();
+        }
+    }
+}
+
+pub struct JoeyShim {
+    id: String,
+    namespace: String,
+    bundle: String,
+    exit: Arc<ExitSignal>,
+}
+
+#[async_trait]
+impl Shim for JoeyShim {
+    type T = task::JoeyTask;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        JoeyShim {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            bundle: args.bundle.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        let id = opts.id.clone();
+        let grouping = tokio::task::spawn_blocking(move || grouping_id(Path::new("."), &id))
+            .await
+            .unwrap_or_else(|_| opts.id.clone());
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        containerd_shim::asynchronous::util::write_str_to_file("address", &address).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let id = self.id.clone();
+        let bundle = if self.bundle.is_empty() { ".".to_string() } else { self.bundle.clone() };
+        let r = tokio::task::spawn_blocking(move || cleanup::delete_dead(&id, Path::new(&bundle))).await;
+        match r {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(containerd_shim::Error::Other(e.to_string())),
+            Err(e) => Err(containerd_shim::Error::Other(e.to_string())),
+        }
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        init_logging();
+        // Called inside the actix system (see `main`): the actors start here.
+        let sandbox = load_config().map_err(|e| e.to_string()).map(|(config, origin)| {
+            let hv = HypervisorActor::new().start();
+            SandboxActor::new(self.id.clone(), config, origin, hv).start()
+        });
+        if let Err(e) = &sandbox {
+            tracing::error!(error = %e, "no sandbox: the joey config did not load");
+        }
+        task::JoeyTask::new(sandbox, self.namespace.clone(), publisher, self.exit.clone())
+    }
+}
+
+/// Entry point of `containerd-shim-joey-v2`.
+pub fn main() -> i32 {
+    let config = Config {
+        // Our tracing subscriber writes the log fifo.
+        no_setup_logger: true,
+        // The hypervisor backend waits for its own children (QEMU); a reaper calling
+        // waitpid(-1) would steal their exit statuses.
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    };
+    let sys = actix::System::new();
+    sys.block_on(containerd_shim::asynchronous::run::<JoeyShim>(RUNTIME_ID, Some(config)));
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouping_uses_cri_sandbox_id_else_container_id() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert_eq!(grouping_id(d.path(), "c1"), "c1");
+        std::fs::write(
+            d.path().join("config.json"),
+            r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
+                "annotations":{"io.kubernetes.cri.sandbox-id":"pod1"}}"#,
+        )
+        .expect("write");
+        assert_eq!(grouping_id(d.path(), "c1"), "pod1");
+    }
+}

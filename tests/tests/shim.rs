@@ -1,0 +1,224 @@
+//! containerd shim v2: a private containerd 1.6 runs busybox in a joey microVM through
+//! `containerd-shim-joey-v2` (`ctr run --runtime io.containerd.joey.v2`). Needs `JOEY_SHIM`
+//! (the shim binary), `JOEY_KERNEL`, `JOEY_INITRD` and Debian's containerd, runc, busybox-static.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use joey_tests::*;
+
+const IMAGE: &str = "docker.io/library/busybox:local";
+const RUNTIME: &str = "io.containerd.joey.v2";
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn shim_path() -> PathBuf {
+    match std::env::var_os("JOEY_SHIM") {
+        Some(v) => PathBuf::from(v),
+        None => panic!("JOEY_SHIM is not set: run the integration tests through `make test`"),
+    }
+}
+
+/// A private containerd (own root, state, sockets and joey state dir under a temp dir) that
+/// finds our shim first in its PATH. Killed on drop.
+struct Containerd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    fn start() -> Containerd {
+        let kernel = std::env::var("JOEY_KERNEL").expect("JOEY_KERNEL is not set");
+        let initrd = std::env::var("JOEY_INITRD").expect("JOEY_INITRD is not set");
+        let shim = shim_path();
+        assert!(shim.is_file(), "JOEY_SHIM={} does not exist", shim.display());
+        let dir = tempfile::Builder::new().prefix("joey-shim-").tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::write(
+            d.join("joey.toml"),
+            format!(
+                "[hypervisor]\nkind = \"qemu\"\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\n\n[runtime]\nstate_dir = \"{}\"\n",
+                d.join("joey-state").display()
+            ),
+        )
+        .expect("write joey config");
+        std::fs::write(
+            d.join("containerd.toml"),
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{0}/c.sock\"\n[ttrpc]\n  address = \"{0}/c.sock.ttrpc\"\n",
+                d.display()
+            ),
+        )
+        .expect("write containerd config");
+        let path = format!(
+            "{}:{}",
+            shim.parent().expect("shim dir").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(d.join("containerd.log")).expect("log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("containerd.toml"))
+            .env("PATH", path)
+            .env("JOEY_CONFIG", d.join("joey.toml"))
+            .env_remove("JOEY_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start containerd (apt-get install containerd runc)");
+        let c = Containerd { dir, child: Some(child) };
+        let t0 = Instant::now();
+        while !c.sock().exists() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "containerd did not start:\n{}", c.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.path().join("c.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("-a").arg(self.sock()).args(args);
+        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    }
+
+    fn ctr_out(&self, args: &[&str]) -> Output {
+        let child = self.ctr(args).spawn().expect("run ctr");
+        wait_output(child, RUN_TIMEOUT)
+    }
+
+    fn import_busybox(&self) {
+        let tar = self.dir.path().join("busybox.tar");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-busybox-image.sh");
+        let o = Command::new("bash").arg(script).arg(&tar).output().expect("make-busybox-image.sh");
+        assert!(o.status.success(), "make-busybox-image.sh: {}", stderr_of(&o));
+        let t = tar.display().to_string();
+        // The manifest's ref.name names the image; ctr may complain about the extra index name.
+        let _ = self.ctr_out(&["image", "import", "--index-name", IMAGE, &t]);
+        let ls = self.ctr_out(&["image", "ls", "-q"]);
+        assert!(
+            String::from_utf8_lossy(&ls.stdout).lines().any(|l| l == IMAGE),
+            "image not imported: {}",
+            String::from_utf8_lossy(&ls.stdout)
+        );
+    }
+
+    fn run(&self, id: &str, argv: &[&str]) -> Output {
+        let mut args = vec!["run", "--rm", "--runtime", RUNTIME, IMAGE, id];
+        args.extend_from_slice(argv);
+        self.ctr_out(&args)
+    }
+
+    /// containerd's shim socket for container `id` (namespace default).
+    fn shim_socket(&self, id: &str) -> PathBuf {
+        let h = sha256_hex(format!("{}/default/{id}", self.sock().display()).as_bytes());
+        PathBuf::from("/run/containerd/s").join(h)
+    }
+
+    /// Nothing of this test is left: no QEMU or shim process, no mount, no shim socket.
+    fn assert_clean(&self, ids: &[&str]) {
+        let d = self.dir.path().display().to_string();
+        let t0 = Instant::now();
+        loop {
+            let procs: Vec<_> = processes_mentioning(&d)
+                .into_iter()
+                .filter(|(_, cmd)| !cmd.starts_with("containerd --config"))
+                .collect();
+            let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+            let mounts: Vec<&str> = mi.lines().filter(|l| l.contains(&d)).collect();
+            let socks: Vec<PathBuf> = ids.iter().map(|i| self.shim_socket(i)).filter(|p| p.exists()).collect();
+            let state_left = std::fs::read_dir(self.dir.path().join("joey-state"))
+                .map(|r| r.count())
+                .unwrap_or(0);
+            if procs.is_empty() && mounts.is_empty() && socks.is_empty() && state_left == 0 {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "left behind: processes {procs:?}, mounts {mounts:?}, sockets {socks:?}, joey state entries {state_left}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn ctr_run_busybox_in_a_microvm() {
+    let c = Containerd::start();
+    c.import_busybox();
+
+    // Exact stdout, exit 0.
+    let o = c.run("t1", &["echo", "hello from a microVM"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "hello from a microVM\n",
+        "stderr: {}\ncontainerd log:\n{}",
+        stderr_of(&o),
+        c.log()
+    );
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr_of(&o));
+
+    // The command's exit code.
+    let o = c.run("t2", &["sh", "-c", "exit 3"]);
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", stderr_of(&o));
+
+    // Detached, then SIGKILL: the task's exit status is 137 (what `ctr run` in the foreground
+    // reports for the same task; ctr 1.6 has no `task wait`).
+    let o = c.ctr_out(&["run", "-d", "--runtime", RUNTIME, IMAGE, "t3", "sleep", "300"]);
+    assert!(o.status.success(), "ctr run -d: {}", stderr_of(&o));
+    let o = c.ctr_out(&["task", "kill", "-s", "SIGKILL", "t3"]);
+    assert!(o.status.success(), "ctr task kill: {}", stderr_of(&o));
+    let t0 = Instant::now();
+    loop {
+        let ls = c.ctr_out(&["task", "ls"]);
+        let out = String::from_utf8_lossy(&ls.stdout).into_owned();
+        if out.lines().any(|l| l.starts_with("t3 ") && l.contains("STOPPED")) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "t3 did not stop: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = c.ctr_out(&["task", "delete", "t3"]);
+    assert!(o.status.success(), "ctr task delete: {}", stderr_of(&o));
+    let o = c.ctr_out(&["container", "rm", "t3"]);
+    assert!(o.status.success(), "ctr container rm: {}", stderr_of(&o));
+
+    // Foreground run killed from outside: ctr reports 128+9.
+    let child = c
+        .ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "t4", "sleep", "300"])
+        .spawn()
+        .expect("ctr run");
+    let t0 = Instant::now();
+    loop {
+        let ls = c.ctr_out(&["task", "ls"]);
+        if String::from_utf8_lossy(&ls.stdout).lines().any(|l| l.starts_with("t4 ") && l.contains("RUNNING")) {
+            break;
+        }
+        assert!(t0.elapsed() < RUN_TIMEOUT, "t4 did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let k = c.ctr_out(&["task", "kill", "-s", "SIGKILL", "t4"]);
+    assert!(k.status.success(), "ctr task kill: {}", stderr_of(&k));
+    let o = wait_output(child, RUN_TIMEOUT);
+    assert_eq!(o.status.code(), Some(137), "stderr: {}", stderr_of(&o));
+
+    c.assert_clean(&["t1", "t2", "t3", "t4"]);
+}
