@@ -43,6 +43,7 @@ install-guest: guest
 
 run: build install-guest
 	$(JOEYCTL) run --timings -- uname -a
+	bash scripts/demo-ctr.sh
 
 unit-test: deps
 	$(CARGO) test --release --workspace --exclude joey-tests
