@@ -2,4 +2,5 @@
 //! `containerd-shim-joey-v2`.
 
 pub mod ctl;
+pub mod signals;
 pub mod shim;

@@ -3,8 +3,9 @@
 //!
 //! These tests need /dev/kvm; without it they fail with a clear message.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+mod common;
+use common::{fnv1a32, probe_elf, require_kvm};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use joey_vmm_core::vmm::{VmConfig, VmEvent, Vmm, VmmState};
@@ -14,36 +15,8 @@ const PROBE_COUNTER_ADDR: u64 = 0x5000;
 const MEM_MIB: u32 = 128;
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn require_kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "/dev/kvm is missing: the built-in VMM tests need KVM (they do not skip silently)"
-    );
-}
 
-/// Builds the probe once per test binary.
-fn probe_elf() -> &'static Path {
-    static ELF: OnceLock<PathBuf> = OnceLock::new();
-    ELF.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join("probe")
-            .join("probe.elf");
-        let st = std::process::Command::new("bash")
-            .arg(root.join("guest/probe/build.sh"))
-            .arg(&out)
-            .status()
-            .expect("running guest/probe/build.sh");
-        assert!(st.success(), "guest/probe/build.sh failed");
-        out
-    })
-}
 
-fn fnv1a32(b: &[u8]) -> u32 {
-    b.iter().fold(0x811c_9dc5u32, |h, x| {
-        (h ^ u32::from(*x)).wrapping_mul(0x0100_0193)
-    })
-}
 
 struct Guest {
     vmm: Vmm,
@@ -100,7 +73,7 @@ fn start_probe_mem(vcpus: u8, memory_mib: u32, cmdline: &str, initrd: Option<&[u
     let cfg = VmConfig {
         vcpus,
         memory_mib,
-        kernel: probe_elf().to_path_buf(),
+        kernel: probe_elf("probe").to_path_buf(),
         initrd: initrd_path,
         cmdline: cmdline.to_string(),
         serial_log: log.clone(),
@@ -314,7 +287,7 @@ fn stop_before_start_and_drop_without_stop() {
     let cfg = VmConfig {
         vcpus: 2,
         memory_mib: MEM_MIB,
-        kernel: probe_elf().to_path_buf(),
+        kernel: probe_elf("probe").to_path_buf(),
         initrd: None,
         cmdline: cmdline.clone(),
         serial_log: dir.path().join("s.log"),

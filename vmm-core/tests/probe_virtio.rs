@@ -4,10 +4,11 @@
 //!
 //! These tests need /dev/kvm; without it they fail with a clear message.
 
+mod common;
+use common::{fnv1a32, probe_elf, require_kvm};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,36 +23,8 @@ const VSOCK_PORT: u32 = 7000;
 const VSOCK_MSG: &str = "hello-joey-vsock";
 const DISK_SECTORS: u64 = 64;
 
-fn require_kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "/dev/kvm is missing: the built-in VMM tests need KVM (they do not skip silently)"
-    );
-}
 
-/// Builds the probe once per test binary.
-fn probe_elf() -> &'static Path {
-    static ELF: OnceLock<PathBuf> = OnceLock::new();
-    ELF.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join("probe-virtio")
-            .join("probe.elf");
-        let st = std::process::Command::new("bash")
-            .arg(root.join("guest/probe/build.sh"))
-            .arg(&out)
-            .status()
-            .expect("running guest/probe/build.sh");
-        assert!(st.success(), "guest/probe/build.sh failed");
-        out
-    })
-}
 
-fn fnv1a32(b: &[u8]) -> u32 {
-    b.iter().fold(0x811c_9dc5u32, |h, x| {
-        (h ^ u32::from(*x)).wrapping_mul(0x0100_0193)
-    })
-}
 
 /// What the probe writes into sector 1 of the `dev`-th disk (`blk_pattern` in probe.c).
 fn blk_pattern(dev: u64) -> Vec<u8> {
@@ -135,7 +108,7 @@ fn start(
     let cfg = VmConfig {
         vcpus,
         memory_mib: MEM_MIB,
-        kernel: probe_elf().to_path_buf(),
+        kernel: probe_elf("probe-virtio").to_path_buf(),
         initrd: None,
         cmdline: format!("probe.mem_mib={MEM_MIB} probe.cpus={vcpus} {cmdline}"),
         serial_log: log.clone(),

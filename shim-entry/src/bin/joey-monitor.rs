@@ -96,22 +96,6 @@ fn main() {
     std::process::exit(code);
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn terminated() {
-    use tokio::signal::unix::{signal, SignalKind};
-    async fn one(kind: SignalKind) {
-        match signal(kind) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    }
-    tokio::select! {
-        _ = one(SignalKind::interrupt()) => {}
-        _ = one(SignalKind::terminate()) => {}
-    }
-}
 
 async fn run(args: Args) -> Result<(), MonitorMainError> {
     if args.scrape_timeout_ms == 0 || args.scrape_timeout_ms > 600_000 {
@@ -171,7 +155,7 @@ async fn run(args: Args) -> Result<(), MonitorMainError> {
     };
     tokio::select! {
         _ = serve => {}
-        _ = terminated() => tracing::info!("terminating"),
+        _ = joey_shim::signals::first_termination_signal(false) => tracing::info!("terminating"),
     }
     Ok(())
 }

@@ -12,7 +12,6 @@ use joey_actors::sandbox::{
 use joey_actors::{AgentError, HypervisorActor, RpcCode};
 use joey_agent_protocol::agent::ExecProcessRequest;
 use tokio::io::AsyncWriteExt as _;
-use tokio::signal::unix::{signal, SignalKind};
 
 use super::{EXIT_BAD_INPUT, EXIT_CANNOT_EXEC, EXIT_NOT_FOUND, EXIT_RUNTIME};
 
@@ -106,22 +105,6 @@ fn spawn_stdin_reader() -> tokio::sync::mpsc::Receiver<Option<Vec<u8>>> {
     rx
 }
 
-/// Resolves with the exit code for the first of SIGINT/SIGTERM/SIGHUP received.
-async fn wait_for_signal() -> i32 {
-    async fn one(kind: SignalKind) {
-        match signal(kind) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    }
-    tokio::select! {
-        _ = one(SignalKind::interrupt()) => 130,
-        _ = one(SignalKind::terminate()) => 143,
-        _ = one(SignalKind::hangup()) => 129,
-    }
-}
 
 fn report_error(e: &SandboxError) -> i32 {
     eprintln!("joeyctl: error: {e}");
@@ -159,7 +142,7 @@ async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -
     let hv = HypervisorActor::new().start();
     let sb = SandboxActor::new(id, config, origin, hv).start();
 
-    let signalled = wait_for_signal();
+    let signalled = crate::signals::first_termination_signal(true);
     tokio::pin!(signalled);
 
     // Boot. StartSandbox is atomic in the actor; a signal meanwhile is honoured right after.
