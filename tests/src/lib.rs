@@ -268,3 +268,47 @@ pub fn sha256_hex(b: &[u8]) -> String {
 pub fn stderr_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Splits a raw `Connection: close` HTTP response into (status, body).
+pub fn split_response(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("bad HTTP response: {text:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head:?}"));
+    (status, body.to_string())
+}
+
+pub fn exchange<S: std::io::Read + std::io::Write>(mut s: S, path: &str) -> (u16, String) {
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .expect("send request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    split_response(&raw)
+}
+
+/// `GET path` over a unix socket (HTTP/1.0: no chunked answers).
+pub fn get_unix(sock: &Path, path: &str, timeout: Duration) -> (u16, String) {
+    let s = std::os::unix::net::UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.set_write_timeout(Some(timeout)).unwrap();
+    exchange(s, path)
+}
+
+/// Value of the first sample of `name` whose labels contain every `labels` entry (`k="v"`).
+pub fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            return None;
+        }
+        let (series, v) = l.rsplit_once(' ')?;
+        if labels.iter().all(|want| series.contains(want)) {
+            v.parse().ok()
+        } else {
+            None
+        }
+    })
+}

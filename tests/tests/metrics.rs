@@ -7,7 +7,7 @@
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpStream;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -154,34 +154,6 @@ fn sandbox_ids(state_dir: &Path) -> Vec<String> {
     v
 }
 
-/// Splits a raw `Connection: close` HTTP response into (status, body).
-fn split_response(raw: &[u8]) -> (u16, String) {
-    let text = String::from_utf8_lossy(raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("bad HTTP response: {text:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head:?}"));
-    (status, body.to_string())
-}
-
-fn exchange<S: std::io::Read + std::io::Write>(mut s: S, path: &str) -> (u16, String) {
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .expect("send request");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read response");
-    split_response(&raw)
-}
-
-/// `GET path` over a unix socket (HTTP/1.0: no chunked answers).
-fn get_unix(sock: &Path, path: &str, timeout: Duration) -> (u16, String) {
-    let s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
-    s.set_read_timeout(Some(timeout)).unwrap();
-    s.set_write_timeout(Some(timeout)).unwrap();
-    exchange(s, path)
-}
-
 fn get_tcp(port: u16, path: &str, timeout: Duration) -> Result<(u16, String), std::io::Error> {
     let s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout)?;
     s.set_read_timeout(Some(timeout))?;
@@ -230,22 +202,6 @@ fn promtool_check(text: &str, what: &str) {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-}
-
-/// Value of the first sample of `name` whose labels contain every `labels` entry (`k="v"`).
-fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let rest = l.strip_prefix(name)?;
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            return None;
-        }
-        let (series, v) = l.rsplit_once(' ')?;
-        if labels.iter().all(|want| series.contains(want)) {
-            v.parse().ok()
-        } else {
-            None
-        }
-    })
 }
 
 fn has_metric(text: &str, name: &str) -> bool {

@@ -80,6 +80,11 @@ impl Containerd {
         self.dir.path().join("c.sock")
     }
 
+    /// The per-sandbox metrics endpoint the shim serves for container `id` (sandbox id = `id`).
+    fn metrics_socket(&self, id: &str) -> PathBuf {
+        self.dir.path().join("joey-state").join(id).join("metrics.sock")
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
@@ -184,6 +189,33 @@ fn ctr_run_busybox_in_a_microvm() {
     // reports for the same task; ctr 1.6 has no `task wait`).
     let o = c.ctr_out(&["run", "-d", "--runtime", RUNTIME, IMAGE, "t3", "sleep", "300"]);
     assert!(o.status.success(), "ctr run -d: {}", stderr_of(&o));
+
+    // While it runs, the shim serves the sandbox's metrics endpoint (what joey-monitor finds).
+    let sock = c.metrics_socket("t3");
+    let t0 = Instant::now();
+    let body = loop {
+        if sock.exists() {
+            let (status, body) = get_unix(&sock, "/metrics", Duration::from_secs(5));
+            if status == 200 && value(&body, "joey_guest_memory_total_bytes", &[]).is_some() {
+                break body;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no guest metrics on {} (exists: {})\ncontainerd log:\n{}",
+            sock.display(),
+            sock.exists(),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mem = value(&body, "joey_guest_memory_total_bytes", &[]).unwrap();
+    assert!(
+        (100.0 * 1048576.0..=256.0 * 1048576.0).contains(&mem),
+        "guest MemTotal {mem} bytes not in 100..=256 MiB:\n{body}"
+    );
+    assert_eq!(value(&body, "joey_hypervisor_info", &["kind=\"qemu\""]), Some(1.0), "{body}");
+
     let o = c.ctr_out(&["task", "kill", "-s", "SIGKILL", "t3"]);
     assert!(o.status.success(), "ctr task kill: {}", stderr_of(&o));
     let t0 = Instant::now();
@@ -198,6 +230,9 @@ fn ctr_run_busybox_in_a_microvm() {
     }
     let o = c.ctr_out(&["task", "delete", "t3"]);
     assert!(o.status.success(), "ctr task delete: {}", stderr_of(&o));
+    // The endpoint went away with the sandbox and its state dir.
+    assert!(!sock.exists(), "{} left after Delete", sock.display());
+    assert!(!sock.parent().unwrap().exists(), "{} left after Delete", sock.parent().unwrap().display());
     let o = c.ctr_out(&["container", "rm", "t3"]);
     assert!(o.status.success(), "ctr container rm: {}", stderr_of(&o));
 

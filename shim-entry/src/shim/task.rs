@@ -5,6 +5,9 @@
 //! rootfs over virtio-fs and starts the process (agent `CreateContainer`), then pumps stdio and
 //! waits for it; Delete stops the VM and unmounts. Events go to containerd in the order
 //! TaskCreate, TaskStart, TaskExit, TaskDelete (one ordered publisher queue).
+//!
+//! While the sandbox runs (from Create until Delete/Shutdown stops it) the shim serves the
+//! sandbox's Prometheus endpoint `<state_dir>/<id>/metrics.sock`, like `joeyctl run`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -139,6 +142,8 @@ struct Inner {
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
     container: Mutex<Option<Container>>,
+    /// The sandbox's metrics endpoint while it runs; dropped (socket removed) before StopSandbox.
+    metrics: std::sync::Mutex<Option<joey_observability::http::UnixServer>>,
 }
 
 impl JoeyTask {
@@ -160,6 +165,7 @@ impl JoeyTask {
                 publisher,
                 exit,
                 container: Mutex::new(None),
+                metrics: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -194,7 +200,19 @@ impl Inner {
         self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
     }
 
+    /// Stops serving the metrics endpoint and removes its socket (no-op when not serving).
+    async fn stop_metrics(&self) {
+        let server = self.metrics.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(server) = server {
+            // Dropping unlinks the socket: off the async threads.
+            if let Err(e) = tokio::task::spawn_blocking(move || drop(server)).await {
+                tracing::warn!(error = %e, "stopping the metrics endpoint failed");
+            }
+        }
+    }
+
     async fn stop_sandbox(&self) {
+        self.stop_metrics().await;
         let Some(sb) = self.sandbox.clone() else { return };
         match tokio::time::timeout(STOP_SANDBOX_TIMEOUT, sb.send(StopSandbox)).await {
             Ok(Ok(Ok(_))) => {}
@@ -266,6 +284,15 @@ impl Inner {
             }
         };
         tracing::info!(id = %req.id, backend = %started.backend, accel = %started.accel, "sandbox VM started");
+        // GET /metrics on <state_dir>/<id>/metrics.sock while the sandbox runs (docs/metrics.md).
+        // Binding touches the filesystem: on the blocking pool (which has the runtime's context,
+        // so the endpoint's accept loop is spawned on the runtime).
+        let (msb, dir) = (sb.clone(), started.state_dir.clone());
+        match tokio::task::spawn_blocking(move || joey_actors::sandbox::serve_metrics(&msb, &dir)).await {
+            Ok(Ok(server)) => *self.metrics.lock().unwrap_or_else(|p| p.into_inner()) = Some(server),
+            Ok(Err(e)) => tracing::warn!(error = %e, "metrics endpoint unavailable"),
+            Err(e) => tracing::warn!(error = %e, "metrics endpoint unavailable"),
+        }
         let ev = TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
