@@ -38,7 +38,7 @@ cpu=max; [ "$accel_flag" = kvm ] && cpu=host
 qemu=()
 for i in $(seq "$N"); do
   t0=$(date +%s%N)
-  qemu-system-x86_64 -M microvm,isa-serial=on,rtc=off,acpi=off,memory-backend=mem \
+  qemu-system-x86_64 -M microvm,isa-serial=on,rtc=on,acpi=off,memory-backend=mem \
     -object memory-backend-memfd,id=mem,size=256M,share=on -global virtio-mmio.force-legacy=false \
     -accel "$accel_flag" -cpu "$cpu" -m 256M -smp 1 -nodefaults -no-user-config -display none -no-reboot \
     -serial null -kernel "$JOEY_KERNEL" -initrd "$tmp/bb.img" -append "console=ttyS0 reboot=t panic=-1 quiet"

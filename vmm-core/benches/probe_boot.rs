@@ -89,7 +89,7 @@ fn qemu_rss_kib() -> Option<u64> {
     let mut child = std::process::Command::new("qemu-system-x86_64")
         .args([
             "-M",
-            "microvm,isa-serial=on,rtc=off,acpi=off,memory-backend=mem",
+            "microvm,isa-serial=on,rtc=on,acpi=off,memory-backend=mem",
             "-object",
             &format!("memory-backend-memfd,id=mem,size={MEM_MIB}M,share=on"),
             "-accel",

@@ -156,7 +156,7 @@ fn spawn_qemu(dir: &Path, sock: &Path, initrd: &Path, console: &Path) -> QemuGua
     let child = Command::new(QEMU)
         .args([
             "-M",
-            "microvm,isa-serial=on,rtc=off,acpi=off,memory-backend=mem",
+            "microvm,isa-serial=on,rtc=on,acpi=off,memory-backend=mem",
             "-object",
             "memory-backend-memfd,id=mem,size=256M,share=on",
             "-global",

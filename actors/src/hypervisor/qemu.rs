@@ -78,7 +78,9 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
     };
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-    push(&["-M", "microvm,isa-serial=on,rtc=off,acpi=off,memory-backend=mem"]);
+    // rtc=on: without a CMOS RTC the guest kernel stalls ~1 s at boot trying to read the time
+    // ("Unable to read current time from RTC"); measured 2.2 s -> 1.2 s per boot under TCG.
+    push(&["-M", "microvm,isa-serial=on,rtc=on,acpi=off,memory-backend=mem"]);
     push(&["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)]);
     push(&["-global", "virtio-mmio.force-legacy=false"]);
     push(&["-accel", accel, "-cpu", cpu]);
@@ -325,6 +327,7 @@ mod tests {
         let s = spec();
         let a = qemu_args(&s, &VmPaths::new(&s.state_dir)).join(" ");
         assert!(a.contains("acpi=off"));
+        assert!(a.contains("rtc=on"), "the guest stalls ~1 s without an RTC");
         assert!(a.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
         assert!(a.contains("virtio-mmio.force-legacy=false"));
         assert!(a.contains("-accel tcg -cpu max"));
