@@ -3,6 +3,7 @@
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use joey_vmm_core::devices::vsock::{VhostUserVsockHandle, VhostUserVsockServer, VsockConfig};
@@ -107,8 +108,42 @@ pub struct QemuVm {
     pub pid: u32,
     pub paths: VmPaths,
     exit_rx: watch::Receiver<Option<VmExit>>,
-    vsock: Option<VhostUserVsockHandle>,
+    /// Shared with the device watchdog task; taken out (None) when the VM is stopped on purpose.
+    vsock: Arc<Mutex<Option<VhostUserVsockHandle>>>,
     pub started_at: Instant,
+}
+
+/// How often the watchdog looks at the device thread.
+const DEVICE_WATCH_PERIOD: Duration = Duration::from_millis(200);
+
+/// Kills QEMU if the vsock device thread ends while the VM runs: without it the agent is
+/// unreachable, and the sandbox must fail now (VmDied) rather than at the next timeout.
+fn spawn_device_watchdog(
+    pid: u32,
+    vsock: Arc<Mutex<Option<VhostUserVsockHandle>>>,
+    mut exit: watch::Receiver<Option<VmExit>>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(DEVICE_WATCH_PERIOD);
+        loop {
+            tokio::select! {
+                _ = exit.wait_for(|v| v.is_some()) => return,
+                _ = tick.tick() => {}
+            }
+            let dead = vsock
+                .lock()
+                .map(|g| g.as_ref().is_some_and(|h| h.is_finished()))
+                .unwrap_or(false);
+            if dead && exit.borrow().is_none() {
+                tracing::error!(pid, "vsock device thread ended while the VM runs; killing QEMU");
+                // SAFETY: kill(2) on our own QEMU child, which the exit watch says is not reaped.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+                return;
+            }
+        }
+    });
 }
 
 impl QemuVm {
@@ -184,11 +219,13 @@ impl QemuVm {
             let _ = tx.send(Some(exit));
         });
         tracing::info!(pid, accel = %spec.accel, "qemu started");
+        let vsock = Arc::new(Mutex::new(Some(vsock)));
+        spawn_device_watchdog(pid, vsock.clone(), exit_rx.clone());
         Ok(QemuVm {
             pid,
             paths,
             exit_rx,
-            vsock: Some(vsock),
+            vsock,
             started_at,
         })
     }
@@ -230,7 +267,7 @@ impl QemuVm {
             exit = Self::wait_exit(&mut rx, Duration::from_secs(5)).await;
         }
         // Joining the device thread blocks (bounded by its timeout): keep it off the async runtime.
-        let vsock = self.vsock.take();
+        let vsock = self.take_vsock();
         let _ = tokio::task::spawn_blocking(move || Self::stop_vsock(vsock)).await;
         match exit {
             Some(e) => Ok((method, e)),
@@ -247,8 +284,16 @@ impl QemuVm {
         }
     }
 
+    fn take_vsock(&mut self) -> Option<VhostUserVsockHandle> {
+        match self.vsock.lock() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+
     fn stop_devices(&mut self) {
-        Self::stop_vsock(self.vsock.take());
+        let v = self.take_vsock();
+        Self::stop_vsock(v);
     }
 }
 
@@ -357,4 +402,54 @@ mod tests {
         assert_eq!(e.to_string(), "QEMU binary not found: no-such-qemu-binary-xyz");
         assert!(resolve_binary(Path::new("sh")).is_ok());
     }
+
+    #[test]
+    fn watchdog_kills_qemu_when_the_vsock_thread_dies() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let d = tempfile::tempdir().unwrap();
+            let server = VhostUserVsockServer::bind(
+                &d.path().join("vhost.sock"),
+                VsockConfig {
+                    guest_cid: 3,
+                    uds_path: d.path().join("vsock.sock"),
+                },
+            )
+            .unwrap();
+            let handle = server.spawn().unwrap();
+            // Stand-in for QEMU: a child that only a SIGKILL ends quickly.
+            let mut child = tokio::process::Command::new("sleep").arg("30").spawn().unwrap();
+            let pid = child.id().unwrap();
+            let (_tx, exit_rx) = watch::channel(None);
+            let shared = Arc::new(Mutex::new(Some(handle)));
+            spawn_device_watchdog(pid, shared.clone(), exit_rx);
+            // While the device thread lives, nothing happens.
+            tokio::time::sleep(DEVICE_WATCH_PERIOD * 3).await;
+            assert!(child.try_wait().unwrap().is_none(), "killed while the device was alive");
+            // The device thread ends (as if it failed): QEMU is killed within a few periods.
+            shared.lock().unwrap().as_ref().unwrap().stop();
+            let st = tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .expect("watchdog did not kill the VM process")
+                .unwrap();
+            use std::os::unix::process::ExitStatusExt as _;
+            assert_eq!(st.signal(), Some(libc::SIGKILL));
+        });
+    }
+
+    #[test]
+    fn watchdog_leaves_a_deliberately_stopped_device_alone() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut child = tokio::process::Command::new("sleep").arg("30").spawn().unwrap();
+            let pid = child.id().unwrap();
+            let (_tx, exit_rx) = watch::channel(None);
+            // Handle already taken out (the VM is being stopped on purpose).
+            spawn_device_watchdog(pid, Arc::new(Mutex::new(None)), exit_rx);
+            tokio::time::sleep(DEVICE_WATCH_PERIOD * 3).await;
+            assert!(child.try_wait().unwrap().is_none());
+            child.kill().await.unwrap();
+        });
+    }
+
 }
