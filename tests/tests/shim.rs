@@ -257,3 +257,71 @@ fn ctr_run_busybox_in_a_microvm() {
 
     c.assert_clean(&["t1", "t2", "t3", "t4"]);
 }
+
+/// The shim of a running task is SIGKILLed: containerd runs our binary's `delete`, which must
+/// leave no QEMU, mount, shim socket or joey state behind.
+#[test]
+fn killed_shim_is_cleaned_up_by_delete() {
+    let c = Containerd::start();
+    c.import_busybox();
+    let d = c.dir.path().display().to_string();
+
+    let o = c.ctr_out(&["run", "-d", "--runtime", RUNTIME, IMAGE, "tk", "sleep", "300"]);
+    assert!(o.status.success(), "ctr run -d: {}\ncontainerd log:\n{}", stderr_of(&o), c.log());
+    let t0 = Instant::now();
+    loop {
+        let ls = c.ctr_out(&["task", "ls"]);
+        if String::from_utf8_lossy(&ls.stdout).lines().any(|l| l.starts_with("tk ") && l.contains("RUNNING")) {
+            break;
+        }
+        assert!(t0.elapsed() < RUN_TIMEOUT, "tk did not start\ncontainerd log:\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The VM runs (its QEMU mentions the sandbox state dir).
+    let state = c.dir.path().join("joey-state").join("tk");
+    assert!(state.is_dir(), "{} missing while tk runs", state.display());
+    assert!(
+        !processes_mentioning(&format!("{}/", state.display())).is_empty(),
+        "no QEMU for tk: {:?}",
+        processes_mentioning(&d)
+    );
+
+    let shims: Vec<i32> = processes_mentioning(&d)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim-joey-v2") && cmd.contains(" -id tk"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(shims.len(), 1, "shim of tk: {:?}", processes_mentioning(&d));
+    sigkill(shims[0]);
+
+    // containerd notices the dead shim, runs `containerd-shim-joey-v2 delete`; then the task
+    // and container go away through ctr.
+    let t0 = Instant::now();
+    loop {
+        let ls = c.ctr_out(&["task", "ls"]);
+        let out = String::from_utf8_lossy(&ls.stdout).into_owned();
+        if !out.lines().any(|l| l.starts_with("tk ") && l.contains("RUNNING")) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "tk still RUNNING after its shim died: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = c.ctr_out(&["task", "delete", "--force", "tk"]);
+    assert!(
+        o.status.success() || stderr_of(&o).contains("not found"),
+        "ctr task delete --force: {}\ncontainerd log:\n{}",
+        stderr_of(&o),
+        c.log()
+    );
+    let o = c.ctr_out(&["container", "rm", "tk"]);
+    assert!(o.status.success(), "ctr container rm: {}\ncontainerd log:\n{}", stderr_of(&o), c.log());
+
+    assert!(!state.exists(), "{} left after delete", state.display());
+    c.assert_clean(&["tk"]);
+}
+
+fn sigkill(pid: i32) {
+    // SAFETY: plain kill(2) on a pid we just found.
+    let r = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(r, 0, "kill -KILL {pid}: {}", std::io::Error::last_os_error());
+}

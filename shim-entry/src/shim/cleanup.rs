@@ -39,6 +39,30 @@ pub fn pids_mentioning(needle: &str) -> Vec<i32> {
         .collect()
 }
 
+/// Removes the shim's ttrpc socket named in `<bundle>/address` (`unix:///run/containerd/s/<sha>`)
+/// when nobody listens on it any more: a SIGKILLed shim never removes its own socket. A socket
+/// that still accepts connections (a live shim of the same pod) is left alone.
+fn remove_dead_socket(bundle: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else { return };
+    let address = address.trim();
+    let path = Path::new(address.strip_prefix("unix://").unwrap_or(address));
+    if !path.is_absolute() {
+        return;
+    }
+    let Ok(md) = std::fs::symlink_metadata(path) else { return };
+    if !md.file_type().is_socket() {
+        return;
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            let _ = std::fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
+}
+
 /// Kills the sandbox's leftover processes, unmounts its mounts and the bundle rootfs, removes
 /// its state dir. Reports the container as killed (137).
 pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupError> {
@@ -53,6 +77,7 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
     while t0.elapsed() < KILL_WAIT && pids.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) {
         std::thread::sleep(Duration::from_millis(50));
     }
+    remove_dead_socket(bundle);
     let rootfs = bundle.join("rootfs");
     mounts::unmount_below(&rootfs)?;
     if state.exists() {
@@ -75,6 +100,22 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_socket_is_removed_live_socket_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let dead = d.path().join("dead.sock");
+        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        std::fs::write(d.path().join("address"), format!("unix://{}", dead.display())).unwrap();
+        remove_dead_socket(d.path());
+        assert!(!dead.exists());
+
+        let live = d.path().join("live.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        std::fs::write(d.path().join("address"), format!("unix://{}", live.display())).unwrap();
+        remove_dead_socket(d.path());
+        assert!(live.exists());
+    }
 
     #[test]
     fn pids_mentioning_finds_ourselves_never() {
