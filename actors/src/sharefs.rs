@@ -36,7 +36,6 @@ pub const VHOST_FS_SOCK: &str = "vhost-fs.sock";
 /// How long stopping waits for the device thread.
 const DEVICE_JOIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest container id (also a guest hostname).
-const MAX_ID_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShareFsError {
@@ -62,15 +61,10 @@ pub enum ShareFsError {
     Task(String),
 }
 
-/// `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}` (the agent checks the same).
+/// `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`, the rule the agent enforces too
+/// ([`joey_agent_protocol::is_valid_container_id`]).
 pub fn validate_container_id(id: &str) -> Result<(), ShareFsError> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id.as_bytes()[0].is_ascii_alphanumeric()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+    if joey_agent_protocol::is_valid_container_id(id) {
         Ok(())
     } else {
         Err(ShareFsError::InvalidId(id.to_string()))

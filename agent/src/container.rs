@@ -43,8 +43,8 @@ use crate::reaper::ProcTable;
 
 /// Directory on which each container's child mounts its private staging tmpfs.
 pub const STAGE_DIR: &str = "/run/joey/stage";
-/// Longest container id and hostname (HOST_NAME_MAX).
-pub const MAX_ID_LEN: usize = 64;
+/// Longest hostname (HOST_NAME_MAX).
+pub const MAX_HOSTNAME_LEN: usize = 64;
 /// Bound on the fork/exec of a container (the setup touches the shared filesystem).
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -105,13 +105,7 @@ pub struct ContainerSpec {
 
 /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`.
 pub fn validate_id(id: &str) -> Result<(), ContainerError> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id.as_bytes()[0].is_ascii_alphanumeric()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+    if joey_agent_protocol::is_valid_container_id(id) {
         Ok(())
     } else {
         Err(ContainerError::InvalidId(id.to_string()))
@@ -120,7 +114,7 @@ pub fn validate_id(id: &str) -> Result<(), ContainerError> {
 
 fn validate_hostname(h: &str) -> Result<(), ContainerError> {
     let ok = !h.is_empty()
-        && h.len() <= MAX_ID_LEN
+        && h.len() <= MAX_HOSTNAME_LEN
         && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
     if ok {
         Ok(())

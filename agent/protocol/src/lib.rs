@@ -46,3 +46,32 @@ pub const PROTOCOL_VERSION: &str = "1";
 pub const SHARED_FS_TAG: &str = "joeyfs";
 /// Where the agent mounts the shared directory in the guest.
 pub const GUEST_SHARED_DIR: &str = "/run/joey/shared";
+
+/// Longest container id the runtime and the agent accept.
+pub const MAX_CONTAINER_ID_LEN: usize = 64;
+
+/// Whether `id` is a valid container id: `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`. The host (which
+/// names directories after it) and the agent (which trusts nothing from the host) both check it.
+pub fn is_valid_container_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_CONTAINER_ID_LEN
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids() {
+        for ok in ["a", "c1", "A.b_c-d", &"x".repeat(64)] {
+            assert!(is_valid_container_id(ok), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "_a", "a/b", "a b", "..", &"x".repeat(65), "é"] {
+            assert!(!is_valid_container_id(bad), "{bad}");
+        }
+    }
+}
