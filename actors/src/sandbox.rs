@@ -130,6 +130,24 @@ pub struct ReadOutput {
     pub len: u32,
 }
 
+/// Reads the next chunk of a process's output through the Sandbox actor; `None` at end of
+/// stream. The one read loop step shared by `joeyctl run` and the shim's stdio pumps.
+pub async fn next_output(
+    sb: &Addr<SandboxActor>,
+    exec_id: &str,
+    stderr: bool,
+    len: u32,
+) -> Result<Option<Vec<u8>>, SandboxError> {
+    let data = sb
+        .send(ReadOutput {
+            exec_id: exec_id.to_string(),
+            stderr,
+            len,
+        })
+        .await??;
+    Ok(if data.is_empty() { None } else { Some(data) })
+}
+
 /// The Sandbox actor.
 pub struct SandboxActor {
     id: String,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use joey_actors::sandbox::{
-    CloseStdin, CreateContainer, ExecProcess, ReadOutput, SandboxActor, SandboxError, SandboxStarted, StartSandbox, StopSandbox,
+    CloseStdin, CreateContainer, ExecProcess, next_output, SandboxActor, SandboxError, SandboxStarted, StartSandbox, StopSandbox,
     WaitProcess, WriteStdin,
 };
 use joey_actors::{AgentError, HypervisorActor, RpcCode};
@@ -264,22 +264,14 @@ async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>, target: Target)
                 Box::new(tokio::io::stdout())
             };
             loop {
-                let r = sb
-                    .send(ReadOutput {
-                        exec_id: exec_id.clone(),
-                        stderr,
-                        len: READ_CHUNK,
-                    })
-                    .await;
-                match r {
-                    Ok(Ok(data)) if data.is_empty() => break Ok(()),
-                    Ok(Ok(data)) => {
+                match next_output(&sb, &exec_id, stderr, READ_CHUNK).await {
+                    Ok(None) => break Ok(()),
+                    Ok(Some(data)) => {
                         if out.write_all(&data).await.is_err() {
                             break Ok(());
                         }
                         let _ = out.flush().await;
                     }
-                    Ok(Err(e)) => break Err(e.to_string()),
                     Err(e) => break Err(e.to_string()),
                 }
             }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
-use joey_actors::sandbox::{CloseStdin, ReadOutput, SandboxActor, WriteStdin};
+use joey_actors::sandbox::{next_output, CloseStdin, SandboxActor, WriteStdin};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Notify;
 
@@ -58,16 +58,9 @@ pub async fn pump_output(sb: Addr<SandboxActor>, exec_id: String, stderr: bool, 
         }
     };
     loop {
-        let r = sb
-            .send(ReadOutput {
-                exec_id: exec_id.clone(),
-                stderr,
-                len: READ_CHUNK,
-            })
-            .await;
-        match r {
-            Ok(Ok(data)) if data.is_empty() => break,
-            Ok(Ok(data)) => {
+        match next_output(&sb, &exec_id, stderr, READ_CHUNK).await {
+            Ok(None) => break,
+            Ok(Some(data)) => {
                 if let Some(f) = fifo.as_mut() {
                     match tokio::time::timeout(FIFO_WRITE_TIMEOUT, f.write_all(&data)).await {
                         Ok(Ok(())) => {}
@@ -82,12 +75,8 @@ pub async fn pump_output(sb: Addr<SandboxActor>, exec_id: String, stderr: bool, 
                     }
                 }
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, stderr, "reading process output failed");
-                break;
-            }
             Err(e) => {
-                tracing::warn!(error = %e, "sandbox actor unreachable");
+                tracing::warn!(error = %e, stderr, "reading process output failed");
                 break;
             }
         }
