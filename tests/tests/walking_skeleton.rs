@@ -209,6 +209,16 @@ mod scenario {
         assert!(err.contains("joey timings: hypervisor reason: "), "{err}");
     }
 
+    /// Runs `true` in an environment whose input is bad: exit 2 and exactly one stderr line,
+    /// which is returned.
+    fn run_expecting_bad_input(env: &Env) -> String {
+        let o = env.run(&["true"], None);
+        assert_eq!(o.status.code(), Some(2));
+        let err = stderr_of(&o);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        err
+    }
+
     pub fn unknown_config_key_is_exit_2_with_one_line(b: Backend) {
         let env = Env::with_backend_config(b, |k, i| {
             format!(
@@ -217,10 +227,7 @@ mod scenario {
                 i.display()
             )
         });
-        let o = env.run(&["true"], None);
-        assert_eq!(o.status.code(), Some(2));
-        let err = stderr_of(&o);
-        assert_eq!(err.lines().count(), 1, "{err}");
+        let err = run_expecting_bad_input(&env);
         assert!(
             err.contains("vcpu") && err.contains(&env.config.display().to_string()),
             "{err}"
@@ -242,10 +249,7 @@ mod scenario {
                 i.display()
             ),
         });
-        let o = env.run(&["true"], None);
-        assert_eq!(o.status.code(), Some(2));
-        let err = stderr_of(&o);
-        assert_eq!(err.lines().count(), 1, "{err}");
+        let err = run_expecting_bad_input(&env);
         assert!(err.contains(missing) && err.contains(&format!("`{key}`")), "{err}");
     }
 
