@@ -1,29 +1,38 @@
-//! Containers: a process in new mount, pid, uts and ipc namespaces whose root is a rootfs shared
-//! from the host over virtio-fs (tag [`SHARED_FS_TAG`], mounted at [`GUEST_SHARED_DIR`]).
+//! Containers: a process in new mount, pid, uts and ipc namespaces (and net and cgroup ones
+//! when asked) whose root is a rootfs shared from the host over virtio-fs (tag
+//! [`SHARED_FS_TAG`], mounted at [`GUEST_SHARED_DIR`]), in its own cgroup v2 group.
 //!
-//! Everything that can fail for a reason the caller should hear about (bad id, missing rootfs,
-//! executable not found inside the rootfs, bad cwd) is checked before forking, with the lookups
-//! done *inside* the rootfs (`openat2(RESOLVE_IN_ROOT)`, so absolute symlinks resolve as they
-//! will in the container). The child then runs a precomputed list of steps ([`Op`]) with raw
-//! syscalls only (no allocation between fork and exec):
+//! A container is described by a [`ContainerConfig`] (built from the OCI spec or the flat
+//! request fields, see `spec.rs`). Everything that can fail for a reason the caller should
+//! hear about (bad id, missing rootfs, executable not found inside the rootfs, bad cwd, bind
+//! sources outside the share, bad resources or seccomp profile) is checked before forking, with
+//! the lookups done *inside* the rootfs (`openat2(RESOLVE_IN_ROOT)`, so absolute symlinks
+//! resolve as they will in the container). The child then runs a precomputed list of steps
+//! (`steps.rs`) with raw syscalls only (no allocation between fork and exec):
 //!
 //! 1. the pid namespace comes from a dedicated thread that called `unshare(CLONE_NEWPID)` before
 //!    forking, so the container's first process is pid 1 of its namespace and the agent's other
 //!    threads keep theirs;
-//! 2. `unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)`, every mount made private;
+//! 2. it joins its cgroup (writes `0` to the group's `cgroup.procs`, opened before the fork),
+//!    then `unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC [| CLONE_NEWNET | CLONE_NEWCGROUP])`
+//!    (with a new net namespace, `lo` is brought up), every mount made private;
 //! 3. a tmpfs on [`STAGE_DIR`] (private to the container's mount namespace), the shared rootfs
-//!    bind-mounted at `STAGE_DIR/root`, then /proc, /sys (read-only), /dev (tmpfs with
-//!    null, zero, full, random, urandom, tty, /dev/pts, /dev/shm and the usual symlinks), the
-//!    rootfs remounted read-only when asked, the hostname set;
+//!    bind-mounted at `STAGE_DIR/root`, then the spec's mounts in order (mountpoints created as
+//!    needed; a file mountpoint for a bind of a file), runc's default /dev nodes and symlinks,
+//!    the rootfs remounted read-only when asked, the hostname set;
 //! 4. `chroot(STAGE_DIR)` (the initramfs root cannot be pivoted away from, a tmpfs can),
 //!    `pivot_root(".", ".")` into the rootfs and a lazy unmount of the old root: nothing of the
 //!    agent's filesystem stays reachable;
-//! 5. `chdir(cwd)`, exec.
+//! 5. sysctls, read-only paths, masked paths; then the process steps (rlimits, capabilities,
+//!    user, cwd, umask, no_new_privs, seccomp last), exec.
+//!
+//! An exec into a running container ([`exec_in`]) joins the first process's namespaces (pid
+//! from a dedicated thread with `setns`, the others in the child, mnt last) and cgroup, then
+//! runs the same process steps.
 //!
 //! A failing step writes its index and errno to a close-on-exec pipe, so the error names the
 //! step instead of only carrying an errno.
 
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -38,8 +47,12 @@ use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{fstat, FileStat, Mode};
 
+use crate::cgroup::{Cgroup, CgroupError};
 use crate::exec::{self, parse_env, ExecError, Spawned, DEFAULT_PATH};
 use crate::reaper::ProcTable;
+use crate::seccomp::Filter;
+use crate::spec::{is_clean_absolute, ContainerConfig, MountKind, ProcessConfig, SpecError, ALLOWED_GUEST_SOURCES};
+use crate::steps::{cstr, last_cap, process_steps, run_op, Op, Step};
 
 /// Directory on which each container's child mounts its private staging tmpfs.
 pub const STAGE_DIR: &str = "/run/joey/stage";
@@ -47,6 +60,8 @@ pub const STAGE_DIR: &str = "/run/joey/stage";
 pub const MAX_HOSTNAME_LEN: usize = 64;
 /// Bound on the fork/exec of a container (the setup touches the shared filesystem).
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on killing what a failed start left in its cgroup.
+const CGROUP_CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +80,21 @@ pub enum ContainerError {
     ExecutableNotFound(String),
     #[error("permission denied: {0} is not an executable file in the container rootfs")]
     NotExecutable(String),
+    #[error("mount {index} ({destination}): bind source {source_path} not found: {reason}")]
+    BindSourceMissing {
+        index: usize,
+        destination: String,
+        source_path: String,
+        reason: String,
+    },
+    #[error("mount {index} ({destination}): bind source {source_path} is outside the shared directory")]
+    BindSourceOutside {
+        index: usize,
+        destination: String,
+        source_path: String,
+    },
+    #[error("container resources need cgroup v2, which is not mounted at /sys/fs/cgroup")]
+    NoCgroup,
     #[error("mounting the shared filesystem (tag {tag}) on {target}: {source}")]
     MountShared {
         tag: &'static str,
@@ -87,20 +117,11 @@ pub enum ContainerError {
     #[error("container spawn thread: {0}")]
     Thread(String),
     #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
     Exec(#[from] ExecError),
-}
-
-/// What to start (the fields of `CreateContainerRequest`).
-#[derive(Debug, Clone)]
-pub struct ContainerSpec {
-    pub id: String,
-    pub rootfs: String,
-    pub argv: Vec<String>,
-    pub env: Vec<String>,
-    pub cwd: String,
-    pub terminal: bool,
-    pub hostname: String,
-    pub readonly_rootfs: bool,
 }
 
 /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`.
@@ -121,11 +142,6 @@ fn validate_hostname(h: &str) -> Result<(), ContainerError> {
     } else {
         Err(ContainerError::InvalidHostname(h.to_string()))
     }
-}
-
-/// An absolute path made of normal components only (no `.`, `..`, NUL).
-fn is_clean_absolute(p: &str) -> bool {
-    !p.contains('\0') && p.starts_with('/') && p.split('/').all(|c| c != "." && c != "..")
 }
 
 /// Checks that `rootfs` is a clean path strictly below `shared_dir`.
@@ -156,7 +172,7 @@ pub fn ensure_shared_mounted() -> Result<(), ContainerError> {
         target: GUEST_SHARED_DIR,
         source,
     };
-    std::fs::create_dir_all(GUEST_SHARED_DIR).map_err(|e| err(io_errno(&e)))?;
+    std::fs::create_dir_all(GUEST_SHARED_DIR).map_err(|e| err(errno_of(&e)))?;
     match mount(
         Some(SHARED_FS_TAG),
         GUEST_SHARED_DIR,
@@ -171,10 +187,6 @@ pub fn ensure_shared_mounted() -> Result<(), ContainerError> {
         }
         Err(e) => Err(err(e)),
     }
-}
-
-fn io_errno(e: &io::Error) -> Errno {
-    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// `fstat` of `path` resolved inside the directory `root` as if it were `/`.
@@ -252,234 +264,274 @@ pub fn resolve_in_rootfs(
     }
 }
 
-/// One setup step of the child, with every path already a C string.
-#[derive(Debug)]
-enum Op {
-    Unshare(libc::c_int),
-    Umask(libc::mode_t),
-    Mount {
-        src: Option<CString>,
-        target: CString,
-        fstype: Option<CString>,
-        flags: libc::c_ulong,
-        data: Option<CString>,
-    },
-    /// mkdir; an existing entry is fine.
-    Mkdir(CString, libc::mode_t),
-    Mknod(CString, libc::mode_t, libc::dev_t),
-    Symlink { target: CString, link: CString },
-    Sethostname(CString),
-    Chroot(CString),
-    Chdir(CString),
-    /// `pivot_root(".", ".")`.
-    PivotRootHere,
-    /// `umount2(".", MNT_DETACH)`.
-    DetachHere,
+/// Which pid namespace the child is born in.
+enum PidNs {
+    /// A new one: the child is its pid 1.
+    New,
+    /// The one of this fd (`/proc/<pid>/ns/pid` of a container's first process).
+    Join(OwnedFd),
 }
 
+/// A started container: its first process and its cgroup.
 #[derive(Debug)]
-struct Step {
-    what: String,
-    op: Op,
+pub struct Started {
+    pub spawned: Spawned,
+    pub cgroup: Option<Cgroup>,
 }
 
-/// Runs one step. Async-signal-safe: raw syscalls on prepared C strings, no allocation.
-fn run_op(op: &Op) -> io::Result<()> {
-    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-    // SAFETY (all calls below): every pointer comes from a live CString owned by the step list
-    // (or is null where the syscall allows it); the calls take no other memory.
-    let rc = unsafe {
-        match op {
-            Op::Unshare(flags) => libc::unshare(*flags),
-            Op::Umask(m) => {
-                libc::umask(*m);
-                0
-            }
-            Op::Mount {
-                src,
-                target,
-                fstype,
-                flags,
-                data,
-            } => libc::mount(
-                ptr(src),
-                target.as_ptr(),
-                ptr(fstype),
-                *flags,
-                ptr(data) as *const libc::c_void,
-            ),
-            Op::Mkdir(p, mode) => {
-                let rc = libc::mkdir(p.as_ptr(), *mode);
-                if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST) {
-                    0
-                } else {
-                    rc
-                }
-            }
-            Op::Mknod(p, mode, dev) => libc::mknod(p.as_ptr(), *mode, *dev),
-            Op::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()),
-            Op::Sethostname(h) => libc::sethostname(h.as_ptr(), h.as_bytes().len()),
-            Op::Chroot(p) => libc::chroot(p.as_ptr()),
-            Op::Chdir(p) => libc::chdir(p.as_ptr()),
-            Op::PivotRootHere => {
-                let dot = c".".as_ptr();
-                libc::syscall(libc::SYS_pivot_root, dot, dot) as libc::c_int
-            }
-            Op::DetachHere => libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
-        }
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+/// What an exec into a running container needs to know about it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub id: String,
+    pub init_pid: i32,
+    pub cgroup: Option<Cgroup>,
+    pub seccomp: Option<Filter>,
+}
+
+/// Pushes a `Mkdir` for every ancestor of the in-container path `dir` (not `/`), and for
+/// `dir` itself when `include_self`.
+fn mkdir_all(steps: &mut Vec<Step>, root: &str, dir: &str, include_self: bool) -> Result<(), ContainerError> {
+    let comps: Vec<&str> = dir.split('/').filter(|c| !c.is_empty()).collect();
+    let n = if include_self { comps.len() } else { comps.len().saturating_sub(1) };
+    let mut p = String::new();
+    for c in &comps[..n] {
+        p.push('/');
+        p.push_str(c);
+        steps.push(Step {
+            what: format!("create directory {p} in the rootfs"),
+            op: Op::Mkdir(cstr(&format!("{root}{p}"))?, 0o755),
+        });
     }
+    Ok(())
 }
 
-fn cstr(s: &str) -> Result<CString, ContainerError> {
-    CString::new(s).map_err(|_| ExecError::NulByte { what: "path" }.into())
+fn mount_op(
+    src: Option<&str>,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<Op, ContainerError> {
+    Ok(Op::Mount {
+        src: src.map(cstr).transpose()?,
+        target: cstr(target)?,
+        fstype: fstype.map(cstr).transpose()?,
+        flags,
+        data: data.filter(|d| !d.is_empty()).map(cstr).transpose()?,
+    })
 }
 
-/// The child's setup steps for `spec` (rootfs, cwd and hostname already validated).
-fn plan(spec: &ContainerSpec, hostname: &str, cwd: &str) -> Result<Vec<Step>, ContainerError> {
+/// The child's setup steps for `c` (validated; `file_binds[i]`: mount i binds a non-directory;
+/// `cgroup_fd`: its group's cgroup.procs).
+fn plan(
+    c: &ContainerConfig,
+    hostname: &str,
+    cwd: &str,
+    file_binds: &[bool],
+    cgroup_fd: Option<RawFd>,
+    last_cap: u32,
+) -> Result<Vec<Step>, ContainerError> {
     let root = format!("{STAGE_DIR}/root");
     let at = |p: &str| format!("{root}{p}");
     let mut steps = Vec::new();
-    let mut push = |what: String, op: Op| steps.push(Step { what, op });
-    let mnt = |src: Option<&str>, target: &str, fstype: Option<&str>, flags: MsFlags, data: Option<&str>| {
-        Ok::<Op, ContainerError>(Op::Mount {
-            src: src.map(cstr).transpose()?,
-            target: cstr(target)?,
-            fstype: fstype.map(cstr).transpose()?,
-            flags: flags.bits(),
-            data: data.map(cstr).transpose()?,
-        })
-    };
-    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let push = |steps: &mut Vec<Step>, what: String, op: Op| steps.push(Step { what, op });
 
+    if let Some(fd) = cgroup_fd {
+        push(&mut steps, "join the container's cgroup".into(), Op::WriteFd(fd, b"0"));
+    }
+    let mut ns = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    if c.new_net_ns {
+        ns |= libc::CLONE_NEWNET;
+    }
+    if c.new_cgroup_ns {
+        ns |= libc::CLONE_NEWCGROUP;
+    }
+    push(&mut steps, "unshare the container's namespaces".into(), Op::Unshare(ns));
+    if c.new_net_ns {
+        push(&mut steps, "bring up lo".into(), Op::LoopbackUp);
+    }
+    push(&mut steps, "umask".into(), Op::Umask(0));
     push(
-        "unshare mount/uts/ipc namespaces".into(),
-        Op::Unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC),
-    );
-    push("umask".into(), Op::Umask(0));
-    push(
+        &mut steps,
         "make mounts private".into(),
-        mnt(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?,
+        mount_op(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)?,
     );
     push(
+        &mut steps,
         format!("mount staging tmpfs on {STAGE_DIR}"),
-        mnt(Some("tmpfs"), STAGE_DIR, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?,
+        mount_op(Some("tmpfs"), STAGE_DIR, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755"))?,
     );
-    push("create the rootfs mountpoint".into(), Op::Mkdir(cstr(&root)?, 0o755));
+    push(&mut steps, "create the rootfs mountpoint".into(), Op::Mkdir(cstr(&root)?, 0o755));
     push(
-        format!("bind-mount rootfs {}", spec.rootfs),
-        mnt(Some(&spec.rootfs), &root, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?,
+        &mut steps,
+        format!("bind-mount rootfs {}", c.root),
+        mount_op(Some(&c.root), &root, None, libc::MS_BIND | libc::MS_REC, None)?,
     );
-    for (dir, mode) in [("/proc", 0o555), ("/sys", 0o555), ("/dev", 0o755)] {
-        push(format!("create mountpoint {dir} in the rootfs"), Op::Mkdir(cstr(&at(dir))?, mode));
+    for (i, m) in c.mounts.iter().enumerate() {
+        let dest = &m.destination;
+        let target = at(dest);
+        let is_file = file_binds.get(i).copied().unwrap_or(false);
+        mkdir_all(&mut steps, &root, dest, !is_file)?;
+        if is_file {
+            push(&mut steps, format!("create mountpoint file {dest}"), Op::CreateFile(cstr(&target)?));
+        }
+        match &m.kind {
+            MountKind::Bind { source, recursive } => {
+                let rec = if *recursive { libc::MS_REC } else { 0 };
+                push(
+                    &mut steps,
+                    format!("mount {i}: bind {source} on {dest}"),
+                    mount_op(Some(source), &target, None, libc::MS_BIND | rec, None)?,
+                );
+                if m.flags != 0 {
+                    push(
+                        &mut steps,
+                        format!("mount {i}: remount {dest} with its options"),
+                        mount_op(None, &target, None, libc::MS_BIND | libc::MS_REMOUNT | rec | m.flags, None)?,
+                    );
+                }
+            }
+            MountKind::Fs { fstype, source } => push(
+                &mut steps,
+                format!("mount {i}: {fstype} on {dest}"),
+                mount_op(Some(source), &target, Some(fstype), m.flags, Some(&m.data))?,
+            ),
+        }
+        if m.propagation != 0 {
+            push(
+                &mut steps,
+                format!("mount {i}: propagation of {dest}"),
+                mount_op(None, &target, None, m.propagation, None)?,
+            );
+        }
     }
-    push("mount /proc".into(), mnt(Some("proc"), &at("/proc"), Some("proc"), nosuid_nodev_noexec, None)?);
-    push(
-        "mount /sys".into(),
-        mnt(Some("sysfs"), &at("/sys"), Some("sysfs"), nosuid_nodev_noexec | MsFlags::MS_RDONLY, None)?,
-    );
-    push(
-        "mount /dev".into(),
-        mnt(
-            Some("tmpfs"),
-            &at("/dev"),
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
-            Some("mode=0755,size=65536k"),
-        )?,
-    );
-    for (name, major, minor) in [
-        ("null", 1, 3),
-        ("zero", 1, 5),
-        ("full", 1, 7),
-        ("random", 1, 8),
-        ("urandom", 1, 9),
-        ("tty", 5, 0),
-    ] {
-        push(
-            format!("create /dev/{name}"),
-            Op::Mknod(cstr(&at(&format!("/dev/{name}")))?, libc::S_IFCHR | 0o666, libc::makedev(major, minor)),
-        );
+    if c.dev_nodes {
+        push(&mut steps, "create /dev".into(), Op::Mkdir(cstr(&at("/dev"))?, 0o755));
+        for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)] {
+            push(
+                &mut steps,
+                format!("create /dev/{name}"),
+                Op::Mknod(cstr(&at(&format!("/dev/{name}")))?, libc::S_IFCHR | 0o666, libc::makedev(major, minor)),
+            );
+        }
+        for (link, target) in [
+            ("/dev/ptmx", "pts/ptmx"),
+            ("/dev/fd", "/proc/self/fd"),
+            ("/dev/stdin", "/proc/self/fd/0"),
+            ("/dev/stdout", "/proc/self/fd/1"),
+            ("/dev/stderr", "/proc/self/fd/2"),
+        ] {
+            push(
+                &mut steps,
+                format!("create {link}"),
+                Op::Symlink {
+                    target: cstr(target)?,
+                    link: cstr(&at(link))?,
+                },
+            );
+        }
     }
-    push("create /dev/pts".into(), Op::Mkdir(cstr(&at("/dev/pts"))?, 0o755));
-    push(
-        "mount /dev/pts".into(),
-        mnt(
-            Some("devpts"),
-            &at("/dev/pts"),
-            Some("devpts"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            Some("newinstance,ptmxmode=0666,mode=0620"),
-        )?,
-    );
-    push("create /dev/shm".into(), Op::Mkdir(cstr(&at("/dev/shm"))?, 0o1777));
-    push(
-        "mount /dev/shm".into(),
-        mnt(Some("shm"), &at("/dev/shm"), Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?,
-    );
-    for (link, target) in [
-        ("/dev/ptmx", "pts/ptmx"),
-        ("/dev/fd", "/proc/self/fd"),
-        ("/dev/stdin", "/proc/self/fd/0"),
-        ("/dev/stdout", "/proc/self/fd/1"),
-        ("/dev/stderr", "/proc/self/fd/2"),
-    ] {
-        push(
-            format!("create {link}"),
-            Op::Symlink {
-                target: cstr(target)?,
-                link: cstr(&at(link))?,
-            },
-        );
+    if cwd != "/" {
+        mkdir_all(&mut steps, &root, cwd, true)?;
     }
-    if spec.readonly_rootfs {
+    if c.readonly_root {
         push(
+            &mut steps,
             "remount the rootfs read-only".into(),
-            mnt(
-                None,
-                &root,
-                None,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
-                None,
-            )?,
+            mount_op(None, &root, None, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NODEV, None)?,
         );
     }
-    push(format!("set hostname {hostname}"), Op::Sethostname(cstr(hostname)?));
-    push(format!("chroot {STAGE_DIR}"), Op::Chroot(cstr(STAGE_DIR)?));
-    push("chdir /root".into(), Op::Chdir(cstr("/root")?));
-    push("pivot_root into the rootfs".into(), Op::PivotRootHere);
-    push("detach the old root".into(), Op::DetachHere);
-    push(format!("chdir {cwd}"), Op::Chdir(cstr(cwd)?));
-    push("umask".into(), Op::Umask(0o022));
+    push(&mut steps, format!("set hostname {hostname}"), Op::Sethostname(cstr(hostname)?));
+    push(&mut steps, format!("chroot {STAGE_DIR}"), Op::Chroot(cstr(STAGE_DIR)?));
+    push(&mut steps, "chdir /root".into(), Op::Chdir(cstr("/root")?));
+    push(&mut steps, "pivot_root into the rootfs".into(), Op::PivotRootHere);
+    push(&mut steps, "detach the old root".into(), Op::DetachHere);
+    for (k, v) in &c.sysctl {
+        let path = format!("/proc/sys/{}", k.replace('.', "/"));
+        push(&mut steps, format!("sysctl {k}={v}"), Op::WriteFile(cstr(&path)?, cstr(v)?));
+    }
+    for p in &c.readonly_paths {
+        push(&mut steps, format!("readonly path {p}"), Op::ReadonlyPath(cstr(p)?));
+    }
+    for p in &c.masked_paths {
+        push(&mut steps, format!("mask path {p}"), Op::MaskPath(cstr(p)?));
+    }
+    steps.extend(process_steps(&c.process, cwd, c.seccomp.as_ref(), last_cap)?);
     Ok(steps)
 }
 
-/// Validates `spec`, then starts the container's first process (blocking: call it from a
-/// blocking context). `mount_shared`: mount the virtio-fs share first (PID 1 in the guest).
+fn errno_of(e: &io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Canonicalises the bind sources (symlinks inside the share must not lead out of it) and
+/// says which ones are not directories (they get a file mountpoint).
+fn resolve_binds(c: &mut ContainerConfig, shared_dir: &str) -> Result<Vec<bool>, ContainerError> {
+    let mut files = Vec::with_capacity(c.mounts.len());
+    for (i, m) in c.mounts.iter_mut().enumerate() {
+        let MountKind::Bind { source, .. } = &mut m.kind else {
+            files.push(false);
+            continue;
+        };
+        let real = std::fs::canonicalize(&*source).map_err(|e| ContainerError::BindSourceMissing {
+            index: i,
+            destination: m.destination.clone(),
+            source_path: source.clone(),
+            reason: e.to_string(),
+        })?;
+        let real_s = real.to_string_lossy().into_owned();
+        let inside = real.strip_prefix(shared_dir).is_ok_and(|r| r.components().next().is_some());
+        if !inside && !ALLOWED_GUEST_SOURCES.contains(&real_s.as_str()) {
+            return Err(ContainerError::BindSourceOutside {
+                index: i,
+                destination: m.destination.clone(),
+                source_path: format!("{source} (resolves to {real_s})"),
+            });
+        }
+        let is_dir = std::fs::metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
+        *source = real_s;
+        files.push(!is_dir);
+    }
+    Ok(files)
+}
+
+/// True when an in-container path may be provided by a mount (not visible in the rootfs
+/// before the child mounts it).
+fn covered_by_mount(c: &ContainerConfig, path: &str) -> bool {
+    c.mounts.iter().any(|m| {
+        !is_system_dest(&m.destination) && (path == m.destination || path.starts_with(&format!("{}/", m.destination)))
+    })
+}
+
+/// /dev, /proc, /sys and below: mounts that never hold a program or a working directory.
+fn is_system_dest(d: &str) -> bool {
+    ["/dev", "/proc", "/sys"]
+        .iter()
+        .any(|s| d == *s || d.strip_prefix(s).is_some_and(|r| r.starts_with('/')))
+}
+
+/// Validates `c`, creates its cgroup, then starts the container's first process (blocking:
+/// call it from a blocking context). `mount_shared`: mount the virtio-fs share first (PID 1 in
+/// the guest). `cgroup_root`: the cgroup2 mount (None: no cgroup, only allowed without
+/// resources).
 pub fn spawn(
     table: Arc<ProcTable>,
-    spec: &ContainerSpec,
+    c: &ContainerConfig,
     shared_dir: &str,
     mount_shared: bool,
-) -> Result<Spawned, ContainerError> {
-    validate_id(&spec.id)?;
-    let hostname = if spec.hostname.is_empty() {
-        spec.id.clone()
-    } else {
-        spec.hostname.clone()
-    };
+    cgroup_root: Option<&Path>,
+) -> Result<Started, ContainerError> {
+    validate_id(&c.id)?;
+    let hostname = if c.hostname.is_empty() { c.id.clone() } else { c.hostname.clone() };
     validate_hostname(&hostname)?;
-    validate_rootfs(&spec.rootfs, shared_dir)?;
-    let program = spec.argv.first().ok_or(ExecError::EmptyArgv)?.clone();
-    if spec.argv.iter().any(|a| a.contains('\0')) {
+    validate_rootfs(&c.root, shared_dir)?;
+    let p = &c.process;
+    let program = p.args.first().ok_or(ExecError::EmptyArgv)?.clone();
+    if p.args.iter().any(|a| a.contains('\0')) {
         return Err(ExecError::NulByte { what: "argv" }.into());
     }
-    let env = parse_env(&spec.env)?;
-    let cwd = if spec.cwd.is_empty() { "/".to_string() } else { spec.cwd.clone() };
+    let env = parse_env(&p.env)?;
+    let cwd = if p.cwd.is_empty() { "/".to_string() } else { p.cwd.clone() };
     if !is_clean_absolute(&cwd) {
         return Err(ContainerError::InvalidCwd(cwd));
     }
@@ -487,18 +539,121 @@ pub fn spawn(
         ensure_shared_mounted()?;
     }
 
-    let root = match std::fs::metadata(&spec.rootfs) {
+    let root = match std::fs::metadata(&c.root) {
         Ok(m) if m.is_dir() => nix::fcntl::open(
-            spec.rootfs.as_str(),
+            c.root.as_str(),
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
         .map_err(|source| ContainerError::OpenRootfs {
-            path: spec.rootfs.clone(),
+            path: c.root.clone(),
             source,
         })?,
-        _ => return Err(ContainerError::RootfsNotFound(spec.rootfs.clone())),
+        _ => return Err(ContainerError::RootfsNotFound(c.root.clone())),
     };
+    // SAFETY: open just returned this fd and nothing else owns it.
+    let root = unsafe { OwnedFd::from_raw_fd(root) };
+    if !covered_by_mount(c, &cwd) {
+        match stat_in_root(root.as_raw_fd(), &cwd) {
+            Ok(st) if is_dir(&st) => {}
+            // Created by the child (like runc) when missing; a non-directory is an error.
+            Err(Errno::ENOENT) if c.process.user.is_some() => {}
+            _ => return Err(ContainerError::InvalidCwd(cwd)),
+        }
+    }
+    let path_var = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| DEFAULT_PATH.to_string());
+    let program_path = match resolve_in_rootfs(root.as_raw_fd(), &program, &path_var, &cwd) {
+        Ok(p) => p,
+        // May come from a mount: let execvp in the child search PATH.
+        Err(ContainerError::ExecutableNotFound(_)) if c.mounts.iter().any(|m| !is_system_dest(&m.destination)) => {
+            program.clone()
+        }
+        Err(e) => return Err(e),
+    };
+    drop(root);
+
+    let mut c = c.clone();
+    let file_binds = resolve_binds(&mut c, shared_dir)?;
+
+    std::fs::create_dir_all(STAGE_DIR).map_err(|source| ContainerError::Setup {
+        step: format!("create {STAGE_DIR}"),
+        source,
+    })?;
+    let cgroup = match cgroup_root {
+        Some(r) => Some(Cgroup::create(r, &c.id)?),
+        None if c.resources.is_some() => return Err(ContainerError::NoCgroup),
+        None => None,
+    };
+    let result = (|| {
+        let procs = match &cgroup {
+            Some(cg) => {
+                if let Some(r) = &c.resources {
+                    cg.apply(r)?;
+                }
+                Some(cg.open_procs()?)
+            }
+            None => None,
+        };
+        let steps = plan(&c, &hostname, &cwd, &file_binds, procs.as_ref().map(|f| f.as_raw_fd()), last_cap())?;
+        let cmd = command(&program_path, &program, &p.args, &env);
+        spawn_with_steps(table, PidNs::New, program.clone(), cmd, p.terminal, steps, procs.into_iter().collect())
+    })();
+    match result {
+        Ok(spawned) => Ok(Started { spawned, cgroup }),
+        Err(e) => {
+            if let Some(cg) = &cgroup {
+                if let Err(ce) = cg.kill_and_remove(CGROUP_CLEANUP_TIMEOUT) {
+                    agent_log!("container {}: cleaning up its cgroup: {ce}", c.id);
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The Command for `program_path` (argv[0] = `program`) with exactly `env` (plus a default PATH).
+fn command(program_path: &str, program: &str, args: &[String], env: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(program_path);
+    cmd.arg0(program).args(&args[1..]).env_clear();
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        cmd.env("PATH", DEFAULT_PATH);
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
+fn open_ns(t: &Target, ns: &str) -> Result<OwnedFd, ContainerError> {
+    let path = format!("/proc/{}/ns/{ns}", t.init_pid);
+    let f = std::fs::File::open(&path).map_err(|e| ContainerError::Setup {
+        step: format!("open {path} of container {}", t.id),
+        source: e,
+    })?;
+    Ok(f.into())
+}
+
+/// Starts `p` inside the running container `t`: its namespaces (pid through a dedicated
+/// thread, then ipc, uts, net, cgroup and mnt last in the child), its cgroup, and the same
+/// identity steps as its first process got (`p`'s user, rlimits, capabilities,
+/// no_new_privs; the container's seccomp filter). Blocking.
+pub fn exec_in(table: Arc<ProcTable>, t: &Target, p: &ProcessConfig) -> Result<Spawned, ContainerError> {
+    let program = p.args.first().ok_or(ExecError::EmptyArgv)?.clone();
+    if p.args.iter().any(|a| a.contains('\0')) {
+        return Err(ExecError::NulByte { what: "argv" }.into());
+    }
+    let env = parse_env(&p.env)?;
+    let cwd = if p.cwd.is_empty() { "/".to_string() } else { p.cwd.clone() };
+    if !is_clean_absolute(&cwd) {
+        return Err(ContainerError::InvalidCwd(cwd));
+    }
+    // The container's root as its first process sees it (its mount namespace).
+    let root_path = format!("/proc/{}/root", t.init_pid);
+    let root = nix::fcntl::open(root_path.as_str(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|source| ContainerError::OpenRootfs { path: root_path, source })?;
     // SAFETY: open just returned this fd and nothing else owns it.
     let root = unsafe { OwnedFd::from_raw_fd(root) };
     match stat_in_root(root.as_raw_fd(), &cwd) {
@@ -511,25 +666,53 @@ pub fn spawn(
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| DEFAULT_PATH.to_string());
-    let resolved = resolve_in_rootfs(root.as_raw_fd(), &program, &path_var, &cwd)?;
+    let program_path = resolve_in_rootfs(root.as_raw_fd(), &program, &path_var, &cwd)?;
     drop(root);
 
-    std::fs::create_dir_all(STAGE_DIR).map_err(|source| ContainerError::Setup {
-        step: format!("create {STAGE_DIR}"),
-        source,
-    })?;
-    let steps = plan(spec, &hostname, &cwd)?;
-    let names: Vec<String> = steps.iter().map(|s| s.what.clone()).collect();
-
-    let mut cmd = Command::new(&resolved);
-    cmd.arg0(&program).args(&spec.argv[1..]).env_clear();
-    if !env.iter().any(|(k, _)| k == "PATH") {
-        cmd.env("PATH", DEFAULT_PATH);
+    let mut keep = Vec::new();
+    let mut steps = Vec::new();
+    if let Some(cg) = &t.cgroup {
+        let fd = cg.open_procs()?;
+        steps.push(Step {
+            what: "join the container's cgroup".into(),
+            op: Op::WriteFd(fd.as_raw_fd(), b"0"),
+        });
+        keep.push(fd);
     }
-    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    for (ns, flag) in [
+        ("ipc", libc::CLONE_NEWIPC),
+        ("uts", libc::CLONE_NEWUTS),
+        ("net", libc::CLONE_NEWNET),
+        ("cgroup", libc::CLONE_NEWCGROUP),
+        ("mnt", libc::CLONE_NEWNS),
+    ] {
+        let fd = open_ns(t, ns)?;
+        steps.push(Step {
+            what: format!("join the container's {ns} namespace"),
+            op: Op::Setns(fd.as_raw_fd(), flag),
+        });
+        keep.push(fd);
+    }
+    steps.extend(process_steps(p, &cwd, t.seccomp.as_ref(), last_cap())?);
+    let pidns = open_ns(t, "pid")?;
+    let cmd = command(&program_path, &program, &p.args, &env);
+    spawn_with_steps(table, PidNs::Join(pidns), program, cmd, p.terminal, steps, keep)
+}
 
-    let terminal = spec.terminal;
-    spawn_in_new_pid_namespace(table, move |table| {
+/// Forks `cmd` from a thread in the right pid namespace; the child runs `steps`, then execs.
+/// A failing step is reported by name. `keep`: fds the steps use, closed after the fork.
+fn spawn_with_steps(
+    table: Arc<ProcTable>,
+    pidns: PidNs,
+    program: String,
+    cmd: Command,
+    terminal: bool,
+    steps: Vec<Step>,
+    keep: Vec<OwnedFd>,
+) -> Result<Spawned, ContainerError> {
+    let names: Vec<String> = steps.iter().map(|s| s.what.clone()).collect();
+    spawn_on_pid_thread(table, pidns, move |table| {
+        let _keep = keep;
         let (err_rd, err_wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(|e| {
             ContainerError::Setup {
                 step: "create the error pipe".into(),
@@ -569,17 +752,22 @@ pub fn spawn(
                             source: io::Error::from_raw_os_error(errno),
                         })
                     }
-                    // No step failed: exec itself did (the lookup raced with a change).
-                    _ => Err(e.into()),
+                    // No step failed: exec itself did.
+                    _ => Err(match e {
+                        ExecError::Spawn { program, source } if source.kind() == io::ErrorKind::NotFound => {
+                            ContainerError::ExecutableNotFound(program)
+                        }
+                        e => e.into(),
+                    }),
                 }
             }
         }
     })
 }
 
-/// Runs `f` on a fresh thread whose children are born in a new pid namespace (so the first one
-/// is its pid 1), waiting at most [`SPAWN_TIMEOUT`].
-fn spawn_in_new_pid_namespace<F>(table: Arc<ProcTable>, f: F) -> Result<Spawned, ContainerError>
+/// Runs `f` on a fresh thread whose children are born in `pidns`, waiting at most
+/// [`SPAWN_TIMEOUT`].
+fn spawn_on_pid_thread<F>(table: Arc<ProcTable>, pidns: PidNs, f: F) -> Result<Spawned, ContainerError>
 where
     F: FnOnce(&ProcTable) -> Result<Spawned, ContainerError> + Send + 'static,
 {
@@ -588,17 +776,24 @@ where
     std::thread::Builder::new()
         .name("container-spawn".into())
         .spawn(move || {
-            // SAFETY: unshare(2) takes no pointers; CLONE_NEWPID only sets the pid namespace of
-            // this thread's future children, and this thread ends after one spawn.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+            // SAFETY: unshare(2)/setns(2) take no pointers (the fd is owned by `pidns`, alive
+            // for the call); CLONE_NEWPID only sets the pid namespace of this thread's future
+            // children, and this thread ends after one spawn.
+            let (rc, step) = unsafe {
+                match &pidns {
+                    PidNs::New => (libc::unshare(libc::CLONE_NEWPID), "unshare the pid namespace"),
+                    PidNs::Join(fd) => (libc::setns(fd.as_raw_fd(), libc::CLONE_NEWPID), "join the container's pid namespace"),
+                }
+            };
             let result = if rc != 0 {
                 Err(ContainerError::Setup {
-                    step: "unshare the pid namespace".into(),
+                    step: step.into(),
                     source: io::Error::last_os_error(),
                 })
             } else {
                 f(&thread_table)
             };
+            drop(pidns);
             if let Err(mpsc::SendError(Ok(orphan))) = tx.send(result) {
                 // The caller gave up waiting: nobody would serve this process.
                 let _ = thread_table.kill(orphan.pid, libc::SIGKILL);
@@ -673,31 +868,69 @@ mod tests {
         assert!(resolve_in_rootfs(r, "/../../bin/busybox", "", "/").is_ok());
     }
 
-    #[test]
-    fn plan_ends_in_the_rootfs() {
-        let spec = ContainerSpec {
+    fn flat(readonly: bool) -> ContainerConfig {
+        crate::spec::from_flat(crate::spec::FlatContainer {
             id: "c1".into(),
             rootfs: "/run/joey/shared/c1/rootfs".into(),
             argv: vec!["sh".into()],
-            env: vec![],
-            cwd: String::new(),
-            terminal: false,
-            hostname: String::new(),
-            readonly_rootfs: true,
-        };
-        let steps = plan(&spec, "c1", "/").unwrap();
+            readonly_rootfs: readonly,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn plan_ends_in_the_rootfs() {
+        let steps = plan(&flat(true), "c1", "/", &[false; 5], Some(7), 40).unwrap();
         let names: Vec<&str> = steps.iter().map(|s| s.what.as_str()).collect();
         let pos = |n: &str| names.iter().position(|x| x.starts_with(n)).unwrap_or_else(|| panic!("{n}"));
-        assert_eq!(pos("unshare"), 0);
-        assert!(pos("bind-mount rootfs") < pos("mount /proc"));
-        assert!(pos("mount /dev/pts") < pos("remount the rootfs read-only"));
+        assert_eq!(pos("join the container's cgroup"), 0);
+        assert_eq!(pos("unshare"), 1);
+        assert!(pos("bind-mount rootfs") < pos("mount 0: proc on /proc"));
+        assert!(pos("mount 2: tmpfs on /dev") < pos("mount 3: devpts on /dev/pts"));
+        assert!(pos("mount 3: devpts on /dev/pts") < pos("create /dev/null"));
+        assert!(pos("create /dev/ptmx") < pos("remount the rootfs read-only"));
         assert!(pos("remount the rootfs read-only") < pos("pivot_root"));
         assert!(pos("pivot_root") < pos("detach the old root"));
-        assert_eq!(names.last(), Some(&"umask"));
-        let spec_rw = ContainerSpec {
-            readonly_rootfs: false,
-            ..spec
-        };
-        assert!(!plan(&spec_rw, "c1", "/").unwrap().iter().any(|s| s.what.contains("read-only")));
+        assert_eq!(names[names.len() - 2..], ["chdir /", "umask 22"]);
+        assert!(!plan(&flat(false), "c1", "/", &[], None, 40).unwrap().iter().any(|s| s.what.contains("read-only")));
+    }
+
+    #[test]
+    fn plan_of_an_oci_spec() {
+        let json = r#"{"ociVersion":"1.1.0","root":{"path":"/run/joey/shared/c1/rootfs"},
+            "process":{"user":{"uid":1000,"gid":1000},"args":["sh"],"cwd":"/work","noNewPrivileges":true},
+            "mounts":[{"destination":"/etc/hosts","type":"bind","source":"/run/joey/shared/c1/hosts","options":["rbind","ro","rprivate"]},
+                      {"destination":"/data/cache","type":"tmpfs","source":"tmpfs","options":["size=1m"]}],
+            "linux":{"namespaces":[{"type":"network"}],"maskedPaths":["/proc/kcore"],"readonlyPaths":["/proc/sys"],
+                     "sysctl":{"net.ipv4.ip_forward":"1"}}}"#;
+        let c = crate::spec::from_oci_json("c1", json, "/run/joey/shared").unwrap();
+        let steps = plan(&c, "c1", "/work", &[false, true, false], None, 40).unwrap();
+        let names: Vec<&str> = steps.iter().map(|s| s.what.as_str()).collect();
+        let pos = |n: &str| names.iter().position(|x| *x == n).unwrap_or_else(|| panic!("{n}: {names:#?}"));
+        assert_eq!(names[..2], ["unshare the container's namespaces", "bring up lo"]);
+        assert!(pos("create directory /etc in the rootfs") < pos("create mountpoint file /etc/hosts"));
+        assert!(pos("create mountpoint file /etc/hosts") < pos("mount 1: bind /run/joey/shared/c1/hosts on /etc/hosts"));
+        assert!(pos("mount 1: bind /run/joey/shared/c1/hosts on /etc/hosts") < pos("mount 1: remount /etc/hosts with its options"));
+        assert!(pos("mount 1: remount /etc/hosts with its options") < pos("mount 1: propagation of /etc/hosts"));
+        assert!(pos("create directory /data in the rootfs") < pos("create directory /data/cache in the rootfs"));
+        assert!(pos("create directory /work in the rootfs") < pos("pivot_root into the rootfs"));
+        assert!(pos("detach the old root") < pos("sysctl net.ipv4.ip_forward=1"));
+        assert!(pos("sysctl net.ipv4.ip_forward=1") < pos("readonly path /proc/sys"));
+        assert!(pos("readonly path /proc/sys") < pos("mask path /proc/kcore"));
+        assert!(pos("mask path /proc/kcore") < pos("setuid 1000"));
+        assert_eq!(names.last(), Some(&"set no_new_privs"));
+        match &steps[pos("mount 2: tmpfs on /data/cache")].op {
+            Op::Mount { data, fstype, .. } => {
+                assert_eq!(data.as_deref(), Some(c"size=1m"));
+                assert_eq!(fstype.as_deref(), Some(c"tmpfs"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn system_destinations() {
+        assert!(is_system_dest("/dev") && is_system_dest("/dev/shm") && is_system_dest("/proc"));
+        assert!(!is_system_dest("/device") && !is_system_dest("/data"));
     }
 }

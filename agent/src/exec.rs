@@ -67,6 +67,8 @@ pub struct Spawned {
     pub stdout: File,
     /// Read end of stderr; `None` for a terminal (stderr goes to the pty).
     pub stderr: Option<File>,
+    /// Another duplicate of the pty master (window size changes); `None` without a terminal.
+    pub pty: Option<OwnedFd>,
 }
 
 /// Splits `KEY=VALUE` entries; rejects entries without `=`, with an empty key or a NUL byte.
@@ -324,10 +326,11 @@ pub fn spawn_prepared(
     })?;
     let pid = child.id() as i32;
 
-    let (stdin, stdout, stderr) = match pty_master {
+    let (stdin, stdout, stderr, pty) = match pty_master {
         Some(master) => {
             let writer = master.try_clone().map_err(ExecError::Pty)?;
-            (File::from(writer), File::from(master), None)
+            let resizer = master.try_clone().map_err(ExecError::Pty)?;
+            (File::from(writer), File::from(master), None, Some(resizer))
         }
         None => {
             let missing = || ExecError::Stdio(io::Error::other("std did not create a pipe"));
@@ -338,6 +341,7 @@ pub fn spawn_prepared(
                 File::from(OwnedFd::from(stdin)),
                 File::from(OwnedFd::from(stdout)),
                 Some(File::from(OwnedFd::from(stderr))),
+                None,
             )
         }
     };
@@ -348,6 +352,7 @@ pub fn spawn_prepared(
         stdin,
         stdout,
         stderr,
+        pty,
     })
 }
 

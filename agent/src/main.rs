@@ -6,13 +6,18 @@
 
 #[macro_use]
 mod log;
+mod cgroup;
 mod container;
 mod exec;
 mod init;
 mod metrics;
 mod process;
 mod reaper;
+mod seccomp;
 mod service;
+mod spec;
+mod steps;
+mod syscalls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -159,6 +164,7 @@ fn run(opts: Options, pid1: bool) -> Result<(), MainError> {
         .build()
         .map_err(MainError::Runtime)?;
     runtime.block_on(async {
+        agent.start_oom_watcher();
         let mut attempt = 0u32;
         loop {
             match serve(agent.clone(), &opts.listen).await {

@@ -186,6 +186,8 @@ pub struct Process {
     stdin: Mutex<Option<Stdin>>,
     pub stdout: OutputStream,
     pub stderr: OutputStream,
+    /// A duplicate of the pty master for TIOCSWINSZ; `None` without a terminal or once released.
+    pty: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 impl Process {
@@ -200,7 +202,32 @@ impl Process {
             })),
             stdout: OutputStream::new(Some(spawned.stdout), terminal)?,
             stderr: OutputStream::new(spawned.stderr, terminal)?,
+            pty: std::sync::Mutex::new(spawned.pty),
         })
+    }
+
+    /// Sets the terminal's window size. `Ok(false)`: the process has no terminal (any more).
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<bool, StreamError> {
+        let guard = self.pty.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(fd) = guard.as_ref() else {
+            return Ok(false);
+        };
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a valid winsize from a live stack value; the fd is open
+        // (owned by the guard for the duration of the call).
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws as *const libc::winsize) };
+        if rc != 0 {
+            return Err(StreamError::Io {
+                op: "TIOCSWINSZ",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(true)
     }
 
     /// Exit status if the process has been reaped.
@@ -230,6 +257,7 @@ impl Process {
         }
         self.stdout.try_close();
         self.stderr.try_close();
+        self.pty.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Writes all of `data` to stdin; returns its length.

@@ -9,32 +9,45 @@
 //! exec ids are unknown (NOT_FOUND) and may be reused. Entries whose output is never read are
 //! kept: dropping them would lose data the host may still want.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use joey_agent_protocol::agent::{
-    CheckRequest, CheckResponse, CloseStdinRequest, CreateContainerRequest,
-    CreateContainerResponse, DestroySandboxRequest, Empty,
-    ExecProcessRequest, ExecProcessResponse, ReadOutputRequest, ReadOutputResponse,
-    SignalProcessRequest, VersionResponse, WaitProcessRequest, WaitProcessResponse,
-    WriteStdinRequest, WriteStdinResponse,
+    CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, ContainerStats,
+    ContainerStatsEntry, CreateContainerRequest, CreateContainerResponse, DestroySandboxRequest,
+    Empty, ExecProcessRequest, ExecProcessResponse, ListPidsResponse, OomEvent, ReadOutputRequest,
+    ReadOutputResponse, ResizeTerminalRequest, SignalProcessRequest, UpdateContainerRequest,
+    VersionResponse, WaitProcessRequest, WaitProcessResponse, WriteStdinRequest,
+    WriteStdinResponse,
 };
 use joey_agent_protocol::agent_ttrpc;
 use joey_agent_protocol::{GUEST_SHARED_DIR, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::Code;
 
-use crate::container::{self, ContainerError, ContainerSpec};
+use crate::cgroup::{self, Cgroup, CgroupError};
+use crate::container::{self, ContainerError};
 use crate::exec::{self, ExecError, ExecSpec, Spawned};
 use crate::process::{effective_read_len, Process, StreamError};
 use crate::reaper::{validate_signal, ProcTable, ReaperError};
+use crate::seccomp::Filter;
+use crate::spec::{self, FlatContainer, ProcessConfig, SpecError};
 
 /// Finished entries (exit status only) retained for late WaitProcess calls.
 pub const MAX_FINISHED: usize = 1024;
 
 /// Delay between answering DestroySandbox and rebooting, so the reply leaves the VM first.
 const DESTROY_DELAY: Duration = Duration::from_millis(200);
+/// Bound on PauseContainer/ResumeContainer waiting for `cgroup.events`.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on RemoveContainer waiting for the container's cgroup to empty.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the OOM watcher reads every container's `memory.events`.
+const OOM_POLL: Duration = Duration::from_millis(200);
+/// OOM events kept while nobody polls (the oldest are dropped beyond this).
+pub const MAX_OOM_EVENTS: usize = 64;
 
 /// Errors of this module; each maps to a ttrpc status code.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +58,22 @@ pub enum ServiceError {
     UnknownExec(String),
     #[error("exec id already exists: {0}")]
     AlreadyExists(String),
+    #[error("unknown container: {0}")]
+    UnknownContainer(String),
+    #[error("container {0} is not running (its first process exited)")]
+    ContainerNotRunning(String),
+    #[error("container {0} has no cgroup (cgroup v2 is not mounted at /sys/fs/cgroup)")]
+    NoCgroup(String),
+    #[error("process {0} has no terminal")]
+    NotATerminal(String),
+    #[error("oci_process_json needs a container_id")]
+    OciProcessWithoutContainer,
+    #[error("invalid window size {rows}x{cols}: rows and cols must be 1 to 65535")]
+    InvalidWindowSize { rows: u32, cols: u32 },
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Exec(#[from] ExecError),
     #[error(transparent)]
@@ -64,17 +93,31 @@ impl ServiceError {
             ServiceError::EmptyExecId => Code::INVALID_ARGUMENT,
             ServiceError::UnknownExec(_) => Code::NOT_FOUND,
             ServiceError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+            ServiceError::UnknownContainer(_) => Code::NOT_FOUND,
+            ServiceError::ContainerNotRunning(_)
+            | ServiceError::NoCgroup(_)
+            | ServiceError::NotATerminal(_) => Code::FAILED_PRECONDITION,
+            ServiceError::OciProcessWithoutContainer | ServiceError::InvalidWindowSize { .. } => {
+                Code::INVALID_ARGUMENT
+            }
+            ServiceError::Spec(_) => Code::INVALID_ARGUMENT,
+            ServiceError::Cgroup(e) => cgroup_code(e),
             ServiceError::Exec(e) => exec_code(e),
             ServiceError::Container(e) => match e {
                 ContainerError::InvalidId(_)
                 | ContainerError::InvalidRootfs { .. }
                 | ContainerError::InvalidHostname(_)
-                | ContainerError::InvalidCwd(_) => Code::INVALID_ARGUMENT,
-                ContainerError::RootfsNotFound(_) | ContainerError::ExecutableNotFound(_) => {
-                    Code::NOT_FOUND
-                }
+                | ContainerError::InvalidCwd(_)
+                | ContainerError::BindSourceOutside { .. }
+                | ContainerError::Spec(_) => Code::INVALID_ARGUMENT,
+                ContainerError::RootfsNotFound(_)
+                | ContainerError::ExecutableNotFound(_)
+                | ContainerError::BindSourceMissing { .. } => Code::NOT_FOUND,
                 ContainerError::NotExecutable(_) => Code::PERMISSION_DENIED,
-                ContainerError::MountShared { .. } => Code::FAILED_PRECONDITION,
+                ContainerError::MountShared { .. } | ContainerError::NoCgroup => {
+                    Code::FAILED_PRECONDITION
+                }
+                ContainerError::Cgroup(e) => cgroup_code(e),
                 ContainerError::OpenRootfs { .. }
                 | ContainerError::Setup { .. }
                 | ContainerError::Thread(_) => Code::INTERNAL,
@@ -95,6 +138,15 @@ impl ServiceError {
                 _ => Code::INTERNAL,
             },
             ServiceError::Internal(_) => Code::INTERNAL,
+        }
+    }
+}
+
+fn cgroup_code(e: &CgroupError) -> Code {
+    match e {
+        CgroupError::InvalidResources(_) | CgroupError::Json(_) => Code::INVALID_ARGUMENT,
+        CgroupError::Io { .. } | CgroupError::Timeout { .. } | CgroupError::Parse { .. } => {
+            Code::INTERNAL
         }
     }
 }
@@ -132,13 +184,35 @@ pub enum ShutdownMode {
     Exit,
 }
 
+/// What the service keeps about a container until RemoveContainer.
+struct ContainerRecord {
+    init_pid: i32,
+    cgroup: Option<Cgroup>,
+    seccomp: Option<Filter>,
+    /// Its first process (also in `procs` under the container id, until evicted).
+    process: Arc<Process>,
+}
+
+impl ContainerRecord {
+    fn running(&self) -> bool {
+        self.process.exit_info().is_none()
+    }
+}
+
 /// State of the agent service.
 pub struct Agent {
     table: Arc<ProcTable>,
     procs: Mutex<HashMap<String, Arc<Process>>>,
+    containers: Mutex<HashMap<String, ContainerRecord>>,
     /// Serialises ExecProcess so that checking and inserting an exec id is atomic.
     exec_lock: tokio::sync::Mutex<()>,
     shutdown: ShutdownMode,
+    /// The cgroup2 mount for container groups; `None` where /sys/fs/cgroup is not cgroup2
+    /// (host mode on a v1 or hybrid host).
+    cgroup_root: Option<PathBuf>,
+    /// Container ids whose oom_kill count grew, oldest first (bounded by [`MAX_OOM_EVENTS`]).
+    oom_events: Mutex<VecDeque<String>>,
+    oom_notify: tokio::sync::Notify,
 }
 
 /// Picks the finished entries to drop: all but the `keep` most recently reaped.
@@ -157,11 +231,99 @@ fn eviction_victims(mut finished: Vec<(u64, String)>, keep: usize) -> Vec<String
 
 impl Agent {
     pub fn new(table: Arc<ProcTable>, shutdown: ShutdownMode) -> Agent {
+        let root = Path::new(cgroup::CGROUP_ROOT);
+        let cgroup_root = cgroup::is_cgroup2(root).then(|| root.to_path_buf());
+        if cgroup_root.is_none() {
+            agent_log!("no cgroup2 at {}: containers get no cgroup", cgroup::CGROUP_ROOT);
+        }
         Agent {
             table,
             procs: Mutex::new(HashMap::new()),
+            containers: Mutex::new(HashMap::new()),
             exec_lock: tokio::sync::Mutex::new(()),
             shutdown,
+            cgroup_root,
+            oom_events: Mutex::new(VecDeque::new()),
+            oom_notify: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn containers(&self) -> MutexGuard<'_, HashMap<String, ContainerRecord>> {
+        // Plain map operations only: a poisoned map is still consistent.
+        self.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The container's cgroup, or the error for an unknown container or one without a group.
+    fn cgroup_of(&self, id: &str) -> Result<Cgroup, ServiceError> {
+        let c = self.containers();
+        let rec = c.get(id).ok_or_else(|| ServiceError::UnknownContainer(id.to_string()))?;
+        rec.cgroup.clone().ok_or_else(|| ServiceError::NoCgroup(id.to_string()))
+    }
+
+    /// Starts the task that turns growing `oom_kill` counts into OOM events. Must run inside
+    /// the runtime.
+    pub fn start_oom_watcher(self: &Arc<Self>) {
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut last: HashMap<String, u64> = HashMap::new();
+            loop {
+                tokio::time::sleep(OOM_POLL).await;
+                let Some(agent) = agent.upgrade() else { return };
+                let groups: Vec<(String, Cgroup)> = agent
+                    .containers()
+                    .iter()
+                    .filter_map(|(id, r)| r.cgroup.clone().map(|c| (id.clone(), c)))
+                    .collect();
+                if groups.is_empty() && last.is_empty() {
+                    continue;
+                }
+                let counts = match tokio::task::spawn_blocking(move || {
+                    groups.into_iter().map(|(id, c)| (id, c.oom_kills())).collect::<Vec<_>>()
+                })
+                .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        agent_log!("oom watcher: {e}");
+                        continue;
+                    }
+                };
+                let mut next = HashMap::new();
+                for (id, n) in counts {
+                    let before = last.get(&id).copied().unwrap_or(0);
+                    for _ in before..n {
+                        agent.push_oom_event(&id);
+                    }
+                    next.insert(id, n.max(before));
+                }
+                last = next;
+            }
+        });
+    }
+
+    fn push_oom_event(&self, id: &str) {
+        agent_log!("container {id}: OOM kill");
+        {
+            let mut q = self.oom_events.lock().unwrap_or_else(|e| e.into_inner());
+            if q.len() >= MAX_OOM_EVENTS {
+                q.pop_front();
+            }
+            q.push_back(id.to_string());
+        }
+        self.oom_notify.notify_one();
+    }
+
+    async fn next_oom_event(&self) -> OomEvent {
+        loop {
+            if let Some(id) = self.oom_events.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+                return OomEvent {
+                    container_id: id,
+                    ..Default::default()
+                };
+            }
+            // notify_one stores a permit when nobody waits: an event pushed between the check
+            // above and this await is not missed.
+            self.oom_notify.notified().await;
         }
     }
 
@@ -196,9 +358,15 @@ impl Agent {
         if req.exec_id.is_empty() {
             return Err(ServiceError::EmptyExecId);
         }
+        if !req.oci_process_json.is_empty() && req.container_id.is_empty() {
+            return Err(ServiceError::OciProcessWithoutContainer);
+        }
         let _serial = self.exec_lock.lock().await;
         if self.procs().contains_key(&req.exec_id) {
             return Err(ServiceError::AlreadyExists(req.exec_id));
+        }
+        if !req.container_id.is_empty() {
+            return self.exec_in_container(req).await;
         }
         let table = self.table.clone();
         let terminal = req.terminal;
@@ -218,6 +386,49 @@ impl Agent {
         self.register(req.exec_id, spawned, terminal, &req.argv, "exec")
     }
 
+    /// ExecProcess with a container_id: the process joins that container (caller holds
+    /// `exec_lock` and checked the exec id).
+    async fn exec_in_container(
+        &self,
+        req: ExecProcessRequest,
+    ) -> Result<ExecProcessResponse, ServiceError> {
+        let target = {
+            let c = self.containers();
+            let rec = c
+                .get(&req.container_id)
+                .ok_or_else(|| ServiceError::UnknownContainer(req.container_id.clone()))?;
+            if !rec.running() {
+                return Err(ServiceError::ContainerNotRunning(req.container_id.clone()));
+            }
+            container::Target {
+                id: req.container_id.clone(),
+                init_pid: rec.init_pid,
+                cgroup: rec.cgroup.clone(),
+                seccomp: rec.seccomp.clone(),
+            }
+        };
+        let process = if req.oci_process_json.is_empty() {
+            ProcessConfig {
+                args: req.argv.clone(),
+                env: req.env.clone(),
+                cwd: req.cwd.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }
+        } else {
+            spec::process_from_json(&req.oci_process_json)?
+        };
+        let table = self.table.clone();
+        let (process, spawned) = tokio::task::spawn_blocking(move || {
+            let spawned = container::exec_in(table, &target, &process);
+            (process, spawned)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("exec task failed: {e}")))?;
+        let spawned = spawned?;
+        self.register(req.exec_id, spawned, process.terminal, &process.args, "exec in container")
+    }
+
     /// Starts a container (its process is served under exec id = container id).
     async fn create(
         &self,
@@ -225,34 +436,147 @@ impl Agent {
     ) -> Result<CreateContainerResponse, ServiceError> {
         container::validate_id(&req.container_id)?;
         let _serial = self.exec_lock.lock().await;
-        if self.procs().contains_key(&req.container_id) {
+        if self.procs().contains_key(&req.container_id)
+            || self.containers().contains_key(&req.container_id)
+        {
             return Err(ServiceError::AlreadyExists(req.container_id));
         }
-        let spec = ContainerSpec {
-            id: req.container_id,
-            rootfs: req.rootfs,
-            argv: req.argv,
-            env: req.env,
-            cwd: req.cwd,
-            terminal: req.terminal,
-            hostname: req.hostname,
-            readonly_rootfs: req.readonly_rootfs,
+        let id = req.container_id.clone();
+        let config = if req.oci_spec_json.is_empty() {
+            spec::from_flat(FlatContainer {
+                id: req.container_id,
+                rootfs: req.rootfs,
+                argv: req.argv,
+                env: req.env,
+                cwd: req.cwd,
+                terminal: req.terminal,
+                hostname: req.hostname,
+                readonly_rootfs: req.readonly_rootfs,
+            })
+        } else {
+            spec::from_oci_json(&req.container_id, &req.oci_spec_json, GUEST_SHARED_DIR)
+                .map_err(ContainerError::from)?
         };
         let table = self.table.clone();
         // Only PID 1 in the guest has the virtio-fs share to mount.
         let mount_shared = self.shutdown == ShutdownMode::Reboot;
-        let (spec, spawned) = tokio::task::spawn_blocking(move || {
-            let spawned = container::spawn(table, &spec, GUEST_SHARED_DIR, mount_shared);
-            (spec, spawned)
+        let cgroup_root = self.cgroup_root.clone();
+        let (config, started) = tokio::task::spawn_blocking(move || {
+            let started = container::spawn(
+                table,
+                &config,
+                GUEST_SHARED_DIR,
+                mount_shared,
+                cgroup_root.as_deref(),
+            );
+            (config, started)
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("container task failed: {e}")))?;
-        let spawned = spawned?;
-        let r = self.register(spec.id, spawned, spec.terminal, &spec.argv, "container")?;
+        let started = started?;
+        let cgroup = started.cgroup;
+        let r = self.register(
+            id.clone(),
+            started.spawned,
+            config.process.terminal,
+            &config.process.args,
+            "container",
+        )?;
+        let process = self.get(&id)?;
+        self.containers().insert(
+            id,
+            ContainerRecord {
+                init_pid: r.pid as i32,
+                cgroup,
+                seccomp: config.seccomp,
+                process,
+            },
+        );
         Ok(CreateContainerResponse {
             pid: r.pid,
             ..Default::default()
         })
+    }
+
+    async fn pause(&self, id: &str, frozen: bool) -> Result<Empty, ServiceError> {
+        let cg = self.cgroup_of(id)?;
+        blocking(move || cg.set_frozen(frozen, FREEZE_TIMEOUT)).await??;
+        Ok(Empty::default())
+    }
+
+    async fn stats(&self, id: &str) -> Result<ContainerStats, ServiceError> {
+        let cg = self.cgroup_of(id)?;
+        blocking(move || cg.stats()).await
+    }
+
+    async fn update(&self, req: UpdateContainerRequest) -> Result<Empty, ServiceError> {
+        let cg = self.cgroup_of(&req.container_id)?;
+        let r = cgroup::parse_resources(&req.resources_json)?;
+        cgroup::resource_writes(&r)?;
+        blocking(move || cg.apply(&r)).await??;
+        Ok(Empty::default())
+    }
+
+    async fn list_pids(&self, id: &str) -> Result<ListPidsResponse, ServiceError> {
+        let cg = self.cgroup_of(id)?;
+        let pids = blocking(move || cg.procs()).await??;
+        Ok(ListPidsResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    fn resize(&self, req: &ResizeTerminalRequest) -> Result<Empty, ServiceError> {
+        let p = self.get(&req.exec_id)?;
+        let (Ok(rows), Ok(cols)) = (u16::try_from(req.rows), u16::try_from(req.cols)) else {
+            return Err(ServiceError::InvalidWindowSize {
+                rows: req.rows,
+                cols: req.cols,
+            });
+        };
+        if rows == 0 || cols == 0 {
+            return Err(ServiceError::InvalidWindowSize {
+                rows: req.rows,
+                cols: req.cols,
+            });
+        }
+        if !p.terminal || !p.resize(rows, cols)? {
+            return Err(ServiceError::NotATerminal(req.exec_id.clone()));
+        }
+        Ok(Empty::default())
+    }
+
+    async fn remove(&self, id: &str) -> Result<Empty, ServiceError> {
+        let (cgroup, process, init_pid) = {
+            let c = self.containers();
+            let rec = c
+                .get(id)
+                .ok_or_else(|| ServiceError::UnknownContainer(id.to_string()))?;
+            (rec.cgroup.clone(), rec.process.clone(), rec.init_pid)
+        };
+        match cgroup {
+            Some(cg) => blocking(move || cg.kill_and_remove(REMOVE_TIMEOUT)).await??,
+            None => {
+                if process.exit_info().is_none() {
+                    // Killing pid 1 of its namespace kills the rest of it.
+                    match self.table.kill(init_pid, libc::SIGKILL) {
+                        Ok(()) | Err(ReaperError::AlreadyExited) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        self.containers().remove(id);
+        agent_log!("container {id}: removed");
+        Ok(Empty::default())
+    }
+
+    /// cgroup figures of every known container, for GetGuestMetrics.
+    fn container_groups(&self) -> Vec<(String, Cgroup)> {
+        self.containers()
+            .iter()
+            .filter_map(|(id, r)| r.cgroup.clone().map(|c| (id.clone(), c)))
+            .collect()
     }
 
     /// Serves the stdio of a started process under `exec_id`.
@@ -347,6 +671,13 @@ impl Agent {
     }
 }
 
+/// Runs blocking cgroupfs work off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServiceError::Internal(format!("blocking task failed: {e}")))
+}
+
 fn kernel_release() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -361,7 +692,21 @@ impl agent_ttrpc::AgentService for Agent {
         _: joey_agent_protocol::agent::GuestMetricsRequest,
     ) -> ttrpc::Result<joey_agent_protocol::agent::GuestMetricsResponse> {
         // procfs reads are synchronous: keep them off the async workers.
-        match tokio::task::spawn_blocking(crate::metrics::collect).await {
+        let groups = self.container_groups();
+        let collect = move || {
+            crate::metrics::collect().map(|mut r| {
+                r.containers = groups
+                    .into_iter()
+                    .map(|(id, cg)| ContainerStatsEntry {
+                        container_id: id,
+                        stats: Some(cg.stats()).into(),
+                        ..Default::default()
+                    })
+                    .collect();
+                r
+            })
+        };
+        match tokio::task::spawn_blocking(collect).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(ServiceError::Internal(e.to_string()).into()),
             Err(e) => Err(ServiceError::Internal(format!("metrics task: {e}")).into()),
@@ -454,6 +799,66 @@ impl agent_ttrpc::AgentService for Agent {
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
         Ok(self.create(req).await?)
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        Ok(self.pause(&req.container_id, true).await?)
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        Ok(self.pause(&req.container_id, false).await?)
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ContainerStats> {
+        Ok(self.stats(&req.container_id).await?)
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        Ok(self.update(req).await?)
+    }
+
+    async fn list_pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListPidsResponse> {
+        Ok(Agent::list_pids(self, &req.container_id).await?)
+    }
+
+    async fn resize_terminal(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResizeTerminalRequest,
+    ) -> ttrpc::Result<Empty> {
+        Ok(self.resize(&req)?)
+    }
+
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<OomEvent> {
+        Ok(self.next_oom_event().await)
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        Ok(self.remove(&req.container_id).await?)
     }
 
     async fn destroy_sandbox(
