@@ -62,6 +62,8 @@ pub enum ServiceError {
     UnknownContainer(String),
     #[error("container {0} is not running (its first process exited)")]
     ContainerNotRunning(String),
+    #[error("container {0} is paused")]
+    ContainerPaused(String),
     #[error("container {0} has no cgroup (cgroup v2 is not mounted at /sys/fs/cgroup)")]
     NoCgroup(String),
     #[error("process {0} has no terminal")]
@@ -95,6 +97,7 @@ impl ServiceError {
             ServiceError::AlreadyExists(_) => Code::ALREADY_EXISTS,
             ServiceError::UnknownContainer(_) => Code::NOT_FOUND,
             ServiceError::ContainerNotRunning(_)
+            | ServiceError::ContainerPaused(_)
             | ServiceError::NoCgroup(_)
             | ServiceError::NotATerminal(_) => Code::FAILED_PRECONDITION,
             ServiceError::OciProcessWithoutContainer | ServiceError::InvalidWindowSize { .. } => {
@@ -191,6 +194,8 @@ struct ContainerRecord {
     seccomp: Option<Filter>,
     /// Its first process (also in `procs` under the container id, until evicted).
     process: Arc<Process>,
+    /// Frozen by PauseContainer (an exec would be frozen before it could exec).
+    paused: bool,
 }
 
 impl ContainerRecord {
@@ -400,6 +405,9 @@ impl Agent {
             if !rec.running() {
                 return Err(ServiceError::ContainerNotRunning(req.container_id.clone()));
             }
+            if rec.paused {
+                return Err(ServiceError::ContainerPaused(req.container_id.clone()));
+            }
             container::Target {
                 id: req.container_id.clone(),
                 init_pid: rec.init_pid,
@@ -490,6 +498,7 @@ impl Agent {
                 cgroup,
                 seccomp: config.seccomp,
                 process,
+                paused: false,
             },
         );
         Ok(CreateContainerResponse {
@@ -500,8 +509,22 @@ impl Agent {
 
     async fn pause(&self, id: &str, frozen: bool) -> Result<Empty, ServiceError> {
         let cg = self.cgroup_of(id)?;
+        // Marked before freezing (no exec may start into a freezing group), cleared after a
+        // thaw; a failed freeze leaves it marked, as the group may be partly frozen.
+        if frozen {
+            self.set_paused(id, true);
+        }
         blocking(move || cg.set_frozen(frozen, FREEZE_TIMEOUT)).await??;
+        if !frozen {
+            self.set_paused(id, false);
+        }
         Ok(Empty::default())
+    }
+
+    fn set_paused(&self, id: &str, paused: bool) {
+        if let Some(r) = self.containers().get_mut(id) {
+            r.paused = paused;
+        }
     }
 
     async fn stats(&self, id: &str) -> Result<ContainerStats, ServiceError> {
@@ -571,10 +594,11 @@ impl Agent {
         Ok(Empty::default())
     }
 
-    /// cgroup figures of every known container, for GetGuestMetrics.
+    /// The cgroups of every live container (first process running), for GetGuestMetrics.
     fn container_groups(&self) -> Vec<(String, Cgroup)> {
         self.containers()
             .iter()
+            .filter(|(_, r)| r.running())
             .filter_map(|(id, r)| r.cgroup.clone().map(|c| (id.clone(), c)))
             .collect()
     }
@@ -934,5 +958,56 @@ mod tests {
         }
         let e = ServiceError::from(ReaperError::AlreadyExited);
         assert_eq!(e.to_string(), "process already exited");
+    }
+
+    #[test]
+    fn container_error_codes() {
+        let cases: Vec<(ServiceError, Code)> = vec![
+            (ServiceError::UnknownContainer("c".into()), Code::NOT_FOUND),
+            (ServiceError::ContainerNotRunning("c".into()), Code::FAILED_PRECONDITION),
+            (ServiceError::ContainerPaused("c".into()), Code::FAILED_PRECONDITION),
+            (ServiceError::NoCgroup("c".into()), Code::FAILED_PRECONDITION),
+            (ServiceError::NotATerminal("e".into()), Code::FAILED_PRECONDITION),
+            (ServiceError::OciProcessWithoutContainer, Code::INVALID_ARGUMENT),
+            (SpecError::InvalidRlimit("RLIMIT_FOO".into()).into(), Code::INVALID_ARGUMENT),
+            (CgroupError::InvalidResources("x".into()).into(), Code::INVALID_ARGUMENT),
+            (
+                CgroupError::Timeout {
+                    path: "p".into(),
+                    what: "frozen 1",
+                    timeout: Duration::from_secs(1),
+                }
+                .into(),
+                Code::INTERNAL,
+            ),
+            (ContainerError::from(SpecError::Missing("root")).into(), Code::INVALID_ARGUMENT),
+            (
+                ContainerError::BindSourceOutside {
+                    index: 1,
+                    destination: "/d".into(),
+                    source_path: "/etc".into(),
+                }
+                .into(),
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                ContainerError::BindSourceMissing {
+                    index: 1,
+                    destination: "/d".into(),
+                    source_path: "/run/joey/shared/x".into(),
+                    reason: "gone".into(),
+                }
+                .into(),
+                Code::NOT_FOUND,
+            ),
+            (ContainerError::NoCgroup.into(), Code::FAILED_PRECONDITION),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.code(), code, "{e}");
+        }
+        assert_eq!(
+            ServiceError::from(SpecError::InvalidRlimit("RLIMIT_FOO".into())).to_string(),
+            "invalid rlimit type \"RLIMIT_FOO\""
+        );
     }
 }

@@ -667,3 +667,118 @@ async fn create_container_errors_name_the_problem() {
     })
     .await;
 }
+
+/// The container RPCs' error answers in host mode (no container is started here: the OCI path
+/// itself runs in the guest, see docs/agent.md).
+#[tokio::test]
+async fn container_rpc_errors_name_the_problem() {
+    use joey_agent_protocol::agent::{
+        ContainerRequest, CreateContainerRequest, ResizeTerminalRequest, UpdateContainerRequest,
+    };
+    with_timeout(async {
+        let mut a = TestAgent::start().await;
+        let cr = |id: &str| ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        let c = &a.client;
+        for msg in [
+            expect_code(c.pause_container(ctx(), &cr("ghost")).await, Code::NOT_FOUND),
+            expect_code(c.resume_container(ctx(), &cr("ghost")).await, Code::NOT_FOUND),
+            expect_code(c.stats_container(ctx(), &cr("ghost")).await, Code::NOT_FOUND),
+            expect_code(c.list_pids(ctx(), &cr("ghost")).await, Code::NOT_FOUND),
+            expect_code(c.remove_container(ctx(), &cr("ghost")).await, Code::NOT_FOUND),
+            expect_code(
+                c.update_container(
+                    ctx(),
+                    &UpdateContainerRequest {
+                        container_id: "ghost".into(),
+                        resources_json: "{}".into(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                Code::NOT_FOUND,
+            ),
+        ] {
+            assert_eq!(msg, "unknown container: ghost");
+        }
+
+        // Exec into an unknown container; an OCI process without a container.
+        let exec = |container: &str, json: &str| ExecProcessRequest {
+            exec_id: "e1".into(),
+            container_id: container.into(),
+            argv: vec!["true".into()],
+            oci_process_json: json.into(),
+            ..Default::default()
+        };
+        let msg = expect_code(c.exec_process(ctx(), &exec("ghost", "")).await, Code::NOT_FOUND);
+        assert_eq!(msg, "unknown container: ghost");
+        let msg = expect_code(
+            c.exec_process(ctx(), &exec("", r#"{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}"#)).await,
+            Code::INVALID_ARGUMENT,
+        );
+        assert_eq!(msg, "oci_process_json needs a container_id");
+
+        // Bad OCI specs are refused before anything starts, naming the culprit.
+        let spec = |process_extra: &str, mounts: &str| CreateContainerRequest {
+            container_id: "c1".into(),
+            oci_spec_json: format!(
+                r#"{{"ociVersion":"1.1.0","root":{{"path":"/run/joey/shared/c1/rootfs"}},
+                "process":{{"user":{{"uid":0,"gid":0}},"args":["sh"],"cwd":"/"{process_extra}}},
+                "mounts":[{mounts}]}}"#
+            ),
+            ..Default::default()
+        };
+        let cases = [
+            (spec(r#","rlimits":[{"type":"RLIMIT_FOO","hard":1,"soft":1}]"#, ""), "invalid rlimit type \"RLIMIT_FOO\""),
+            (spec(r#","capabilities":{"bounding":["CAP_NOPE"]}"#, ""), "invalid capability \"CAP_NOPE\" in the bounding set"),
+            (
+                spec("", r#"{"destination":"/data","type":"bind","source":"/etc/shadow","options":["rbind"]}"#),
+                "mount 0 (/data): bind source /etc/shadow is outside the shared directory",
+            ),
+            (
+                spec("", r#"{"destination":"/x","type":"ext4","source":"/dev/vda"}"#),
+                "mount 0 (/x): unsupported mount type \"ext4\"",
+            ),
+        ];
+        for (req, want) in cases {
+            let msg = expect_code(c.create_container(ctx(), &req).await, Code::INVALID_ARGUMENT);
+            assert_eq!(msg, want);
+        }
+        let mut bad_json = spec("", "");
+        bad_json.oci_spec_json = "{".into();
+        let msg = expect_code(c.create_container(ctx(), &bad_json).await, Code::INVALID_ARGUMENT);
+        assert!(msg.starts_with("invalid OCI spec: "), "{msg}");
+
+        // Window size of a process without a terminal; of an unknown exec id.
+        a.exec("plain", &["true"]).await;
+        let resize = |id: &str| ResizeTerminalRequest {
+            exec_id: id.into(),
+            rows: 24,
+            cols: 80,
+            ..Default::default()
+        };
+        let msg = expect_code(a.client.resize_terminal(ctx(), &resize("plain")).await, Code::FAILED_PRECONDITION);
+        assert_eq!(msg, "process plain has no terminal");
+        expect_code(a.client.resize_terminal(ctx(), &resize("nope")).await, Code::NOT_FOUND);
+
+        // A terminal process accepts a new size, which it then reports.
+        a.exec_full("tty", &["sh", "-c", "sleep 0.5; stty size"], &[], "", true)
+            .await
+            .expect("exec tty");
+        a.client.resize_terminal(ctx(), &resize("tty")).await.expect("resize");
+        let out = String::from_utf8_lossy(&a.read_all("tty", false).await).into_owned();
+        assert_eq!(out.trim(), "24 80");
+        assert_eq!(a.wait("tty").await.status, 0);
+
+        // No OOM happened: the long poll is still waiting when its deadline passes.
+        let r = a
+            .client
+            .get_oom_event(context::with_timeout(300_000_000), &Empty::new())
+            .await;
+        assert!(r.is_err(), "{r:?}");
+        a.assert_alive().await;
+    })
+    .await;
+}
