@@ -62,7 +62,7 @@ pub enum CgroupError {
 /// True when `root` is a cgroup2 mount.
 pub fn is_cgroup2(root: &Path) -> bool {
     nix::sys::statfs::statfs(root)
-        .map(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+        .map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
         .unwrap_or(false)
 }
 

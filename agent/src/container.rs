@@ -93,6 +93,8 @@ pub enum ContainerError {
         destination: String,
         source_path: String,
     },
+    #[error("too many levels of symbolic links resolving {0:?} in the container rootfs")]
+    SymlinkLoop(String),
     #[error("container resources need cgroup v2, which is not mounted at /sys/fs/cgroup")]
     NoCgroup,
     #[error("mounting the shared filesystem (tag {tag}) on {target}: {source}")]
@@ -321,13 +323,73 @@ fn mount_op(
     })
 }
 
-/// The child's setup steps for `c` (validated; `file_binds[i]`: mount i binds a non-directory;
-/// `cgroup_fd`: its group's cgroup.procs).
+/// Most symlinks followed while resolving one path in the rootfs (Linux's MAXSYMLINKS).
+const MAX_SYMLINKS: usize = 40;
+
+/// Resolves `path` inside the directory `root` as the container will see it: symlinks are
+/// followed within `root` (absolute targets start again at `root`, `..` stops at it) and the
+/// part that does not exist is kept as written. Returns an absolute in-container path whose
+/// existing part has no symlinks, so that the child, which mounts before `pivot_root`, never
+/// follows a rootfs symlink out of the rootfs (runc's securejoin).
+pub fn secure_join(root: &Path, path: &str) -> Result<String, ContainerError> {
+    let mut todo: std::collections::VecDeque<String> =
+        path.split('/').filter(|c| !c.is_empty()).map(str::to_string).collect();
+    let mut resolved: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop_front() {
+        match c.as_str() {
+            "." => continue,
+            ".." => {
+                resolved.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let mut cand = root.to_path_buf();
+        cand.extend(resolved.iter());
+        cand.push(&c);
+        match std::fs::symlink_metadata(&cand) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > MAX_SYMLINKS {
+                    return Err(ContainerError::SymlinkLoop(path.to_string()));
+                }
+                let target = std::fs::read_link(&cand).map_err(|e| ContainerError::Setup {
+                    step: format!("readlink {}", cand.display()),
+                    source: e,
+                })?;
+                let target = target.to_string_lossy();
+                if target.starts_with('/') {
+                    resolved.clear();
+                }
+                for t in target.split('/').filter(|t| !t.is_empty()).rev() {
+                    todo.push_front(t.to_string());
+                }
+            }
+            _ => resolved.push(c),
+        }
+    }
+    Ok(format!("/{}", resolved.join("/")))
+}
+
+/// Pre-fork facts about the rootfs that the child's steps need.
+#[derive(Debug, Clone)]
+struct Layout {
+    /// `file_binds[i]`: mount i binds a non-directory (it gets a file mountpoint).
+    file_binds: Vec<bool>,
+    /// Where the container's /dev is, in-container, symlinks resolved.
+    dev_dir: String,
+    /// The working directory to create when missing (symlinks resolved); `None`: "/".
+    cwd_dir: Option<String>,
+}
+
+/// The child's setup steps for `c` (validated; mount destinations already resolved with
+/// [`secure_join`]; `cgroup_fd`: its group's cgroup.procs).
 fn plan(
     c: &ContainerConfig,
     hostname: &str,
     cwd: &str,
-    file_binds: &[bool],
+    layout: &Layout,
     cgroup_fd: Option<RawFd>,
     last_cap: u32,
 ) -> Result<Vec<Step>, ContainerError> {
@@ -370,7 +432,7 @@ fn plan(
     for (i, m) in c.mounts.iter().enumerate() {
         let dest = &m.destination;
         let target = at(dest);
-        let is_file = file_binds.get(i).copied().unwrap_or(false);
+        let is_file = layout.file_binds.get(i).copied().unwrap_or(false);
         mkdir_all(&mut steps, &root, dest, !is_file)?;
         if is_file {
             push(&mut steps, format!("create mountpoint file {dest}"), Op::CreateFile(cstr(&target)?));
@@ -406,7 +468,9 @@ fn plan(
         }
     }
     if c.dev_nodes {
-        push(&mut steps, "create /dev".into(), Op::Mkdir(cstr(&at("/dev"))?, 0o755));
+        let dev = layout.dev_dir.trim_end_matches('/');
+        let at = |p: &str| format!("{root}{dev}{}", p.strip_prefix("/dev").unwrap_or(p));
+        mkdir_all(&mut steps, &root, dev, true)?;
         for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)] {
             push(
                 &mut steps,
@@ -431,8 +495,8 @@ fn plan(
             );
         }
     }
-    if cwd != "/" {
-        mkdir_all(&mut steps, &root, cwd, true)?;
+    if let Some(dir) = &layout.cwd_dir {
+        mkdir_all(&mut steps, &root, dir, true)?;
     }
     if c.readonly_root {
         push(
@@ -579,6 +643,15 @@ pub fn spawn(
 
     let mut c = c.clone();
     let file_binds = resolve_binds(&mut c, shared_dir)?;
+    let root_dir = Path::new(&c.root);
+    for m in c.mounts.iter_mut() {
+        m.destination = secure_join(root_dir, &m.destination)?;
+    }
+    let layout = Layout {
+        file_binds,
+        dev_dir: secure_join(root_dir, "/dev")?,
+        cwd_dir: if cwd == "/" { None } else { Some(secure_join(root_dir, &cwd)?) },
+    };
 
     std::fs::create_dir_all(STAGE_DIR).map_err(|source| ContainerError::Setup {
         step: format!("create {STAGE_DIR}"),
@@ -599,7 +672,7 @@ pub fn spawn(
             }
             None => None,
         };
-        let steps = plan(&c, &hostname, &cwd, &file_binds, procs.as_ref().map(|f| f.as_raw_fd()), last_cap())?;
+        let steps = plan(&c, &hostname, &cwd, &layout, procs.as_ref().map(|f| f.as_raw_fd()), last_cap())?;
         let cmd = command(&program_path, &program, &p.args, &env);
         spawn_with_steps(table, PidNs::New, program.clone(), cmd, p.terminal, steps, procs.into_iter().collect())
     })();
@@ -868,6 +941,34 @@ mod tests {
         assert!(resolve_in_rootfs(r, "/../../bin/busybox", "", "/").is_ok());
     }
 
+    fn layout(file_binds: &[bool]) -> Layout {
+        Layout {
+            file_binds: file_binds.to_vec(),
+            dev_dir: "/dev".into(),
+            cwd_dir: None,
+        }
+    }
+
+    #[test]
+    fn secure_join_stays_in_the_rootfs() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("run/systemd")).unwrap();
+        std::fs::create_dir_all(r.join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("/run", r.join("var-run")).unwrap();
+        std::os::unix::fs::symlink("../run/systemd/stub.conf", r.join("usr/resolv.conf")).unwrap();
+        std::os::unix::fs::symlink("../../../../etc", r.join("usr/lib/up")).unwrap();
+        std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
+        assert_eq!(secure_join(r, "/var-run/secrets/token").unwrap(), "/run/secrets/token");
+        // A dangling symlink resolves to where its target would be.
+        assert_eq!(secure_join(r, "/usr/resolv.conf").unwrap(), "/run/systemd/stub.conf");
+        // `..` (written or in a link) stops at the root.
+        assert_eq!(secure_join(r, "/usr/lib/up/shadow").unwrap(), "/etc/shadow");
+        assert_eq!(secure_join(r, "/../../x/./y").unwrap(), "/x/y");
+        assert_eq!(secure_join(r, "/").unwrap(), "/");
+        assert!(matches!(secure_join(r, "/loop/x"), Err(ContainerError::SymlinkLoop(_))));
+    }
+
     fn flat(readonly: bool) -> ContainerConfig {
         crate::spec::from_flat(crate::spec::FlatContainer {
             id: "c1".into(),
@@ -880,7 +981,7 @@ mod tests {
 
     #[test]
     fn plan_ends_in_the_rootfs() {
-        let steps = plan(&flat(true), "c1", "/", &[false; 5], Some(7), 40).unwrap();
+        let steps = plan(&flat(true), "c1", "/", &layout(&[false; 5]), Some(7), 40).unwrap();
         let names: Vec<&str> = steps.iter().map(|s| s.what.as_str()).collect();
         let pos = |n: &str| names.iter().position(|x| x.starts_with(n)).unwrap_or_else(|| panic!("{n}"));
         assert_eq!(pos("join the container's cgroup"), 0);
@@ -892,7 +993,7 @@ mod tests {
         assert!(pos("remount the rootfs read-only") < pos("pivot_root"));
         assert!(pos("pivot_root") < pos("detach the old root"));
         assert_eq!(names[names.len() - 2..], ["chdir /", "umask 22"]);
-        assert!(!plan(&flat(false), "c1", "/", &[], None, 40).unwrap().iter().any(|s| s.what.contains("read-only")));
+        assert!(!plan(&flat(false), "c1", "/", &layout(&[]), None, 40).unwrap().iter().any(|s| s.what.contains("read-only")));
     }
 
     #[test]
@@ -904,7 +1005,9 @@ mod tests {
             "linux":{"namespaces":[{"type":"network"}],"maskedPaths":["/proc/kcore"],"readonlyPaths":["/proc/sys"],
                      "sysctl":{"net.ipv4.ip_forward":"1"}}}"#;
         let c = crate::spec::from_oci_json("c1", json, "/run/joey/shared").unwrap();
-        let steps = plan(&c, "c1", "/work", &[false, true, false], None, 40).unwrap();
+        let mut l = layout(&[false, true, false]);
+        l.cwd_dir = Some("/work".into());
+        let steps = plan(&c, "c1", "/work", &l, None, 40).unwrap();
         let names: Vec<&str> = steps.iter().map(|s| s.what.as_str()).collect();
         let pos = |n: &str| names.iter().position(|x| *x == n).unwrap_or_else(|| panic!("{n}: {names:#?}"));
         assert_eq!(names[..2], ["unshare the container's namespaces", "bring up lo"]);

@@ -112,6 +112,7 @@ impl ServiceError {
                 | ContainerError::InvalidHostname(_)
                 | ContainerError::InvalidCwd(_)
                 | ContainerError::BindSourceOutside { .. }
+                | ContainerError::SymlinkLoop(_)
                 | ContainerError::Spec(_) => Code::INVALID_ARGUMENT,
                 ContainerError::RootfsNotFound(_)
                 | ContainerError::ExecutableNotFound(_)
