@@ -741,4 +741,35 @@ mod tests {
         assert_eq!(d, vec!["/proc", "/sys", "/dev", "/dev/pts", "/dev/shm"]);
         assert!(c.dev_nodes && c.process.user.is_none() && c.process.caps.is_none() && c.seccomp.is_none());
     }
+
+    /// `ctr oci spec` of containerd 1.6 (what `ctr run` starts from), with the guest's root.
+    #[test]
+    fn containerd_default_spec() {
+        let json = include_str!("testdata/containerd-1.6-default-spec.json")
+            .replace("\"path\": \"rootfs\"", "\"path\": \"/run/joey/shared/c1/rootfs\"");
+        let c = from_oci_json("c1", &json, SHARED).unwrap();
+        assert_eq!(c.root, "/run/joey/shared/c1/rootfs");
+        let d: Vec<&str> = c.mounts.iter().map(|m| m.destination.as_str()).collect();
+        assert_eq!(d, vec!["/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys", "/run"]);
+        assert_eq!(c.mounts[2].data, "newinstance,ptmxmode=0666,mode=0620,gid=5");
+        assert_eq!(c.mounts[5].flags, libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV | libc::MS_RDONLY);
+        assert!(c.dev_nodes && c.new_net_ns && !c.new_cgroup_ns);
+        assert_eq!(c.masked_paths.len(), 10);
+        assert_eq!(c.readonly_paths, vec!["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]);
+        // Only a devices rule: nothing to write.
+        assert!(cgroup::resource_writes(c.resources.as_ref().unwrap()).unwrap().is_empty());
+        let p = &c.process;
+        assert!(p.no_new_privs);
+        assert_eq!(p.user, Some(UserConfig { uid: 0, gid: 0, additional_gids: vec![], umask: None }));
+        assert_eq!(p.rlimits, vec![Rlimit { name: "RLIMIT_NOFILE".into(), resource: 7, soft: 1024, hard: 1024 }]);
+        let caps = p.caps.unwrap();
+        let names = [
+            "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
+            "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
+        ];
+        let mask = names.iter().fold(0u64, |m, n| m | 1 << capability_number(n).unwrap());
+        assert_eq!((caps.bounding, caps.effective, caps.permitted), (mask, mask, mask));
+        assert_eq!((caps.inheritable, caps.ambient), (0, 0));
+        assert!(p.args.is_empty() && c.seccomp.is_none());
+    }
 }
