@@ -27,8 +27,9 @@
 //!    user, cwd, umask, no_new_privs, seccomp last), exec.
 //!
 //! An exec into a running container ([`exec_in`]) joins the first process's namespaces (pid
-//! from a dedicated thread with `setns`, the others in the child, mnt last) and cgroup, then
-//! runs the same process steps.
+//! from a dedicated thread with `setns`, the others in the child, mnt last) and cgroup, chroots
+//! into the first process's root (`/proc/<pid>/root`, opened before the fork: setns(mnt) alone
+//! lands on the namespace's root, the guest's initramfs), then runs the same process steps.
 //!
 //! A failing step writes its index and errno to a close-on-exec pipe, so the error names the
 //! step instead of only carrying an errno.
@@ -740,7 +741,6 @@ pub fn exec_in(table: Arc<ProcTable>, t: &Target, p: &ProcessConfig) -> Result<S
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| DEFAULT_PATH.to_string());
     let program_path = resolve_in_rootfs(root.as_raw_fd(), &program, &path_var, &cwd)?;
-    drop(root);
 
     let mut keep = Vec::new();
     let mut steps = Vec::new();
@@ -766,6 +766,17 @@ pub fn exec_in(table: Arc<ProcTable>, t: &Target, p: &ProcessConfig) -> Result<S
         });
         keep.push(fd);
     }
+    // setns(mnt) put us at the namespace's root, which is the guest's initramfs (it cannot be
+    // pivoted away); the container's root is where its first process has it.
+    steps.push(Step {
+        what: "enter the container's root".into(),
+        op: Op::Fchdir(root.as_raw_fd()),
+    });
+    steps.push(Step {
+        what: "chroot into the container's root".into(),
+        op: Op::Chroot(cstr(".")?),
+    });
+    keep.push(root);
     steps.extend(process_steps(p, &cwd, t.seccomp.as_ref(), last_cap())?);
     let pidns = open_ns(t, "pid")?;
     let cmd = command(&program_path, &program, &p.args, &env);

@@ -484,13 +484,26 @@ impl Agent {
         .map_err(|e| ServiceError::Internal(format!("container task failed: {e}")))?;
         let started = started?;
         let cgroup = started.cgroup;
-        let r = self.register(
+        let r = match self.register(
             id.clone(),
             started.spawned,
             config.process.terminal,
             &config.process.args,
             "container",
-        )?;
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                // register killed the process; do not leave its group behind.
+                if let Some(cg) = cgroup {
+                    match blocking(move || cg.kill_and_remove(REMOVE_TIMEOUT)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(ce)) => agent_log!("container {id}: removing its cgroup: {ce}"),
+                        Err(je) => agent_log!("container {id}: removing its cgroup: {je}"),
+                    }
+                }
+                return Err(e);
+            }
+        };
         let process = self.get(&id)?;
         self.containers().insert(
             id,

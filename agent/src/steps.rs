@@ -47,6 +47,8 @@ pub enum Op {
     Sethostname(CString),
     Chroot(CString),
     Chdir(CString),
+    /// fchdir(2) to a directory fd opened before the fork.
+    Fchdir(RawFd),
     /// `pivot_root(".", ".")`.
     PivotRootHere,
     /// `umount2(".", MNT_DETACH)`.
@@ -171,6 +173,7 @@ pub fn run_op(op: &Op) -> io::Result<()> {
             Op::Sethostname(h) => libc::sethostname(h.as_ptr(), h.as_bytes().len()),
             Op::Chroot(p) => libc::chroot(p.as_ptr()),
             Op::Chdir(p) => libc::chdir(p.as_ptr()),
+            Op::Fchdir(fd) => libc::fchdir(*fd),
             Op::PivotRootHere => {
                 let dot = c".".as_ptr();
                 libc::syscall(libc::SYS_pivot_root, dot, dot) as libc::c_int
