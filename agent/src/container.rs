@@ -55,8 +55,10 @@ use crate::seccomp::Filter;
 use crate::spec::{is_clean_absolute, ContainerConfig, MountKind, ProcessConfig, SpecError, ALLOWED_GUEST_SOURCES};
 use crate::steps::{cstr, last_cap, process_steps, run_op, Op, Step};
 
-/// Directory on which each container's child mounts its private staging tmpfs.
-pub const STAGE_DIR: &str = "/run/joey/stage";
+/// Directory on which each container's child mounts its private staging tmpfs. It sits on the
+/// root mount itself (not below /run or another mount) so that the child can detach every
+/// other mount of the agent before `pivot_root` (see [`agent_mounts`]).
+pub const STAGE_DIR: &str = "/.joey-stage";
 /// Longest hostname (HOST_NAME_MAX).
 pub const MAX_HOSTNAME_LEN: usize = 64;
 /// Bound on the fork/exec of a container (the setup touches the shared filesystem).
@@ -382,6 +384,42 @@ struct Layout {
     dev_dir: String,
     /// The working directory to create when missing (symlinks resolved); `None`: "/".
     cwd_dir: Option<String>,
+    /// The agent's mount points (parents first) that the child detaches before `pivot_root`.
+    detach: Vec<String>,
+}
+
+/// Decodes the octal escapes (`\040`) of a /proc/self/mountinfo path.
+fn unescape_mountinfo(p: &str) -> String {
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mount points of `mountinfo` other than `/` and the staging area, parents first. The
+/// child detaches them in its own mount namespace before `pivot_root`: the namespace's root
+/// (the guest's initramfs, which cannot be pivoted away) then holds nothing but the initramfs
+/// files, so even a process that leaves its root with a chroot trick finds no guest /proc,
+/// no /dev and no other container's rootfs under /run/joey/shared.
+fn agent_mounts(mountinfo: &str) -> Vec<String> {
+    let mut v: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|m| m != "/" && m != STAGE_DIR && !m.starts_with(&format!("{STAGE_DIR}/")))
+        .collect();
+    v.sort_by_key(|m| (m.matches('/').count(), m.clone()));
+    v.dedup();
+    v
 }
 
 /// The child's setup steps for `c` (validated; mount destinations already resolved with
@@ -507,6 +545,14 @@ fn plan(
         );
     }
     push(&mut steps, format!("set hostname {hostname}"), Op::Sethostname(cstr(hostname)?));
+    for m in &layout.detach {
+        push(&mut steps, format!("detach the agent's mount {m}"), Op::Detach(cstr(m)?));
+    }
+    push(
+        &mut steps,
+        "make the guest root read-only".into(),
+        mount_op(None, "/", None, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY, None)?,
+    );
     push(&mut steps, format!("chroot {STAGE_DIR}"), Op::Chroot(cstr(STAGE_DIR)?));
     push(&mut steps, "chdir /root".into(), Op::Chdir(cstr("/root")?));
     push(&mut steps, "pivot_root into the rootfs".into(), Op::PivotRootHere);
@@ -652,6 +698,12 @@ pub fn spawn(
         file_binds,
         dev_dir: secure_join(root_dir, "/dev")?,
         cwd_dir: if cwd == "/" { None } else { Some(secure_join(root_dir, &cwd)?) },
+        detach: agent_mounts(&std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| {
+            ContainerError::Setup {
+                step: "read /proc/self/mountinfo".into(),
+                source,
+            }
+        })?),
     };
 
     std::fs::create_dir_all(STAGE_DIR).map_err(|source| ContainerError::Setup {
@@ -957,7 +1009,26 @@ mod tests {
             file_binds: file_binds.to_vec(),
             dev_dir: "/dev".into(),
             cwd_dir: None,
+            detach: vec!["/run".into()],
         }
+    }
+
+    #[test]
+    fn agent_mounts_parents_first_without_root_and_stage() {
+        let mi = "22 1 0:5 / / rw - rootfs rootfs rw
+23 22 0:20 / /proc rw - proc proc rw
+24 22 0:21 / /run rw - tmpfs tmpfs rw
+25 24 0:22 / /run/joey/shared rw - virtiofs joeyfs rw
+26 22 0:23 / /sys rw - sysfs sysfs rw
+27 26 0:24 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw
+28 22 0:25 / /.joey-stage rw - tmpfs tmpfs rw
+29 28 0:26 / /.joey-stage/root rw - virtiofs joeyfs rw
+30 22 0:27 / /my\\040dir rw - tmpfs tmpfs rw
+";
+        assert_eq!(
+            agent_mounts(mi),
+            vec!["/my dir", "/proc", "/run", "/sys", "/run/joey/shared", "/sys/fs/cgroup"]
+        );
     }
 
     #[test]
@@ -1001,10 +1072,13 @@ mod tests {
         assert!(pos("mount 2: tmpfs on /dev") < pos("mount 3: devpts on /dev/pts"));
         assert!(pos("mount 3: devpts on /dev/pts") < pos("create /dev/null"));
         assert!(pos("create /dev/ptmx") < pos("remount the rootfs read-only"));
-        assert!(pos("remount the rootfs read-only") < pos("pivot_root"));
+        assert!(pos("remount the rootfs read-only") < pos("detach the agent's mount /run"));
+        assert!(pos("detach the agent's mount /run") < pos("make the guest root read-only"));
+        assert!(pos("make the guest root read-only") < pos("chroot"));
+        assert!(pos("chroot") < pos("pivot_root"));
         assert!(pos("pivot_root") < pos("detach the old root"));
         assert_eq!(names[names.len() - 2..], ["chdir /", "umask 22"]);
-        assert!(!plan(&flat(false), "c1", "/", &layout(&[]), None, 40).unwrap().iter().any(|s| s.what.contains("read-only")));
+        assert!(!plan(&flat(false), "c1", "/", &layout(&[]), None, 40).unwrap().iter().any(|s| s.what == "remount the rootfs read-only"));
     }
 
     #[test]

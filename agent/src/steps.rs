@@ -53,6 +53,8 @@ pub enum Op {
     PivotRootHere,
     /// `umount2(".", MNT_DETACH)`.
     DetachHere,
+    /// `umount2(path, MNT_DETACH)`; a path that is no mount point (any more) is fine.
+    Detach(CString),
     /// write(2) of the bytes to an fd opened before the fork (cgroup.procs).
     WriteFd(RawFd, &'static [u8]),
     /// open + write + close (a /proc file).
@@ -179,6 +181,14 @@ pub fn run_op(op: &Op) -> io::Result<()> {
                 libc::syscall(libc::SYS_pivot_root, dot, dot) as libc::c_int
             }
             Op::DetachHere => libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+            Op::Detach(p) => {
+                let rc = libc::umount2(p.as_ptr(), libc::MNT_DETACH);
+                if rc != 0 && matches!(last_errno(), libc::EINVAL | libc::ENOENT) {
+                    0
+                } else {
+                    rc
+                }
+            }
             Op::WriteFd(fd, data) => {
                 let n = libc::write(*fd, data.as_ptr() as *const libc::c_void, data.len());
                 if n == data.len() as isize {
