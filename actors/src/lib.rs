@@ -7,6 +7,7 @@
 pub mod agent_client;
 pub mod hypervisor;
 pub mod lifecycle;
+pub mod metrics;
 pub mod sandbox;
 pub mod sharefs;
 

@@ -554,86 +554,23 @@ impl Handler<CreateContainer> for SandboxActor {
     }
 }
 
-/// How long a metrics scrape waits for the agent's guest metrics before skipping them.
-pub const AGENT_METRICS_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long a metrics scrape waits for the Sandbox actor (busy while starting or stopping).
-pub const METRICS_REPLY_TIMEOUT: Duration = Duration::from_millis(800);
-
-/// Renders the sandbox's metrics exposition. The guest and agent families are fetched from the
-/// agent within `agent_timeout`; when it does not answer in time they are skipped and
-/// `joey_shim_metrics_agent_timeouts_total` counts it. Task RPCs are never waited on.
+/// What a metrics scrape needs from the actor ([`crate::metrics::ScrapeSources`]); answered at
+/// once, the scrape itself runs outside the actor (`crate::metrics::scrape`). Task RPCs are
+/// never waited on.
 #[derive(Message)]
-#[rtype(result = "Result<String, joey_observability::MetricsError>")]
-pub struct GetMetrics {
-    pub agent_timeout: Duration,
-}
-
-fn guest_sample(r: &agent::GuestMetricsResponse) -> joey_observability::GuestSample {
-    joey_observability::GuestSample {
-        mem_total_bytes: r.mem_total_bytes,
-        mem_free_bytes: r.mem_free_bytes,
-        mem_available_bytes: r.mem_available_bytes,
-        mem_cached_bytes: r.mem_cached_bytes,
-        load1: r.load1,
-        load5: r.load5,
-        load15: r.load15,
-        cpu_seconds: vec![
-            ("user", r.cpu_user_seconds),
-            ("nice", r.cpu_nice_seconds),
-            ("system", r.cpu_system_seconds),
-            ("idle", r.cpu_idle_seconds),
-            ("iowait", r.cpu_iowait_seconds),
-            ("irq", r.cpu_irq_seconds),
-            ("softirq", r.cpu_softirq_seconds),
-            ("steal", r.cpu_steal_seconds),
-        ],
-        cpus: r.cpus,
-        agent: joey_observability::procfs::ProcessStats {
-            cpu_seconds: r.agent_cpu_seconds,
-            resident_bytes: r.agent_resident_bytes,
-            threads: u64::from(r.agent_threads),
-            open_fds: u64::from(r.agent_open_fds),
-        },
-    }
-}
+#[rtype(result = "crate::metrics::ScrapeSources")]
+pub struct GetMetrics;
 
 impl Handler<GetMetrics> for SandboxActor {
-    type Result = ResponseFuture<Result<String, joey_observability::MetricsError>>;
+    type Result = MessageResult<GetMetrics>;
 
-    fn handle(&mut self, m: GetMetrics, _: &mut Context<Self>) -> Self::Result {
-        let metrics = self.metrics.clone();
-        let agent = match (&self.agent, self.state) {
-            (Some(a), SandboxState::Running) => Some(a.clone()),
-            _ => None,
-        };
-        Box::pin(async move {
-            let guest = match agent {
-                // The RPC's own deadline is later, so that a slow agent shows as our timeout.
-                Some(a) => match tokio::time::timeout(
-                    m.agent_timeout,
-                    a.guest_metrics(m.agent_timeout + Duration::from_secs(1)),
-                )
-                .await
-                {
-                    Ok(Ok(r)) => Some(guest_sample(&r)),
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "guest metrics unavailable");
-                        metrics.agent_failed();
-                        None
-                    }
-                    Err(_) => {
-                        tracing::debug!(timeout = ?m.agent_timeout, "agent did not answer GetGuestMetrics in time");
-                        metrics.agent_timed_out();
-                        None
-                    }
-                },
-                None => None,
-            };
-            let refresh = metrics.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || refresh.refresh_processes()).await {
-                tracing::debug!(error = %e, "refreshing process metrics failed");
-            }
-            metrics.render(guest.as_ref())
+    fn handle(&mut self, _: GetMetrics, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(crate::metrics::ScrapeSources {
+            metrics: self.metrics.clone(),
+            agent: self.agent.clone().filter(|_| self.state == SandboxState::Running),
+            hypervisor: self.hypervisor.clone(),
+            state_dir: self.state_dir.clone(),
+            agent_timeout: self.config.metrics.agent_timeout(),
         })
     }
 }
@@ -645,27 +582,5 @@ pub fn serve_metrics(
     sb: &Addr<SandboxActor>,
     sandbox_state_dir: &std::path::Path,
 ) -> Result<joey_observability::http::UnixServer, joey_observability::http::HttpError> {
-    use joey_observability::http::{serve_unix, Handler, Response};
-    let sb = sb.clone();
-    let handler: Handler = std::sync::Arc::new(move |path: String| {
-        let sb = sb.clone();
-        Box::pin(async move {
-            if path != "/metrics" {
-                return Response::text(404, "not found; try /metrics\n");
-            }
-            let get = sb.send(GetMetrics {
-                agent_timeout: AGENT_METRICS_TIMEOUT,
-            });
-            match tokio::time::timeout(METRICS_REPLY_TIMEOUT, get).await {
-                Ok(Ok(Ok(body))) => Response::ok_metrics(body),
-                Ok(Ok(Err(e))) => Response::text(500, format!("{e}\n")),
-                Ok(Err(e)) => Response::text(503, format!("sandbox actor: {e}\n")),
-                Err(_) => Response::text(503, "sandbox busy\n"),
-            }
-        })
-    });
-    serve_unix(
-        &sandbox_state_dir.join(joey_observability::monitor::METRICS_SOCKET),
-        handler,
-    )
+    crate::metrics::serve(sb, sandbox_state_dir)
 }

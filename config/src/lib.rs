@@ -7,7 +7,9 @@
 //! Where the file comes from: see [`Config::load`] and `docs/config.md`.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -33,6 +35,7 @@ pub struct Config {
     pub hypervisor: HypervisorConfig,
     pub agent: AgentConfig,
     pub runtime: RuntimeConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Which VMM runs the sandbox microVM.
@@ -191,6 +194,67 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// Largest accepted metrics timeout (`metrics.*_timeout_ms`), in milliseconds.
+pub const MAX_METRICS_TIMEOUT_MS: u64 = 60_000;
+
+/// `[metrics]`: the per-sandbox endpoint and joey-monitor (docs/metrics.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// How long a scrape of a sandbox's endpoint waits for the agent's guest metrics before
+    /// it skips them (the endpoint answers 503 if the sandbox itself does not answer within
+    /// this plus 300 ms).
+    pub agent_timeout_ms: u64,
+    /// joey-monitor: how long each scrape waits for every sandbox.
+    pub monitor_scrape_timeout_ms: u64,
+    /// joey-monitor: the address it serves `/metrics` on.
+    pub monitor_listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            agent_timeout_ms: 500,
+            monitor_scrape_timeout_ms: 1_000,
+            monitor_listen: "127.0.0.1:8090".to_string(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// `metrics.agent_timeout_ms`.
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_millis(self.agent_timeout_ms)
+    }
+
+    /// How long the endpoint waits for the sandbox to answer a scrape: the agent timeout
+    /// plus 300 ms.
+    pub fn reply_timeout(&self) -> Duration {
+        self.agent_timeout() + Duration::from_millis(300)
+    }
+
+    /// `metrics.monitor_scrape_timeout_ms`.
+    pub fn monitor_scrape_timeout(&self) -> Duration {
+        Duration::from_millis(self.monitor_scrape_timeout_ms)
+    }
+
+    /// `metrics.monitor_listen` as a socket address.
+    pub fn monitor_listen_addr(&self) -> Result<SocketAddr, String> {
+        self.monitor_listen
+            .parse()
+            .map_err(|_| format!("{:?} is not an IP address and port (like 127.0.0.1:8090)", self.monitor_listen))
+    }
+}
+
+/// Checks a metrics timeout: in 1..=[`MAX_METRICS_TIMEOUT_MS`]; the message names no key.
+pub fn check_metrics_timeout_ms(ms: u64) -> Result<(), String> {
+    if ms == 0 || ms > MAX_METRICS_TIMEOUT_MS {
+        Err(format!("{ms} is out of range (valid: 1..={MAX_METRICS_TIMEOUT_MS} ms)"))
+    } else {
+        Ok(())
+    }
+}
+
 /// Paths are written as (lossy) UTF-8 strings so that `to_toml_string` never fails.
 fn ser_path<S: Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&p.to_string_lossy())
@@ -280,6 +344,8 @@ impl Config {
     ///   `runtime.shutdown_timeout_ms` > 0
     /// - `runtime.state_dir` absolute
     /// - `runtime.log_level` one of error|warn|info|debug|trace
+    /// - `metrics.agent_timeout_ms`, `metrics.monitor_scrape_timeout_ms` in 1..=60000
+    /// - `metrics.monitor_listen` an IP address and port
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: origin.to_string(),
@@ -344,6 +410,15 @@ impl Config {
                 ),
             ));
         }
+        let m = &self.metrics;
+        for (key, v) in [
+            ("metrics.agent_timeout_ms", m.agent_timeout_ms),
+            ("metrics.monitor_scrape_timeout_ms", m.monitor_scrape_timeout_ms),
+        ] {
+            check_metrics_timeout_ms(v).map_err(|msg| invalid(key, msg))?;
+        }
+        m.monitor_listen_addr()
+            .map_err(|msg| invalid("metrics.monitor_listen", msg))?;
         Ok(())
     }
 
@@ -475,6 +550,11 @@ rpc_timeout_ms = 5000
 state_dir = "/var/run/joey"
 shutdown_timeout_ms = 3000
 log_level = "debug"
+
+[metrics]
+agent_timeout_ms = 250
+monitor_scrape_timeout_ms = 2000
+monitor_listen = "[::1]:9100"
 "#;
 
     fn write_tmp(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -511,6 +591,11 @@ log_level = "debug"
                 shutdown_timeout_ms: 3_000,
                 log_level: "debug".into(),
             },
+            metrics: MetricsConfig {
+                agent_timeout_ms: 250,
+                monitor_scrape_timeout_ms: 2_000,
+                monitor_listen: "[::1]:9100".into(),
+            },
         }
     }
 
@@ -541,12 +626,20 @@ log_level = "debug"
         assert_eq!(c.runtime.state_dir, Path::new("/run/joey"));
         assert_eq!(c.runtime.shutdown_timeout_ms, 5_000);
         assert_eq!(c.runtime.log_level, "info");
+        // Today's constants of the metrics endpoint and joey-monitor.
+        assert_eq!(c.metrics.agent_timeout_ms, 500);
+        assert_eq!(c.metrics.reply_timeout(), Duration::from_millis(800));
+        assert_eq!(c.metrics.monitor_scrape_timeout_ms, 1_000);
+        assert_eq!(
+            c.metrics.monitor_listen_addr().unwrap(),
+            "127.0.0.1:8090".parse::<SocketAddr>().unwrap()
+        );
         c.validate("<defaults>").unwrap();
         // Empty text and empty tables give the defaults.
         assert_eq!(Config::from_toml_str("", "<string>").unwrap(), c);
         assert_eq!(
             Config::from_toml_str(
-                "[hypervisor]\n[hypervisor.qemu]\n[hypervisor.builtin]\n[agent]\n[runtime]\n",
+                "[hypervisor]\n[hypervisor.qemu]\n[hypervisor.builtin]\n[agent]\n[runtime]\n[metrics]\n",
                 "<string>"
             )
             .unwrap(),
@@ -607,6 +700,10 @@ log_level = "debug"
             "state_dir",
             "shutdown_timeout_ms",
             "log_level",
+            "[metrics]",
+            "agent_timeout_ms",
+            "monitor_scrape_timeout_ms",
+            "monitor_listen",
         ] {
             assert!(d.contains(key), "dump lacks {key}:\n{d}");
         }
@@ -739,6 +836,45 @@ log_level = "debug"
             }
             other => panic!("{toml:?}: expected Invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn metrics_keys_are_checked() {
+        let c = Config::from_toml_str(
+            "[metrics]\nagent_timeout_ms = 60000\nmonitor_scrape_timeout_ms = 1\nmonitor_listen = \"0.0.0.0:9000\"\n",
+            "<string>",
+        )
+        .unwrap();
+        assert_eq!(c.metrics.agent_timeout(), Duration::from_secs(60));
+        assert_eq!(c.metrics.monitor_scrape_timeout(), Duration::from_millis(1));
+        assert_eq!(c.metrics.monitor_listen_addr().unwrap().port(), 9000);
+        let e = Config::from_toml_str("[metrics]\nagent_timeout_ms = 0\n", "/etc/joey/config.toml").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/etc/joey/config.toml: invalid value for `metrics.agent_timeout_ms`: 0 is out of range (valid: 1..=60000 ms)"
+        );
+        assert_eq!(
+            invalid_key("[metrics]\nagent_timeout_ms = 60001\n"),
+            "metrics.agent_timeout_ms"
+        );
+        assert_eq!(
+            invalid_key("[metrics]\nmonitor_scrape_timeout_ms = 0\n"),
+            "metrics.monitor_scrape_timeout_ms"
+        );
+        assert_eq!(
+            invalid_key("[metrics]\nmonitor_scrape_timeout_ms = 600000\n"),
+            "metrics.monitor_scrape_timeout_ms"
+        );
+        assert_eq!(
+            invalid_key("[metrics]\nmonitor_listen = \"localhost\"\n"),
+            "metrics.monitor_listen"
+        );
+        // Unknown keys in [metrics] are refused, naming the key.
+        let e = Config::from_toml_str("[metrics]\nscrape_timeout = 3\n", "<string>").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        assert!(e.to_string().contains("scrape_timeout"), "{e}");
+        assert!(check_metrics_timeout_ms(60_000).is_ok());
+        assert!(check_metrics_timeout_ms(60_001).is_err());
     }
 
     #[test]

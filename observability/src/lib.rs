@@ -14,7 +14,9 @@ pub mod sandbox;
 
 /// The `prometheus` crate, for users that time or count with our families.
 pub use prometheus;
-pub use sandbox::{GuestSample, MetricsError, SandboxMetrics, VmFacts};
+pub use sandbox::{
+    ContainerSample, DeviceCounters, GuestSample, HypervisorCounters, MetricsError, SandboxMetrics, VmFacts,
+};
 
 /// Namespace prefix used by every joey metric.
 pub const METRIC_PREFIX: &str = "joey";

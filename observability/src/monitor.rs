@@ -194,6 +194,16 @@ impl Monitor {
             .map_err(|e| MonitorError::Encode(e.to_string()))?;
         Ok(merger.render())
     }
+
+    /// The monitor's own families with one sample each (for the documentation test).
+    #[cfg(test)]
+    pub(crate) fn render_own_for_docs() -> String {
+        let m = Monitor::new(PathBuf::from("/nonexistent"), Duration::from_secs(1)).unwrap();
+        m.last_up.with_label_values(&["x"]).set(1);
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&m.registry.gather(), &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::{
-    Counter, CounterVec, Encoder as _, Gauge, HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder as _, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::procfs::{self, ProcessStats};
@@ -40,6 +40,46 @@ pub struct GuestSample {
     pub cpu_seconds: Vec<(&'static str, f64)>,
     pub cpus: u32,
     pub agent: ProcessStats,
+    /// Every live container's cgroup figures.
+    pub containers: Vec<ContainerSample>,
+}
+
+/// One container's cgroup figures, as the agent reports them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerSample {
+    pub container_id: String,
+    /// `memory.current`.
+    pub memory_usage_bytes: u64,
+    /// `memory.max`; 0 or `u64::MAX` mean no limit (the sample is then left out).
+    pub memory_limit_bytes: u64,
+    /// `cpu.stat` `usage_usec`.
+    pub cpu_usage_usec: u64,
+    /// `pids.current`.
+    pub pids: u64,
+    /// `memory.events` `oom_kill`.
+    pub oom_kills: u64,
+}
+
+/// The counters of one device of the VM (monotonic since the device was created), read at
+/// scrape time. Label values are fixed strings, so the families stay low-cardinality.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceCounters {
+    /// `vsock`, `fs` or `blk`.
+    pub device: &'static str,
+    /// Bytes by direction (`to_guest`, `from_guest`).
+    pub bytes: Vec<(&'static str, u64)>,
+    /// Operations by kind (device specific, a few values).
+    pub operations: Vec<(&'static str, u64)>,
+    /// Malformed descriptor chains and failed requests.
+    pub errors: u64,
+}
+
+/// What the hypervisor counts about the VM, read at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HypervisorCounters {
+    pub devices: Vec<DeviceCounters>,
+    /// vCPU exits by reason (built-in VMM only; empty for QEMU).
+    pub vcpu_exits: Vec<(&'static str, u64)>,
 }
 
 /// Facts about the VM, known once it runs.
@@ -258,9 +298,17 @@ impl SandboxMetrics {
         }
     }
 
-    /// The exposition: this registry, plus the guest families when `guest` is given.
-    pub fn render(&self, guest: Option<&GuestSample>) -> Result<String, MetricsError> {
+    /// The exposition: this registry, plus the guest families when `guest` is given and the
+    /// device and vCPU counters when `hypervisor` is given.
+    pub fn render(
+        &self,
+        guest: Option<&GuestSample>,
+        hypervisor: Option<&HypervisorCounters>,
+    ) -> Result<String, MetricsError> {
         let mut families = self.registry.gather();
+        if let Some(h) = hypervisor {
+            families.extend(hypervisor_registry(h)?.gather());
+        }
         if let Some(g) = guest {
             families.extend(guest_registry(g)?.gather());
         }
@@ -270,6 +318,96 @@ impl SandboxMetrics {
             .map_err(|e| MetricsError::Encode(e.to_string()))?;
         String::from_utf8(out).map_err(|e| MetricsError::Encode(e.to_string()))
     }
+}
+
+/// A throwaway registry holding the device and vCPU counters.
+fn hypervisor_registry(h: &HypervisorCounters) -> Result<Registry, MetricsError> {
+    let r = Registry::new();
+    let bytes = IntCounterVec::new(
+        Opts::new(
+            "joey_hypervisor_device_bytes_total",
+            "Bytes moved by the VM's virtio devices, by device and direction (to_guest, from_guest).",
+        ),
+        &["device", "direction"],
+    )?;
+    let ops = IntCounterVec::new(
+        Opts::new(
+            "joey_hypervisor_device_operations_total",
+            "Operations of the VM's virtio devices (packets, requests), by device and operation.",
+        ),
+        &["device", "op"],
+    )?;
+    let errors = IntCounterVec::new(
+        Opts::new(
+            "joey_hypervisor_device_errors_total",
+            "Malformed descriptor chains and failed requests of the VM's virtio devices.",
+        ),
+        &["device"],
+    )?;
+    for d in &h.devices {
+        for (dir, n) in &d.bytes {
+            bytes.with_label_values(&[d.device, dir]).inc_by(*n);
+        }
+        for (op, n) in &d.operations {
+            ops.with_label_values(&[d.device, op]).inc_by(*n);
+        }
+        errors.with_label_values(&[d.device]).inc_by(d.errors);
+    }
+    r.register(Box::new(bytes))?;
+    r.register(Box::new(ops))?;
+    r.register(Box::new(errors))?;
+    let exits = IntCounterVec::new(
+        Opts::new(
+            "joey_hypervisor_vcpu_exits_total",
+            "vCPU exits of the built-in VMM, all vCPUs together, by reason.",
+        ),
+        &["reason"],
+    )?;
+    for (reason, n) in &h.vcpu_exits {
+        exits.with_label_values(&[reason]).inc_by(*n);
+    }
+    r.register(Box::new(exits))?;
+    Ok(r)
+}
+
+/// Adds the per-container families to `r`.
+fn register_containers(r: &Registry, containers: &[ContainerSample]) -> Result<(), MetricsError> {
+    let gauge = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["container_id"]);
+    let counter = |name: &str, help: &str| CounterVec::new(Opts::new(name, help), &["container_id"]);
+    let mem = gauge(
+        "joey_guest_container_memory_usage_bytes",
+        "Memory used by the container's cgroup (memory.current).",
+    )?;
+    let limit = gauge(
+        "joey_guest_container_memory_limit_bytes",
+        "Memory limit of the container's cgroup (memory.max); absent when unlimited.",
+    )?;
+    let cpu = counter(
+        "joey_guest_container_cpu_seconds_total",
+        "CPU time of the container's cgroup (cpu.stat usage_usec).",
+    )?;
+    let pids = gauge("joey_guest_container_pids", "Processes in the container's cgroup (pids.current).")?;
+    let ooms = counter(
+        "joey_guest_container_oom_kills_total",
+        "Processes of the container OOM-killed (memory.events oom_kill).",
+    )?;
+    for c in containers {
+        let id = [c.container_id.as_str()];
+        mem.with_label_values(&id).set(c.memory_usage_bytes as f64);
+        if c.memory_limit_bytes != 0 && c.memory_limit_bytes != u64::MAX {
+            limit.with_label_values(&id).set(c.memory_limit_bytes as f64);
+        }
+        cpu.with_label_values(&id).inc_by(c.cpu_usage_usec as f64 / 1e6);
+        pids.with_label_values(&id).set(c.pids as f64);
+        ooms.with_label_values(&id).inc_by(c.oom_kills as f64);
+    }
+    for c in [mem, limit, pids] {
+        r.register(Box::new(c))?;
+    }
+    for c in [cpu, ooms] {
+        r.register(Box::new(c))?;
+    }
+    Ok(())
 }
 
 /// A throwaway registry holding one guest sample.
@@ -325,6 +463,7 @@ fn guest_registry(g: &GuestSample) -> Result<Registry, MetricsError> {
     )?;
     gauge("joey_agent_process_threads", "Threads of the guest agent.", b(g.agent.threads))?;
     gauge("joey_agent_process_open_fds", "Open file descriptors of the guest agent.", b(g.agent.open_fds))?;
+    register_containers(&r, &g.containers)?;
     Ok(r)
 }
 
@@ -344,6 +483,10 @@ pub const SANDBOX_METRIC_NAMES: &[&str] = &[
     "joey_hypervisor_info",
     "joey_hypervisor_process_cpu_seconds_total",
     "joey_hypervisor_process_resident_memory_bytes",
+    "joey_hypervisor_device_bytes_total",
+    "joey_hypervisor_device_operations_total",
+    "joey_hypervisor_device_errors_total",
+    "joey_hypervisor_vcpu_exits_total",
     "joey_guest_memory_total_bytes",
     "joey_guest_memory_free_bytes",
     "joey_guest_memory_available_bytes",
@@ -358,6 +501,11 @@ pub const SANDBOX_METRIC_NAMES: &[&str] = &[
     "joey_agent_process_resident_memory_bytes",
     "joey_agent_process_threads",
     "joey_agent_process_open_fds",
+    "joey_guest_container_memory_usage_bytes",
+    "joey_guest_container_memory_limit_bytes",
+    "joey_guest_container_cpu_seconds_total",
+    "joey_guest_container_pids",
+    "joey_guest_container_oom_kills_total",
 ];
 
 #[cfg(test)]
@@ -382,6 +530,44 @@ mod tests {
                 threads: 4,
                 open_fds: 9,
             },
+            containers: vec![
+                ContainerSample {
+                    container_id: "web".into(),
+                    memory_usage_bytes: 3 << 20,
+                    memory_limit_bytes: 64 << 20,
+                    cpu_usage_usec: 2_500_000,
+                    pids: 3,
+                    oom_kills: 1,
+                },
+                ContainerSample {
+                    container_id: "db".into(),
+                    memory_usage_bytes: 5 << 20,
+                    memory_limit_bytes: u64::MAX,
+                    cpu_usage_usec: 250,
+                    pids: 1,
+                    oom_kills: 0,
+                },
+            ],
+        }
+    }
+
+    fn counters() -> HypervisorCounters {
+        HypervisorCounters {
+            devices: vec![
+                DeviceCounters {
+                    device: "vsock",
+                    bytes: vec![("to_guest", 1000), ("from_guest", 200)],
+                    operations: vec![("rx", 7), ("tx", 5)],
+                    errors: 0,
+                },
+                DeviceCounters {
+                    device: "fs",
+                    bytes: vec![("to_guest", 4096), ("from_guest", 80)],
+                    operations: vec![("read", 2), ("lookup", 1)],
+                    errors: 2,
+                },
+            ],
+            vcpu_exits: vec![("io_out", 42), ("hlt", 0)],
         }
     }
 
@@ -403,7 +589,7 @@ mod tests {
         m.agent_rpc_histogram().with_label_values(&["Check"]).observe(0.001);
         m.refresh_processes();
         m.refresh_processes();
-        let text = m.render(Some(&sample())).unwrap();
+        let text = m.render(Some(&sample()), Some(&counters())).unwrap();
         let mut got = names(&text);
         got.sort();
         let mut want: Vec<String> = SANDBOX_METRIC_NAMES.iter().map(|s| s.to_string()).collect();
@@ -413,13 +599,82 @@ mod tests {
         assert!(text.contains("joey_guest_memory_used_bytes 58720256"), "{text}");
         assert!(text.contains("joey_guest_cpu_seconds_total{mode=\"user\"} 1.5"), "{text}");
         assert!(text.contains("joey_hypervisor_vm_start_duration_seconds 1.5"), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        for want in [
+            "joey_hypervisor_device_bytes_total{device=\"vsock\",direction=\"to_guest\"} 1000",
+            "joey_hypervisor_device_bytes_total{device=\"fs\",direction=\"from_guest\"} 80",
+            "joey_hypervisor_device_operations_total{device=\"vsock\",op=\"tx\"} 5",
+            "joey_hypervisor_device_operations_total{device=\"fs\",op=\"read\"} 2",
+            "joey_hypervisor_device_errors_total{device=\"fs\"} 2",
+            "joey_hypervisor_device_errors_total{device=\"vsock\"} 0",
+            "joey_hypervisor_vcpu_exits_total{reason=\"io_out\"} 42",
+            "joey_hypervisor_vcpu_exits_total{reason=\"hlt\"} 0",
+            "joey_guest_container_memory_usage_bytes{container_id=\"web\"} 3145728",
+            "joey_guest_container_memory_usage_bytes{container_id=\"db\"} 5242880",
+            "joey_guest_container_memory_limit_bytes{container_id=\"web\"} 67108864",
+            "joey_guest_container_cpu_seconds_total{container_id=\"web\"} 2.5",
+            "joey_guest_container_cpu_seconds_total{container_id=\"db\"} 0.00025",
+            "joey_guest_container_pids{container_id=\"web\"} 3",
+            "joey_guest_container_oom_kills_total{container_id=\"web\"} 1",
+            "joey_guest_container_oom_kills_total{container_id=\"db\"} 0",
+            "# TYPE joey_guest_container_cpu_seconds_total counter",
+            "# TYPE joey_guest_container_memory_usage_bytes gauge",
+            "# TYPE joey_hypervisor_vcpu_exits_total counter",
+        ] {
+            assert!(lines.contains(&want), "missing {want:?} in:\n{text}");
+        }
+        // An unlimited container has no limit sample.
+        assert!(!text.contains("joey_guest_container_memory_limit_bytes{container_id=\"db\"}"), "{text}");
+    }
+
+    #[test]
+    fn without_containers_or_counters_their_families_are_absent() {
+        let m = SandboxMetrics::new().unwrap();
+        let g = GuestSample {
+            containers: Vec::new(),
+            ..sample()
+        };
+        let text = m.render(Some(&g), None).unwrap();
+        assert!(text.contains("joey_guest_memory_total_bytes"), "{text}");
+        assert!(!text.contains("joey_guest_container_"), "{text}");
+        assert!(!text.contains("joey_hypervisor_device_"), "{text}");
+        assert!(!text.contains("joey_hypervisor_vcpu_exits_total"), "{text}");
+        // QEMU: device counters but no vCPU exits.
+        let h = HypervisorCounters {
+            vcpu_exits: Vec::new(),
+            ..counters()
+        };
+        let text = m.render(None, Some(&h)).unwrap();
+        assert!(text.contains("joey_hypervisor_device_errors_total{device=\"vsock\"} 0"), "{text}");
+        assert!(!text.contains("joey_hypervisor_vcpu_exits_total"), "{text}");
+    }
+
+    /// Every family a sandbox endpoint or the monitor can emit is documented in docs/metrics.md
+    /// (in a table row of its own, with its type).
+    #[test]
+    fn every_family_is_documented() {
+        let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"));
+        let m = SandboxMetrics::new().unwrap();
+        m.agent_rpc_histogram().with_label_values(&["Check"]).observe(0.001);
+        let text = m.render(Some(&sample()), Some(&counters())).unwrap();
+        let mut families = expo::parse(&text, None).unwrap();
+        families.extend(expo::parse(&crate::monitor::Monitor::render_own_for_docs(), None).unwrap());
+        assert!(families.len() > SANDBOX_METRIC_NAMES.len(), "{families:?}");
+        for f in families {
+            let kind = f.kind.clone().unwrap();
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with('|') && l.contains(&format!("`{}`", f.name)))
+                .unwrap_or_else(|| panic!("{} is not in a table row of docs/metrics.md", f.name));
+            assert!(row.contains(&format!("| {kind} |")), "{} documented without its type {kind}: {row}", f.name);
+        }
     }
 
     #[test]
     fn without_guest_sample_the_guest_families_are_skipped() {
         let m = SandboxMetrics::new().unwrap();
         m.agent_timed_out();
-        let text = m.render(None).unwrap();
+        let text = m.render(None, None).unwrap();
         assert!(!text.contains("joey_guest_"));
         assert!(!text.contains("joey_agent_"));
         assert!(text.contains("joey_shim_metrics_agent_timeouts_total 1"));

@@ -1,6 +1,7 @@
 //! Metrics: the per-sandbox `GET /metrics` on `<state_dir>/<id>/metrics.sock`, `joey-monitor`
 //! merging every sandbox with a `sandbox_id` label, a real Prometheus server scraping the
-//! monitor, and a hung sandbox endpoint that must not stall the monitor.
+//! monitor, a hung sandbox endpoint that must not stall the monitor, the device counters of
+//! the vsock device, and the `[metrics]` config keys.
 //!
 //! Needs `JOEYCTL`, `JOEY_KERNEL`, `JOEY_INITRD` (see the harness), `JOEY_MONITOR` (the
 //! joey-monitor binary) and the Debian package `prometheus` (`promtool`, `prometheus`).
@@ -48,6 +49,9 @@ const SANDBOX_METRICS: &[&str] = &[
     "joey_agent_process_resident_memory_bytes",
     "joey_agent_process_threads",
     "joey_agent_process_open_fds",
+    "joey_hypervisor_device_bytes_total",
+    "joey_hypervisor_device_operations_total",
+    "joey_hypervisor_device_errors_total",
 ];
 
 const MONITOR_METRICS: &[&str] = &[
@@ -284,6 +288,25 @@ fn sandbox_and_monitor_expositions_pass_promtool() {
         Some(1.0)
     );
     assert_eq!(value(&text, "joey_shim_metrics_agent_timeouts_total", &[]), Some(0.0));
+    // The vsock device served in this process carried the agent's RPCs both ways.
+    for dir in ["to_guest", "from_guest"] {
+        let labels = ["device=\"vsock\"", &format!("direction=\"{dir}\"")];
+        let b = value(&text, "joey_hypervisor_device_bytes_total", &labels).unwrap_or(0.0);
+        assert!(b > 0.0, "vsock {dir} bytes {b}:\n{text}");
+    }
+    for op in ["rx", "tx"] {
+        let labels = ["device=\"vsock\"", &format!("op=\"{op}\"")];
+        let n = value(&text, "joey_hypervisor_device_operations_total", &labels).unwrap_or(0.0);
+        assert!(n > 0.0, "vsock {op} packets {n}:\n{text}");
+    }
+    assert_eq!(value(&text, "joey_hypervisor_device_errors_total", &["device=\"vsock\""]), Some(0.0));
+    // QEMU runs the vCPUs: no exit counters.
+    assert!(!has_metric(&text, "joey_hypervisor_vcpu_exits_total"), "{text}");
+    // Counters never go down between scrapes.
+    let before = value(&text, "joey_hypervisor_device_bytes_total", &["device=\"vsock\"", "direction=\"to_guest\""]);
+    let (_, again) = get_unix(&sock, "/metrics", Duration::from_secs(5));
+    let after = value(&again, "joey_hypervisor_device_bytes_total", &["device=\"vsock\"", "direction=\"to_guest\""]);
+    assert!(after.unwrap() >= before.unwrap(), "{before:?} -> {after:?}");
     // Other paths are not served.
     assert_eq!(get_unix(&sock, "/other", Duration::from_secs(5)).0, 404);
 
@@ -450,5 +473,113 @@ fn hung_sandbox_endpoint_does_not_stall_the_monitor() {
     }
     drop(monitor);
     drop(hung);
+    finish(sandbox, &env);
+}
+
+/// joey-monitor without flags listens on `metrics.monitor_listen` and waits
+/// `metrics.monitor_scrape_timeout_ms` for a sandbox (a hung one takes all of it).
+#[test]
+fn monitor_takes_listen_and_scrape_timeout_from_the_config() {
+    let port = free_port();
+    let env = Env::with_config(|k, i| {
+        format!(
+            "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\n[metrics]\nmonitor_listen = \"127.0.0.1:{port}\"\n\
+             monitor_scrape_timeout_ms = 300\n",
+            k.display(),
+            i.display()
+        )
+    });
+    let hung = HungEndpoint::new(env.state_dir.join("fake-hung"));
+    let child = Command::new(monitor_path())
+        .arg("--config")
+        .arg(&env.config)
+        .env_remove("JOEY_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn joey-monitor");
+    let monitor = Proc {
+        child,
+        name: "joey-monitor",
+    };
+    wait_http_ready(port, "/", Duration::from_secs(10));
+    let t0 = Instant::now();
+    let (status, all) = get_tcp(port, "/metrics", Duration::from_secs(10)).unwrap();
+    let took = t0.elapsed();
+    assert_eq!(status, 200, "{all}");
+    // 300 ms from the config, not the 1000 ms default.
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(900),
+        "the monitor answered after {took:?}"
+    );
+    assert_eq!(value(&all, "joey_monitor_scrape_timeouts_total", &[]), Some(1.0), "{all}");
+    assert_eq!(value(&all, "joey_monitor_sandbox_up", &["sandbox_id=\"fake-hung\""]), Some(0.0));
+    promtool_check(&all, "monitor output (config)");
+    drop(monitor);
+    drop(hung);
+}
+
+/// Out-of-range metrics settings are bad input (exit 2) naming the key or flag.
+#[test]
+fn monitor_refuses_bad_metrics_settings() {
+    let env = Env::with_config(|k, i| {
+        format!(
+            "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\n[metrics]\nmonitor_scrape_timeout_ms = 0\n",
+            k.display(),
+            i.display()
+        )
+    });
+    let o = Command::new(monitor_path())
+        .arg("--config")
+        .arg(&env.config)
+        .env_remove("JOEY_CONFIG")
+        .output()
+        .expect("run joey-monitor");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("`metrics.monitor_scrape_timeout_ms`") && err.contains("1..=60000"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let good = env_256m();
+    let o = Command::new(monitor_path())
+        .arg("--config")
+        .arg(&good.config)
+        .args(["--scrape-timeout-ms", "60001"])
+        .env_remove("JOEY_CONFIG")
+        .output()
+        .expect("run joey-monitor");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--scrape-timeout-ms") && err.contains("60001"), "{err}");
+}
+
+/// `metrics.agent_timeout_ms` bounds the agent fetch of the sandbox endpoint: with 1 ms the
+/// guest families are skipped and counted as agent timeouts (a vsock round trip to a TCG guest
+/// takes longer), while the other families are still served.
+#[test]
+fn sandbox_endpoint_uses_the_configured_agent_timeout() {
+    let env = Env::with_config(|k, i| {
+        format!(
+            "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n[metrics]\nagent_timeout_ms = 1\n",
+            k.display(),
+            i.display()
+        )
+    });
+    let (sandbox, id) = start_sandbox(&env, "echo started; sleep 30");
+    let sock = env.state_dir.join(&id).join("metrics.sock");
+    let mut skipped = 0;
+    let mut text = String::new();
+    for _ in 0..3 {
+        let (status, t) = get_unix(&sock, "/metrics", Duration::from_secs(5));
+        assert_eq!(status, 200, "{t}");
+        if !has_metric(&t, "joey_guest_memory_total_bytes") {
+            skipped += 1;
+        }
+        text = t;
+    }
+    assert!(skipped >= 1, "no scrape skipped the guest families with a 1 ms agent timeout:\n{text}");
+    assert_eq!(value(&text, "joey_shim_metrics_agent_timeouts_total", &[]), Some(f64::from(skipped)), "{text}");
+    assert!(has_metric(&text, "joey_hypervisor_device_bytes_total"), "{text}");
+    promtool_check(&text, "sandbox endpoint with agent timeouts");
     finish(sandbox, &env);
 }

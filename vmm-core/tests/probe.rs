@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use joey_vmm_core::vmm::{VmConfig, VmEvent, Vmm, VmmState};
+use joey_vmm_core::vstate::metrics::ExitReason;
 
 /// Guest physical address of the probe's spin counter (guest/probe/probe.c).
 const PROBE_COUNTER_ADDR: u64 = 0x5000;
@@ -126,7 +127,25 @@ fn probe_passes(vcpus: u8) {
     assert!(s.lines().any(|l| l == "PROBE done 5/5"), "{s}");
     g.vmm.stop().unwrap();
     assert_eq!(g.vmm.state(), VmmState::Stopped);
+    check_exit_counters(&g);
     eprintln!("probe with {vcpus} vCPU(s): {:?}", t0.elapsed());
+}
+
+/// The vCPU exit counters agree with what the probe did: every serial byte is one `outb` to
+/// COM1 after at least one `inb` of its line status register, the 7 `outb`s of the UART setup
+/// and the `outb` to the i8042 that reset the VM.
+fn check_exit_counters(g: &Guest) {
+    let e = g.vmm.vcpu_metrics().snapshot();
+    let printed = std::fs::read(&g.log).unwrap().len() as u64 + g.vmm.serial_dropped();
+    eprintln!("vCPU exits: {e:?}, serial bytes: {printed}");
+    assert!(printed > 0);
+    assert!(e.get(ExitReason::IoOut) >= printed + 7 + 1, "{e:?} vs {printed} serial bytes");
+    assert!(e.get(ExitReason::IoIn) >= printed, "{e:?} vs {printed} serial bytes");
+    // The probe ends with the reset, never in a triple fault or a KVM failure.
+    assert_eq!(e.get(ExitReason::Shutdown), 0, "{e:?}");
+    assert_eq!(e.get(ExitReason::FailEntry), 0, "{e:?}");
+    assert_eq!(e.get(ExitReason::InternalError), 0, "{e:?}");
+    assert_eq!(e.total(), e.by_name().map(|(_, n)| n).sum::<u64>());
 }
 
 #[test]
@@ -274,6 +293,9 @@ fn triple_fault_is_reported_and_never_hangs() {
     g.expect_event(&VmEvent::TripleFault { vcpu: 0 });
     assert!(g.serial().contains("PROBE triple_fault now"));
     g.vmm.stop().unwrap();
+    let e = g.vmm.vcpu_metrics().snapshot();
+    assert_eq!(e.get(ExitReason::Shutdown), 1, "{e:?}");
+    assert!(e.get(ExitReason::IoOut) > 0, "{e:?}");
     assert!(t0.elapsed() < EVENT_TIMEOUT);
 }
 

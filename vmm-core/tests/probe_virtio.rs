@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use joey_vmm_core::devices::blk::BlockMetrics;
 use joey_vmm_core::devices::virtio::metrics::TransportMetrics;
 use joey_vmm_core::vmm::{BlockConfig, VmConfig, VmEvent, Vmm, VmmState, VsockConfig};
+use joey_vmm_core::vstate::metrics::ExitReason;
 
 const MEM_MIB: u32 = 128;
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -230,6 +231,15 @@ fn vsock_and_blk_pass(vcpus: u8) {
     let m = g.vmm.block_metrics(1).unwrap();
     assert_eq!(BlockMetrics::get(&m.write_bytes), 0);
     assert!(BlockMetrics::get(&m.io_errors) >= 2, "ro write + bounds");
+    // vsock counters: exactly the message's payload each way (the rest are control packets).
+    let v = g.vmm.vsock_metrics().unwrap().snapshot();
+    let n = VSOCK_MSG.len() as u64;
+    assert_eq!((v.tx_bytes, v.rx_bytes, v.malformed_chains), (n, n, 0), "{v:?}");
+    assert!(v.tx_packets >= 3 && v.rx_packets >= 2, "request, data, shutdown: {v:?}");
+    // The probe drove the virtio-mmio registers through MMIO exits.
+    let e = g.vmm.vcpu_metrics().snapshot();
+    assert!(e.get(ExitReason::MmioRead) > 0 && e.get(ExitReason::MmioWrite) > 0, "{e:?}");
+    assert_eq!(e.get(ExitReason::InternalError) + e.get(ExitReason::FailEntry), 0, "{e:?}");
     let t = Instant::now();
     g.vmm.stop().unwrap();
     eprintln!("stop: {:?}", t.elapsed());

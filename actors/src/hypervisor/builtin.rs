@@ -21,6 +21,7 @@ use crossbeam_channel::TryRecvError;
 use joey_vmm_core::vmm::{VmConfig, VmEvent, Vmm, VmmError, VsockConfig, MAX_VCPUS};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::counters::VmCounterSources;
 use super::{StopMethod, VmExit, VmSpec};
 
 /// Bound for creating and starting the VM (kernel load, memory, vCPUs) on the VMM thread.
@@ -117,6 +118,10 @@ pub trait BridgedVm {
     fn wait_event(&self, timeout: Duration) -> Option<VmEvent>;
     /// Stops the VM (bounded; idempotent).
     fn stop(&mut self) -> Result<(), BuiltinError>;
+    /// Its device and vCPU counters (shared `Arc`s, read from other threads).
+    fn counter_sources(&self) -> VmCounterSources {
+        VmCounterSources::default()
+    }
 }
 
 impl BridgedVm for Vmm {
@@ -126,6 +131,14 @@ impl BridgedVm for Vmm {
 
     fn stop(&mut self) -> Result<(), BuiltinError> {
         Vmm::stop(self).map_err(BuiltinError::Stop)
+    }
+
+    fn counter_sources(&self) -> VmCounterSources {
+        VmCounterSources {
+            vsock: self.vsock_metrics().cloned(),
+            blk: self.all_block_metrics().to_vec(),
+            vcpus: Some(self.vcpu_metrics().clone()),
+        }
     }
 }
 
@@ -200,7 +213,7 @@ fn bridge_events<V: BridgedVm>(
 /// Body of the VMM thread: create, report, bridge, report the exit.
 fn vmm_thread<V, F>(
     factory: F,
-    ready: oneshot::Sender<Result<(), BuiltinError>>,
+    ready: oneshot::Sender<Result<VmCounterSources, BuiltinError>>,
     control: crossbeam_channel::Receiver<Control>,
     events: mpsc::Sender<VmEvent>,
     exit_tx: &watch::Sender<Option<VmExit>>,
@@ -216,7 +229,7 @@ fn vmm_thread<V, F>(
             return;
         }
     };
-    if ready.send(Ok(())).is_err() {
+    if ready.send(Ok(vm.counter_sources())).is_err() {
         // The starter gave up waiting (start timeout): nobody owns this VM.
         let _ = exit_tx.send(Some(stop_vm(&mut vm, VmExit::ForceStopped)));
         return;
@@ -233,6 +246,7 @@ pub struct BuiltinVm {
     exit_rx: watch::Receiver<Option<VmExit>>,
     events: Option<mpsc::Receiver<VmEvent>>,
     thread: Option<JoinHandle<()>>,
+    counters: VmCounterSources,
     pub started_at: Instant,
 }
 
@@ -276,10 +290,14 @@ impl BuiltinVm {
             exit_rx,
             events: Some(ev_rx),
             thread: Some(thread),
+            counters: VmCounterSources::default(),
             started_at,
         };
         match tokio::time::timeout(timeout, ready_rx).await {
-            Ok(Ok(Ok(()))) => Ok(vm),
+            Ok(Ok(Ok(counters))) => {
+                vm.counters = counters;
+                Ok(vm)
+            }
             Ok(Ok(Err(e))) => {
                 // The thread is ending on its own; reap it.
                 if let Some(t) = vm.thread.take() {
@@ -301,6 +319,11 @@ impl BuiltinVm {
     /// A receiver that turns `Some` once the VM has ended.
     pub fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
         self.exit_rx.clone()
+    }
+
+    /// The VM's device and vCPU counters.
+    pub fn counter_sources(&self) -> VmCounterSources {
+        self.counters.clone()
     }
 
     /// The VM's events (once; the Hypervisor actor drains them).
@@ -381,6 +404,7 @@ mod tests {
         event: Option<(usize, VmEvent)>,
         stops: Arc<AtomicUsize>,
         stop_fails: bool,
+        counters: VmCounterSources,
     }
 
     impl BridgedVm for FakeVm {
@@ -403,6 +427,10 @@ mod tests {
                 Ok(())
             }
         }
+
+        fn counter_sources(&self) -> VmCounterSources {
+            self.counters.clone()
+        }
     }
 
     fn fake(event: Option<(usize, VmEvent)>) -> (impl FnOnce() -> Result<FakeVm, BuiltinError> + Send, Arc<AtomicUsize>) {
@@ -415,6 +443,7 @@ mod tests {
                     event,
                     stops: s,
                     stop_fails: false,
+                    counters: VmCounterSources::default(),
                 })
             },
             stops,
@@ -467,6 +496,41 @@ mod tests {
     }
 
     #[test]
+    fn the_vms_counters_come_back_with_the_start_report() {
+        rt().block_on(async {
+            let vsock = Arc::new(joey_vmm_core::devices::vsock::VsockMetrics::default());
+            let vcpus = Arc::new(joey_vmm_core::vstate::metrics::VcpuMetrics::default());
+            let counters = VmCounterSources {
+                vsock: Some(vsock.clone()),
+                blk: Vec::new(),
+                vcpus: Some(vcpus.clone()),
+            };
+            let vm = BuiltinVm::start_with(
+                paths(),
+                move || -> Result<FakeVm, BuiltinError> {
+                    Ok(FakeVm {
+                        polls: AtomicUsize::new(0),
+                        event: None,
+                        stops: Arc::new(AtomicUsize::new(0)),
+                        stop_fails: false,
+                        counters,
+                    })
+                },
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+            let got = vm.counter_sources();
+            assert!(Arc::ptr_eq(got.vsock.as_ref().unwrap(), &vsock));
+            assert!(Arc::ptr_eq(got.vcpus.as_ref().unwrap(), &vcpus));
+            // Bumped by the device after the start: visible through the same Arc.
+            vsock.tx_bytes.fetch_add(7, Ordering::Relaxed);
+            assert_eq!(vm.counter_sources().read(None).devices[0].bytes, vec![("to_guest", 0), ("from_guest", 7)]);
+            vm.stop(Duration::ZERO).await.unwrap();
+        });
+    }
+
+    #[test]
     fn dropping_the_vm_stops_it() {
         rt().block_on(async {
             let (f, stops) = fake(None);
@@ -510,6 +574,7 @@ mod tests {
                         event: None,
                         stops: s,
                         stop_fails: false,
+                        counters: VmCounterSources::default(),
                     })
                 },
                 Duration::from_millis(20),
@@ -544,6 +609,7 @@ mod tests {
             event: Some((0, VmEvent::TripleFault { vcpu: 0 })),
             stops: Arc::new(AtomicUsize::new(0)),
             stop_fails: true,
+            counters: VmCounterSources::default(),
         };
         let (_ctl_tx, ctl_rx) = crossbeam_channel::bounded(1);
         let (ev_tx, _ev_rx) = mpsc::channel(1);

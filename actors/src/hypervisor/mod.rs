@@ -10,6 +10,7 @@
 //! do. Device and VMM threads only talk to async code through channels with timeouts.
 
 pub mod builtin;
+pub mod counters;
 pub mod host;
 pub mod qemu;
 
@@ -271,6 +272,14 @@ impl HypervisorActor {
                 to: VmState::Running.to_string(),
             }
             .into())
+        }
+    }
+
+    /// The running VM's counters (none once it is being stopped).
+    fn counter_sources(&self) -> Option<counters::VmCounterSources> {
+        match self.vm.as_ref()? {
+            Vm::Qemu(vm) => Some(vm.counter_sources()),
+            Vm::Builtin(vm) => Some(vm.counter_sources()),
         }
     }
 

@@ -6,7 +6,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use joey_vmm_core::devices::vsock::{VhostUserVsockHandle, VhostUserVsockServer, VsockConfig};
+use joey_vmm_core::devices::vsock::{VhostUserVsockHandle, VhostUserVsockServer, VsockConfig, VsockMetrics};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -110,6 +110,8 @@ pub struct QemuVm {
     exit_rx: watch::Receiver<Option<VmExit>>,
     /// Shared with the device watchdog task; taken out (None) when the VM is stopped on purpose.
     vsock: Arc<Mutex<Option<VhostUserVsockHandle>>>,
+    /// The vsock device's counters (they outlive the device thread).
+    vsock_metrics: Arc<VsockMetrics>,
     pub started_at: Instant,
 }
 
@@ -167,6 +169,7 @@ impl QemuVm {
         let vsock = server
             .spawn()
             .map_err(|e| HypervisorError::Device(e.to_string()))?;
+        let vsock_metrics = vsock.metrics().clone();
 
         let log = std::fs::File::create(&paths.qemu_log).map_err(|e| HypervisorError::Io {
             what: format!("create {}", paths.qemu_log.display()),
@@ -226,8 +229,19 @@ impl QemuVm {
             paths,
             exit_rx,
             vsock,
+            vsock_metrics,
             started_at,
         })
+    }
+
+    /// The counters of the devices this backend serves in-process (vsock; virtio-fs is the
+    /// ShareFs actor's, see [`super::counters::register_fs`]). QEMU has no vCPU exit counters.
+    pub fn counter_sources(&self) -> super::counters::VmCounterSources {
+        super::counters::VmCounterSources {
+            vsock: Some(self.vsock_metrics.clone()),
+            blk: Vec::new(),
+            vcpus: None,
+        }
     }
 
     /// A receiver that turns `Some` once QEMU has exited.

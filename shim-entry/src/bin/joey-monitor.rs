@@ -1,7 +1,8 @@
 //! `joey-monitor`: one Prometheus endpoint for every sandbox on this host.
 //!
 //! Finds the live sandboxes under `runtime.state_dir` (directories with a `metrics.sock`),
-//! scrapes them concurrently, each within `--scrape-timeout-ms`, and serves the union on
+//! scrapes them concurrently, each within the scrape timeout (`metrics.monitor_scrape_timeout_ms`
+//! or `--scrape-timeout-ms`), and serves the union on
 //! `GET /metrics` with a `sandbox_id` label on every sample, plus its own `joey_monitor_*`
 //! metrics. A sandbox that does not answer in time is skipped and counted; it never stalls the
 //! scrape. See docs/metrics.md.
@@ -26,8 +27,8 @@ const MAX_CONNECTIONS: usize = 64;
 enum MonitorMainError {
     #[error("config: {0}")]
     Config(String),
-    #[error("--scrape-timeout-ms must be between 1 and 600000")]
-    BadTimeout,
+    #[error("--scrape-timeout-ms: {0}")]
+    BadTimeout(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -44,12 +45,13 @@ struct Args {
     /// Config file (default: $JOEY_CONFIG, else /etc/joey/config.toml if present, else built-in defaults).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Address to serve /metrics on.
-    #[arg(long, default_value = "127.0.0.1:8090")]
-    listen: SocketAddr,
-    /// How long to wait for each sandbox per scrape.
-    #[arg(long, default_value_t = 1000)]
-    scrape_timeout_ms: u64,
+    /// Address to serve /metrics on (default: `metrics.monitor_listen`, 127.0.0.1:8090).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// How long to wait for each sandbox per scrape, 1..=60000 (default:
+    /// `metrics.monitor_scrape_timeout_ms`, 1000).
+    #[arg(long)]
+    scrape_timeout_ms: Option<u64>,
     /// Log what the monitor does (info level) to stderr.
     #[arg(short, long)]
     verbose: bool,
@@ -88,7 +90,7 @@ fn main() {
         Err(e) => {
             eprintln!("joey-monitor: error: {e}");
             match e {
-                MonitorMainError::Config(_) | MonitorMainError::BadTimeout => EXIT_BAD_INPUT,
+                MonitorMainError::Config(_) | MonitorMainError::BadTimeout(_) => EXIT_BAD_INPUT,
                 _ => EXIT_RUNTIME,
             }
         }
@@ -98,16 +100,22 @@ fn main() {
 
 
 async fn run(args: Args) -> Result<(), MonitorMainError> {
-    if args.scrape_timeout_ms == 0 || args.scrape_timeout_ms > 600_000 {
-        return Err(MonitorMainError::BadTimeout);
+    if let Some(ms) = args.scrape_timeout_ms {
+        joey_config::check_metrics_timeout_ms(ms).map_err(MonitorMainError::BadTimeout)?;
     }
     let (config, _origin) =
         joey_config::Config::load(args.config.as_deref()).map_err(|e| MonitorMainError::Config(e.to_string()))?;
     let state_dir = config.runtime.state_dir.clone();
-    let monitor = Arc::new(Monitor::new(
-        state_dir.clone(),
-        Duration::from_millis(args.scrape_timeout_ms),
-    )?);
+    let scrape_timeout = args
+        .scrape_timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or_else(|| config.metrics.monitor_scrape_timeout());
+    let listen = match args.listen {
+        Some(a) => a,
+        // Validated when the config was loaded.
+        None => config.metrics.monitor_listen_addr().map_err(MonitorMainError::Config)?,
+    };
+    let monitor = Arc::new(Monitor::new(state_dir.clone(), scrape_timeout)?);
     let handler: Handler = Arc::new(move |path: String| {
         let monitor = monitor.clone();
         Box::pin(async move {
@@ -121,10 +129,10 @@ async fn run(args: Args) -> Result<(), MonitorMainError> {
             }
         })
     });
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| MonitorMainError::Io {
-            what: format!("listening on {}", args.listen),
+            what: format!("listening on {listen}"),
             source,
         })?;
     let local = listener.local_addr().map_err(|source| MonitorMainError::Io {

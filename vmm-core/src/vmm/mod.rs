@@ -30,6 +30,7 @@ pub use crate::devices::blk::BlockConfig;
 use crate::devices::blk::BlockMetrics;
 use crate::devices::legacy::{serial::IrqTrigger, LogSink, RateLimit, SerialDevice, I8042};
 pub use crate::devices::vsock::VsockConfig;
+use crate::vstate::metrics::VcpuMetrics;
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
 use crate::vstate::{cpuid, memory, regs, vm};
 use bus::{Bus, BusError};
@@ -136,6 +137,7 @@ pub struct Vmm {
     pio_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     virtio: VirtioDevices,
+    vcpu_metrics: Arc<VcpuMetrics>,
     boot: boot::BootSetup,
     // Order matters for drop: the VM fd goes before the memory it maps.
     vm: VmFd,
@@ -220,9 +222,11 @@ impl Vmm {
             entry: boot.entry.0,
             boot_params: boot.zero_page.0,
         };
+        let vcpu_metrics = Arc::new(VcpuMetrics::default());
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
         for id in 0..cfg.vcpus {
-            let v = Vcpu::new(id, &vm_fd, pio_bus.clone(), mmio.clone(), events.clone())?;
+            let mut v = Vcpu::new(id, &vm_fd, pio_bus.clone(), mmio.clone(), events.clone())?;
+            v.set_metrics(vcpu_metrics.clone());
             v.configure(&base_cpuid, cfg.vcpus, entry)?;
             vcpus.push(v);
         }
@@ -242,6 +246,7 @@ impl Vmm {
             pio_bus,
             mmio_bus: mmio,
             virtio,
+            vcpu_metrics,
             boot,
             vm: vm_fd,
             _kvm: kvm,
@@ -287,6 +292,21 @@ impl Vmm {
     /// Counters of the `index`-th block device.
     pub fn block_metrics(&self, index: usize) -> Option<&Arc<BlockMetrics>> {
         self.virtio.block_metrics(index)
+    }
+
+    /// Counters of every block device, in order.
+    pub fn all_block_metrics(&self) -> &[Arc<BlockMetrics>] {
+        self.virtio.all_block_metrics()
+    }
+
+    /// vCPU exit counters, all vCPUs together (shared with the vCPU threads).
+    pub fn vcpu_metrics(&self) -> &Arc<VcpuMetrics> {
+        &self.vcpu_metrics
+    }
+
+    /// Counters of the in-process vsock device, if the VM has one.
+    pub fn vsock_metrics(&self) -> Option<&Arc<crate::devices::vsock::VsockMetrics>> {
+        self.virtio.vsock_metrics()
     }
 
     /// Transport counters (notifications, interrupts, errors) of the `index`-th virtio device.

@@ -18,7 +18,9 @@ use crate::devices::virtio::event_loop::{self, EventLoopError, EventLoopHandle, 
 use crate::devices::virtio::metrics::TransportMetrics;
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioError};
-use crate::devices::vsock::{DeviceError as VsockDeviceError, VirtioVsock, VsockConfig};
+use crate::devices::vsock::{
+    DeviceError as VsockDeviceError, VirtioVsock, VsockConfig, VsockMetrics,
+};
 use crate::vmm::bus::{Bus, BusError};
 
 /// Errors setting up the virtio devices.
@@ -95,6 +97,7 @@ pub struct PendingDevices {
     devices: Vec<Box<dyn VirtioDevice>>,
     infos: Vec<MmioDeviceInfo>,
     block_metrics: Vec<Arc<BlockMetrics>>,
+    vsock_metrics: Option<Arc<VsockMetrics>>,
 }
 
 /// Creates the configured devices (vsock first, then block devices in order).
@@ -108,8 +111,11 @@ pub fn create_devices(
     }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(n);
     let mut block_metrics = Vec::new();
+    let mut vsock_metrics = None;
     if let Some(cfg) = vsock {
-        devices.push(Box::new(VirtioVsock::new(cfg)?));
+        let v = VirtioVsock::new(cfg)?;
+        vsock_metrics = Some(v.device().metrics().clone());
+        devices.push(Box::new(v));
     }
     for (index, cfg) in blocks.iter().enumerate() {
         let b = Block::new(cfg, &format!("joey-blk{index}"))
@@ -126,6 +132,7 @@ pub fn create_devices(
         devices,
         infos,
         block_metrics,
+        vsock_metrics,
     })
 }
 
@@ -166,6 +173,7 @@ impl PendingDevices {
             infos: self.infos,
             transports,
             block_metrics: self.block_metrics,
+            vsock_metrics: self.vsock_metrics,
             event_loop: None,
         })
     }
@@ -199,6 +207,7 @@ pub struct VirtioDevices {
     infos: Vec<MmioDeviceInfo>,
     transports: Vec<SharedTransport>,
     block_metrics: Vec<Arc<BlockMetrics>>,
+    vsock_metrics: Option<Arc<VsockMetrics>>,
     event_loop: Option<EventLoopHandle>,
 }
 
@@ -220,6 +229,16 @@ impl VirtioDevices {
     /// Counters of the `index`-th block device.
     pub fn block_metrics(&self, index: usize) -> Option<&Arc<BlockMetrics>> {
         self.block_metrics.get(index)
+    }
+
+    /// Counters of the vsock device, if configured.
+    pub fn vsock_metrics(&self) -> Option<&Arc<VsockMetrics>> {
+        self.vsock_metrics.as_ref()
+    }
+
+    /// Counters of every block device, in order.
+    pub fn all_block_metrics(&self) -> &[Arc<BlockMetrics>] {
+        &self.block_metrics
     }
 
     /// Transport counters of the `index`-th device.

@@ -4,6 +4,7 @@
 
 pub mod cpuid;
 pub mod memory;
+pub mod metrics;
 pub mod regs;
 pub mod vcpu;
 pub mod vm;

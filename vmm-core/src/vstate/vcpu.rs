@@ -20,6 +20,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::metrics::{ExitReason, VcpuMetrics};
 use super::{cpuid, regs};
 use crate::vmm::bus::Bus;
 use crate::vmm::event::{EventSender, VmEvent};
@@ -182,6 +183,7 @@ pub struct Vcpu {
     cmd_tx: Sender<VcpuCommand>,
     resp_rx: Receiver<VcpuResponse>,
     state: VcpuState,
+    metrics: Arc<VcpuMetrics>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -225,7 +227,18 @@ impl Vcpu {
             cmd_tx,
             resp_rx,
             state: VcpuState::Created,
+            metrics: Arc::new(VcpuMetrics::default()),
         })
+    }
+
+    /// Counts this vCPU's exits in `m` (shared by the vCPUs of a VM) instead of its own counters.
+    pub fn set_metrics(&mut self, m: Arc<VcpuMetrics>) {
+        self.metrics = m;
+    }
+
+    /// The exit counters this vCPU bumps.
+    pub fn metrics(&self) -> &Arc<VcpuMetrics> {
+        &self.metrics
     }
 
     /// vCPU index (also its APIC id).
@@ -381,56 +394,85 @@ impl Vcpu {
 
     fn run_once(&mut self) -> Outcome {
         let id = self.id;
+        let m = &self.metrics;
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    m.exit(ExitReason::IoIn);
                     if !self.pio.read(u64::from(port), data) {
                         data.fill(0xff);
                     }
                     Outcome::Continue
                 }
                 VcpuExit::IoOut(port, data) => {
+                    m.exit(ExitReason::IoOut);
                     if !self.pio.write(u64::from(port), data) {
                         tracing::trace!(vcpu = id, port, "write to unmapped port");
                     }
                     Outcome::Continue
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    m.exit(ExitReason::MmioRead);
                     if !self.mmio.read(addr, data) {
                         data.fill(0xff);
                     }
                     Outcome::Continue
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    m.exit(ExitReason::MmioWrite);
                     if !self.mmio.write(addr, data) {
                         tracing::trace!(vcpu = id, addr, "write to unmapped MMIO");
                     }
                     Outcome::Continue
                 }
-                VcpuExit::Hlt => Outcome::Stopped(VmEvent::Halted { vcpu: id }),
-                VcpuExit::Shutdown => Outcome::Stopped(VmEvent::TripleFault { vcpu: id }),
-                VcpuExit::SystemEvent(kind, _) => Outcome::Stopped(match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::Shutdown { vcpu: id },
-                    KVM_SYSTEM_EVENT_RESET => VmEvent::Reset,
-                    KVM_SYSTEM_EVENT_CRASH => VmEvent::Crash { vcpu: id },
-                    other => VmEvent::UnhandledExit {
+                VcpuExit::Hlt => {
+                    m.exit(ExitReason::Hlt);
+                    Outcome::Stopped(VmEvent::Halted { vcpu: id })
+                }
+                VcpuExit::Shutdown => {
+                    m.exit(ExitReason::Shutdown);
+                    Outcome::Stopped(VmEvent::TripleFault { vcpu: id })
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    m.exit(ExitReason::Other);
+                    Outcome::Stopped(match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::Shutdown { vcpu: id },
+                        KVM_SYSTEM_EVENT_RESET => VmEvent::Reset,
+                        KVM_SYSTEM_EVENT_CRASH => VmEvent::Crash { vcpu: id },
+                        other => VmEvent::UnhandledExit {
+                            vcpu: id,
+                            reason: format!("system event {other}"),
+                        },
+                    })
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    m.exit(ExitReason::FailEntry);
+                    Outcome::Stopped(VmEvent::FailEntry {
                         vcpu: id,
-                        reason: format!("system event {other}"),
-                    },
-                }),
-                VcpuExit::FailEntry(reason, cpu) => Outcome::Stopped(VmEvent::FailEntry {
-                    vcpu: id,
-                    reason,
-                    cpu,
-                }),
-                VcpuExit::InternalError => Outcome::InternalError,
-                VcpuExit::Intr => Outcome::Interrupted,
-                other => Outcome::Stopped(VmEvent::UnhandledExit {
-                    vcpu: id,
-                    reason: format!("{other:?}"),
-                }),
+                        reason,
+                        cpu,
+                    })
+                }
+                VcpuExit::InternalError => {
+                    m.exit(ExitReason::InternalError);
+                    Outcome::InternalError
+                }
+                VcpuExit::Intr => {
+                    m.exit(ExitReason::Intr);
+                    Outcome::Interrupted
+                }
+                other => {
+                    m.exit(ExitReason::Other);
+                    Outcome::Stopped(VmEvent::UnhandledExit {
+                        vcpu: id,
+                        reason: format!("{other:?}"),
+                    })
+                }
             },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Outcome::Interrupted,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                m.exit(ExitReason::Intr);
+                Outcome::Interrupted
+            }
             Err(e) => Outcome::Stopped(VmEvent::VcpuError {
                 vcpu: id,
                 errno: e.errno(),

@@ -22,7 +22,51 @@ pub struct BlockMetrics {
     pub unsupported: AtomicU64,
 }
 
+/// A point-in-time copy of [`BlockMetrics`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockSnapshot {
+    pub read_ops: u64,
+    pub read_bytes: u64,
+    pub write_ops: u64,
+    pub write_bytes: u64,
+    pub flush_ops: u64,
+    pub get_id_ops: u64,
+    pub invalid_chains: u64,
+    pub io_errors: u64,
+    pub unsupported: u64,
+}
+
+impl BlockSnapshot {
+    /// Adds `o` (several disks of one VM, summed).
+    pub fn add(&mut self, o: &BlockSnapshot) {
+        self.read_ops += o.read_ops;
+        self.read_bytes += o.read_bytes;
+        self.write_ops += o.write_ops;
+        self.write_bytes += o.write_bytes;
+        self.flush_ops += o.flush_ops;
+        self.get_id_ops += o.get_id_ops;
+        self.invalid_chains += o.invalid_chains;
+        self.io_errors += o.io_errors;
+        self.unsupported += o.unsupported;
+    }
+}
+
 impl BlockMetrics {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> BlockSnapshot {
+        BlockSnapshot {
+            read_ops: Self::get(&self.read_ops),
+            read_bytes: Self::get(&self.read_bytes),
+            write_ops: Self::get(&self.write_ops),
+            write_bytes: Self::get(&self.write_bytes),
+            flush_ops: Self::get(&self.flush_ops),
+            get_id_ops: Self::get(&self.get_id_ops),
+            invalid_chains: Self::get(&self.invalid_chains),
+            io_errors: Self::get(&self.io_errors),
+            unsupported: Self::get(&self.unsupported),
+        }
+    }
+
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }
@@ -43,5 +87,10 @@ mod tests {
         BlockMetrics::add(&m.read_bytes, 512);
         BlockMetrics::add(&m.read_bytes, 512);
         assert_eq!(BlockMetrics::get(&m.read_bytes), 1024);
+        BlockMetrics::add(&m.invalid_chains, 1);
+        let mut s = m.snapshot();
+        assert_eq!((s.read_bytes, s.invalid_chains, s.write_ops), (1024, 1, 0));
+        s.add(&m.snapshot());
+        assert_eq!((s.read_bytes, s.invalid_chains), (2048, 2));
     }
 }

@@ -17,7 +17,7 @@ pub mod request;
 use std::path::PathBuf;
 
 pub use device::Block;
-pub use metrics::BlockMetrics;
+pub use metrics::{BlockMetrics, BlockSnapshot};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;

@@ -14,7 +14,9 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use tracing::warn;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use super::metrics::{FsMetrics, FsOp};
 
 /// Virtio device id of virtio-fs.
 pub const VIRTIO_ID_FS: u32 = 26;
@@ -96,13 +98,41 @@ where
     }
 }
 
+/// The opcode group and the readable length (request bytes) of a chain, read without consuming
+/// it; `Other` when the header cannot be read (the request then fails anyway).
+fn request_summary<M>(mem: &M::Target, chain: &DescriptorChain<M>) -> (FsOp, u64)
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory + Sized,
+{
+    let mut op = None;
+    let mut bytes = 0u64;
+    for d in chain.clone().readable() {
+        if op.is_none() {
+            // fuse_in_header: le32 len, le32 opcode, ...
+            op = Some(
+                d.addr()
+                    .0
+                    .checked_add(4)
+                    .filter(|_| d.len() >= 8)
+                    .and_then(|a| mem.read_obj::<u32>(GuestAddress(a)).ok())
+                    .map_or(FsOp::Other, |o| FsOp::from_opcode(u32::from_le(o))),
+            );
+        }
+        bytes = bytes.saturating_add(u64::from(d.len()));
+    }
+    (op.unwrap_or(FsOp::Other), bytes)
+}
+
 /// Processes every available chain of `queue`. A chain that fails is returned to the used ring
 /// with length 0 and counted in the outcome; processing goes on with the next one. Err only if
-/// the used ring cannot be written (the queue is then unusable).
+/// the used ring cannot be written (the queue is then unusable). Every request is counted in
+/// `metrics` (answered: by opcode group and bytes; failed: `failed_requests`).
 pub fn process_queue<F, M, Q>(
     server: &Server<F>,
     mem: &M,
     queue: &mut Q,
+    metrics: &FsMetrics,
 ) -> Result<QueueOutcome, RequestError>
 where
     F: FileSystem + Sync,
@@ -112,9 +142,16 @@ where
     let mut outcome = QueueOutcome::default();
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
+        let (op, request_bytes) = request_summary(mem, &chain);
         let len = match process_chain(server, mem, chain) {
-            Ok(len) => len,
+            Ok(len) => {
+                metrics.count_op(op);
+                FsMetrics::add(&metrics.bytes_from_guest, request_bytes);
+                FsMetrics::add(&metrics.bytes_to_guest, len as u64);
+                len
+            }
             Err(e) => {
+                FsMetrics::add(&metrics.failed_requests, 1);
                 warn!("virtio-fs: request in descriptor {head} failed: {e}");
                 outcome.failed += 1;
                 outcome.last_error = Some(e);
@@ -138,6 +175,7 @@ where
 pub(crate) mod tests {
     use super::*;
     use crate::devices::fs::filesystem::{new_server, FsServer};
+    use crate::devices::fs::metrics::FsSnapshot;
     use crate::devices::fs::FsConfig;
     use fuse_backend_rs::abi::fuse_abi::{InHeader, InitIn, Opcode, OutHeader};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -192,6 +230,15 @@ pub(crate) mod tests {
     fn process_chains(
         chains: impl FnOnce(&GuestMemoryMmap<()>) -> Vec<RawDescriptor>,
     ) -> (QueueOutcome, Vec<(u32, u32)>, GuestMemoryMmap<()>) {
+        let (o, u, m, _) = process_chains_counted(chains);
+        (o, u, m)
+    }
+
+    /// [`process_chains`], also returning the device counters.
+    fn process_chains_counted(
+        chains: impl FnOnce(&GuestMemoryMmap<()>) -> Vec<RawDescriptor>,
+    ) -> (QueueOutcome, Vec<(u32, u32)>, GuestMemoryMmap<()>, FsSnapshot) {
+        let metrics = FsMetrics::default();
         let dir = tempfile::tempdir().unwrap();
         let server = server(dir.path());
         let m = mem();
@@ -201,7 +248,7 @@ pub(crate) mod tests {
         let outcome = std::thread::scope(|s| {
             s.spawn(|| {
                 crate::devices::fs::vhost_user::isolate_fs_context().unwrap();
-                process_queue(&server, &m, &mut queue).unwrap()
+                process_queue(&server, &m, &mut queue, &metrics).unwrap()
             })
             .join()
             .unwrap()
@@ -210,7 +257,7 @@ pub(crate) mod tests {
             .map(|i| mock.used().ring().ref_at(usize::from(i)).unwrap().load())
             .map(|e| (e.id(), e.len()))
             .collect();
-        (outcome, used, m.clone())
+        (outcome, used, m.clone(), metrics.snapshot())
     }
 
     #[test]
@@ -218,7 +265,7 @@ pub(crate) mod tests {
         let w = VRING_DESC_F_WRITE;
         let wn = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT;
         let rn = VRING_DESC_F_NEXT;
-        let (outcome, used, _) = process_chains(|_| {
+        let (outcome, used, _, counters) = process_chains_counted(|_| {
             vec![
                 // 1: request buffer outside guest memory.
                 desc(0x4000_0000, 64, rn, 1),
@@ -239,6 +286,9 @@ pub(crate) mod tests {
             Some(RequestError::DescriptorChain(_))
         ));
         assert_eq!(used, vec![(0, 0), (2, 0), (4, 0)]);
+        assert_eq!(counters.failed_requests, 3);
+        assert_eq!(counters.ops, [0; 9]);
+        assert_eq!((counters.bytes_from_guest, counters.bytes_to_guest), (0, 0));
     }
 
     #[test]
@@ -252,17 +302,25 @@ pub(crate) mod tests {
 
     #[test]
     fn init_request_is_answered() {
-        let (outcome, used, m) = process_chains(|m| {
+        let mut request_len = 0;
+        let (outcome, used, m, counters) = process_chains_counted(|m| {
+            request_len = write_init_request(m);
             vec![
-                desc(0x1_0000, write_init_request(m), VRING_DESC_F_NEXT, 1),
+                desc(0x1_0000, request_len, VRING_DESC_F_NEXT, 1),
                 desc(0x2_0000, 256, VRING_DESC_F_WRITE, 0),
             ]
         });
         assert_eq!((outcome.used, outcome.failed), (1, 0));
+        // INIT is counted as `other`, with the request's and the reply's bytes.
+        let by: Vec<_> = counters.ops_by_name().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(by, vec![("other", 1)]);
+        assert_eq!(counters.bytes_from_guest, u64::from(request_len));
+        assert_eq!(counters.failed_requests, 0);
         let out: OutHeader = m.read_obj(GuestAddress(0x2_0000)).unwrap();
         assert_eq!(out.unique, 7);
         assert_eq!(out.error, 0);
         assert_eq!(used, vec![(0, out.len)]);
+        assert_eq!(counters.bytes_to_guest, u64::from(out.len));
         assert!(out.len as usize > OutHeader::default().as_slice().len());
     }
 }

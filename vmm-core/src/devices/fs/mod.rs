@@ -15,12 +15,14 @@
 
 pub mod device;
 pub mod filesystem;
+pub mod metrics;
 pub mod vhost_user;
 
 use std::path::PathBuf;
 
 pub use device::RequestError;
 pub use filesystem::SharedDirError;
+pub use metrics::{FsMetrics, FsOp, FsSnapshot};
 pub use vhost_user::{FsBackend, VhostUserError, VhostUserFsHandle, VhostUserFsServer};
 
 /// How long the guest may cache file data and metadata.

@@ -31,6 +31,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::device::{process_queue, MAX_QUEUE_SIZE, NUM_QUEUES};
 use super::filesystem::{new_server, FsServer};
+use super::metrics::FsMetrics;
 use super::{FsConfig, FsError};
 pub use crate::devices::vhost_user_server::VhostUserError;
 use crate::devices::vhost_user_server::{
@@ -47,6 +48,7 @@ const NAME: &str = "virtio-fs";
 /// The vhost-user backend: the FUSE server plus vhost-user bookkeeping.
 pub struct FsBackend {
     server: Arc<FsServer>,
+    metrics: Arc<FsMetrics>,
     mem: Option<GuestMemory>,
     event_idx: bool,
     exit_events: ExitEvents,
@@ -57,10 +59,16 @@ impl FsBackend {
     pub fn new(server: Arc<FsServer>) -> Self {
         FsBackend {
             server,
+            metrics: Arc::new(FsMetrics::default()),
             mem: None,
             event_idx: false,
             exit_events: ExitEvents::default(),
         }
+    }
+
+    /// The device's counters (shared with whoever reads them).
+    pub fn metrics(&self) -> &Arc<FsMetrics> {
+        &self.metrics
     }
 
     /// Processes the requests of queue `index` and signals the guest if any were used.
@@ -72,7 +80,7 @@ impl FsBackend {
             return;
         };
         let used = process_vring(NAME, vring, index, |q| {
-            process_queue(&self.server, &*mem, q).map(|outcome| outcome.used_any())
+            process_queue(&self.server, &*mem, q, &self.metrics).map(|outcome| outcome.used_any())
         });
         signal_used(NAME, vring, index, used);
     }
@@ -205,13 +213,19 @@ impl VhostUserFsServer {
     /// Spawns a dedicated OS thread (named "joey-fs") that accepts ONE vhost-user frontend
     /// (QEMU) and serves it until the frontend disconnects or the handle is stopped.
     pub fn spawn(self) -> Result<VhostUserFsHandle, FsError> {
-        Ok(VhostUserFsHandle(self.inner.spawn()?))
+        let metrics = self.metrics();
+        Ok(VhostUserFsHandle(self.inner.spawn()?, metrics))
+    }
+
+    /// The device's counters (shared with the serving thread).
+    pub fn metrics(&self) -> Arc<FsMetrics> {
+        self.inner.backend().metrics().clone()
     }
 }
 
 /// Controls a running vhost-user virtio-fs server. Dropping it stops the thread (without
 /// waiting) and removes the socket path.
-pub struct VhostUserFsHandle(ServerHandle);
+pub struct VhostUserFsHandle(ServerHandle, Arc<FsMetrics>);
 
 impl std::fmt::Debug for VhostUserFsHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,6 +237,11 @@ impl std::fmt::Debug for VhostUserFsHandle {
 }
 
 impl VhostUserFsHandle {
+    /// The device's counters (they stay readable after the server ended).
+    pub fn metrics(&self) -> &Arc<FsMetrics> {
+        &self.1
+    }
+
     /// Asks the serving thread to stop (also when no frontend ever connected).
     pub fn stop(&self) {
         self.0.stop();

@@ -15,7 +15,11 @@ use vm_memory::GuestMemory;
 
 use tracing::{debug, warn};
 
+use std::sync::Arc;
+
+use super::metrics::VsockMetrics;
 use super::muxer::{MuxerError, VsockMuxer};
+use super::packet::HEADER_SIZE;
 use super::VsockConfig;
 
 /// Index of the receive (device to driver) queue.
@@ -62,6 +66,7 @@ pub struct VsockDevice {
     muxer: VsockMuxer,
     malformed_chains: u64,
     last_chain_error: Option<DeviceError>,
+    metrics: Arc<VsockMetrics>,
 }
 
 impl VsockDevice {
@@ -81,7 +86,13 @@ impl VsockDevice {
             muxer,
             malformed_chains: 0,
             last_chain_error: None,
+            metrics: Arc::new(VsockMetrics::default()),
         }
+    }
+
+    /// The device's counters (shared; read them at any time from any thread).
+    pub fn metrics(&self) -> &Arc<VsockMetrics> {
+        &self.metrics
     }
 
     /// The guest CID.
@@ -143,7 +154,11 @@ impl VsockDevice {
         while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => self.muxer.handle_guest_packet(&pkt),
+                Ok(pkt) => {
+                    VsockMetrics::add(&self.metrics.tx_packets, 1);
+                    VsockMetrics::add(&self.metrics.tx_bytes, u64::from(pkt.len()));
+                    self.muxer.handle_guest_packet(&pkt)
+                }
                 Err(e) => self.record_chain_error(DeviceError::MalformedTxChain(e)),
             }
             queue.add_used(mem, head, 0)?;
@@ -169,7 +184,12 @@ impl VsockDevice {
             let head = chain.head_index();
             let len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                 Ok(mut pkt) => match self.muxer.fill_rx_packet(&mut pkt) {
-                    Some(len) => len,
+                    Some(len) => {
+                        VsockMetrics::add(&self.metrics.rx_packets, 1);
+                        let payload = u64::from(len).saturating_sub(HEADER_SIZE as u64);
+                        VsockMetrics::add(&self.metrics.rx_bytes, payload);
+                        len
+                    }
                     None => {
                         // Nothing to send after all: give the buffer back to the queue.
                         queue.go_to_previous_position();
@@ -189,6 +209,7 @@ impl VsockDevice {
 
     fn record_chain_error(&mut self, e: DeviceError) {
         self.malformed_chains += 1;
+        VsockMetrics::add(&self.metrics.malformed_chains, 1);
         if self.malformed_chains <= 16 || self.malformed_chains.is_power_of_two() {
             warn!(
                 "vsock: {e} (total malformed chains: {})",
@@ -550,6 +571,12 @@ mod tests {
         g.send(g.hdr(VSOCK_OP_RW, 1024, host_port), b"hello host");
         assert_eq!(read_exact_timeout(&mut host, 10), b"hello host");
         assert_eq!(g.tx_used().len(), 2);
+
+        // Counters: rx = OP_REQUEST + 11 payload bytes, tx = OP_RESPONSE + 10 payload bytes.
+        let m = g.dev.metrics().snapshot();
+        assert_eq!((m.rx_packets, m.rx_bytes), (2, 11), "{m:?}");
+        assert_eq!((m.tx_packets, m.tx_bytes), (2, 10), "{m:?}");
+        assert_eq!(m.malformed_chains, 0);
     }
 
     #[test]
@@ -886,6 +913,7 @@ mod tests {
         }
         assert!(g.dev.process_rx_queue(g.mem, &mut g.rx).unwrap());
         assert_eq!(g.dev.malformed_chains(), 4);
+        assert_eq!(g.dev.metrics().snapshot().malformed_chains, 4);
         assert!(matches!(
             g.dev.take_last_chain_error(),
             Some(DeviceError::MalformedRxChain(

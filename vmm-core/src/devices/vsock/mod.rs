@@ -15,6 +15,7 @@
 
 pub mod device;
 pub mod event_handler;
+pub mod metrics;
 pub mod muxer;
 pub mod packet;
 pub mod socket_path;
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 
 pub use device::{DeviceError, VsockDevice};
 pub use event_handler::VirtioVsock;
+pub use metrics::{VsockMetrics, VsockSnapshot};
 pub use muxer::{MuxerError, VsockMuxer};
 pub use vhost_user::{VhostUserError, VhostUserVsockHandle, VhostUserVsockServer, VsockBackend};
 

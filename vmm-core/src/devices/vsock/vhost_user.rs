@@ -13,6 +13,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
@@ -24,6 +25,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::device::{VsockDevice, MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+use super::metrics::VsockMetrics;
 use super::{VsockConfig, VsockError};
 pub use crate::devices::vhost_user_server::VhostUserError;
 use crate::devices::vhost_user_server::{
@@ -214,16 +216,22 @@ impl VhostUserVsockServer {
         &self.uds_path
     }
 
+    /// The device's counters (shared with the serving thread).
+    pub fn metrics(&self) -> Arc<VsockMetrics> {
+        self.inner.backend().device().metrics().clone()
+    }
+
     /// Spawns a dedicated OS thread (named "joey-vsock") that accepts ONE vhost-user frontend
     /// (QEMU) and serves it until the frontend disconnects or the handle is stopped.
     pub fn spawn(self) -> Result<VhostUserVsockHandle, VsockError> {
-        Ok(VhostUserVsockHandle(self.inner.spawn()?))
+        let metrics = self.metrics();
+        Ok(VhostUserVsockHandle(self.inner.spawn()?, metrics))
     }
 }
 
 /// Controls a running vhost-user vsock server. Dropping it stops the thread (without waiting)
 /// and removes both socket paths.
-pub struct VhostUserVsockHandle(ServerHandle);
+pub struct VhostUserVsockHandle(ServerHandle, Arc<VsockMetrics>);
 
 impl std::fmt::Debug for VhostUserVsockHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -236,6 +244,11 @@ impl std::fmt::Debug for VhostUserVsockHandle {
 }
 
 impl VhostUserVsockHandle {
+    /// The device's counters (they stay readable after the server ended).
+    pub fn metrics(&self) -> &Arc<VsockMetrics> {
+        &self.1
+    }
+
     /// Asks the serving thread to stop (works also when no frontend ever connected: must not
     /// hang in accept).
     pub fn stop(&self) {

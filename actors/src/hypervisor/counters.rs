@@ -1,0 +1,171 @@
+//! The VM's device and vCPU counters for a metrics scrape.
+//!
+//! The counters themselves live in `joey-vmm-core` (structs of atomics shared by `Arc`, bumped
+//! by the device and vCPU threads); here they are only collected: the backends hand their
+//! `Arc`s to the Hypervisor actor ([`VmCounterSources`], answered by [`GetVmCounters`]), and the
+//! virtio-fs device of the QEMU backend, which the ShareFs actor owns, is registered per
+//! sandbox state directory with [`register_fs`]. Reading never blocks on a device thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use actix::prelude::*;
+use joey_observability::{DeviceCounters, HypervisorCounters};
+use joey_vmm_core::devices::blk::{BlockMetrics, BlockSnapshot};
+use joey_vmm_core::devices::fs::FsMetrics;
+use joey_vmm_core::devices::vsock::VsockMetrics;
+use joey_vmm_core::vstate::metrics::VcpuMetrics;
+
+use super::HypervisorActor;
+
+/// The counters of one running VM, as `Arc`s (cheap to clone, read at any time).
+#[derive(Debug, Clone, Default)]
+pub struct VmCounterSources {
+    pub vsock: Option<Arc<VsockMetrics>>,
+    pub blk: Vec<Arc<BlockMetrics>>,
+    /// vCPU exits (built-in VMM only).
+    pub vcpus: Option<Arc<VcpuMetrics>>,
+}
+
+impl VmCounterSources {
+    /// Reads every counter, plus those of the virtio-fs device `fs` when there is one.
+    pub fn read(&self, fs: Option<&FsMetrics>) -> HypervisorCounters {
+        let mut devices = Vec::new();
+        if let Some(v) = &self.vsock {
+            let s = v.snapshot();
+            devices.push(DeviceCounters {
+                device: "vsock",
+                bytes: vec![("to_guest", s.rx_bytes), ("from_guest", s.tx_bytes)],
+                operations: vec![("rx", s.rx_packets), ("tx", s.tx_packets)],
+                errors: s.malformed_chains,
+            });
+        }
+        if let Some(f) = fs {
+            let s = f.snapshot();
+            devices.push(DeviceCounters {
+                device: "fs",
+                bytes: vec![("to_guest", s.bytes_to_guest), ("from_guest", s.bytes_from_guest)],
+                operations: s.ops_by_name().collect(),
+                errors: s.failed_requests,
+            });
+        }
+        if !self.blk.is_empty() {
+            // All disks of the VM together: the label set stays fixed.
+            let mut s = BlockSnapshot::default();
+            for b in &self.blk {
+                s.add(&b.snapshot());
+            }
+            devices.push(DeviceCounters {
+                device: "blk",
+                bytes: vec![("to_guest", s.read_bytes), ("from_guest", s.write_bytes)],
+                operations: vec![
+                    ("read", s.read_ops),
+                    ("write", s.write_ops),
+                    ("flush", s.flush_ops),
+                    ("get_id", s.get_id_ops),
+                ],
+                errors: s.invalid_chains + s.io_errors + s.unsupported,
+            });
+        }
+        let vcpu_exits = self
+            .vcpus
+            .as_ref()
+            .map(|v| v.snapshot().by_name().collect())
+            .unwrap_or_default();
+        HypervisorCounters { devices, vcpu_exits }
+    }
+}
+
+/// The counters of the running VM; `None` when no VM runs.
+#[derive(Message)]
+#[rtype(result = "Option<VmCounterSources>")]
+pub struct GetVmCounters;
+
+impl Handler<GetVmCounters> for HypervisorActor {
+    type Result = MessageResult<GetVmCounters>;
+
+    fn handle(&mut self, _: GetVmCounters, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.counter_sources())
+    }
+}
+
+/// virtio-fs devices by sandbox state directory (weak: a device that is gone is not kept).
+static FS_DEVICES: Mutex<Vec<(PathBuf, Weak<FsMetrics>)>> = Mutex::new(Vec::new());
+
+fn fs_devices() -> std::sync::MutexGuard<'static, Vec<(PathBuf, Weak<FsMetrics>)>> {
+    FS_DEVICES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers the counters of the virtio-fs device of the sandbox whose state directory is
+/// `state_dir` (the ShareFs actor calls it when it starts the device:
+/// `register_fs(&state_dir, handle.metrics())`). Replaces an earlier registration of the same
+/// directory; the entry goes away with the device.
+pub fn register_fs(state_dir: &Path, metrics: &Arc<FsMetrics>) {
+    let mut d = fs_devices();
+    d.retain(|(p, w)| p != state_dir && w.strong_count() > 0);
+    d.push((state_dir.to_path_buf(), Arc::downgrade(metrics)));
+}
+
+/// The counters of the sandbox's virtio-fs device, while it exists.
+pub fn fs_metrics(state_dir: &Path) -> Option<Arc<FsMetrics>> {
+    let mut d = fs_devices();
+    d.retain(|(_, w)| w.strong_count() > 0);
+    d.iter().find(|(p, _)| p == state_dir).and_then(|(_, w)| w.upgrade())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn reads_every_device_with_fixed_labels() {
+        let vsock = Arc::new(VsockMetrics::default());
+        vsock.rx_bytes.fetch_add(100, Ordering::Relaxed);
+        vsock.tx_packets.fetch_add(3, Ordering::Relaxed);
+        let b1 = Arc::new(BlockMetrics::default());
+        let b2 = Arc::new(BlockMetrics::default());
+        b1.read_bytes.fetch_add(512, Ordering::Relaxed);
+        b2.read_bytes.fetch_add(1024, Ordering::Relaxed);
+        b2.invalid_chains.fetch_add(1, Ordering::Relaxed);
+        b1.io_errors.fetch_add(1, Ordering::Relaxed);
+        let fs = FsMetrics::default();
+        fs.bytes_to_guest.fetch_add(4096, Ordering::Relaxed);
+        fs.failed_requests.fetch_add(2, Ordering::Relaxed);
+        let src = VmCounterSources {
+            vsock: Some(vsock),
+            blk: vec![b1, b2],
+            vcpus: Some(Arc::new(VcpuMetrics::default())),
+        };
+        let c = src.read(Some(&fs));
+        let names: Vec<_> = c.devices.iter().map(|d| d.device).collect();
+        assert_eq!(names, ["vsock", "fs", "blk"]);
+        assert_eq!(c.devices[0].bytes, vec![("to_guest", 100), ("from_guest", 0)]);
+        assert_eq!(c.devices[0].operations, vec![("rx", 0), ("tx", 3)]);
+        assert_eq!(c.devices[1].bytes, vec![("to_guest", 4096), ("from_guest", 0)]);
+        assert_eq!(c.devices[1].operations.len(), 9);
+        assert_eq!(c.devices[1].errors, 2);
+        assert_eq!(c.devices[2].bytes, vec![("to_guest", 1536), ("from_guest", 0)]);
+        assert_eq!(c.devices[2].errors, 2);
+        assert_eq!(c.vcpu_exits.len(), 10);
+        assert!(c.vcpu_exits.iter().all(|(_, n)| *n == 0));
+        // No devices, no vCPUs (QEMU before its vsock started): nothing.
+        assert_eq!(VmCounterSources::default().read(None), HypervisorCounters::default());
+    }
+
+    #[test]
+    fn fs_registry_is_per_state_dir_and_weak() {
+        let dir = std::env::temp_dir().join(format!("joey-counters-test-{}", std::process::id()));
+        assert!(fs_metrics(&dir).is_none());
+        let m = Arc::new(FsMetrics::default());
+        register_fs(&dir, &m);
+        assert!(Arc::ptr_eq(&fs_metrics(&dir).unwrap(), &m));
+        assert!(fs_metrics(&dir.join("other")).is_none());
+        let m2 = Arc::new(FsMetrics::default());
+        register_fs(&dir, &m2);
+        assert!(Arc::ptr_eq(&fs_metrics(&dir).unwrap(), &m2));
+        drop(m2);
+        assert!(fs_metrics(&dir).is_none());
+        drop(m);
+    }
+}
