@@ -155,8 +155,11 @@ impl Containerd {
         let o = Command::new("bash").arg(script).arg(&tar).output().expect("make-busybox-image.sh");
         assert!(o.status.success(), "make-busybox-image.sh: {}", stderr_of(&o));
         let t = tar.display().to_string();
-        // The manifest's ref.name names the image; ctr may complain about the extra index name.
-        let _ = self.ctr_out(&["image", "import", "--index-name", IMAGE, &t]);
+        // The manifest's ref.name (IMAGE) names the image. No `--index-name`: with it, ctr 1.6
+        // fails ("content digest ...: not found") before unpacking, and every `ctr run` then
+        // unpacks on its own, racing containerd's GC ("parent snapshot ... does not exist").
+        let o = self.ctr_out(&["image", "import", &t]);
+        assert!(o.status.success(), "ctr image import: {}\ncontainerd log:\n{}", stderr_of(&o), self.log());
         let ls = self.ctr_out(&["image", "ls", "-q"]);
         assert!(
             String::from_utf8_lossy(&ls.stdout).lines().any(|l| l == IMAGE),
