@@ -27,6 +27,9 @@ enum Step {
     Signal(&'static str),
     /// `ctr task kill --all -s <signal>`: every process of the container.
     SignalAll(&'static str),
+    /// Waits (30 s bound) for the task to stop on its own. As the first step, the status right
+    /// after `ctr run -d` is not recorded (RUNNING or already STOPPED: a race on both runtimes).
+    AwaitStop,
     /// `ctr task pause`
     Pause,
     /// `ctr task resume`
@@ -203,6 +206,11 @@ scenarios! {
         flow: Flow::Detached(&[Step::Signal("SIGKILL")]),
         ..BASE
     };
+    detached_quick_exit: Scenario {
+        argv: &["sh", "-c", "exit 7"],
+        flow: Flow::Detached(&[Step::AwaitStop]),
+        ..BASE
+    };
     pause_resume: Scenario {
         argv: &["sleep", "300"],
         flow: Flow::Detached(&[Step::Pause, Step::Resume, Step::Signal("SIGKILL")]),
@@ -329,7 +337,9 @@ fn detached(c: &Containerd, events: &Events, id: &str, steps: &[Step], norm: &dy
     };
     // `ctr run -d` returns once the task started; RUNNING is what ls shows right after.
     let mut status = c.task_status(id);
-    t += &format!("status after run -d: {status:?}\n");
+    if !matches!(steps.first(), Some(Step::AwaitStop)) {
+        t += &format!("status after run -d: {status:?}\n");
+    }
     for step in steps {
         match step {
             Step::Signal(sig) | Step::SignalAll(sig) => {
@@ -348,6 +358,14 @@ fn detached(c: &Containerd, events: &Events, id: &str, steps: &[Step], norm: &dy
                 t += &ctr_step(c, &["task", verb, id], verb, norm).1;
                 status = wait_change(status, SETTLE);
                 t += &format!("status after {verb}: {status:?}\n");
+            }
+            Step::AwaitStop => {
+                let t0 = Instant::now();
+                while status.as_deref() != Some("STOPPED") && t0.elapsed() < Duration::from_secs(30) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    status = c.task_status(id);
+                }
+                t += &format!("status after waiting: {status:?}\n");
             }
             Step::Exec(argv) => {
                 let mut a = vec!["task", "exec", "--exec-id", "x1", id];
