@@ -295,8 +295,66 @@ impl Containerd {
     }
 }
 
+impl Containerd {
+    /// Best-effort teardown, also after a failed test: every container still known is SIGKILLed,
+    /// deleted and removed through ctr (10 s bound per step, so runc's containers go too), then
+    /// containerd is SIGKILLed, and whatever still mentions this harness's directory (a shim or
+    /// QEMU whose delete never came) is SIGKILLed, its mounts lazily unmounted, the shims'
+    /// sockets removed. Idempotent; [`Drop`] runs it, a suite holding a `static` harness calls it
+    /// at exit.
+    pub fn teardown(&self) {
+        let step = Duration::from_secs(10);
+        let ids: Vec<String> = match self.child.as_ref().map(|_| self.ctr_out_within(&["container", "ls", "-q"], step)) {
+            Some(Ok(o)) if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect(),
+            _ => Vec::new(),
+        };
+        for id in &ids {
+            let _ = self.ctr_out_within(&["task", "kill", "-s", "SIGKILL", id], step);
+            let _ = self.ctr_out_within(&["task", "delete", "--force", id], step);
+            let _ = self.ctr_out_within(&["container", "rm", id], step);
+        }
+        if let Some(c) = self.child.as_ref() {
+            let pid = c.id() as i32;
+            // SAFETY: kill(2) and waitpid(2) of our own child; a second call finds it reaped
+            // (ESRCH/ECHILD), which is ignored.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                let mut st = 0;
+                libc::waitpid(pid, &mut st, 0);
+            }
+        }
+        let d = self.dir.path().display().to_string();
+        let me = std::process::id() as i32;
+        let t0 = Instant::now();
+        loop {
+            let left: Vec<i32> = processes_mentioning(&d).into_iter().map(|(p, _)| p).filter(|&p| p != me).collect();
+            if left.is_empty() || t0.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            for pid in left {
+                // SAFETY: kill(2) of a process whose command line names our private directory.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut mounts: Vec<&str> = mi.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&d)).collect();
+        mounts.sort_by(|a, b| b.cmp(a)); // deepest first
+        for m in mounts {
+            if let Ok(c) = std::ffi::CString::new(m) {
+                // SAFETY: umount2 with a valid NUL-terminated path; failure is ignored.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        for id in &ids {
+            let _ = std::fs::remove_file(self.shim_socket(id));
+        }
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
+        self.teardown();
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

@@ -246,28 +246,19 @@ struct Suite {
 }
 
 static SUITE: OnceLock<Suite> = OnceLock::new();
-static CONTAINERD_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-static SUITE_DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
 
 extern "C" fn stop_suite() {
-    let pid = CONTAINERD_PID.load(std::sync::atomic::Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill(2) of the containerd this process started (statics are never dropped).
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let mut st = 0;
-        // SAFETY: reaps our own child; status is a valid out-pointer.
-        unsafe { libc::waitpid(pid, &mut st, 0) };
-    }
-    if let Some(d) = SUITE_DIR.get() {
-        let _ = std::fs::remove_dir_all(d);
+    if let Some(s) = SUITE.get() {
+        // Statics are never dropped: tear down (containers, containerd, leftovers) here, then
+        // remove the directory.
+        s.c.teardown();
+        let _ = std::fs::remove_dir_all(s.c.dir.path());
     }
 }
 
 fn suite() -> &'static Suite {
     SUITE.get_or_init(|| {
         let c = Containerd::start();
-        CONTAINERD_PID.store(c.pid(), std::sync::atomic::Ordering::SeqCst);
-        let _ = SUITE_DIR.set(c.dir.path().to_path_buf());
         // SAFETY: registers a plain extern "C" fn with no captured state.
         unsafe { libc::atexit(stop_suite) };
         c.import_busybox();
