@@ -59,6 +59,8 @@ test: build guest
 bench: build guest
 	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/bench.sh
+	JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	  bash scripts/bench-ctr.sh
 	$(CARGO) bench -p joey-vmm-core --bench probe_boot
 
 clean:

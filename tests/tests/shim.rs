@@ -161,3 +161,76 @@ fn killed_shim_is_cleaned_up_by_delete() {
     assert!(!state.exists(), "{} left after delete", state.display());
     c.assert_clean(&["tk"]);
 }
+
+/// containerd is stopped (SIGTERM) and started again with the same config while a joey task
+/// runs: the shim and the VM live on (same pids), the new containerd reconnects to the shim, and
+/// the task is still RUNNING, killable (137), deletable, and leaves nothing behind.
+#[test]
+fn task_survives_containerd_restart() {
+    let mut c = Containerd::start();
+    c.import_busybox();
+    let id = "tr";
+    let d = c.dir.path().display().to_string();
+
+    let o = c.ctr_out(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "300"]);
+    assert!(o.status.success(), "ctr run -d: {}\ncontainerd log:\n{}", stderr_of(&o), c.log());
+    c.wait_task_status(id, "RUNNING", RUN_TIMEOUT);
+    let shims = c.shim_pids("containerd-shim-joey-v2", id);
+    assert_eq!(shims.len(), 1, "shim of {id}: {:?}", processes_mentioning(&d));
+    let shim = shims[0];
+    let state = c.dir.path().join("joey-state").join(id);
+    let vm = || -> Vec<i32> {
+        processes_mentioning(&format!("{}/", state.display()))
+            .into_iter()
+            .filter(|(_, cmd)| cmd.split(' ').next().is_some_and(|b| b.ends_with("qemu-system-x86_64")))
+            .map(|(pid, _)| pid)
+            .collect()
+    };
+    let qemu = vm();
+    assert_eq!(qemu.len(), 1, "QEMU of {id}: {:?}", processes_mentioning(&d));
+    let task_pid = |c: &Containerd| -> Option<String> {
+        let ls = c.ctr_out(&["task", "ls"]);
+        String::from_utf8_lossy(&ls.stdout).lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&id)).then(|| f[1].to_string())
+        })
+    };
+    let pid_before = task_pid(&c);
+
+    let old = c.pid();
+    c.restart();
+    assert_ne!(c.pid(), old, "containerd was not restarted");
+
+    // Same shim and QEMU processes, alive.
+    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(alive(shim), "shim {shim} died with containerd");
+    assert_eq!(c.shim_pids("containerd-shim-joey-v2", id), vec![shim], "shim of {id} after the restart");
+    assert_eq!(vm(), qemu, "QEMU of {id} after the restart");
+    // The new containerd reconnected to it: the task is RUNNING with the same pid.
+    assert_eq!(c.task_status(id).as_deref(), Some("RUNNING"), "containerd log:\n{}", c.log());
+    assert_eq!(task_pid(&c), pid_before, "task pid after the restart");
+
+    let events = c.events();
+    let o = c.ctr_out(&["task", "kill", "-s", "SIGKILL", id]);
+    assert!(o.status.success(), "ctr task kill after the restart: {}\ncontainerd log:\n{}", stderr_of(&o), c.log());
+    c.wait_task_status(id, "STOPPED", Duration::from_secs(30));
+    assert_eq!(
+        events.exit_status(id, Duration::from_secs(10)),
+        Some(137),
+        "exit event after the restart: {:?}",
+        events.about(id)
+    );
+    let o = c.ctr_out(&["task", "delete", id]);
+    assert!(o.status.success(), "ctr task delete: {}\ncontainerd log:\n{}", stderr_of(&o), c.log());
+    let o = c.ctr_out(&["container", "rm", id]);
+    assert!(o.status.success(), "ctr container rm: {}\ncontainerd log:\n{}", stderr_of(&o), c.log());
+    assert_eq!(c.task_status(id), None);
+    drop(events);
+    // The shim exits once its last container is gone, and the VM with it.
+    let t0 = Instant::now();
+    while alive(shim) || qemu.iter().any(|&p| alive(p)) {
+        assert!(t0.elapsed() < Duration::from_secs(15), "shim {shim} or QEMU {qemu:?} still alive after delete");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.assert_clean(&[id]);
+}

@@ -421,7 +421,7 @@ impl Inner {
                 c.status = Status::STOPPED;
             }
         }
-        let _ = exit_tx.send(Some(exit));
+        let _ = exit_tx.send_replace(Some(exit));
         self.publish_exit(&id, pid, exit).await;
     }
 
@@ -442,7 +442,7 @@ impl Inner {
                 at: SystemTime::now(),
             };
             c.status = Status::STOPPED;
-            let _ = c.exit_tx.send(Some(exit));
+            let _ = c.exit_tx.send_replace(Some(exit));
             let id = c.id.clone();
             drop(slot);
             self.publish_exit(&id, 0, exit).await;
