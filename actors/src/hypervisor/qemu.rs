@@ -117,6 +117,8 @@ pub struct QemuVm {
 
 /// How often the watchdog looks at the device thread.
 const DEVICE_WATCH_PERIOD: Duration = Duration::from_millis(200);
+/// How long QEMU may take to exit after its vsock device thread ended before it counts as hung.
+const DEVICE_EXIT_GRACE: Duration = Duration::from_secs(2);
 
 /// Kills QEMU if the vsock device thread ends while the VM runs: without it the agent is
 /// unreachable, and the sandbox must fail now (VmDied) rather than at the next timeout.
@@ -136,7 +138,15 @@ fn spawn_device_watchdog(
                 .lock()
                 .map(|g| g.as_ref().is_some_and(|h| h.is_finished()))
                 .unwrap_or(false);
-            if dead && exit.borrow().is_none() {
+            if !dead {
+                continue;
+            }
+            // A guest that powers off makes QEMU drop the vhost-user connection (which ends the
+            // device thread) a moment before QEMU itself exits: give it that moment.
+            if tokio::time::timeout(DEVICE_EXIT_GRACE, exit.wait_for(|v| v.is_some())).await.is_ok() {
+                return;
+            }
+            if exit.borrow().is_none() {
                 tracing::error!(pid, "vsock device thread ended while the VM runs; killing QEMU");
                 // SAFETY: kill(2) on our own QEMU child, which the exit watch says is not reaped.
                 unsafe {
@@ -448,6 +458,36 @@ mod tests {
                 .unwrap();
             use std::os::unix::process::ExitStatusExt as _;
             assert_eq!(st.signal(), Some(libc::SIGKILL));
+        });
+    }
+
+    #[test]
+    fn watchdog_lets_a_powering_off_vm_exit_on_its_own() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let d = tempfile::tempdir().unwrap();
+            let server = VhostUserVsockServer::bind(
+                &d.path().join("vhost.sock"),
+                VsockConfig {
+                    guest_cid: 3,
+                    uds_path: d.path().join("vsock.sock"),
+                },
+            )
+            .unwrap();
+            let handle = server.spawn().unwrap();
+            let mut child = tokio::process::Command::new("sleep").arg("30").spawn().unwrap();
+            let pid = child.id().unwrap();
+            let (tx, exit_rx) = watch::channel(None);
+            let shared = Arc::new(Mutex::new(Some(handle)));
+            spawn_device_watchdog(pid, shared.clone(), exit_rx);
+            // The device thread ends first (QEMU dropped vhost-user while powering off) ...
+            shared.lock().unwrap().as_ref().unwrap().stop();
+            tokio::time::sleep(DEVICE_WATCH_PERIOD * 2).await;
+            // ... and the VM exit is recorded within the grace period: no kill.
+            tx.send_replace(Some(VmExit::Exited(0)));
+            tokio::time::sleep(DEVICE_EXIT_GRACE + DEVICE_WATCH_PERIOD).await;
+            assert!(child.try_wait().unwrap().is_none(), "a VM that was exiting got SIGKILLed");
+            child.kill().await.unwrap();
         });
     }
 
