@@ -186,6 +186,11 @@ impl SandboxActor {
         }
     }
 
+    /// This sandbox's metrics registry (served on its metrics endpoint).
+    pub fn metrics(&self) -> std::sync::Arc<joey_observability::SandboxMetrics> {
+        self.metrics.clone()
+    }
+
     fn agent(&self) -> Result<(AgentClient, watch::Receiver<Option<VmExit>>, Option<PathBuf>), SandboxError> {
         match (&self.agent, &self.vm_exit, self.state) {
             (Some(a), Some(x), SandboxState::Running) => Ok((a.clone(), x.clone(), self.console_log.clone())),

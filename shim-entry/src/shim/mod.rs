@@ -2,6 +2,7 @@
 //! See docs/shim.md.
 
 pub mod cleanup;
+pub mod events;
 pub mod mounts;
 pub mod spec;
 pub mod stdio;
@@ -123,7 +124,9 @@ impl Shim for JoeyShim {
         // Called inside the actix system (see `main`): the actors start here.
         let sandbox = load_config().map_err(|e| e.to_string()).map(|(config, origin)| {
             let hv = HypervisorActor::new().start();
-            SandboxActor::new(self.id.clone(), config, origin, hv).start()
+            let sa = SandboxActor::new(self.id.clone(), config, origin, hv);
+            let registry = sa.metrics();
+            (sa.start(), registry)
         });
         if let Err(e) = &sandbox {
             tracing::error!(error = %e, "no sandbox: the joey config did not load");
