@@ -26,7 +26,8 @@ pub enum RpcCode {
     InvalidArgument,
     PermissionDenied,
     AlreadyExists,
-    /// The agent does not know the RPC (an older agent).
+    /// The agent does not know the RPC (an older agent): UNIMPLEMENTED, or the NOT_FOUND
+    /// "<method> is not supported" of the generated service's default methods.
     Unimplemented,
     FailedPrecondition,
     Transport,
@@ -37,6 +38,8 @@ fn rpc_err(rpc: &'static str, e: ttrpc::Error) -> AgentError {
     match e {
         ttrpc::Error::RpcStatus(s) => {
             let code = match s.code() {
+                // The generated server's default for a method the agent does not implement.
+                ttrpc::Code::NOT_FOUND if s.message().ends_with(" is not supported") => RpcCode::Unimplemented,
                 ttrpc::Code::NOT_FOUND => RpcCode::NotFound,
                 ttrpc::Code::INVALID_ARGUMENT => RpcCode::InvalidArgument,
                 ttrpc::Code::PERMISSION_DENIED => RpcCode::PermissionDenied,
@@ -391,5 +394,26 @@ impl AgentClient {
             .await
             .map_err(|e| rpc_err("RemoveContainer", e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_rpc_of_an_older_agent_is_unimplemented() {
+        let st = |code, msg: &str| ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.to_string()));
+        let code = |e: AgentError| match e {
+            AgentError::Rpc { code, .. } => code,
+            other => panic!("{other}"),
+        };
+        let e = rpc_err(
+            "PauseContainer",
+            st(ttrpc::Code::NOT_FOUND, "/joey.agent.v1.AgentService/PauseContainer is not supported"),
+        );
+        assert_eq!(code(e), RpcCode::Unimplemented);
+        assert_eq!(code(rpc_err("x", st(ttrpc::Code::NOT_FOUND, "container c1 not found"))), RpcCode::NotFound);
+        assert_eq!(code(rpc_err("x", st(ttrpc::Code::UNIMPLEMENTED, "no"))), RpcCode::Unimplemented);
     }
 }

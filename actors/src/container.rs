@@ -119,10 +119,12 @@ pub struct ProcessIo {
     pub terminal: bool,
 }
 
-/// The agent exec id of exec `exec_id` of `container_id`: `<container>.<exec>`. Both parts
-/// follow the container id rule, so the result is a valid agent id when it is at most 129 bytes.
-pub fn agent_exec_id(container_id: &str, exec_id: &str) -> String {
-    format!("{container_id}.{exec_id}")
+/// The agent exec id of the `seq`-th exec (1-based, per container) `exec_id` of `container_id`:
+/// `<container>.<exec>.<seq>`. The sequence number keeps it unique in the sandbox when
+/// containerd reuses an exec id after deleting the first (the agent may still hold the old
+/// entry). Made of the characters of the container id rule only.
+pub fn agent_exec_id(container_id: &str, exec_id: &str, seq: u64) -> String {
+    format!("{container_id}.{exec_id}.{seq}")
 }
 
 /// A snapshot of one process, with the handles to wait for it and close its stdin.
@@ -195,6 +197,8 @@ pub struct ContainerActor {
     bundle: String,
     state: ContainerState,
     processes: HashMap<String, Process>,
+    /// Execs added so far (numbers their agent ids).
+    exec_seq: u64,
 }
 
 impl ContainerActor {
@@ -206,6 +210,7 @@ impl ContainerActor {
             bundle,
             state: ContainerState::Created,
             processes,
+            exec_seq: 0,
         }
     }
 
@@ -301,7 +306,8 @@ impl Handler<AddExec> for ContainerActor {
                 exec_id: m.exec_id,
             });
         }
-        let agent_id = agent_exec_id(&self.id, &m.exec_id);
+        self.exec_seq += 1;
+        let agent_id = agent_exec_id(&self.id, &m.exec_id, self.exec_seq);
         self.processes
             .insert(m.exec_id, Process::new(agent_id.clone(), m.io, m.process_json));
         Ok(agent_id)
@@ -444,7 +450,7 @@ mod tests {
 
     #[test]
     fn agent_exec_ids() {
-        assert_eq!(agent_exec_id("c1", "e1"), "c1.e1");
+        assert_eq!(agent_exec_id("c1", "e1", 2), "c1.e1.2");
     }
 
     #[actix_rt::test]
@@ -463,7 +469,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(id, "c1.e1");
+        assert_eq!(id, "c1.e1.1");
         let dup = a
             .send(AddExec { exec_id: "e1".into(), io: ProcessIo::default(), process_json: "{}".into() })
             .await
@@ -491,6 +497,14 @@ mod tests {
         let (_, got) = a.send(RemoveExec { exec_id: "e1".into() }).await.unwrap().unwrap();
         assert_eq!(got, Some(exit));
         assert!(a.send(GetProcess { exec_id: "e1".into() }).await.unwrap().is_err());
+        // The exec id may be used again; the agent id differs.
+        let again_id = a
+            .send(AddExec { exec_id: "e1".into(), io: ProcessIo::default(), process_json: "{}".into() })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again_id, "c1.e1.2");
+        a.send(RemoveExec { exec_id: "e1".into() }).await.unwrap().unwrap();
         a.send(SetPaused(true)).await.unwrap().unwrap();
         assert_eq!(a.send(GetContainer).await.unwrap().state, ContainerState::Paused);
         assert!(a.send(SetPaused(true)).await.unwrap().is_err());

@@ -213,6 +213,9 @@ struct Inner {
     events: Events,
     metrics: ShimMetrics,
     exit: Arc<ExitSignal>,
+    /// The actix arbiter the actors run on (task requests arrive on plain tokio tasks, where
+    /// `Actor::start` has no arbiter).
+    arbiter: actix::ArbiterHandle,
     life: tokio::sync::Mutex<SandboxSlot>,
     containers: std::sync::Mutex<HashMap<String, Entry>>,
     /// The sandbox's metrics endpoint while it runs; dropped (socket removed) before StopSandbox.
@@ -220,7 +223,8 @@ struct Inner {
 }
 
 impl JoeyTask {
-    /// `sandbox`: the Sandbox actor and its metrics registry, or why there is none.
+    /// `sandbox`: the Sandbox actor and its metrics registry, or why there is none. Call it
+    /// inside the actix system: the Container actors start on its arbiter.
     pub fn new(
         sandbox: Result<(Addr<SandboxActor>, Arc<joey_observability::SandboxMetrics>), String>,
         namespace: String,
@@ -246,6 +250,7 @@ impl JoeyTask {
                 events,
                 metrics,
                 exit,
+                arbiter: actix::Arbiter::current(),
                 life: tokio::sync::Mutex::new(SandboxSlot::default()),
                 containers: std::sync::Mutex::new(HashMap::new()),
                 metrics_server: std::sync::Mutex::new(None),
@@ -487,7 +492,8 @@ impl Inner {
                 return Err(e);
             }
         }
-        let actor = ContainerActor::new(req.id.clone(), req.bundle.clone(), io.clone()).start();
+        let actor = ContainerActor::new(req.id.clone(), req.bundle.clone(), io.clone());
+        let actor = ContainerActor::start_in_arbiter(&self.arbiter, move |_| actor);
         lock(&self.containers).insert(
             req.id.clone(),
             Entry {
@@ -827,11 +833,6 @@ impl Inner {
         // Checked now, so that a bad spec fails Exec rather than Start.
         let x = spec::parse_process(&any.value)?;
         let exec_id = req.exec_id.clone();
-        if lock(&self.containers).contains_key(&joey_actors::container::agent_exec_id(&req.id, &exec_id)) {
-            return Err(TaskError::AlreadyExists(format!(
-                "exec id {exec_id} would collide with a container of this sandbox"
-            )));
-        }
         ask(
             &e.actor,
             AddExec {
