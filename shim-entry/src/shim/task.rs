@@ -960,8 +960,9 @@ impl Inner {
     async fn resize_pty(&self, req: api::ResizePtyRequest) -> Result<(), TaskError> {
         let sb = self.sandbox()?;
         let (_, p) = self.process(&req.id, &req.exec_id).await?;
-        if p.state != ProcessState::Running || !p.io.terminal {
-            // Nothing to resize (not started, exited, or no terminal).
+        if p.state != ProcessState::Running || !p.io.terminal || req.width == 0 || req.height == 0 {
+            // Nothing to resize (not started, exited, or no terminal), or a 0x0 size (ctr on a
+            // terminal that has no size yet): the guest terminal keeps its size.
             return Ok(());
         }
         let msg = ResizeTerminal {
