@@ -8,6 +8,7 @@ pub mod agent_client;
 pub mod container;
 pub mod hypervisor;
 pub mod lifecycle;
+pub mod resource;
 pub mod sandbox;
 pub mod sharefs;
 

@@ -4,6 +4,7 @@
 pub mod cleanup;
 pub mod events;
 pub mod mounts;
+pub mod resources;
 pub mod spec;
 pub mod stdio;
 pub mod task;

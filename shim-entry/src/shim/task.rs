@@ -40,14 +40,17 @@ use joey_actors::container::{
 };
 pub use joey_actors::container::ExitInfo;
 use joey_actors::sandbox::{
-    CreateContainer, ExecProcess, GetOomEvent, ListPids, PauseContainer, RemoveContainer, ResizeTerminal,
-    ResumeContainer, SandboxActor, SandboxError, SignalProcess, StartSandbox, StatsContainer, StopSandbox,
-    UnshareContainer, UpdateContainer, WaitProcess,
+    CreateContainer, ExecProcess, GetOomEvent, ListPids, PauseContainer, ResizeTerminal, ResumeContainer,
+    SandboxActor, SandboxError, SignalProcess, StartSandbox, StatsContainer, StopSandbox, UpdateContainer,
+    WaitProcess,
 };
 use joey_actors::{AgentError, RpcCode};
 use joey_agent_protocol::agent;
 
+use joey_actors::resource::{ResourceError, ResourceStack};
+
 use super::events::{Events, ShimMetrics};
+use super::resources::{GuestContainer, HostRootfs};
 use super::{mounts, spec, stdio};
 
 /// Booting the VM (TCG can be slow) and starting the agent.
@@ -88,6 +91,8 @@ pub enum TaskError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Container(#[from] ContainerError),
+    #[error(transparent)]
+    Resource(#[from] ResourceError),
     #[error("{what} timed out after {after:?}")]
     Timeout { what: &'static str, after: Duration },
     #[error("internal: {0}")]
@@ -183,7 +188,7 @@ where
     }
 }
 
-/// What the shim keeps per container besides its actor: the spec and the host resources.
+/// What the shim keeps per container besides its actor: the spec and the resources.
 #[derive(Clone)]
 struct Entry {
     actor: Addr<ContainerActor>,
@@ -191,7 +196,8 @@ struct Entry {
     guest: Arc<spec::GuestSpec>,
     /// `<bundle>/rootfs`, where containerd's rootfs mounts are mounted.
     rootfs: PathBuf,
-    rootfs_mounted: bool,
+    /// Host rootfs, then guest container: cleaned up in reverse order by Delete.
+    resources: Arc<tokio::sync::Mutex<ResourceStack>>,
 }
 
 /// The sandbox's lifetime, guarded by one lock (Create, Delete and Shutdown hold it).
@@ -405,14 +411,6 @@ impl Inner {
         }
     }
 
-    async fn unmount_rootfs(rootfs: PathBuf) {
-        match tokio::task::spawn_blocking(move || mounts::unmount(&rootfs)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "unmounting the rootfs failed"),
-            Err(e) => tracing::warn!(error = %e, "unmount task failed"),
-        }
-    }
-
     /// Boots the VM (first container), serves its metrics and starts the OOM watch.
     async fn start_sandbox(self: &Arc<Self>, sb: &Addr<SandboxActor>, slot: &mut SandboxSlot) -> Result<(), TaskError> {
         let started = match tokio::time::timeout(START_SANDBOX_TIMEOUT, sb.send(StartSandbox)).await {
@@ -473,22 +471,20 @@ impl Inner {
             terminal: req.terminal,
         };
         let rootfs = bundle.join("rootfs");
-        let mounted = !req.rootfs.is_empty();
-        if mounted {
+        let mut resources = ResourceStack::default();
+        if !req.rootfs.is_empty() {
+            // Unsupported mount types are bad input: checked before anything is mounted.
             mounts::check(&req.rootfs)?;
-            let r = rootfs.clone();
-            tokio::task::spawn_blocking(move || std::fs::create_dir_all(&r))
-                .await
-                .map_err(|e| TaskError::Internal(e.to_string()))?
-                .map_err(|e| TaskError::Internal(format!("create {}: {e}", rootfs.display())))?;
-            mounts::mount_all(&req.rootfs, &rootfs).await?;
+            let r = HostRootfs {
+                mounts: req.rootfs.clone(),
+                target: rootfs.clone(),
+            };
+            resources.add(Box::new(r)).await?;
         }
         if !slot.running {
             if let Err(e) = self.start_sandbox(&sb, &mut slot).await {
                 self.stop_sandbox(&mut slot).await;
-                if mounted {
-                    Self::unmount_rootfs(rootfs).await;
-                }
+                resources.cleanup_all().await;
                 return Err(e);
             }
         }
@@ -501,7 +497,7 @@ impl Inner {
                 spec: Arc::new(spec),
                 guest: Arc::new(guest),
                 rootfs,
-                rootfs_mounted: mounted,
+                resources: Arc::new(tokio::sync::Mutex::new(resources)),
             },
         );
         drop(slot);
@@ -550,7 +546,13 @@ impl Inner {
                 oci_spec_json: e.guest.json.clone(),
                 volumes: e.guest.volumes.clone(),
             };
-            call(&sb, "CreateContainer", msg).await?
+            let pid = call(&sb, "CreateContainer", msg).await?;
+            // The shares and the guest container now exist: released by Delete.
+            e.resources.lock().await.push_ready(Box::new(GuestContainer {
+                sandbox: sb.clone(),
+                container_id: req.id.clone(),
+            }));
+            pid
         } else {
             let view = ask(&e.actor, GetContainer).await?;
             if view.state != ContainerState::Running {
@@ -744,23 +746,10 @@ impl Inner {
             )));
         }
         lock(&self.containers).remove(&req.id);
-        // Release in reverse order of setup: the guest container, the shares, the host rootfs.
-        if let Some(sb) = self.sandbox.clone().filter(|_| slot.running) {
-            if view.init.pid != 0 {
-                match call(&sb, "RemoveContainer", RemoveContainer { container_id: req.id.clone() }).await {
-                    Ok(()) => {}
-                    Err(TaskError::Sandbox(ref se)) if agent_lacks_rpc(se) => {
-                        tracing::debug!("the guest agent has no RemoveContainer");
-                    }
-                    Err(err) => tracing::warn!(error = %err, "agent RemoveContainer failed"),
-                }
-            }
-            if let Err(err) = call(&sb, "Unshare", UnshareContainer { container_id: req.id.clone() }).await {
-                tracing::warn!(error = %err, "releasing the container's shares failed");
-            }
-        }
-        if e.rootfs_mounted {
-            Self::unmount_rootfs(e.rootfs.clone()).await;
+        // Reverse order of setup: the guest container and its shares, then the host rootfs.
+        let errors = e.resources.lock().await.cleanup_all().await;
+        if !errors.is_empty() {
+            tracing::warn!(id = %req.id, ?errors, "container cleanup incomplete");
         }
         e.actor.do_send(StopContainer);
         if lock(&self.containers).is_empty() {
