@@ -14,6 +14,26 @@ use joey_tests::*;
 
 const POD_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 
+/// containerd 1.6 sometimes garbage-collects a freshly imported image's layer snapshot between
+/// ctr's "is it unpacked" check and preparing the container snapshot ("parent snapshot … does
+/// not exist"), before any shim is involved; ctr unpacks again on the next try.
+fn snapshot_race(text: &str) -> bool {
+    text.contains("parent snapshot") && text.contains("does not exist")
+}
+
+/// `ctr <args>` (a `run`), retried when it hit [`snapshot_race`].
+fn ctr_run(c: &Containerd, args: &[&str]) -> Output {
+    let mut tries = 0;
+    loop {
+        let o = c.ctr_out(args);
+        tries += 1;
+        if o.status.success() || !snapshot_race(&stderr_of(&o)) || tries == 3 {
+            return o;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// STATUS of task `id` in `ctr task ls`, if listed.
 fn task_status(c: &Containerd, id: &str) -> Option<String> {
     let ls = c.ctr_out(&["task", "ls"]);
@@ -69,7 +89,7 @@ fn run_detached(c: &Containerd, id: &str, flags: &[&str], argv: &[&str]) {
     args.push(IMAGE);
     args.push(id);
     args.extend_from_slice(argv);
-    let o = c.ctr_out(&args);
+    let o = ctr_run(c, &args);
     ok(&o, "ctr run -d", c);
     wait_status(c, id, "RUNNING");
 }
@@ -84,16 +104,25 @@ fn remove(c: &Containerd, id: &str) {
 }
 
 /// Runs a ctr command line under a pseudo terminal (`script`), as `ctr -t` needs.
+/// Retried when a `run` hit [`snapshot_race`] (ctr's stderr is in `script`'s stdout).
 fn with_tty(c: &Containerd, args: &str) -> Output {
     let cmd = format!("ctr -a {} {args}", c.sock().display());
-    let child = std::process::Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("script (util-linux)");
-    wait_output(child, RUN_TIMEOUT)
+    let mut tries = 0;
+    loop {
+        let child = std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("script (util-linux)");
+        let o = wait_output(child, RUN_TIMEOUT);
+        tries += 1;
+        if !snapshot_race(&String::from_utf8_lossy(&o.stdout)) || tries == 3 {
+            return o;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// Terminal output as text: without the `\r` the terminals add, and without the `^@` a guest
@@ -115,7 +144,7 @@ fn qemus(c: &Containerd) -> Vec<(i32, String)> {
 fn run_with_env_and_cwd() {
     let c = Containerd::start();
     c.import_busybox();
-    let o = c.ctr_out(&[
+    let o = ctr_run(&c, &[
         "run", "--rm", "--runtime", RUNTIME, "--env", "FOO=bar baz", "--cwd", "/etc", IMAGE, "ec", "sh", "-c",
         "echo \"$FOO\"; pwd",
     ]);
@@ -220,7 +249,7 @@ fn bind_mounts_ro_and_rw() {
     std::fs::write(ro.join("in"), "from the host\n").unwrap();
     let m_ro = format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display());
     let m_rw = format!("type=bind,src={},dst=/rw,options=rbind:rw", rw.display());
-    let o = c.ctr_out(&[
+    let o = ctr_run(&c, &[
         "run", "--rm", "--runtime", RUNTIME, "--mount", &m_ro, "--mount", &m_rw, IMAGE, "bm", "sh", "-c",
         "cat /ro/in; echo written > /rw/out; (echo x > /ro/new) 2>/dev/null || echo ro-refused",
     ]);
@@ -320,7 +349,7 @@ fn pod_containers_share_one_vm() {
     assert_eq!(shims(), 1, "{:?}", processes_mentioning(&d));
 
     // A third one comes and goes while the others run, in the same VM.
-    let o = c.ctr_out(&["run", "--rm", "--runtime", RUNTIME, "--annotation", &ann, IMAGE, "p3", "echo", "hi from p3"]);
+    let o = ctr_run(&c, &["run", "--rm", "--runtime", RUNTIME, "--annotation", &ann, IMAGE, "p3", "echo", "hi from p3"]);
     ok(&o, "ctr run p3", &c);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hi from p3\n");
     assert_eq!(qemus(&c).len(), 1);
@@ -341,7 +370,7 @@ fn pod_containers_share_one_vm() {
 fn malformed_spec_is_refused() {
     let c = Containerd::start();
     c.import_busybox();
-    let o = c.ctr_out(&[
+    let o = ctr_run(&c, &[
         "run", "--rm", "--runtime", RUNTIME, "--mount", "type=bind,src=/nonexistent/joey-src,dst=/x,options=rbind",
         IMAGE, "bad", "true",
     ]);
@@ -369,7 +398,7 @@ fn malformed_spec_is_refused() {
     .unwrap();
     let spec = spec.display().to_string();
     // With --config, ctr takes the spec as is (no image).
-    let o = c.ctr_out(&["run", "--rm", "--runtime", RUNTIME, "--config", &spec, "bad2"]);
+    let o = ctr_run(&c, &["run", "--rm", "--runtime", RUNTIME, "--config", &spec, "bad2"]);
     assert!(!o.status.success(), "ctr run with an invalid rlimit succeeded");
     let err = stderr_of(&o);
     assert!(err.contains("RLIMIT_BOGUS"), "stderr: {err}\ncontainerd log:\n{}", c.log());
