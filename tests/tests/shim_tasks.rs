@@ -305,7 +305,8 @@ fn pause_and_resume() {
     c.assert_clean(&["pr"]);
 }
 
-/// `ctr task metrics` prints the container's cgroup v2 memory and cpu figures.
+/// `ctr task metrics` prints the container's cgroup v2 memory and cpu figures. (Update has no
+/// test here: ctr 1.6 has no `task update`.)
 #[test]
 fn task_metrics() {
     let c = Containerd::start();
