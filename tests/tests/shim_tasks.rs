@@ -34,6 +34,24 @@ fn ctr_run(c: &Containerd, args: &[&str]) -> Output {
     }
 }
 
+/// When a test fails, force-deletes its tasks and containers before containerd goes, so that
+/// the shims stop their VMs instead of outliving the test. Declare it after the `Containerd`.
+struct OnPanic<'a> {
+    c: &'a Containerd,
+    ids: &'a [&'a str],
+}
+
+impl Drop for OnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for id in self.ids {
+                let _ = self.c.ctr_out(&["task", "delete", "--force", id]);
+                let _ = self.c.ctr_out(&["container", "rm", id]);
+            }
+        }
+    }
+}
+
 /// STATUS of task `id` in `ctr task ls`, if listed.
 fn task_status(c: &Containerd, id: &str) -> Option<String> {
     let ls = c.ctr_out(&["task", "ls"]);
@@ -159,6 +177,7 @@ fn run_with_env_and_cwd() {
 fn exec_and_ps() {
     let c = Containerd::start();
     c.import_busybox();
+    let _guard = OnPanic { c: &c, ids: &["x1"] };
     run_detached(&c, "x1", &["--env", "FOO=from-spec"], &["sleep", "300"]);
 
     let o = c.ctr_out(&["task", "exec", "--exec-id", "e1", "x1", "sh", "-c", "echo \"out $FOO\"; echo err >&2; exit 5"]);
@@ -275,6 +294,7 @@ fn pause_and_resume() {
     c.import_busybox();
     let host = tempfile::tempdir().expect("tempdir");
     let m = format!("type=bind,src={},dst=/data,options=rbind:rw", host.path().display());
+    let _guard = OnPanic { c: &c, ids: &["pr"] };
     run_detached(
         &c,
         "pr",
@@ -311,6 +331,7 @@ fn pause_and_resume() {
 fn task_metrics() {
     let c = Containerd::start();
     c.import_busybox();
+    let _guard = OnPanic { c: &c, ids: &["mt"] };
     run_detached(&c, "mt", &[], &["sh", "-c", "x=$(seq 1 20000); sleep 300"]);
     let o = c.ctr_out(&["task", "metrics", "mt"]);
     ok(&o, "ctr task metrics", &c);
@@ -337,6 +358,7 @@ fn pod_containers_share_one_vm() {
     let c = Containerd::start();
     c.import_busybox();
     let ann = format!("{POD_ANNOTATION}=pod1");
+    let _guard = OnPanic { c: &c, ids: &["p1", "p2", "p3"] };
     run_detached(&c, "p1", &["--annotation", &ann], &["sleep", "300"]);
     run_detached(&c, "p2", &["--annotation", &ann], &["sleep", "300"]);
     assert_eq!(qemus(&c).len(), 1, "{:?}", qemus(&c));
