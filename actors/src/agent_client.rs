@@ -26,6 +26,10 @@ pub enum RpcCode {
     InvalidArgument,
     PermissionDenied,
     AlreadyExists,
+    /// The agent does not know the RPC (an older agent): UNIMPLEMENTED, or the NOT_FOUND
+    /// "<method> is not supported" of the generated service's default methods.
+    Unimplemented,
+    FailedPrecondition,
     Transport,
     Other,
 }
@@ -34,10 +38,14 @@ fn rpc_err(rpc: &'static str, e: ttrpc::Error) -> AgentError {
     match e {
         ttrpc::Error::RpcStatus(s) => {
             let code = match s.code() {
+                // The generated server's default for a method the agent does not implement.
+                ttrpc::Code::NOT_FOUND if s.message().ends_with(" is not supported") => RpcCode::Unimplemented,
                 ttrpc::Code::NOT_FOUND => RpcCode::NotFound,
                 ttrpc::Code::INVALID_ARGUMENT => RpcCode::InvalidArgument,
                 ttrpc::Code::PERMISSION_DENIED => RpcCode::PermissionDenied,
                 ttrpc::Code::ALREADY_EXISTS => RpcCode::AlreadyExists,
+                ttrpc::Code::UNIMPLEMENTED => RpcCode::Unimplemented,
+                ttrpc::Code::FAILED_PRECONDITION => RpcCode::FailedPrecondition,
                 _ => RpcCode::Other,
             };
             AgentError::Rpc {
@@ -287,5 +295,125 @@ impl AgentClient {
             .await
             .map_err(|e| rpc_err("CreateContainer", e))?;
         Ok(r.pid)
+    }
+
+    fn container_req(id: &str) -> agent::ContainerRequest {
+        agent::ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Freezes every process of the container (cgroup.freeze).
+    pub async fn pause_container(&self, id: &str) -> Result<(), AgentError> {
+        let _timer = self.time("PauseContainer");
+        self.inner
+            .pause_container(ctx(self.rpc_timeout), &Self::container_req(id))
+            .await
+            .map_err(|e| rpc_err("PauseContainer", e))?;
+        Ok(())
+    }
+
+    /// Thaws the container.
+    pub async fn resume_container(&self, id: &str) -> Result<(), AgentError> {
+        let _timer = self.time("ResumeContainer");
+        self.inner
+            .resume_container(ctx(self.rpc_timeout), &Self::container_req(id))
+            .await
+            .map_err(|e| rpc_err("ResumeContainer", e))?;
+        Ok(())
+    }
+
+    /// The container's cgroup figures.
+    pub async fn stats_container(&self, id: &str) -> Result<agent::ContainerStats, AgentError> {
+        let _timer = self.time("StatsContainer");
+        self.inner
+            .stats_container(ctx(self.rpc_timeout), &Self::container_req(id))
+            .await
+            .map_err(|e| rpc_err("StatsContainer", e))
+    }
+
+    /// Applies new cgroup limits (OCI LinuxResources as JSON).
+    pub async fn update_container(&self, id: &str, resources_json: String) -> Result<(), AgentError> {
+        let _timer = self.time("UpdateContainer");
+        let req = agent::UpdateContainerRequest {
+            container_id: id.to_string(),
+            resources_json,
+            ..Default::default()
+        };
+        self.inner
+            .update_container(ctx(self.rpc_timeout), &req)
+            .await
+            .map_err(|e| rpc_err("UpdateContainer", e))?;
+        Ok(())
+    }
+
+    /// Guest pids of the container's processes, ascending.
+    pub async fn list_pids(&self, id: &str) -> Result<Vec<u32>, AgentError> {
+        let _timer = self.time("ListPids");
+        let r = self
+            .inner
+            .list_pids(ctx(self.rpc_timeout), &Self::container_req(id))
+            .await
+            .map_err(|e| rpc_err("ListPids", e))?;
+        Ok(r.pids)
+    }
+
+    /// Sets the window size of a process's pseudo terminal.
+    pub async fn resize_terminal(&self, exec_id: &str, rows: u32, cols: u32) -> Result<(), AgentError> {
+        let _timer = self.time("ResizeTerminal");
+        let req = agent::ResizeTerminalRequest {
+            exec_id: exec_id.to_string(),
+            rows,
+            cols,
+            ..Default::default()
+        };
+        self.inner
+            .resize_terminal(ctx(self.rpc_timeout), &req)
+            .await
+            .map_err(|e| rpc_err("ResizeTerminal", e))?;
+        Ok(())
+    }
+
+    /// Long poll for the next OOM kill; returns the container id. No deadline: cancelled by
+    /// dropping the future.
+    pub async fn get_oom_event(&self) -> Result<String, AgentError> {
+        let r = self
+            .inner
+            .get_oom_event(ctx_forever(), &agent::Empty::new())
+            .await
+            .map_err(|e| rpc_err("GetOomEvent", e))?;
+        Ok(r.container_id)
+    }
+
+    /// Kills what is left of the container and forgets it.
+    pub async fn remove_container(&self, id: &str) -> Result<(), AgentError> {
+        let _timer = self.time("RemoveContainer");
+        self.inner
+            .remove_container(ctx(self.rpc_timeout), &Self::container_req(id))
+            .await
+            .map_err(|e| rpc_err("RemoveContainer", e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_rpc_of_an_older_agent_is_unimplemented() {
+        let st = |code, msg: &str| ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.to_string()));
+        let code = |e: AgentError| match e {
+            AgentError::Rpc { code, .. } => code,
+            other => panic!("{other}"),
+        };
+        let e = rpc_err(
+            "PauseContainer",
+            st(ttrpc::Code::NOT_FOUND, "/joey.agent.v1.AgentService/PauseContainer is not supported"),
+        );
+        assert_eq!(code(e), RpcCode::Unimplemented);
+        assert_eq!(code(rpc_err("x", st(ttrpc::Code::NOT_FOUND, "container c1 not found"))), RpcCode::NotFound);
+        assert_eq!(code(rpc_err("x", st(ttrpc::Code::UNIMPLEMENTED, "no"))), RpcCode::Unimplemented);
     }
 }

@@ -1,13 +1,15 @@
-//! joey's actors: Sandbox, Hypervisor and ShareFs (Container and Network arrive with later issues).
+//! joey's actors: Sandbox, Hypervisor, ShareFs and Container (Network arrives with a later issue).
 //!
 //! Each actor owns its state; others hold an `Addr`. Requests are typed messages, one struct per
 //! request with its reply type. Nothing here blocks the async runtime: long agent calls are
 //! forwarded as futures, device threads are reached only through channels with timeouts.
 
 pub mod agent_client;
+pub mod container;
 pub mod hypervisor;
 pub mod lifecycle;
 pub mod metrics;
+pub mod resource;
 pub mod sandbox;
 pub mod sharefs;
 

@@ -14,7 +14,7 @@ use crate::hypervisor::{
     self, host, Accelerator, BackendKind, HypervisorActor, HypervisorError, StartVm, StopVm, VmExit, VmSpec,
 };
 use crate::lifecycle::{InvalidTransition, SandboxState};
-use crate::sharefs::{SetupShareFs, ShareFsActor, ShareFsError, ShareRootfs, StopShareFs, Unshare};
+use crate::sharefs::{SetupShareFs, ShareFsActor, ShareFsError, ShareRootfs, StopShareFs, Unshare, VolumeShare};
 
 /// Guest context id given to every sandbox's vsock device (each device is private to its VM).
 pub const GUEST_CID: u64 = 3;
@@ -184,6 +184,11 @@ impl SandboxActor {
             ),
             sharefs: None,
         }
+    }
+
+    /// This sandbox's metrics registry (served on its metrics endpoint).
+    pub fn metrics(&self) -> std::sync::Arc<joey_observability::SandboxMetrics> {
+        self.metrics.clone()
     }
 
     fn agent(&self) -> Result<(AgentClient, watch::Receiver<Option<VmExit>>, Option<PathBuf>), SandboxError> {
@@ -480,6 +485,94 @@ forward!(SignalProcess, (), |a, m| a.signal(&m.exec_id, m.signal).await);
 forward!(WriteStdin, u32, |a, m| a.write_stdin(&m.exec_id, m.data).await);
 forward!(CloseStdin, (), |a, m| a.close_stdin(&m.exec_id).await);
 forward!(ReadOutput, Vec<u8>, |a, m| a.read_output(&m.exec_id, m.stderr, m.len).await);
+forward!(PauseContainer, (), |a, m| a.pause_container(&m.container_id).await);
+forward!(ResumeContainer, (), |a, m| a.resume_container(&m.container_id).await);
+forward!(StatsContainer, agent::ContainerStats, |a, m| a.stats_container(&m.container_id).await);
+forward!(UpdateContainer, (), |a, m| a.update_container(&m.container_id, m.resources_json).await);
+forward!(ListPids, Vec<u32>, |a, m| a.list_pids(&m.container_id).await);
+forward!(ResizeTerminal, (), |a, m| a.resize_terminal(&m.exec_id, m.rows, m.cols).await);
+forward!(RemoveContainer, (), |a, m| a.remove_container(&m.container_id).await);
+forward!(GetOomEvent, String, |a, _m| a.get_oom_event().await);
+
+/// Freezes a container (agent `PauseContainer`).
+#[derive(Message)]
+#[rtype(result = "Result<(), SandboxError>")]
+pub struct PauseContainer {
+    pub container_id: String,
+}
+
+/// Thaws a container (agent `ResumeContainer`).
+#[derive(Message)]
+#[rtype(result = "Result<(), SandboxError>")]
+pub struct ResumeContainer {
+    pub container_id: String,
+}
+
+/// A container's cgroup figures (agent `StatsContainer`).
+#[derive(Message)]
+#[rtype(result = "Result<agent::ContainerStats, SandboxError>")]
+pub struct StatsContainer {
+    pub container_id: String,
+}
+
+/// New cgroup limits for a container (agent `UpdateContainer`; OCI LinuxResources JSON).
+#[derive(Message)]
+#[rtype(result = "Result<(), SandboxError>")]
+pub struct UpdateContainer {
+    pub container_id: String,
+    pub resources_json: String,
+}
+
+/// Guest pids of a container's processes (agent `ListPids`).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<u32>, SandboxError>")]
+pub struct ListPids {
+    pub container_id: String,
+}
+
+/// Window size of a process's pseudo terminal (agent `ResizeTerminal`).
+#[derive(Message)]
+#[rtype(result = "Result<(), SandboxError>")]
+pub struct ResizeTerminal {
+    pub exec_id: String,
+    pub rows: u32,
+    pub cols: u32,
+}
+
+/// Kills what is left of a container in the guest and forgets it (agent `RemoveContainer`).
+#[derive(Message)]
+#[rtype(result = "Result<(), SandboxError>")]
+pub struct RemoveContainer {
+    pub container_id: String,
+}
+
+/// Long poll for the next OOM kill in the sandbox; replies with the container id.
+#[derive(Message)]
+#[rtype(result = "Result<String, SandboxError>")]
+pub struct GetOomEvent;
+
+/// Releases a container's shared rootfs and volumes (ShareFs `Unshare`). Not shared is fine.
+#[derive(Message)]
+#[rtype(result = "Result<(), SandboxError>")]
+pub struct UnshareContainer {
+    pub container_id: String,
+}
+
+impl Handler<UnshareContainer> for SandboxActor {
+    type Result = ResponseFuture<Result<(), SandboxError>>;
+
+    fn handle(&mut self, m: UnshareContainer, _: &mut Context<Self>) -> Self::Result {
+        let Some(sharefs) = self.sharefs.clone() else {
+            return Box::pin(async { Ok(()) });
+        };
+        Box::pin(async move {
+            match sharefs.send(Unshare { container_id: m.container_id }).await? {
+                Ok(()) | Err(ShareFsError::NotShared(_)) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+}
 
 /// Stops the ShareFs actor (after the VM). True when nothing of it is left, so that the state dir
 /// may be removed recursively (never while a container rootfs may still be bind-mounted in it).
@@ -513,6 +606,11 @@ pub struct CreateContainer {
     pub terminal: bool,
     /// Empty: the container id.
     pub hostname: String,
+    /// The guest OCI spec (see `CreateContainerRequest.oci_spec_json`); empty: none.
+    pub oci_spec_json: String,
+    /// Host sources of the container's bind mounts, shared as `<shared>/<cid>/volumes/<n>`
+    /// (n = index in this list; [`crate::sharefs::guest_volume_path`]).
+    pub volumes: Vec<VolumeShare>,
 }
 
 impl Handler<CreateContainer> for SandboxActor {
@@ -532,6 +630,7 @@ impl Handler<CreateContainer> for SandboxActor {
                     container_id: m.container_id.clone(),
                     host_path: m.rootfs,
                     read_only: m.read_only,
+                    volumes: m.volumes,
                 })
                 .await??;
             let req = agent::CreateContainerRequest {
@@ -543,6 +642,7 @@ impl Handler<CreateContainer> for SandboxActor {
                 terminal: m.terminal,
                 hostname: m.hostname,
                 readonly_rootfs: m.read_only,
+                oci_spec_json: m.oci_spec_json,
                 ..Default::default()
             };
             let r = guarded(exit, console, a.create_container(req)).await;

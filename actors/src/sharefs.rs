@@ -71,6 +71,18 @@ pub fn validate_container_id(id: &str) -> Result<(), ShareFsError> {
     }
 }
 
+/// One host directory or file shared into the guest for a container's bind mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeShare {
+    pub host_path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Guest path of a container's `index`-th shared volume.
+pub fn guest_volume_path(container_id: &str, index: usize) -> String {
+    format!("{GUEST_SHARED_DIR}/{container_id}/volumes/{index}")
+}
+
 /// Guest path of a shared container rootfs.
 pub fn guest_rootfs_path(container_id: &str) -> String {
     format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
@@ -136,6 +148,8 @@ impl ShareFsState {
 pub enum Resource {
     /// A directory we created: `rmdir` (fails, harmlessly, if not empty).
     Dir(PathBuf),
+    /// An empty file we created as a bind mountpoint: unlink.
+    File(PathBuf),
     /// A mount we made: lazy unmount.
     Mount(PathBuf),
     /// The virtio-fs device thread: stop, join with a timeout (removes its socket).
@@ -150,6 +164,11 @@ impl Resource {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(format!("rmdir {}: {e}", p.display())),
+            },
+            Resource::File(p) => match std::fs::remove_file(&p) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(format!("unlink {}: {e}", p.display())),
             },
             Resource::Mount(p) => match umount2(&p, MntFlags::MNT_DETACH) {
                 Ok(()) => Ok(()),
@@ -254,6 +273,7 @@ fn setup_blocking(state_dir: &Path) -> Result<Resources, ShareFsError> {
                 cache: CachePolicy::Auto,
             },
         )?;
+        crate::hypervisor::counters::register_fs(state_dir, &server.metrics());
         res.push(Resource::Device(server.spawn()?));
         Ok(())
     })
@@ -261,7 +281,13 @@ fn setup_blocking(state_dir: &Path) -> Result<Resources, ShareFsError> {
 }
 
 /// Bind-mounts `host_path` at `<shared>/<cid>/rootfs` (read-only if asked). Blocking.
-fn share_blocking(shared: &Path, cid: &str, host_path: &Path, read_only: bool) -> Result<Resources, ShareFsError> {
+fn share_blocking(
+    shared: &Path,
+    cid: &str,
+    host_path: &Path,
+    read_only: bool,
+    volumes: &[VolumeShare],
+) -> Result<Resources, ShareFsError> {
     let meta = std::fs::metadata(host_path);
     if !meta.map(|m| m.is_dir()).unwrap_or(false) {
         return Err(ShareFsError::RootfsNotFound(host_path.to_path_buf()));
@@ -281,26 +307,61 @@ fn share_blocking(shared: &Path, cid: &str, host_path: &Path, read_only: bool) -
         .map_err(mount_err(format!("bind {} on {}", host_path.display(), target.display())))?;
         res.push(Resource::Mount(target.clone()));
         if read_only {
-            // Keep the source mount's nosuid/nodev/noexec: only read-only is added.
-            let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            if let Ok(st) = nix::sys::statvfs::statvfs(host_path) {
-                use nix::sys::statvfs::FsFlags;
-                for (f, m) in [
-                    (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
-                    (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
-                    (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-                ] {
-                    if st.flags().contains(f) {
-                        flags |= m;
-                    }
+            remount_ro(host_path, &target)?;
+        }
+        if !volumes.is_empty() {
+            let vdir = dir.join("volumes");
+            mkdir(&vdir, res)?;
+            for (i, v) in volumes.iter().enumerate() {
+                let meta = std::fs::metadata(&v.host_path)
+                    .map_err(io_err(format!("bind mount source {}", v.host_path.display())))?;
+                let t = vdir.join(i.to_string());
+                if meta.is_dir() {
+                    mkdir(&t, res)?;
+                } else {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&t)
+                        .map_err(io_err(format!("create {}", t.display())))?;
+                    res.push(Resource::File(t.clone()));
+                }
+                mount(
+                    Some(&v.host_path),
+                    &t,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .map_err(mount_err(format!("bind {} on {}", v.host_path.display(), t.display())))?;
+                res.push(Resource::Mount(t.clone()));
+                if v.read_only {
+                    remount_ro(&v.host_path, &t)?;
                 }
             }
-            mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
-                .map_err(mount_err(format!("remount {} read-only", target.display())))?;
         }
         Ok(())
     })
     .map(|((), res)| res)
+}
+
+/// Remounts the bind at `target` read-only, keeping the source's nosuid/nodev/noexec.
+fn remount_ro(source: &Path, target: &Path) -> Result<(), ShareFsError> {
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    if let Ok(st) = nix::sys::statvfs::statvfs(source) {
+        use nix::sys::statvfs::FsFlags;
+        for (f, m) in [
+            (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+            (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+            (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        ] {
+            if st.flags().contains(f) {
+                flags |= m;
+            }
+        }
+    }
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+        .map_err(mount_err(format!("remount {} read-only", target.display())))
 }
 
 /// Reply to [`SetupShareFs`].
@@ -324,6 +385,8 @@ pub struct ShareRootfs {
     pub container_id: String,
     pub host_path: PathBuf,
     pub read_only: bool,
+    /// Bind-mount sources shared next to the rootfs, at `<cid>/volumes/<index>`.
+    pub volumes: Vec<VolumeShare>,
 }
 
 /// Removes a container's share.
@@ -443,7 +506,7 @@ impl Handler<ShareRootfs> for ShareFsActor {
         let shared = self.shared_dir();
         let cid = m.container_id.clone();
         AtomicResponse::new(Box::pin(
-            blocking(move || share_blocking(&shared, &m.container_id, &m.host_path, m.read_only))
+            blocking(move || share_blocking(&shared, &m.container_id, &m.host_path, m.read_only, &m.volumes))
                 .into_actor(self)
                 .map(move |r, act, _| {
                     let res = r??;
@@ -583,7 +646,7 @@ mod tests {
     #[test]
     fn share_of_missing_dir_is_typed() {
         let d = tempfile::tempdir().unwrap();
-        let e = share_blocking(d.path(), "c1", &d.path().join("nope"), false).unwrap_err();
+        let e = share_blocking(d.path(), "c1", &d.path().join("nope"), false, &[]).unwrap_err();
         assert!(matches!(e, ShareFsError::RootfsNotFound(_)));
         assert!(!d.path().join("c1").exists());
     }
@@ -597,7 +660,7 @@ mod tests {
         let host = d.path().join("img");
         std::fs::create_dir(&host).unwrap();
         std::fs::write(host.join("marker"), b"m").unwrap();
-        let mut res = match share_blocking(&shared, "c1", &host, true) {
+        let mut res = match share_blocking(&shared, "c1", &host, true, &[]) {
             Ok(r) => r,
             Err(ShareFsError::Mount {
                 source: nix::errno::Errno::EPERM,
@@ -614,5 +677,67 @@ mod tests {
         assert!(host.join("marker").exists());
         let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mi.contains(&d.path().display().to_string()));
+    }
+
+    /// Needs CAP_SYS_ADMIN (mounts); skipped otherwise.
+    #[test]
+    fn volumes_are_shared_ro_and_rw_and_released() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let host = d.path().join("img");
+        std::fs::create_dir(&host).unwrap();
+        let vro = d.path().join("vro");
+        std::fs::create_dir(&vro).unwrap();
+        std::fs::write(vro.join("in"), b"ro").unwrap();
+        let vrw = d.path().join("vrw");
+        std::fs::create_dir(&vrw).unwrap();
+        let vfile = d.path().join("afile");
+        std::fs::write(&vfile, b"file").unwrap();
+        let vols = vec![
+            VolumeShare { host_path: vro.clone(), read_only: true },
+            VolumeShare { host_path: vrw.clone(), read_only: false },
+            VolumeShare { host_path: vfile.clone(), read_only: true },
+        ];
+        let mut res = match share_blocking(&shared, "c1", &host, false, &vols) {
+            Ok(r) => r,
+            Err(ShareFsError::Mount {
+                source: nix::errno::Errno::EPERM,
+                ..
+            }) => return,
+            Err(e) => panic!("{e}"),
+        };
+        let v = shared.join("c1/volumes");
+        assert_eq!(std::fs::read(v.join("0/in")).unwrap(), b"ro");
+        let e = std::fs::write(v.join("0/new"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+        std::fs::write(v.join("1/new"), b"rw").unwrap();
+        assert_eq!(std::fs::read(vrw.join("new")).unwrap(), b"rw");
+        assert_eq!(std::fs::read(v.join("2")).unwrap(), b"file");
+        assert_eq!(guest_volume_path("c1", 2), "/run/joey/shared/c1/volumes/2");
+        assert!(res.release_all().is_empty());
+        assert!(!shared.join("c1").exists());
+        assert_eq!(std::fs::read(&vfile).unwrap(), b"file");
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mi.contains(&d.path().display().to_string()));
+    }
+
+    #[test]
+    fn missing_volume_source_releases_everything() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let host = d.path().join("img");
+        std::fs::create_dir(&host).unwrap();
+        let vols = vec![VolumeShare { host_path: d.path().join("missing"), read_only: false }];
+        match share_blocking(&shared, "c1", &host, false, &vols) {
+            Err(ShareFsError::Io { what, .. }) => assert!(what.contains("missing"), "{what}"),
+            Err(ShareFsError::Mount {
+                source: nix::errno::Errno::EPERM,
+                ..
+            }) => return,
+            other => panic!("expected an Io error, got {:?}", other.map(|_| ())),
+        }
+        assert!(!shared.join("c1").exists());
     }
 }

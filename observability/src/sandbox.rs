@@ -248,6 +248,12 @@ impl SandboxMetrics {
         self.agent_rpc.clone()
     }
 
+    /// Adds a collector defined elsewhere (the shim's task-service metrics) to this registry.
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) -> Result<(), MetricsError> {
+        self.registry.register(c)?;
+        Ok(())
+    }
+
     /// Records the VM's facts once it runs.
     pub fn set_vm(&self, f: &VmFacts) {
         self.vm_start.set(f.start_duration.as_secs_f64());

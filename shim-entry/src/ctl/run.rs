@@ -230,6 +230,8 @@ async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>, target: Target)
                 cwd: String::new(),
                 terminal: false,
                 hostname: hostname.unwrap_or_default(),
+                oci_spec_json: String::new(),
+                volumes: Vec::new(),
             };
             (id, sb.send(msg).await)
         }

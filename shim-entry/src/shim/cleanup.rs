@@ -63,11 +63,37 @@ fn remove_dead_socket(bundle: &Path) {
     }
 }
 
+/// Whether the shim named in `<bundle>/address` still accepts connections.
+fn shim_alive(bundle: &Path) -> bool {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else { return false };
+    let address = address.trim();
+    let path = Path::new(address.strip_prefix("unix://").unwrap_or(address));
+    path.is_absolute() && std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+fn killed_response() -> DeleteResponse {
+    DeleteResponse {
+        pid: 0,
+        exit_status: 128 + libc::SIGKILL as u32,
+        exited_at: MessageField::some(Timestamp::from(SystemTime::now())),
+        ..Default::default()
+    }
+}
+
 /// Kills the sandbox's leftover processes, unmounts its mounts and the bundle rootfs, removes
 /// its state dir. Reports the container as killed (137).
+///
+/// containerd runs this after every shim connection closes, also after a normal Delete of one
+/// container of a pod whose shim still serves the others: when the shim still accepts
+/// connections nothing is touched (the live shim owns the VM and its resources). The sandbox
+/// is found by the pod's grouping id (`io.kubernetes.cri.sandbox-id`, else the container id),
+/// which names its state dir.
 pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupError> {
+    if shim_alive(bundle) {
+        return Ok(killed_response());
+    }
     let (config, _) = joey_config::Config::load(None).map_err(|e| CleanupError::Config(e.to_string()))?;
-    let state: PathBuf = config.runtime.state_dir.join(id);
+    let state: PathBuf = config.runtime.state_dir.join(super::grouping_id(bundle, id));
     let needle = format!("{}/", state.display());
     let pids = pids_mentioning(&needle);
     for &pid in &pids {
@@ -89,12 +115,7 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
             source: e,
         })?;
     }
-    Ok(DeleteResponse {
-        pid: 0,
-        exit_status: 128 + libc::SIGKILL as u32,
-        exited_at: MessageField::some(Timestamp::from(SystemTime::now())),
-        ..Default::default()
-    })
+    Ok(killed_response())
 }
 
 #[cfg(test)]
@@ -115,6 +136,9 @@ mod tests {
         std::fs::write(d.path().join("address"), format!("unix://{}", live.display())).unwrap();
         remove_dead_socket(d.path());
         assert!(live.exists());
+        assert!(shim_alive(d.path()));
+        drop(_l);
+        assert!(!shim_alive(d.path()));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! See docs/shim.md.
 
 pub mod cleanup;
+pub mod events;
 pub mod mounts;
+pub mod resources;
 pub mod spec;
 pub mod stdio;
 pub mod task;
@@ -28,12 +30,14 @@ pub enum ShimError {
     Config(String),
 }
 
-/// The shim's sandbox id (which shim a container joins): the CRI sandbox id from the bundle's
-/// annotations, else the container id.
+/// The shim's sandbox id (which shim a container joins, and the name of the sandbox's state
+/// dir): the CRI sandbox id from the bundle's annotations when it is a valid id
+/// ([`joey_agent_protocol::is_valid_container_id`]), else the container id.
 pub fn grouping_id(bundle: &Path, id: &str) -> String {
     spec::load(bundle)
         .ok()
         .and_then(|s| s.sandbox_id)
+        .filter(|s| joey_agent_protocol::is_valid_container_id(s))
         .unwrap_or_else(|| id.to_string())
 }
 
@@ -120,10 +124,18 @@ impl Shim for JoeyShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         init_logging();
+        // The sandbox (and its state dir) is named after the pod: the grouping id of the first
+        // container, which every container of the pod shares (and `delete` finds again).
+        let (id, bundle) = (self.id.clone(), if self.bundle.is_empty() { ".".into() } else { self.bundle.clone() });
+        let sandbox_id = tokio::task::spawn_blocking(move || grouping_id(Path::new(&bundle), &id))
+            .await
+            .unwrap_or_else(|_| self.id.clone());
         // Called inside the actix system (see `main`): the actors start here.
         let sandbox = load_config().map_err(|e| e.to_string()).map(|(config, origin)| {
             let hv = HypervisorActor::new().start();
-            SandboxActor::new(self.id.clone(), config, origin, hv).start()
+            let sa = SandboxActor::new(sandbox_id, config, origin, hv);
+            let registry = sa.metrics();
+            (sa.start(), registry)
         });
         if let Err(e) = &sandbox {
             tracing::error!(error = %e, "no sandbox: the joey config did not load");
@@ -163,5 +175,13 @@ mod tests {
         )
         .expect("write");
         assert_eq!(grouping_id(d.path(), "c1"), "pod1");
+        // Not a usable directory name: the container id.
+        std::fs::write(
+            d.path().join("config.json"),
+            r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
+                "annotations":{"io.kubernetes.cri.sandbox-id":"../etc"}}"#,
+        )
+        .expect("write");
+        assert_eq!(grouping_id(d.path(), "c1"), "c1");
     }
 }

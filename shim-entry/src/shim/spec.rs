@@ -1,7 +1,10 @@
-//! What the shim needs from a bundle's OCI `config.json`: the process and root settings, and
-//! the CRI sandbox grouping annotation.
+//! What the shim needs from a bundle's OCI `config.json`: the process and root settings, the
+//! CRI sandbox grouping annotation, and the spec translated for the guest ([`translate`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use joey_actors::sharefs::{guest_rootfs_path, guest_volume_path, VolumeShare};
+use serde_json::Value;
 
 /// The OCI annotation CRI puts on every container of a pod.
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
@@ -27,11 +30,137 @@ pub struct ContainerSpec {
     pub read_only: bool,
     /// `io.kubernetes.cri.sandbox-id`, if any.
     pub sandbox_id: Option<String>,
+    /// The whole spec as parsed JSON (validated by `oci-spec`), for [`translate`].
+    pub raw: Value,
+    /// Where the spec came from (for messages).
+    pub path: String,
+}
+
+/// The spec as the guest needs it, and the host sources to share for its bind mounts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestSpec {
+    /// `CreateContainerRequest.oci_spec_json`.
+    pub json: String,
+    /// Index n is shared at [`guest_volume_path`]`(id, n)`.
+    pub volumes: Vec<VolumeShare>,
+}
+
+fn is_bind(m: &Value) -> bool {
+    let ty = m.get("type").and_then(Value::as_str).unwrap_or("");
+    ty == "bind"
+        || ty == "rbind"
+        || m.get("options")
+            .and_then(Value::as_array)
+            .is_some_and(|o| o.iter().any(|o| matches!(o.as_str(), Some("bind" | "rbind"))))
+}
+
+fn has_option(m: &Value, opt: &str) -> bool {
+    m.get("options")
+        .and_then(Value::as_array)
+        .is_some_and(|o| o.iter().any(|o| o.as_str() == Some(opt)))
+}
+
+/// Translates a parsed spec for the guest (blocking: it checks bind mount sources on the host):
+/// `root.path` becomes the guest rootfs path of `container_id`; every bind mount's source must
+/// be an existing absolute host path and becomes the guest path of its shared volume (read-only
+/// where its options say "ro"); the host-only parts are dropped (`linux.cgroupsPath`, the
+/// `path` of namespaces, `hooks`); everything else is kept as is.
+pub fn translate(spec: &ContainerSpec, container_id: &str) -> Result<GuestSpec, SpecError> {
+    let bad = |what: String| SpecError::Unsupported {
+        path: spec.path.clone(),
+        what,
+    };
+    let mut v = spec.raw.clone();
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| bad("the spec is not a JSON object".into()))?;
+    let readonly = spec.read_only;
+    obj.insert(
+        "root".into(),
+        serde_json::json!({"path": guest_rootfs_path(container_id), "readonly": readonly}),
+    );
+    obj.remove("hooks");
+    let mut volumes = Vec::new();
+    if let Some(mounts) = obj.get_mut("mounts").and_then(Value::as_array_mut) {
+        for (i, m) in mounts.iter_mut().enumerate() {
+            if !is_bind(m) {
+                continue;
+            }
+            let dest = m.get("destination").and_then(Value::as_str).unwrap_or("").to_string();
+            let src = m.get("source").and_then(Value::as_str).unwrap_or("").to_string();
+            if src.is_empty() || !src.starts_with('/') {
+                return Err(bad(format!(
+                    "mount {i} (destination {dest:?}): a bind mount needs an absolute host source, got {src:?}"
+                )));
+            }
+            if std::fs::symlink_metadata(&src).is_err() {
+                return Err(bad(format!(
+                    "mount {i} (destination {dest:?}): bind source {src} does not exist"
+                )));
+            }
+            let guest = guest_volume_path(container_id, volumes.len());
+            volumes.push(VolumeShare {
+                host_path: PathBuf::from(&src),
+                read_only: has_option(m, "ro"),
+            });
+            m["source"] = Value::String(guest);
+        }
+    }
+    if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
+        linux.remove("cgroupsPath");
+        if let Some(ns) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
+            for n in ns.iter_mut() {
+                if let Some(n) = n.as_object_mut() {
+                    n.remove("path");
+                }
+            }
+        }
+    }
+    let json = serde_json::to_string(&v).map_err(|e| bad(format!("serialize: {e}")))?;
+    Ok(GuestSpec { json, volumes })
+}
+
+/// Checks containerd's exec process spec (an OCI `process` object as JSON) and returns it
+/// re-serialized for `ExecProcessRequest.oci_process_json`, with the parts the flat fields need.
+pub fn parse_process(bytes: &[u8]) -> Result<ExecSpec, SpecError> {
+    let what = "exec process spec";
+    let p: oci_spec::runtime::Process = serde_json::from_slice(bytes).map_err(|e| SpecError::Invalid {
+        path: what.into(),
+        reason: e.to_string(),
+    })?;
+    let argv = p.args().clone().unwrap_or_default();
+    if argv.is_empty() || argv[0].is_empty() {
+        return Err(SpecError::Unsupported {
+            path: what.into(),
+            what: "process.args is empty".into(),
+        });
+    }
+    Ok(ExecSpec {
+        json: String::from_utf8_lossy(bytes).into_owned(),
+        argv,
+        env: p.env().clone().unwrap_or_default(),
+        cwd: p.cwd().display().to_string(),
+        terminal: p.terminal().unwrap_or(false),
+    })
+}
+
+/// An exec's process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSpec {
+    pub json: String,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub terminal: bool,
 }
 
 /// Parses the bytes of a `config.json`; `path` is only used in messages.
 pub fn parse(bytes: &[u8], path: &str) -> Result<ContainerSpec, SpecError> {
-    let spec: oci_spec::runtime::Spec = serde_json::from_slice(bytes).map_err(|e| SpecError::Invalid {
+    let raw: Value = serde_json::from_slice(bytes).map_err(|e| SpecError::Invalid {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    let spec: oci_spec::runtime::Spec = serde_json::from_value(raw.clone()).map_err(|e| SpecError::Invalid {
         path: path.into(),
         reason: e.to_string(),
     })?;
@@ -60,6 +189,8 @@ pub fn parse(bytes: &[u8], path: &str) -> Result<ContainerSpec, SpecError> {
         hostname: spec.hostname().clone().unwrap_or_default(),
         read_only: spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false),
         sandbox_id,
+        raw,
+        path: path.into(),
     })
 }
 
@@ -118,5 +249,102 @@ mod tests {
     fn missing_file_is_a_read_error() {
         let d = std::env::temp_dir().join("joey-shim-spec-test-none");
         assert!(matches!(load(&d).unwrap_err(), SpecError::Read { .. }));
+    }
+
+    fn spec_with(extra_mounts: &str, extra_linux: &str) -> String {
+        format!(
+            r#"{{
+            "ociVersion": "1.0.2",
+            "process": {{"user": {{"uid": 0, "gid": 0}}, "args": ["sh"], "cwd": "/",
+                        "rlimits": [{{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}}],
+                        "capabilities": {{"bounding": ["CAP_KILL"]}}}},
+            "root": {{"path": "/run/containerd/x/rootfs", "readonly": false}},
+            "hooks": {{"prestart": [{{"path": "/usr/bin/host-hook"}}]}},
+            "mounts": [{{"destination": "/proc", "type": "proc", "source": "proc"}}{extra_mounts}],
+            "linux": {{"cgroupsPath": "/default/c1",
+                      "namespaces": [{{"type": "pid"}}, {{"type": "network", "path": "/proc/1/ns/net"}}],
+                      "resources": {{"memory": {{"limit": 1048576}}}},
+                      "maskedPaths": ["/proc/kcore"]{extra_linux}}}
+        }}"#
+        )
+    }
+
+    #[test]
+    fn translate_rewrites_root_binds_and_drops_host_parts() {
+        let d = tempfile::tempdir().unwrap();
+        let src_ro = d.path().join("ro");
+        std::fs::create_dir(&src_ro).unwrap();
+        let src_rw = d.path().join("rw.txt");
+        std::fs::write(&src_rw, b"x").unwrap();
+        let mounts = format!(
+            r#", {{"destination": "/data", "type": "bind", "source": "{}", "options": ["rbind", "ro"]}},
+                {{"destination": "/etc/f", "type": "none", "source": "{}", "options": ["bind", "rw"]}},
+                {{"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]}}"#,
+            src_ro.display(),
+            src_rw.display()
+        );
+        let s = parse(spec_with(&mounts, "").as_bytes(), "config.json").unwrap();
+        let g = translate(&s, "c1").unwrap();
+        assert_eq!(
+            g.volumes,
+            vec![
+                VolumeShare { host_path: src_ro.clone(), read_only: true },
+                VolumeShare { host_path: src_rw.clone(), read_only: false },
+            ]
+        );
+        let v: Value = serde_json::from_str(&g.json).unwrap();
+        assert_eq!(v["root"], serde_json::json!({"path": "/run/joey/shared/c1/rootfs", "readonly": false}));
+        assert_eq!(v["mounts"][0]["source"], "proc");
+        assert_eq!(v["mounts"][1]["source"], "/run/joey/shared/c1/volumes/0");
+        assert_eq!(v["mounts"][1]["options"], serde_json::json!(["rbind", "ro"]));
+        assert_eq!(v["mounts"][2]["source"], "/run/joey/shared/c1/volumes/1");
+        assert_eq!(v["mounts"][3]["source"], "tmpfs");
+        assert!(v.get("hooks").is_none());
+        assert!(v["linux"].get("cgroupsPath").is_none());
+        assert_eq!(
+            v["linux"]["namespaces"],
+            serde_json::json!([{"type": "pid"}, {"type": "network"}])
+        );
+        // Kept as is.
+        assert_eq!(v["linux"]["resources"]["memory"]["limit"], 1048576);
+        assert_eq!(v["linux"]["maskedPaths"], serde_json::json!(["/proc/kcore"]));
+        assert_eq!(v["process"]["rlimits"][0]["type"], "RLIMIT_NOFILE");
+        assert_eq!(v["process"]["capabilities"]["bounding"], serde_json::json!(["CAP_KILL"]));
+    }
+
+    #[test]
+    fn translate_refuses_a_bind_with_a_missing_or_relative_source() {
+        let m = r#", {"destination": "/data", "type": "bind", "source": "/nonexistent/joey-src", "options": ["rbind"]}"#;
+        let s = parse(spec_with(m, "").as_bytes(), "/b/config.json").unwrap();
+        let e = translate(&s, "c1").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "/b/config.json: mount 1 (destination \"/data\"): bind source /nonexistent/joey-src does not exist"
+        );
+        let m = r#", {"destination": "/data", "type": "bind", "source": "rel", "options": ["rbind"]}"#;
+        let s = parse(spec_with(m, "").as_bytes(), "c").unwrap();
+        let e = translate(&s, "c1").unwrap_err().to_string();
+        assert!(e.contains("absolute host source") && e.contains("\"rel\""), "{e}");
+    }
+
+    #[test]
+    fn invalid_rlimit_type_is_named() {
+        let bad = spec_with("", "").replace("RLIMIT_NOFILE", "RLIMIT_BOGUS");
+        let e = parse(bad.as_bytes(), "c").unwrap_err();
+        assert!(matches!(e, SpecError::Invalid { .. }), "{e}");
+        assert!(e.to_string().contains("RLIMIT_BOGUS"), "{e}");
+    }
+
+    #[test]
+    fn exec_process_spec() {
+        let p = parse_process(br#"{"args": ["echo", "hi"], "env": ["A=1"], "cwd": "/tmp", "terminal": true,
+                                   "user": {"uid": 0, "gid": 0}}"#)
+            .unwrap();
+        assert_eq!(p.argv, vec!["echo", "hi"]);
+        assert_eq!(p.env, vec!["A=1"]);
+        assert_eq!(p.cwd, "/tmp");
+        assert!(p.terminal);
+        assert!(parse_process(br#"{"args": [], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#).is_err());
+        assert!(parse_process(b"nope").is_err());
     }
 }

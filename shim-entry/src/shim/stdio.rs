@@ -25,13 +25,7 @@ pub enum StdioError {
 }
 
 /// The fifo paths containerd gave for a process (empty: none).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StdioPaths {
-    pub stdin: String,
-    pub stdout: String,
-    pub stderr: String,
-    pub terminal: bool,
-}
+pub use joey_actors::container::ProcessIo as StdioPaths;
 
 /// Opens a fifo for writing without waiting for a reader (O_RDWR keeps the open from blocking).
 fn open_writer(path: &str) -> Result<tokio::net::unix::pipe::Sender, StdioError> {
