@@ -14,8 +14,8 @@ step() {
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || status=$rc
 }
-step "$CARGO" test --release --workspace --exclude joey-tests
-step "$CARGO" test --release -p joey-tests -- --test-threads=2
+step "$CARGO" test --release --no-fail-fast --workspace --exclude joey-tests
+step "$CARGO" test --release --no-fail-fast -p joey-tests -- --test-threads=2
 sum() { grep -E '^test result:' "$log" | sed -E "s/.* ([0-9]+) $1.*/\1/" | awk '{s+=$1} END {print s+0}'; }
 passed=$(sum passed)
 failed=$(sum failed)

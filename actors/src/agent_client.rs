@@ -213,11 +213,12 @@ impl AgentClient {
             .map_err(|e| rpc_err("WaitProcess", e))
     }
 
-    pub async fn signal(&self, exec_id: &str, signal: u32) -> Result<(), AgentError> {
+    pub async fn signal(&self, exec_id: &str, signal: u32, all: bool) -> Result<(), AgentError> {
         let _timer = self.time("SignalProcess");
         let req = agent::SignalProcessRequest {
             exec_id: exec_id.to_string(),
             signal,
+            all,
             ..Default::default()
         };
         self.inner

@@ -106,6 +106,8 @@ pub struct WaitProcess {
 pub struct SignalProcess {
     pub exec_id: String,
     pub signal: u32,
+    /// Every process of the container whose first process `exec_id` is (`kill --all`).
+    pub all: bool,
 }
 
 #[derive(Message)]
@@ -481,7 +483,7 @@ macro_rules! forward {
 
 forward!(ExecProcess, u32, |a, m| a.exec(m.0).await);
 forward!(WaitProcess, agent::WaitProcessResponse, |a, m| a.wait(&m.exec_id).await);
-forward!(SignalProcess, (), |a, m| a.signal(&m.exec_id, m.signal).await);
+forward!(SignalProcess, (), |a, m| a.signal(&m.exec_id, m.signal, m.all).await);
 forward!(WriteStdin, u32, |a, m| a.write_stdin(&m.exec_id, m.data).await);
 forward!(CloseStdin, (), |a, m| a.close_stdin(&m.exec_id).await);
 forward!(ReadOutput, Vec<u8>, |a, m| a.read_output(&m.exec_id, m.stderr, m.len).await);
@@ -629,7 +631,9 @@ impl Handler<CreateContainer> for SandboxActor {
                 .send(ShareRootfs {
                     container_id: m.container_id.clone(),
                     host_path: m.rootfs,
-                    read_only: m.read_only,
+                    // With an OCI spec the agent first creates missing mountpoints in the rootfs
+                    // (like runc), then makes it read-only itself (root.readonly).
+                    read_only: m.read_only && m.oci_spec_json.is_empty(),
                     volumes: m.volumes,
                 })
                 .await??;

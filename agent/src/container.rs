@@ -52,7 +52,7 @@ use crate::cgroup::{Cgroup, CgroupError};
 use crate::exec::{self, parse_env, ExecError, Spawned, DEFAULT_PATH};
 use crate::reaper::ProcTable;
 use crate::seccomp::Filter;
-use crate::spec::{is_clean_absolute, ContainerConfig, MountKind, ProcessConfig, SpecError, ALLOWED_GUEST_SOURCES};
+use crate::spec::{is_clean_absolute, ContainerConfig, MountKind, ProcessConfig, SpecError, UserConfig, ALLOWED_GUEST_SOURCES};
 use crate::steps::{cstr, last_cap, process_steps, run_op, Op, Step};
 
 /// Directory on which each container's child mounts its private staging tmpfs. It sits on the
@@ -678,6 +678,7 @@ pub fn spawn(
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| DEFAULT_PATH.to_string());
+    let env = with_home(env, root.as_raw_fd(), p.user.as_ref());
     let program_path = match resolve_in_rootfs(root.as_raw_fd(), &program, &path_var, &cwd) {
         Ok(p) => p,
         // May come from a mount: let execvp in the child search PATH.
@@ -742,6 +743,45 @@ pub fn spawn(
     }
 }
 
+/// Largest /etc/passwd read to find a home directory.
+const MAX_PASSWD_BYTES: u64 = 1 << 20;
+
+/// The home directory of `uid` in the rootfs open at `root` (its /etc/passwd, resolved inside
+/// the rootfs), or "/" when there is no such file or entry: what runc gives a process whose
+/// environment has no HOME.
+fn home_in_rootfs(root: RawFd, uid: u32) -> String {
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT);
+    let Ok(fd) = openat2(root, "/etc/passwd", how) else {
+        return "/".into();
+    };
+    // SAFETY: openat2 just returned this fd and nothing else owns it.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut text = String::new();
+    use std::io::Read as _;
+    if !file.metadata().is_ok_and(|m| m.is_file()) || file.take(MAX_PASSWD_BYTES).read_to_string(&mut text).is_err() {
+        return "/".into();
+    }
+    home_from_passwd(&text, uid).unwrap_or_else(|| "/".into())
+}
+
+/// The home field of the first `name:pw:uid:gid:gecos:home:shell` line with this uid.
+fn home_from_passwd(text: &str, uid: u32) -> Option<String> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 7 && f[2].parse() == Ok(uid) && !f[5].is_empty()).then(|| f[5].to_string())
+    })
+}
+
+/// Adds HOME (from the rootfs's /etc/passwd) when `env` has none, as runc does.
+fn with_home(mut env: Vec<(String, String)>, root: RawFd, user: Option<&UserConfig>) -> Vec<(String, String)> {
+    if !env.iter().any(|(k, _)| k == "HOME") {
+        env.push(("HOME".into(), home_in_rootfs(root, user.map_or(0, |u| u.uid))));
+    }
+    env
+}
+
 /// The Command for `program_path` (argv[0] = `program`) with exactly `env` (plus a default PATH).
 fn command(program_path: &str, program: &str, args: &[String], env: &[(String, String)]) -> Command {
     let mut cmd = Command::new(program_path);
@@ -793,6 +833,7 @@ pub fn exec_in(table: Arc<ProcTable>, t: &Target, p: &ProcessConfig) -> Result<S
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| DEFAULT_PATH.to_string());
     let program_path = resolve_in_rootfs(root.as_raw_fd(), &program, &path_var, &cwd)?;
+    let env = with_home(env, root.as_raw_fd(), p.user.as_ref());
 
     let mut keep = Vec::new();
     let mut steps = Vec::new();
@@ -978,6 +1019,27 @@ mod tests {
             let e = validate_rootfs(bad, s).expect_err(bad);
             assert!(e.to_string().contains(bad.trim_end_matches('/')), "{e}");
         }
+    }
+
+    #[test]
+    fn home_comes_from_the_rootfs_passwd() {
+        let text = "root:x:0:0:root:/root:/bin/sh\nbroken line\nnobody:x:65534:65534::/nonexistent:/bin/false\nu:x:1000:1000::/home/u:/bin/sh\n";
+        assert_eq!(home_from_passwd(text, 0).as_deref(), Some("/root"));
+        assert_eq!(home_from_passwd(text, 1000).as_deref(), Some("/home/u"));
+        assert_eq!(home_from_passwd(text, 7), None);
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = nix::fcntl::open(d.path(), OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty()).expect("open");
+        // SAFETY: fresh fd from open.
+        let root = unsafe { OwnedFd::from_raw_fd(root) };
+        // No /etc/passwd: "/".
+        assert_eq!(home_in_rootfs(root.as_raw_fd(), 0), "/");
+        std::fs::create_dir(d.path().join("etc")).expect("mkdir");
+        std::fs::write(d.path().join("etc/passwd"), text).expect("write");
+        assert_eq!(home_in_rootfs(root.as_raw_fd(), 1000), "/home/u");
+        let env = with_home(vec![("A".into(), "b".into())], root.as_raw_fd(), None);
+        assert_eq!(env, vec![("A".into(), "b".into()), ("HOME".into(), "/root".into())]);
+        let env = with_home(vec![("HOME".into(), "/x".into())], root.as_raw_fd(), None);
+        assert_eq!(env, vec![("HOME".into(), "/x".into())]);
     }
 
     #[test]

@@ -671,6 +671,23 @@ impl Agent {
         if p.exit_info().is_some() {
             return Err(ReaperError::AlreadyExited.into());
         }
+        if req.all {
+            // Every process of the container whose first process this is (its cgroup).
+            let group = self
+                .containers()
+                .get(&req.exec_id)
+                .filter(|c| Arc::ptr_eq(&c.process, &p))
+                .and_then(|c| c.cgroup.as_ref().map(|cg| cg.procs()));
+            if let Some(pids) = group {
+                let pids = pids.map_err(|e| ServiceError::Internal(format!("listing the container's processes: {e}")))?;
+                for pid in pids {
+                    // SAFETY: kill(2) takes no pointers; the pid was just listed in the
+                    // container's cgroup, which holds only the container's processes.
+                    unsafe { libc::kill(pid as libc::pid_t, signal) };
+                }
+                return Ok(Empty::default());
+            }
+        }
         self.table.kill(p.pid, signal)?;
         Ok(Empty::default())
     }

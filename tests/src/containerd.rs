@@ -229,6 +229,16 @@ impl Containerd {
         })
     }
 
+    /// Pids `ctr task ps` lists for task `id` (empty when the task is unknown).
+    pub fn task_pids(&self, id: &str) -> Vec<u32> {
+        let ps = self.ctr_out(&["task", "ps", id]);
+        String::from_utf8_lossy(&ps.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
     /// Polls `ctr task ls` until task `id` has `status`; fails after `timeout` naming the last one.
     pub fn wait_task_status(&self, id: &str, status: &str, timeout: Duration) {
         let t0 = Instant::now();

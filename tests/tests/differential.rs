@@ -140,6 +140,38 @@ fn nproc_inherited(s: &str) -> String {
         .collect()
 }
 
+/// Masked paths that only exist on the host: the OCI spec masks /proc/acpi and /proc/keys, which
+/// runc finds on the host kernel, while the guest kernel has neither (no ACPI, no KEYS), so the
+/// agent has nothing to mask there. Their mount points are dropped from both lists.
+const HOST_ONLY_MASKS: [&str; 2] = ["/proc/acpi", "/proc/keys"];
+
+/// [`mount_point_column`] without [`HOST_ONLY_MASKS`].
+fn mount_points_in_guest_kernel(s: &str) -> String {
+    mount_point_column(s)
+        .lines()
+        .filter(|l| !HOST_ONLY_MASKS.contains(l))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// In `ps` lines (`  PID USER COMMAND`), a pid other than 1 becomes `<pid>`: runc's exec goes
+/// through `runc init` (nsexec forks twice inside the container's pid namespace), so exec'd
+/// processes get higher pids than with joey's agent, which forks once.
+fn exec_pids(s: &str) -> String {
+    s.lines()
+        .map(|l| {
+            let t = l.trim_start();
+            let digits = t.len() - t.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            let is_ps_line = digits > 0 && t[digits..].starts_with(' ');
+            if is_ps_line && &t[..digits] != "1" {
+                format!("<pid>{}\n", &t[digits..])
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect()
+}
+
 macro_rules! scenarios {
     ($($name:ident: $s:expr;)*) => {
         /// The table: every scenario, once.
@@ -168,7 +200,7 @@ scenarios! {
         ..BASE
     };
     rlimits: Scenario { argv: &["sh", "-c", "ulimit -n; ulimit -u"], norm: nproc_inherited, ..BASE };
-    mount_points: Scenario { argv: &["cat", "/proc/self/mountinfo"], norm: mount_point_column, ..BASE };
+    mount_points: Scenario { argv: &["cat", "/proc/self/mountinfo"], norm: mount_points_in_guest_kernel, ..BASE };
     dev_listing: Scenario { argv: &["ls", "-la", "/dev"], norm: no_ls_dates, ..BASE };
     hostname_default: Scenario { argv: &["hostname"], norm: host_name_as_id, ..BASE };
     hostname_set: Scenario { ctr_args: &["--hostname", "diffhost"], argv: &["hostname"], ..BASE };
@@ -223,6 +255,7 @@ scenarios! {
             Step::Exec(&["ps"]),
             Step::Signal("SIGKILL"),
         ]),
+        norm: exec_pids,
         ..BASE
     };
     stdin_cat: Scenario {
@@ -335,6 +368,14 @@ fn detached(c: &Containerd, events: &Events, id: &str, steps: &[Step], norm: &dy
         match step {
             Step::Signal(sig) | Step::SignalAll(sig) => {
                 let all = matches!(step, Step::SignalAll(_));
+                if all {
+                    // `--all` is about the processes the command started: wait (not recorded)
+                    // until they exist, or a slow start races the signal on either runtime.
+                    let t0 = Instant::now();
+                    while c.task_pids(id).len() < 2 && t0.elapsed() < Duration::from_secs(30) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
                 let mut a = vec!["task", "kill", "-s", sig];
                 if all {
                     a.push("--all");
@@ -449,6 +490,14 @@ fn normalisers() {
     assert_eq!(mask_ctr_log_time("no newline"), "no newline");
     assert_eq!(nproc_inherited("1024\n96365\n"), "1024\n<inherited>\n");
     assert_eq!(nproc_inherited("1024\n"), "1024\n");
+    assert_eq!(
+        mount_points_in_guest_kernel(&format!("{mi}24 23 0:5 / /proc/acpi ro - tmpfs tmpfs ro\n25 23 0:5 / /proc/keys rw - proc proc rw\n")),
+        "/\n/proc\n"
+    );
+    assert_eq!(
+        exec_pids("PID   USER     COMMAND\n    1 root     sleep 300\n   13 root     ps\nexec-out 5\n"),
+        "PID   USER     COMMAND\n    1 root     sleep 300\n<pid> root     ps\nexec-out 5\n"
+    );
     let names: Vec<&str> = table().iter().map(|s| s.name).collect();
     let mut uniq = names.clone();
     uniq.sort();

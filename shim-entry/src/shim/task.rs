@@ -709,6 +709,8 @@ impl Inner {
                 let msg = SignalProcess {
                     exec_id: p.agent_id,
                     signal: req.signal,
+                    // `kill --all` addresses the container (its init); an exec is one process.
+                    all: req.all && req.exec_id.is_empty(),
                 };
                 call(&sb, "SignalProcess", msg).await
             }
