@@ -428,3 +428,54 @@ fn malformed_spec_is_refused() {
     let _ = c.ctr_out(&["container", "rm", "bad2"]);
     c.assert_clean(&["bad", "bad2"]);
 }
+
+/// `ctr run --log-uri`: `file://` appends the output to a file (parent directories created);
+/// `binary://` hands stdout and stderr to a logging binary on fds 3 and 4 (ready on fd 5), with
+/// the query as its arguments and the container's id and namespace in its environment.
+#[test]
+fn log_uris_file_and_binary() {
+    let c = Containerd::start();
+    c.import_busybox();
+    let _guard = OnPanic { c: &c, ids: &["lf", "lb"] };
+    let d = c.dir.path();
+
+    let log = d.join("logs/sub/lf.log");
+    let uri = format!("file://{}", log.display());
+    let o = ctr_run(&c, &["run", "--rm", "--runtime", RUNTIME, "--log-uri", &uri, IMAGE, "lf", "sh", "-c", "echo one; echo two"]);
+    ok(&o, "ctr run --log-uri file://", &c);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "", "output went to the log file, not ctr");
+    assert_eq!(std::fs::read_to_string(&log).unwrap_or_default(), "one\ntwo\n");
+
+    let out = d.join("binlog");
+    std::fs::create_dir(&out).unwrap();
+    let logger = d.join("logger.sh");
+    std::fs::write(
+        &logger,
+        "#!/bin/sh\n# $1 = dir (query key), $2 = its value\nexec 5>&-\n\
+         echo \"$CONTAINER_ID $CONTAINER_NAMESPACE $1\" > \"$2/env\"\n\
+         cat <&3 > \"$2/out\" &\ncat <&4 > \"$2/err\"\nwait\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let uri = format!("binary://{}?dir={}", logger.display(), out.display());
+    let o = ctr_run(&c, &[
+        "run", "--rm", "--runtime", RUNTIME, "--log-uri", &uri, IMAGE, "lb", "sh", "-c", "echo to-out; echo to-err >&2; exit 4",
+    ]);
+    assert_eq!(o.status.code(), Some(4), "stderr: {}\ncontainerd log:\n{}", stderr_of(&o), c.log());
+    // The logger ends once both streams reached EOF.
+    let t0 = Instant::now();
+    while std::fs::read_to_string(out.join("err")).unwrap_or_default() != "to-err\n" && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read_to_string(out.join("out")).unwrap_or_default(), "to-out\n");
+    assert_eq!(std::fs::read_to_string(out.join("err")).unwrap_or_default(), "to-err\n");
+    assert_eq!(std::fs::read_to_string(out.join("env")).unwrap_or_default(), "lb default dir\n");
+
+    // An unsupported scheme is refused with a message naming it, before any VM starts.
+    let o = ctr_run(&c, &["run", "--rm", "--runtime", RUNTIME, "--log-uri", "ftp://x/y", IMAGE, "lx", "true"]);
+    assert!(!o.status.success(), "an ftp:// log URI was accepted");
+    assert!(stderr_of(&o).contains("unsupported scheme \"ftp\""), "stderr: {}", stderr_of(&o));
+    let _ = c.ctr_out(&["container", "rm", "lx"]);
+    assert!(processes_mentioning(&format!("{}/", out.display())).is_empty(), "logger left running");
+    c.assert_clean(&["lf", "lb", "lx"]);
+}

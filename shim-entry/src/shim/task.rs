@@ -93,6 +93,8 @@ pub enum TaskError {
     Container(#[from] ContainerError),
     #[error(transparent)]
     Resource(#[from] ResourceError),
+    #[error(transparent)]
+    Stdio(#[from] stdio::StdioError),
     #[error("{what} timed out after {after:?}")]
     Timeout { what: &'static str, after: Duration },
     #[error("internal: {0}")]
@@ -108,6 +110,9 @@ impl TaskError {
             TaskError::FailedPrecondition(_) | TaskError::Config(_) => Code::FAILED_PRECONDITION,
             TaskError::Unimplemented(_) => Code::UNIMPLEMENTED,
             TaskError::Spec(_) | TaskError::Mount(mounts::MountError::Unsupported(_)) => Code::INVALID_ARGUMENT,
+            TaskError::Stdio(stdio::StdioError::BadUri { .. } | stdio::StdioError::SplitBinary { .. }) => {
+                Code::INVALID_ARGUMENT
+            }
             TaskError::Container(ContainerError::NoProcess { .. }) => Code::NOT_FOUND,
             TaskError::Container(ContainerError::ExecExists { .. }) => Code::ALREADY_EXISTS,
             TaskError::Container(ContainerError::InvalidExecId(_)) => Code::INVALID_ARGUMENT,
@@ -216,6 +221,8 @@ struct Inner {
     /// None when the joey config failed to load (the reason is in `config_error`).
     sandbox: Option<Addr<SandboxActor>>,
     config_error: Option<String>,
+    /// containerd namespace of this shim's tasks (for logging binaries' environment).
+    namespace: String,
     events: Events,
     metrics: ShimMetrics,
     exit: Arc<ExitSignal>,
@@ -248,11 +255,12 @@ impl JoeyTask {
             }
             Err(e) => (None, Some(e)),
         };
-        let events = Events::start(publisher, namespace, metrics.clone());
+        let events = Events::start(publisher, namespace.clone(), metrics.clone());
         JoeyTask {
             inner: Arc::new(Inner {
                 sandbox,
                 config_error,
+                namespace,
                 events,
                 metrics,
                 exit,
@@ -470,6 +478,7 @@ impl Inner {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        stdio::check_outputs(&io)?;
         let rootfs = bundle.join("rootfs");
         let mut resources = ResourceStack::default();
         if !req.rootfs.is_empty() {
@@ -532,6 +541,8 @@ impl Inner {
                 req.exec_id, req.id, p.state
             )));
         }
+        // Before the process exists, so that a logging binary sees all of its output.
+        let (out_sink, err_sink) = stdio::open_outputs(&p.io, &req.id, &self.namespace).await?;
         let pid = if req.exec_id.is_empty() {
             let s = &e.spec;
             let msg = CreateContainer {
@@ -574,8 +585,8 @@ impl Inner {
             });
             call(&sb, "ExecProcess", msg).await?
         };
-        let out = tokio::spawn(stdio::pump_output(sb.clone(), p.agent_id.clone(), false, p.io.stdout.clone()));
-        let err = tokio::spawn(stdio::pump_output(sb.clone(), p.agent_id.clone(), true, p.io.stderr.clone()));
+        let out = tokio::spawn(stdio::pump_output(sb.clone(), p.agent_id.clone(), false, out_sink));
+        let err = tokio::spawn(stdio::pump_output(sb.clone(), p.agent_id.clone(), true, err_sink));
         let inp = tokio::spawn(stdio::pump_stdin(
             sb.clone(),
             p.agent_id.clone(),
@@ -828,11 +839,15 @@ impl Inner {
             &e.actor,
             AddExec {
                 exec_id: exec_id.clone(),
-                io: ProcessIo {
-                    stdin: req.stdin,
-                    stdout: req.stdout,
-                    stderr: req.stderr,
-                    terminal: req.terminal,
+                io: {
+                    let io = ProcessIo {
+                        stdin: req.stdin,
+                        stdout: req.stdout,
+                        stderr: req.stderr,
+                        terminal: req.terminal,
+                    };
+                    stdio::check_outputs(&io)?;
+                    io
                 },
                 process_json: x.json,
             },
