@@ -57,6 +57,12 @@ fn ctr_run_busybox_in_a_microvm() {
         "guest MemTotal {mem} bytes not in 100..=256 MiB:\n{body}"
     );
     assert_eq!(value(&body, "joey_hypervisor_info", &["kind=\"qemu\""]), Some(1.0), "{body}");
+    // The container's own cgroup figures (read in the guest at scrape time): one process
+    // (`sleep`), some memory charged to it, well below the VM's.
+    let cid = ["container_id=\"t3\""];
+    assert_eq!(value(&body, "joey_guest_container_pids", &cid), Some(1.0), "{body}");
+    let used = value(&body, "joey_guest_container_memory_usage_bytes", &cid).unwrap_or(-1.0);
+    assert!(used > 0.0 && used < mem, "container memory {used} bytes not in (0, {mem}):\n{body}");
 
     let o = c.ctr_out(&["task", "kill", "-s", "SIGKILL", "t3"]);
     assert!(o.status.success(), "ctr task kill: {}", stderr_of(&o));
