@@ -479,3 +479,56 @@ fn log_uris_file_and_binary() {
     assert!(processes_mentioning(&format!("{}/", out.display())).is_empty(), "logger left running");
     c.assert_clean(&["lf", "lb", "lx"]);
 }
+
+/// Update (containerd's UpdateTask; ctr 1.6 has no `task update`, so the test calls the shim's
+/// task API itself): new memory and pids limits reach the container's guest cgroup, as
+/// `ctr task metrics` then shows; a malformed resources object is INVALID_ARGUMENT.
+#[test]
+fn update_changes_the_guest_cgroup_limits() {
+    use containerd_shim_protos::api::UpdateTaskRequest;
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::protobuf::MessageField;
+    use containerd_shim_protos::{Client, TaskClient};
+
+    let c = Containerd::start();
+    c.import_busybox();
+    let _guard = OnPanic { c: &c, ids: &["up"] };
+    run_detached(&c, "up", &[], &["sleep", "300"]);
+    let metric = |name: &str| -> String {
+        let o = c.ctr_out(&["task", "metrics", "up"]);
+        ok(&o, "ctr task metrics", &c);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 2 && f[0] == name).then(|| f[1].to_string())
+            })
+            .unwrap_or_else(|| panic!("{name} missing in:\n{out}"))
+    };
+    assert_ne!(metric("memory.usage_limit"), "67108864", "limit set before the update");
+
+    let addr = format!("unix://{}", c.shim_socket("up").display());
+    let client = TaskClient::new(Client::connect(&addr).expect("connect to the shim"));
+    let update = |json: &str| {
+        let req = UpdateTaskRequest {
+            id: "up".into(),
+            resources: MessageField::some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+                value: json.as_bytes().to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        client.update(containerd_shim_protos::ttrpc::context::with_timeout(30_000_000_000), &req)
+    };
+    update(r#"{"memory": {"limit": 67108864}, "pids": {"limit": 32}}"#).expect("Update");
+    assert_eq!(metric("memory.usage_limit"), "67108864");
+    assert_eq!(metric("pids.limit"), "32");
+
+    let e = update("{not json").expect_err("a malformed resources object was accepted");
+    let msg = format!("{e:?}");
+    assert!(msg.contains("INVALID_ARGUMENT"), "{msg}");
+    drop(client);
+    remove(&c, "up");
+    c.assert_clean(&["up"]);
+}
