@@ -167,6 +167,10 @@ pub struct SandboxActor {
     sharefs: Option<Addr<ShareFsActor>>,
 }
 
+/// What an agent call needs: the client, the VM exit watch (to fail fast with VmDied) and the
+/// console log (quoted in that error).
+type AgentCall = (AgentClient, watch::Receiver<Option<VmExit>>, Option<PathBuf>);
+
 impl SandboxActor {
     pub fn new(id: String, config: Config, config_origin: String, hypervisor: Addr<HypervisorActor>) -> Self {
         let state_dir = config.runtime.state_dir.join(&id);
@@ -193,7 +197,7 @@ impl SandboxActor {
         self.metrics.clone()
     }
 
-    fn agent(&self) -> Result<(AgentClient, watch::Receiver<Option<VmExit>>, Option<PathBuf>), SandboxError> {
+    fn agent(&self) -> Result<AgentCall, SandboxError> {
         match (&self.agent, &self.vm_exit, self.state) {
             (Some(a), Some(x), SandboxState::Running) => Ok((a.clone(), x.clone(), self.console_log.clone())),
             _ => Err(SandboxError::State(InvalidTransition {

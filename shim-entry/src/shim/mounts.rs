@@ -34,8 +34,7 @@ pub fn check(mounts: &[Mount]) -> Result<(), MountError> {
 /// On failure, whatever was mounted is unmounted again.
 pub async fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), MountError> {
     check(mounts)?;
-    let mut done = 0usize;
-    for m in mounts {
+    for (done, m) in mounts.iter().enumerate() {
         if let Err(e) = containerd_shim::asynchronous::util::mount_rootfs(m, target).await {
             for _ in 0..done {
                 let t = target.to_path_buf();
@@ -47,7 +46,6 @@ pub async fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), MountError
                 reason: e.to_string(),
             });
         }
-        done += 1;
     }
     Ok(())
 }

@@ -163,7 +163,7 @@ pub async fn open_outputs(io: &StdioPaths, id: &str, namespace: &str) -> Result<
         let (err_w, err_r) = logger_pipe().map_err(lerr)?;
         let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| lerr(e.into()))?;
         let fds = [out_r, err_r, ready_w];
-        let raw: Vec<i32> = fds.iter().map(|f| std::os::fd::AsRawFd::as_raw_fd(f)).collect();
+        let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
         let mut cmd = tokio::process::Command::new(path);
         cmd.args(args)
             .env("CONTAINER_ID", id)
