@@ -197,6 +197,10 @@ struct ContainerRecord {
     process: Arc<Process>,
     /// Frozen by PauseContainer (an exec would be frozen before it could exec).
     paused: bool,
+    /// The cgroup's oom_kill count already reported (GetOomEvent or WaitProcess).
+    oom_reported: u64,
+    /// Whether the first process's exit carried OOM kills (decided at its first WaitProcess).
+    oom_at_exit: Option<bool>,
 }
 
 impl ContainerRecord {
@@ -271,7 +275,6 @@ impl Agent {
     pub fn start_oom_watcher(self: &Arc<Self>) {
         let agent = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut last: HashMap<String, u64> = HashMap::new();
             loop {
                 tokio::time::sleep(OOM_POLL).await;
                 let Some(agent) = agent.upgrade() else { return };
@@ -280,7 +283,7 @@ impl Agent {
                     .iter()
                     .filter_map(|(id, r)| r.cgroup.clone().map(|c| (id.clone(), c)))
                     .collect();
-                if groups.is_empty() && last.is_empty() {
+                if groups.is_empty() {
                     continue;
                 }
                 let counts = match tokio::task::spawn_blocking(move || {
@@ -294,17 +297,47 @@ impl Agent {
                         continue;
                     }
                 };
-                let mut next = HashMap::new();
                 for (id, n) in counts {
-                    let before = last.get(&id).copied().unwrap_or(0);
-                    for _ in before..n {
+                    for _ in 0..agent.take_new_ooms(&id, n) {
                         agent.push_oom_event(&id);
                     }
-                    next.insert(id, n.max(before));
                 }
-                last = next;
             }
         });
+    }
+
+    /// How many of a container's `count` OOM kills nobody reported yet; records them as
+    /// reported. One lock, so the watcher and WaitProcess never report the same kill twice.
+    fn take_new_ooms(&self, id: &str, count: u64) -> u64 {
+        match self.containers().get_mut(id) {
+            Some(r) if count > r.oom_reported => {
+                let new = count - r.oom_reported;
+                r.oom_reported = count;
+                new
+            }
+            _ => 0,
+        }
+    }
+
+    /// For a container's first process that exited: whether OOM kills happened that nobody
+    /// reported (then they count as reported by this exit). The same answer on every call.
+    async fn oom_at_exit(&self, exec_id: &str, p: &Arc<Process>) -> bool {
+        let cgroup = match self.containers().get(exec_id) {
+            Some(r) if Arc::ptr_eq(&r.process, p) => match r.oom_at_exit {
+                Some(v) => return v,
+                None => r.cgroup.clone(),
+            },
+            _ => return false,
+        };
+        let count = match cgroup {
+            Some(cg) => tokio::task::spawn_blocking(move || cg.oom_kills()).await.unwrap_or(0),
+            None => 0,
+        };
+        let new = self.take_new_ooms(exec_id, count) > 0;
+        match self.containers().get_mut(exec_id) {
+            Some(r) => *r.oom_at_exit.get_or_insert(new),
+            None => new,
+        }
     }
 
     fn push_oom_event(&self, id: &str) {
@@ -513,6 +546,8 @@ impl Agent {
                 seccomp: config.seccomp,
                 process,
                 paused: false,
+                oom_reported: 0,
+                oom_at_exit: None,
             },
         );
         Ok(CreateContainerResponse {
@@ -656,11 +691,16 @@ impl Agent {
     async fn wait(&self, req: WaitProcessRequest) -> Result<WaitProcessResponse, ServiceError> {
         let p = self.get(&req.exec_id)?;
         let info = p.wait().await?;
+        let oom_killed = self.oom_at_exit(&req.exec_id, &p).await;
+        if oom_killed {
+            agent_log!("container {}: OOM kill, reported with its exit", req.exec_id);
+        }
         Ok(WaitProcessResponse {
             exited: info.exited,
             exit_code: info.exit_code,
             signal: info.signal,
             status: info.status,
+            oom_killed,
             ..Default::default()
         })
     }

@@ -646,7 +646,19 @@ impl Inner {
     ) {
         // No timeout: a process may run for as long as it likes; the VM dying ends the wait.
         let status = match sb.send(WaitProcess { exec_id: agent_id }).await {
-            Ok(Ok(w)) => u32::try_from(w.status).unwrap_or(255),
+            Ok(Ok(w)) => {
+                // An OOM kill the agent's watcher had not reported yet comes with the exit of
+                // the container's first process: published first, as containerd expects.
+                if w.oom_killed && exec_id.is_empty() {
+                    tracing::info!(container = %id, "OOM kill in the guest (reported with the exit)");
+                    let ev = TaskOOM {
+                        container_id: id.clone(),
+                        ..Default::default()
+                    };
+                    self.events.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
+                }
+                u32::try_from(w.status).unwrap_or(255)
+            }
             Ok(Err(e)) => {
                 tracing::error!(id, exec_id, error = %e, "waiting for the process failed");
                 255
