@@ -9,7 +9,7 @@ use joey_agent_protocol::agent;
 use joey_config::Config;
 use tokio::sync::watch;
 
-use crate::agent_client::{AgentClient, AgentError};
+use crate::agent_client::{AgentClient, AgentError, RpcCode};
 use crate::hypervisor::{
     self, host, Accelerator, BackendKind, HypervisorActor, HypervisorError, StartVm, StopVm, VmExit, VmSpec,
 };
@@ -218,14 +218,28 @@ async fn guarded<T, F>(
 where
     F: std::future::Future<Output = Result<T, AgentError>>,
 {
-    tokio::select! {
-        r = fut => r.map_err(SandboxError::from),
-        ex = exit.wait_for(|v| v.is_some()) => {
-            let exit = ex.ok().and_then(|v| v.clone()).unwrap_or(VmExit::WaitFailed("watch closed".into()));
-            Err(vm_died(exit, console.as_deref()))
+    let died = |exit: Option<VmExit>| {
+        vm_died(exit.unwrap_or(VmExit::WaitFailed("watch closed".into())), console.as_deref())
+    };
+    let r = tokio::select! {
+        r = fut => r,
+        ex = exit.wait_for(|v| v.is_some()) => return Err(died(ex.ok().and_then(|v| v.clone()))),
+    };
+    match r {
+        // A VM that dies breaks the agent connection a moment before its exit is recorded:
+        // a broken connection followed by the VM's exit is the VM dying, not the agent.
+        Err(e @ AgentError::Rpc { code: RpcCode::Transport, .. }) => {
+            match tokio::time::timeout(VM_EXIT_GRACE, exit.wait_for(|v| v.is_some())).await {
+                Ok(ex) => Err(died(ex.ok().and_then(|v| v.clone()))),
+                Err(_) => Err(e.into()),
+            }
         }
+        r => r.map_err(SandboxError::from),
     }
 }
+
+/// How long a broken agent connection waits for the VM's exit to be recorded.
+const VM_EXIT_GRACE: Duration = Duration::from_secs(2);
 
 fn vm_died(exit: VmExit, console: Option<&std::path::Path>) -> SandboxError {
     let details = console
@@ -691,4 +705,53 @@ pub fn serve_metrics(
     sandbox_state_dir: &std::path::Path,
 ) -> Result<joey_observability::http::UnixServer, joey_observability::http::HttpError> {
     crate::metrics::serve(sb, sandbox_state_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broken() -> Result<(), AgentError> {
+        Err(AgentError::Rpc {
+            rpc: "ReadStdout",
+            code: RpcCode::Transport,
+            message: "socket err: early eof".into(),
+        })
+    }
+
+    #[test]
+    fn a_broken_connection_of_a_dying_vm_is_vm_died() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            // The connection breaks first, the VM's exit is recorded 100 ms later.
+            let (tx, rx) = watch::channel(None);
+            let later = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                tx.send_replace(Some(VmExit::Signaled(9)));
+                tx
+            });
+            let e = guarded(rx, None, async { broken() }).await.unwrap_err();
+            assert!(matches!(e, SandboxError::VmDied { exit: VmExit::Signaled(9), .. }), "{e}");
+            drop(later.await.unwrap());
+
+            // The VM lives on: the agent's transport error is reported as it is.
+            let (_tx, rx) = watch::channel(None);
+            let e = guarded(rx, None, async { broken() }).await.unwrap_err();
+            assert!(e.to_string().contains("early eof"), "{e}");
+
+            // Other errors are not delayed or changed.
+            let (_tx, rx) = watch::channel(None);
+            let t0 = Instant::now();
+            let e = guarded(rx, None, async {
+                Err::<(), _>(AgentError::Rpc {
+                    rpc: "ExecProcess",
+                    code: RpcCode::NotFound,
+                    message: "x".into(),
+                })
+            })
+            .await
+            .unwrap_err();
+            assert!(t0.elapsed() < VM_EXIT_GRACE && e.to_string().contains("ExecProcess"), "{e}");
+        });
+    }
 }
