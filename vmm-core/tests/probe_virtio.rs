@@ -114,6 +114,7 @@ fn start(
         cmdline: format!("probe.mem_mib={MEM_MIB} probe.cpus={vcpus} {cmdline}"),
         serial_log: log.clone(),
         vsock,
+        virtio_fs: None,
         block_devices: blk,
     };
     let mut vmm = Vmm::create(cfg).expect("creating the probe VM");

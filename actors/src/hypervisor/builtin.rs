@@ -107,6 +107,7 @@ pub fn vm_config(spec: &VmSpec, paths: &BuiltinPaths) -> Result<VmConfig, Builti
             guest_cid: spec.guest_cid,
             uds_path: paths.vsock_uds.clone(),
         }),
+        virtio_fs: None,
         block_devices: Vec::new(),
     })
 }
