@@ -1,4 +1,4 @@
-//! virtio-mmio devices of the built-in VMM (vsock, blk) driven by the probe guest
+//! virtio-mmio devices of the built-in VMM (vsock, blk, fs) driven by the probe guest
 //! (guest/probe/) under the real /dev/kvm: the probe finds the devices on its command line,
 //! negotiates features, sets up split queues and talks to them like a driver would.
 //!
@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use joey_vmm_core::devices::blk::BlockMetrics;
 use joey_vmm_core::devices::virtio::metrics::TransportMetrics;
-use joey_vmm_core::vmm::{BlockConfig, VmConfig, VmEvent, Vmm, VmmState, VsockConfig};
+use joey_vmm_core::devices::fs::FsOp;
+use joey_vmm_core::vmm::{
+    BlockConfig, VirtioFsConfig, VmConfig, VmEvent, Vmm, VmmState, VsockConfig,
+};
 use joey_vmm_core::vstate::metrics::ExitReason;
 
 const MEM_MIB: u32 = 128;
@@ -103,6 +106,7 @@ fn start(
     cmdline: &str,
     log: PathBuf,
     vsock: Option<VsockConfig>,
+    fs: Option<VirtioFsConfig>,
     blk: Vec<BlockConfig>,
 ) -> Guest {
     require_kvm();
@@ -114,7 +118,7 @@ fn start(
         cmdline: format!("probe.mem_mib={MEM_MIB} probe.cpus={vcpus} {cmdline}"),
         serial_log: log.clone(),
         vsock,
-        virtio_fs: None,
+        virtio_fs: fs,
         block_devices: blk,
     };
     let mut vmm = Vmm::create(cfg).expect("creating the probe VM");
@@ -161,6 +165,7 @@ fn vsock_and_blk_pass(vcpus: u8) {
         &cmdline,
         dir.path().join("serial.log"),
         Some(vsock),
+        None,
         blk,
     );
     let infos = g.vmm.virtio_devices().to_vec();
@@ -274,6 +279,7 @@ fn probe_detects_missing_virtio_devices() {
         &cmdline,
         dir.path().join("serial.log"),
         Some(vsock),
+        None,
         Vec::new(),
     );
     let s = g.run_to_reset();
@@ -312,6 +318,7 @@ fn probe_read_only_disk_write_fails_with_ioerr() {
         &format!("probe.blk0_sum={sum:08x}"),
         dir.path().join("serial.log"),
         None,
+        None,
         blk,
     );
     let s = g.run_to_reset();
@@ -327,4 +334,72 @@ fn probe_read_only_disk_write_fails_with_ioerr() {
     assert_eq!(BlockMetrics::get(&m.write_ops), 0);
     assert_eq!(BlockMetrics::get(&m.invalid_chains), 0);
     g.vmm.stop().unwrap();
+}
+
+#[test]
+fn probe_virtio_fs_init_and_lookup() {
+    use fuse_backend_rs::abi::fuse_abi::{EntryOut, InHeader, InitIn, InitOut, OutHeader};
+    use std::mem::size_of;
+    const FILE: &str = "hello-joey.txt";
+    const SIZE: usize = 1234;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join(FILE), vec![b'j'; SIZE]).unwrap();
+    let fs = VirtioFsConfig {
+        shared_dir: shared.clone(),
+        tag: "joeyfs".into(),
+        read_only: true,
+    };
+    let mut g = start(
+        1,
+        &format!("probe.fs_tag=joeyfs probe.fs_file={FILE} probe.fs_size={SIZE}"),
+        dir.path().join("serial.log"),
+        None,
+        Some(fs),
+        Vec::new(),
+    );
+    let infos = g.vmm.virtio_devices().to_vec();
+    assert_eq!(
+        infos.iter().map(|i| (i.device_type, i.irq)).collect::<Vec<_>>(),
+        vec![(26, 5)]
+    );
+    let s = g.run_to_reset();
+    let checks = [
+        "boot_params",
+        "cmdline",
+        "e820",
+        "cpus",
+        "virtio0",
+        "fs_init",
+        "fs_lookup",
+    ];
+    for c in checks {
+        assert!(has_line(&s, &format!("PROBE {c} ok")), "check {c} not ok:\n{s}");
+    }
+    assert!(!s.contains("FAIL"), "{s}");
+    assert!(has_line(&s, &format!("PROBE done {0}/{0}", checks.len())), "{s}");
+    // Exactly the two requests went through the FUSE server: INIT (other) and LOOKUP.
+    let m = g.vmm.fs_metrics().expect("fs metrics").snapshot();
+    let by: Vec<_> = m.ops_by_name().filter(|(_, n)| *n > 0).collect();
+    assert_eq!(by, vec![("lookup", 1), ("other", 1)], "{m:?}");
+    assert_eq!(m.ops[FsOp::Lookup as usize], 1);
+    assert_eq!(m.failed_requests, 0);
+    let request_bytes = 2 * size_of::<InHeader>() + size_of::<InitIn>() + FILE.len() + 1;
+    assert_eq!(m.bytes_from_guest, request_bytes as u64, "{m:?}");
+    let reply_bytes = 2 * size_of::<OutHeader>() + size_of::<InitOut>() + size_of::<EntryOut>();
+    assert_eq!(m.bytes_to_guest, reply_bytes as u64, "{m:?}");
+    assert_eq!(g.vmm.virtio_status(0), Some(0xf));
+    let tm = g.vmm.virtio_metrics(0).unwrap();
+    assert_eq!(TransportMetrics::get(&tm.queue_notifications), 2);
+    assert_eq!(TransportMetrics::get(&tm.trapped_notifications), 0);
+    assert_eq!(TransportMetrics::get(&tm.device_errors), 0);
+    // Read-only export: the shared directory is unchanged.
+    let names: Vec<_> = std::fs::read_dir(&shared)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from(FILE)]);
+    g.vmm.stop().unwrap();
+    assert_eq!(g.vmm.state(), VmmState::Stopped);
 }
