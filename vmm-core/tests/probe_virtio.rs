@@ -403,3 +403,33 @@ fn probe_virtio_fs_init_and_lookup() {
     g.vmm.stop().unwrap();
     assert_eq!(g.vmm.state(), VmmState::Stopped);
 }
+
+#[test]
+fn probe_virtio_fs_lookup_of_a_missing_file_fails_with_enoent() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = VirtioFsConfig {
+        shared_dir: dir.path().to_path_buf(),
+        tag: "joeyfs".into(),
+        read_only: false,
+    };
+    let mut g = start(
+        1,
+        "probe.fs_tag=joeyfs probe.fs_file=no-such-file probe.fs_size=1",
+        dir.path().join("serial.log"),
+        None,
+        Some(fs),
+        Vec::new(),
+    );
+    let s = g.run_to_reset();
+    assert!(has_line(&s, "PROBE fs_init ok"), "{s}");
+    // -ENOENT in fuse_out_header.error.
+    assert!(
+        has_line(&s, "PROBE fs_lookup FAIL FUSE_LOOKUP error 0xfffffffe"),
+        "{s}"
+    );
+    assert!(has_line(&s, "PROBE done 6/7"), "{s}");
+    // The error is a FUSE reply, not a failed request.
+    let m = g.vmm.fs_metrics().unwrap().snapshot();
+    assert_eq!((m.ops[FsOp::Lookup as usize], m.failed_requests), (1, 0));
+    g.vmm.stop().unwrap();
+}
