@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use joey_vmm_core::devices::blk::BlockMetrics;
-use joey_vmm_core::devices::virtio::metrics::TransportMetrics;
 use joey_vmm_core::devices::fs::FsOp;
+use joey_vmm_core::devices::virtio::metrics::TransportMetrics;
 use joey_vmm_core::vmm::{
     BlockConfig, VirtioFsConfig, VmConfig, VmEvent, Vmm, VmmState, VsockConfig,
 };
@@ -26,9 +26,6 @@ const GUEST_CID: u64 = 3;
 const VSOCK_PORT: u32 = 7000;
 const VSOCK_MSG: &str = "hello-joey-vsock";
 const DISK_SECTORS: u64 = 64;
-
-
-
 
 /// What the probe writes into sector 1 of the `dev`-th disk (`blk_pattern` in probe.c).
 fn blk_pattern(dev: u64) -> Vec<u8> {
@@ -240,12 +237,26 @@ fn vsock_and_blk_pass(vcpus: u8) {
     // vsock counters: exactly the message's payload each way (the rest are control packets).
     let v = g.vmm.vsock_metrics().unwrap().snapshot();
     let n = VSOCK_MSG.len() as u64;
-    assert_eq!((v.tx_bytes, v.rx_bytes, v.malformed_chains), (n, n, 0), "{v:?}");
-    assert!(v.tx_packets >= 3 && v.rx_packets >= 2, "request, data, shutdown: {v:?}");
+    assert_eq!(
+        (v.tx_bytes, v.rx_bytes, v.malformed_chains),
+        (n, n, 0),
+        "{v:?}"
+    );
+    assert!(
+        v.tx_packets >= 3 && v.rx_packets >= 2,
+        "request, data, shutdown: {v:?}"
+    );
     // The probe drove the virtio-mmio registers through MMIO exits.
     let e = g.vmm.vcpu_metrics().snapshot();
-    assert!(e.get(ExitReason::MmioRead) > 0 && e.get(ExitReason::MmioWrite) > 0, "{e:?}");
-    assert_eq!(e.get(ExitReason::InternalError) + e.get(ExitReason::FailEntry), 0, "{e:?}");
+    assert!(
+        e.get(ExitReason::MmioRead) > 0 && e.get(ExitReason::MmioWrite) > 0,
+        "{e:?}"
+    );
+    assert_eq!(
+        e.get(ExitReason::InternalError) + e.get(ExitReason::FailEntry),
+        0,
+        "{e:?}"
+    );
     let t = Instant::now();
     g.vmm.stop().unwrap();
     eprintln!("stop: {:?}", t.elapsed());
@@ -361,7 +372,10 @@ fn probe_virtio_fs_init_and_lookup() {
     );
     let infos = g.vmm.virtio_devices().to_vec();
     assert_eq!(
-        infos.iter().map(|i| (i.device_type, i.irq)).collect::<Vec<_>>(),
+        infos
+            .iter()
+            .map(|i| (i.device_type, i.irq))
+            .collect::<Vec<_>>(),
         vec![(26, 5)]
     );
     let s = g.run_to_reset();
@@ -375,10 +389,16 @@ fn probe_virtio_fs_init_and_lookup() {
         "fs_lookup",
     ];
     for c in checks {
-        assert!(has_line(&s, &format!("PROBE {c} ok")), "check {c} not ok:\n{s}");
+        assert!(
+            has_line(&s, &format!("PROBE {c} ok")),
+            "check {c} not ok:\n{s}"
+        );
     }
     assert!(!s.contains("FAIL"), "{s}");
-    assert!(has_line(&s, &format!("PROBE done {0}/{0}", checks.len())), "{s}");
+    assert!(
+        has_line(&s, &format!("PROBE done {0}/{0}", checks.len())),
+        "{s}"
+    );
     // Exactly the two requests went through the FUSE server: INIT (other) and LOOKUP.
     let m = g.vmm.fs_metrics().expect("fs metrics").snapshot();
     let by: Vec<_> = m.ops_by_name().filter(|(_, n)| *n > 0).collect();

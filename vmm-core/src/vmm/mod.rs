@@ -27,8 +27,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::boot::{self, layout};
 pub use crate::devices::blk::BlockConfig;
-pub use crate::devices::fs::VirtioFsConfig;
 use crate::devices::blk::BlockMetrics;
+pub use crate::devices::fs::VirtioFsConfig;
 use crate::devices::legacy::{serial::IrqTrigger, LogSink, RateLimit, SerialDevice, I8042};
 pub use crate::devices::vsock::VsockConfig;
 use crate::vstate::metrics::VcpuMetrics;

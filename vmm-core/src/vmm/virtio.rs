@@ -375,7 +375,10 @@ mod tests {
         assert_eq!(types, vec![(19, 5), (26, 6), (2, 7)]);
         assert!(p.fs_metrics.is_some());
         let p = create_devices(None, Some(&fs), &[]).unwrap();
-        assert_eq!(p.extend_cmdline("x"), "x virtio_mmio.device=4K@0xd0000000:5");
+        assert_eq!(
+            p.extend_cmdline("x"),
+            "x virtio_mmio.device=4K@0xd0000000:5"
+        );
         let bad = VirtioFsConfig {
             tag: String::new(),
             ..fs.clone()

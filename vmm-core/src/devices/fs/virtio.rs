@@ -292,7 +292,9 @@ mod tests {
         assert!(used);
         let out: OutHeader = m.read_obj(GuestAddress(0x2_0000)).unwrap();
         let init: InitOut = m
-            .read_obj(GuestAddress(0x2_0000 + std::mem::size_of::<OutHeader>() as u64))
+            .read_obj(GuestAddress(
+                0x2_0000 + std::mem::size_of::<OutHeader>() as u64,
+            ))
             .unwrap();
         assert_eq!((out.error, out.unique), (0, 7));
         assert_eq!(init.major, 7);
