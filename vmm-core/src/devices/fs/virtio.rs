@@ -314,4 +314,44 @@ mod tests {
         // An index past the queues is ignored.
         assert!(!fs.process_queue(&m, &mut queues, 2).unwrap());
     }
+
+    /// FORGET on the hiprio queue: no reply (used length 0), counted as a forget, not a failure.
+    #[test]
+    fn forget_on_the_hiprio_queue_is_consumed_without_reply() {
+        use fuse_backend_rs::abi::fuse_abi::{ForgetIn, InHeader, Opcode};
+        let dir = tempfile::tempdir().unwrap();
+        let mut fs = VirtioFs::new(&cfg(dir.path(), "joeyfs")).unwrap();
+        let m = mem();
+        let len = (std::mem::size_of::<InHeader>() + std::mem::size_of::<ForgetIn>()) as u32;
+        let hdr = InHeader {
+            len,
+            opcode: Opcode::Forget as u32,
+            unique: 9,
+            nodeid: 1,
+            ..Default::default()
+        };
+        m.write_obj(hdr, GuestAddress(0x1_0000)).unwrap();
+        m.write_obj(
+            ForgetIn { nlookup: 1 },
+            GuestAddress(0x1_0000 + std::mem::size_of::<InHeader>() as u64),
+        )
+        .unwrap();
+        let mock = MockSplitQueue::create(&m, GuestAddress(0), QSIZE);
+        mock.add_desc_chains(&[desc(0x1_0000, len, 0, 0)], 0)
+            .unwrap();
+        let mut queues = [mock.create_queue().unwrap(), Queue::new(QSIZE).unwrap()];
+        let used = std::thread::scope(|s| {
+            s.spawn(|| fs.process_queue(&m, &mut queues, 0).unwrap())
+                .join()
+                .unwrap()
+        });
+        assert!(used);
+        let e = mock.used().ring().ref_at(0).unwrap().load();
+        assert_eq!((mock.used().idx().load(), e.id(), e.len()), (1, 0, 0));
+        let s = fs.metrics().snapshot();
+        let by: Vec<_> = s.ops_by_name().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(by, vec![("forget", 1)]);
+        assert_eq!((s.failed_requests, s.bytes_to_guest), (0, 0));
+        assert_eq!(s.bytes_from_guest, u64::from(len));
+    }
 }
