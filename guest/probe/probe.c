@@ -21,9 +21,14 @@
  *   probe.vsock_port=P     host port the probe connects to over virtio-vsock
  *   probe.vsock_msg=S      bytes sent there (default hello-from-probe); expects S upper-cased back
  *   probe.vsock_cid=N      expected guest CID (optional)
+ *   probe.fs_tag=S         expected virtio-fs mount tag (optional)
+ *   probe.fs_file=NAME     file in the root of the shared directory the probe looks up
+ *   probe.fs_size=N        its expected size in bytes
  *
  * virtio-blk: reads sector 0, GET_ID, writes sector 1 with blk_pattern() and reads it back
  * (read-only disks: the write must fail with IOERR), reads past the end (IOERR).
+ * virtio-fs: FUSE_INIT (7.31) on the request queue, then FUSE_LOOKUP of probe.fs_file in the
+ * root (nodeid 1), checking the attr size.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -826,6 +831,125 @@ static void check_vsock(u64 base) {
     vsock_send(&v, VSOCK_OP_SHUTDOWN, 3, "", 0);
 }
 
+/* ---- virtio-fs ---- */
+#define FUSE_LOOKUP 1
+#define FUSE_INIT 26
+#define FUSE_IN_HDR 40
+#define FUSE_OUT_HDR 16
+#define FUSE_ROOT_ID 1
+#define FS_TAG_LEN 36
+#define FS_REQUEST_QUEUE 1
+#define FS_REPLY_LEN 512
+
+/* Writes a fuse_in_header at `req` for a body of `body` bytes. */
+static void fuse_hdr(u64 req, u32 opcode, u64 unique, u64 nodeid, u32 body) {
+    memset((void *)(uintptr_t)req, 0, FUSE_IN_HDR);
+    wr32(req, FUSE_IN_HDR + body);
+    wr32(req + 4, opcode);
+    *(volatile u64 *)(uintptr_t)(req + 8) = unique;
+    *(volatile u64 *)(uintptr_t)(req + 16) = nodeid;
+}
+
+/* Sends the request at `req` (`len` bytes) with a reply buffer at `reply`; returns the used
+ * length, or -1 if the device never answered, -2 if the reply is not ours. */
+static long fuse_call(struct vq *q, u64 req, u32 len, u64 reply, u64 unique) {
+    memset((void *)(uintptr_t)reply, 0xff, FUSE_OUT_HDR);
+    struct buf b[2] = {{req, len, 0}, {reply, FS_REPLY_LEN, 1}};
+    vq_add(q, 0, b, 2);
+    vq_notify(q);
+    u32 id, used;
+    if (!vq_wait_used(q, &id, &used)) return -1;
+    if (id != 0 || rd64(reply + 8) != unique) return -2;
+    return used;
+}
+
+static void check_fs(u64 base) {
+    struct vq q[2]; /* hiprio, request */
+    u32 feat = 0;
+    const char *e = virtio_init(base, 0, &feat, q, 2);
+    if (e) {
+        fail("fs_init", e);
+        fail_end();
+        return;
+    }
+    /* Config space: the tag (NUL padded) and num_request_queues == 1. */
+    const char *want_tag = param("probe.fs_tag");
+    u32 nreq = rd32(base + VM_CONFIG + FS_TAG_LEN);
+    if (nreq != 1) {
+        fail_hex("fs_init", "num_request_queues ", nreq);
+        return;
+    }
+    if (want_tag) {
+        u32 j = 0;
+        while (j < FS_TAG_LEN && want_tag[j] && !is_space(want_tag[j]) &&
+               rd8(base + VM_CONFIG + j) == (u8)want_tag[j])
+            j++;
+        int end = (want_tag[j] == 0 || is_space(want_tag[j])) &&
+                  (j == FS_TAG_LEN || rd8(base + VM_CONFIG + j) == 0);
+        if (!end) {
+            fail_hex("fs_init", "tag differs at byte ", j);
+            return;
+        }
+    }
+    u64 req = alloc_page(), reply = alloc_page();
+    if (!req || !reply) {
+        fail("fs_init", "out of probe memory");
+        fail_end();
+        return;
+    }
+    /* FUSE_INIT: fuse_init_in { major 7, minor 31, max_readahead, flags }. */
+    fuse_hdr(req, FUSE_INIT, 1, 0, 16);
+    wr32(req + FUSE_IN_HDR, 7);
+    wr32(req + FUSE_IN_HDR + 4, 31);
+    wr32(req + FUSE_IN_HDR + 8, 0x20000);
+    wr32(req + FUSE_IN_HDR + 12, 0);
+    long used = fuse_call(&q[FS_REQUEST_QUEUE], req, FUSE_IN_HDR + 16, reply, 1);
+    if (used < 0) {
+        fail("fs_init", used == -1 ? "no answer to FUSE_INIT" : "FUSE_INIT reply not ours");
+        fail_end();
+        return;
+    }
+    if (rd32(reply + 4) != 0) {
+        fail_hex("fs_init", "FUSE_INIT error ", rd32(reply + 4));
+        return;
+    }
+    if (rd32(reply + FUSE_OUT_HDR) != 7 || (u64)used != rd32(reply) || used < FUSE_OUT_HDR + 8) {
+        fail_hex("fs_init", "FUSE_INIT reply major/used ",
+                 ((u64)rd32(reply + FUSE_OUT_HDR) << 32) | (u64)used);
+        return;
+    }
+    ok("fs_init");
+
+    /* FUSE_LOOKUP of probe.fs_file under the root; fuse_entry_out.attr.size at +40+8. */
+    const char *file = param("probe.fs_file");
+    u64 want;
+    if (!file || !parse_u64(param("probe.fs_size"), 10, &want)) {
+        fail("fs_lookup", "no probe.fs_file / probe.fs_size");
+        fail_end();
+        return;
+    }
+    u32 n = 0;
+    while (file[n] && !is_space(file[n]) && n < 255) {
+        *(volatile u8 *)(uintptr_t)(req + FUSE_IN_HDR + n) = (u8)file[n];
+        n++;
+    }
+    *(volatile u8 *)(uintptr_t)(req + FUSE_IN_HDR + n) = 0;
+    fuse_hdr(req, FUSE_LOOKUP, 2, FUSE_ROOT_ID, n + 1);
+    used = fuse_call(&q[FS_REQUEST_QUEUE], req, FUSE_IN_HDR + n + 1, reply, 2);
+    if (used < 0) {
+        fail("fs_lookup", used == -1 ? "no answer to FUSE_LOOKUP" : "FUSE_LOOKUP reply not ours");
+        fail_end();
+    } else if (rd32(reply + 4) != 0) {
+        fail_hex("fs_lookup", "FUSE_LOOKUP error ", rd32(reply + 4));
+    } else if (used < FUSE_OUT_HDR + 40 + 16) {
+        fail_hex("fs_lookup", "short reply ", (u64)used);
+    } else if (rd64(reply + FUSE_OUT_HDR + 40 + 8) != want) {
+        fail_hex("fs_lookup", "size ", rd64(reply + FUSE_OUT_HDR + 40 + 8));
+    } else {
+        ok("fs_lookup");
+    }
+}
+
 /* Parses "<size>@<base>:<irq>" (size with optional K/M suffix). */
 static int parse_mmio_dev(const char *s, u64 *size, u64 *base, u64 *irq) {
     u64 v = 0;
@@ -853,11 +977,11 @@ static int parse_mmio_dev(const char *s, u64 *size, u64 *base, u64 *irq) {
 }
 
 /* Drives every virtio-mmio device named on the command line, then reports devices the
- * command line expects (probe.blkN_sum, probe.vsock_port) that were not found. */
+ * command line expects (probe.blkN_sum, probe.vsock_port, probe.fs_file) that were not found. */
 static void check_virtio_mmio(void) {
     static const char key[] = "virtio_mmio.device=";
     char name[32], pkey[40];
-    u64 ndev = 0, nblk = 0, nvsock = 0;
+    u64 ndev = 0, nblk = 0, nvsock = 0, nfs = 0;
     for (const char *p = cmdline; *p;) {
         while (is_space(*p)) p++;
         const char *k = key, *q = p;
@@ -885,6 +1009,10 @@ static void check_virtio_mmio(void) {
                     ok(name);
                     nvsock++;
                     check_vsock(base);
+                } else if (id == 26) {
+                    ok(name);
+                    nfs++;
+                    check_fs(base);
                 } else {
                     fail_hex(name, "unknown device id ", id);
                 }
@@ -900,6 +1028,10 @@ static void check_virtio_mmio(void) {
     }
     if (!nvsock && param("probe.vsock_port")) {
         fail("vsock", "expected by the command line but not found");
+        fail_end();
+    }
+    if (!nfs && param("probe.fs_file")) {
+        fail("fs", "expected by the command line but not found");
         fail_end();
     }
 }

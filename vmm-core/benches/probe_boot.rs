@@ -57,6 +57,7 @@ fn one_run(probe: &Path, dir: &Path, i: usize) -> (f64, f64, u64) {
         cmdline: format!("console=ttyS0 probe.mem_mib={MEM_MIB} probe.cpus=1"),
         serial_log: log.clone(),
         vsock: None,
+        virtio_fs: None,
         block_devices: Vec::new(),
     };
     let rss0 = rss_kib("self");

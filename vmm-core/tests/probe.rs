@@ -79,6 +79,7 @@ fn start_probe_mem(vcpus: u8, memory_mib: u32, cmdline: &str, initrd: Option<&[u
         cmdline: cmdline.to_string(),
         serial_log: log.clone(),
         vsock: None,
+        virtio_fs: None,
         block_devices: Vec::new(),
     };
     let t = Instant::now();
@@ -314,6 +315,7 @@ fn stop_before_start_and_drop_without_stop() {
         cmdline: cmdline.clone(),
         serial_log: dir.path().join("s.log"),
         vsock: None,
+        virtio_fs: None,
         block_devices: Vec::new(),
     };
     let mut vmm = Vmm::create(cfg).unwrap();
@@ -344,6 +346,7 @@ fn malformed_kernel_is_a_typed_error() {
         cmdline: String::new(),
         serial_log: dir.path().join("s.log"),
         vsock: None,
+        virtio_fs: None,
         block_devices: Vec::new(),
     };
     let err = Vmm::create(cfg).unwrap_err();

@@ -1,4 +1,4 @@
-//! virtio-mmio devices of the built-in VMM (vsock, blk) driven by the probe guest
+//! virtio-mmio devices of the built-in VMM (vsock, blk, fs) driven by the probe guest
 //! (guest/probe/) under the real /dev/kvm: the probe finds the devices on its command line,
 //! negotiates features, sets up split queues and talks to them like a driver would.
 //!
@@ -13,8 +13,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use joey_vmm_core::devices::blk::BlockMetrics;
+use joey_vmm_core::devices::fs::FsOp;
 use joey_vmm_core::devices::virtio::metrics::TransportMetrics;
-use joey_vmm_core::vmm::{BlockConfig, VmConfig, VmEvent, Vmm, VmmState, VsockConfig};
+use joey_vmm_core::vmm::{
+    BlockConfig, VirtioFsConfig, VmConfig, VmEvent, Vmm, VmmState, VsockConfig,
+};
 use joey_vmm_core::vstate::metrics::ExitReason;
 
 const MEM_MIB: u32 = 128;
@@ -23,9 +26,6 @@ const GUEST_CID: u64 = 3;
 const VSOCK_PORT: u32 = 7000;
 const VSOCK_MSG: &str = "hello-joey-vsock";
 const DISK_SECTORS: u64 = 64;
-
-
-
 
 /// What the probe writes into sector 1 of the `dev`-th disk (`blk_pattern` in probe.c).
 fn blk_pattern(dev: u64) -> Vec<u8> {
@@ -103,6 +103,7 @@ fn start(
     cmdline: &str,
     log: PathBuf,
     vsock: Option<VsockConfig>,
+    fs: Option<VirtioFsConfig>,
     blk: Vec<BlockConfig>,
 ) -> Guest {
     require_kvm();
@@ -114,6 +115,7 @@ fn start(
         cmdline: format!("probe.mem_mib={MEM_MIB} probe.cpus={vcpus} {cmdline}"),
         serial_log: log.clone(),
         vsock,
+        virtio_fs: fs,
         block_devices: blk,
     };
     let mut vmm = Vmm::create(cfg).expect("creating the probe VM");
@@ -160,6 +162,7 @@ fn vsock_and_blk_pass(vcpus: u8) {
         &cmdline,
         dir.path().join("serial.log"),
         Some(vsock),
+        None,
         blk,
     );
     let infos = g.vmm.virtio_devices().to_vec();
@@ -234,12 +237,26 @@ fn vsock_and_blk_pass(vcpus: u8) {
     // vsock counters: exactly the message's payload each way (the rest are control packets).
     let v = g.vmm.vsock_metrics().unwrap().snapshot();
     let n = VSOCK_MSG.len() as u64;
-    assert_eq!((v.tx_bytes, v.rx_bytes, v.malformed_chains), (n, n, 0), "{v:?}");
-    assert!(v.tx_packets >= 3 && v.rx_packets >= 2, "request, data, shutdown: {v:?}");
+    assert_eq!(
+        (v.tx_bytes, v.rx_bytes, v.malformed_chains),
+        (n, n, 0),
+        "{v:?}"
+    );
+    assert!(
+        v.tx_packets >= 3 && v.rx_packets >= 2,
+        "request, data, shutdown: {v:?}"
+    );
     // The probe drove the virtio-mmio registers through MMIO exits.
     let e = g.vmm.vcpu_metrics().snapshot();
-    assert!(e.get(ExitReason::MmioRead) > 0 && e.get(ExitReason::MmioWrite) > 0, "{e:?}");
-    assert_eq!(e.get(ExitReason::InternalError) + e.get(ExitReason::FailEntry), 0, "{e:?}");
+    assert!(
+        e.get(ExitReason::MmioRead) > 0 && e.get(ExitReason::MmioWrite) > 0,
+        "{e:?}"
+    );
+    assert_eq!(
+        e.get(ExitReason::InternalError) + e.get(ExitReason::FailEntry),
+        0,
+        "{e:?}"
+    );
     let t = Instant::now();
     g.vmm.stop().unwrap();
     eprintln!("stop: {:?}", t.elapsed());
@@ -273,6 +290,7 @@ fn probe_detects_missing_virtio_devices() {
         &cmdline,
         dir.path().join("serial.log"),
         Some(vsock),
+        None,
         Vec::new(),
     );
     let s = g.run_to_reset();
@@ -311,6 +329,7 @@ fn probe_read_only_disk_write_fails_with_ioerr() {
         &format!("probe.blk0_sum={sum:08x}"),
         dir.path().join("serial.log"),
         None,
+        None,
         blk,
     );
     let s = g.run_to_reset();
@@ -325,5 +344,112 @@ fn probe_read_only_disk_write_fails_with_ioerr() {
     let m = g.vmm.block_metrics(0).unwrap();
     assert_eq!(BlockMetrics::get(&m.write_ops), 0);
     assert_eq!(BlockMetrics::get(&m.invalid_chains), 0);
+    g.vmm.stop().unwrap();
+}
+
+#[test]
+fn probe_virtio_fs_init_and_lookup() {
+    use fuse_backend_rs::abi::fuse_abi::{EntryOut, InHeader, InitIn, InitOut, OutHeader};
+    use std::mem::size_of;
+    const FILE: &str = "hello-joey.txt";
+    const SIZE: usize = 1234;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join(FILE), vec![b'j'; SIZE]).unwrap();
+    let fs = VirtioFsConfig {
+        shared_dir: shared.clone(),
+        tag: "joeyfs".into(),
+        read_only: true,
+    };
+    let mut g = start(
+        1,
+        &format!("probe.fs_tag=joeyfs probe.fs_file={FILE} probe.fs_size={SIZE}"),
+        dir.path().join("serial.log"),
+        None,
+        Some(fs),
+        Vec::new(),
+    );
+    let infos = g.vmm.virtio_devices().to_vec();
+    assert_eq!(
+        infos
+            .iter()
+            .map(|i| (i.device_type, i.irq))
+            .collect::<Vec<_>>(),
+        vec![(26, 5)]
+    );
+    let s = g.run_to_reset();
+    let checks = [
+        "boot_params",
+        "cmdline",
+        "e820",
+        "cpus",
+        "virtio0",
+        "fs_init",
+        "fs_lookup",
+    ];
+    for c in checks {
+        assert!(
+            has_line(&s, &format!("PROBE {c} ok")),
+            "check {c} not ok:\n{s}"
+        );
+    }
+    assert!(!s.contains("FAIL"), "{s}");
+    assert!(
+        has_line(&s, &format!("PROBE done {0}/{0}", checks.len())),
+        "{s}"
+    );
+    // Exactly the two requests went through the FUSE server: INIT (other) and LOOKUP.
+    let m = g.vmm.fs_metrics().expect("fs metrics").snapshot();
+    let by: Vec<_> = m.ops_by_name().filter(|(_, n)| *n > 0).collect();
+    assert_eq!(by, vec![("lookup", 1), ("other", 1)], "{m:?}");
+    assert_eq!(m.ops[FsOp::Lookup as usize], 1);
+    assert_eq!(m.failed_requests, 0);
+    let request_bytes = 2 * size_of::<InHeader>() + size_of::<InitIn>() + FILE.len() + 1;
+    assert_eq!(m.bytes_from_guest, request_bytes as u64, "{m:?}");
+    let reply_bytes = 2 * size_of::<OutHeader>() + size_of::<InitOut>() + size_of::<EntryOut>();
+    assert_eq!(m.bytes_to_guest, reply_bytes as u64, "{m:?}");
+    assert_eq!(g.vmm.virtio_status(0), Some(0xf));
+    let tm = g.vmm.virtio_metrics(0).unwrap();
+    assert_eq!(TransportMetrics::get(&tm.queue_notifications), 2);
+    assert_eq!(TransportMetrics::get(&tm.trapped_notifications), 0);
+    assert_eq!(TransportMetrics::get(&tm.device_errors), 0);
+    // Read-only export: the shared directory is unchanged.
+    let names: Vec<_> = std::fs::read_dir(&shared)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from(FILE)]);
+    g.vmm.stop().unwrap();
+    assert_eq!(g.vmm.state(), VmmState::Stopped);
+}
+
+#[test]
+fn probe_virtio_fs_lookup_of_a_missing_file_fails_with_enoent() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = VirtioFsConfig {
+        shared_dir: dir.path().to_path_buf(),
+        tag: "joeyfs".into(),
+        read_only: false,
+    };
+    let mut g = start(
+        1,
+        "probe.fs_tag=joeyfs probe.fs_file=no-such-file probe.fs_size=1",
+        dir.path().join("serial.log"),
+        None,
+        Some(fs),
+        Vec::new(),
+    );
+    let s = g.run_to_reset();
+    assert!(has_line(&s, "PROBE fs_init ok"), "{s}");
+    // -ENOENT in fuse_out_header.error.
+    assert!(
+        has_line(&s, "PROBE fs_lookup FAIL FUSE_LOOKUP error 0xfffffffe"),
+        "{s}"
+    );
+    assert!(has_line(&s, "PROBE done 6/7"), "{s}");
+    // The error is a FUSE reply, not a failed request.
+    let m = g.vmm.fs_metrics().unwrap().snapshot();
+    assert_eq!((m.ops[FsOp::Lookup as usize], m.failed_requests), (1, 0));
     g.vmm.stop().unwrap();
 }

@@ -28,6 +28,7 @@ fn create(kernel: PathBuf, dir: &Path) -> Vmm {
         cmdline: "console=ttyS0 reboot=k panic=-1".into(),
         serial_log: dir.join("serial.log"),
         vsock: None,
+        virtio_fs: None,
         block_devices: Vec::new(),
     })
     .expect("creating a VM with the real kernel")

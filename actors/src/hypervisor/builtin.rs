@@ -1,6 +1,8 @@
 //! The `builtin` backend: the VM runs inside this process on [`joey_vmm_core::vmm::Vmm`]
 //! (KVM; vCPU threads, the in-process virtio-vsock device on the sandbox's hybrid-vsock socket
-//! `vsock.sock`, the serial console to `console.log`, an ELF `vmlinux` as the kernel).
+//! `vsock.sock`, the serial console to `console.log`, an ELF `vmlinux` as the kernel, and, when
+//! the ShareFs actor has created the sandbox's shared directory `<state_dir>/shared`, the
+//! in-process virtio-fs device exporting it under the tag `joeyfs`).
 //!
 //! The `Vmm` lives on one dedicated OS thread (the *VMM thread*), which creates and starts it and
 //! then bridges its events to the async world: it calls [`Vmm::wait_event`] with a short timeout
@@ -18,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::TryRecvError;
-use joey_vmm_core::vmm::{VmConfig, VmEvent, Vmm, VmmError, VsockConfig, MAX_VCPUS};
+use joey_vmm_core::vmm::{VirtioFsConfig, VmConfig, VmEvent, Vmm, VmmError, VsockConfig, MAX_VCPUS};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::counters::VmCounterSources;
@@ -64,15 +66,21 @@ pub enum BuiltinError {
 /// Files of one built-in VM inside its sandbox state directory.
 #[derive(Debug, Clone)]
 pub struct BuiltinPaths {
+    pub state_dir: PathBuf,
     pub console_log: PathBuf,
     pub vsock_uds: PathBuf,
+    /// The directory the in-process virtio-fs device exports (the ShareFs actor's
+    /// `<state_dir>/shared`), when there is one.
+    pub shared_dir: Option<PathBuf>,
 }
 
 impl BuiltinPaths {
     pub fn new(state_dir: &Path) -> Self {
         BuiltinPaths {
+            state_dir: state_dir.to_path_buf(),
             console_log: state_dir.join("console.log"),
             vsock_uds: state_dir.join("vsock.sock"),
+            shared_dir: None,
         }
     }
 }
@@ -106,6 +114,11 @@ pub fn vm_config(spec: &VmSpec, paths: &BuiltinPaths) -> Result<VmConfig, Builti
         vsock: Some(VsockConfig {
             guest_cid: spec.guest_cid,
             uds_path: paths.vsock_uds.clone(),
+        }),
+        virtio_fs: paths.shared_dir.as_ref().map(|dir| VirtioFsConfig {
+            shared_dir: dir.clone(),
+            tag: joey_agent_protocol::SHARED_FS_TAG.to_string(),
+            read_only: false,
         }),
         block_devices: Vec::new(),
     })
@@ -142,9 +155,13 @@ impl BridgedVm for Vmm {
     }
 }
 
-/// Creates and starts a `Vmm` (runs on the VMM thread).
-fn create_and_start(cfg: VmConfig) -> Result<Vmm, BuiltinError> {
+/// Creates and starts a `Vmm` (runs on the VMM thread). The counters of its virtio-fs device, if
+/// any, are registered for `state_dir` (replacing the ShareFs actor's unused vhost-user device).
+fn create_and_start(cfg: VmConfig, state_dir: &Path) -> Result<Vmm, BuiltinError> {
     let mut vmm = Vmm::create(cfg).map_err(BuiltinError::Create)?;
+    if let Some(m) = vmm.fs_metrics() {
+        super::counters::register_fs(state_dir, m);
+    }
     if let Err(e) = vmm.start() {
         if let Err(se) = vmm.stop() {
             tracing::warn!(error = %se, "stopping the half-started built-in VM failed");
@@ -254,9 +271,16 @@ impl BuiltinVm {
     /// Starts the VM of `spec` on its VMM thread; resolves once it runs (bounded by
     /// [`START_TIMEOUT`]).
     pub async fn start(spec: &VmSpec) -> Result<BuiltinVm, BuiltinError> {
-        let paths = BuiltinPaths::new(&spec.state_dir);
+        let mut paths = BuiltinPaths::new(&spec.state_dir);
+        // The ShareFs actor creates the shared directory before StartVm (a stat of a local
+        // path, like the QEMU backend's check for its vhost-user socket).
+        let shared = spec.state_dir.join(crate::sharefs::SHARED_DIR_NAME);
+        if shared.is_dir() {
+            paths.shared_dir = Some(shared);
+        }
         let cfg = vm_config(spec, &paths)?;
-        let vm = Self::start_with(paths, move || create_and_start(cfg), START_TIMEOUT).await?;
+        let state_dir = spec.state_dir.clone();
+        let vm = Self::start_with(paths, move || create_and_start(cfg, &state_dir), START_TIMEOUT).await?;
         tracing::info!(vcpus = spec.vcpus, memory_mib = spec.memory_mib, "built-in VM started");
         Ok(vm)
     }
@@ -642,6 +666,14 @@ mod tests {
         let v = c.vsock.unwrap();
         assert_eq!((v.guest_cid, v.uds_path.as_path()), (3, Path::new("/run/joey/t/vsock.sock")));
         assert_eq!(c.cmdline, "console=ttyS0 reboot=k panic=-1 quiet foo=1");
+        assert_eq!(c.virtio_fs, None);
+        let mut with_shared = BuiltinPaths::new(&spec.state_dir);
+        with_shared.shared_dir = Some(PathBuf::from("/run/joey/t/shared"));
+        let fs = vm_config(&spec, &with_shared).unwrap().virtio_fs.unwrap();
+        assert_eq!(
+            fs,
+            VirtioFsConfig { shared_dir: PathBuf::from("/run/joey/t/shared"), tag: "joeyfs".into(), read_only: false }
+        );
         assert!(matches!(
             vm_config(&VmSpec { vcpus: 33, ..spec.clone() }, &paths()),
             Err(BuiltinError::InvalidSpec(_))

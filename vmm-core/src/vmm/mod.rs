@@ -28,6 +28,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::boot::{self, layout};
 pub use crate::devices::blk::BlockConfig;
 use crate::devices::blk::BlockMetrics;
+pub use crate::devices::fs::VirtioFsConfig;
 use crate::devices::legacy::{serial::IrqTrigger, LogSink, RateLimit, SerialDevice, I8042};
 pub use crate::devices::vsock::VsockConfig;
 use crate::vstate::metrics::VcpuMetrics;
@@ -59,6 +60,9 @@ pub struct VmConfig {
     pub serial_log: PathBuf,
     /// In-process virtio-vsock device (hybrid vsock on the host side).
     pub vsock: Option<VsockConfig>,
+    /// In-process virtio-fs device (a host directory shared under a mount tag); it sits after
+    /// the vsock device and before the block devices.
+    pub virtio_fs: Option<VirtioFsConfig>,
     /// virtio-blk devices, in order (`joey-blk<N>` serials).
     pub block_devices: Vec<BlockConfig>,
 }
@@ -184,7 +188,11 @@ impl Vmm {
         vm::setup_irqchip(&vm_fd)?;
         vm::register_memory(&kvm, &vm_fd, &mem)?;
 
-        let pending = virtio::create_devices(cfg.vsock.as_ref(), &cfg.block_devices)?;
+        let pending = virtio::create_devices(
+            cfg.vsock.as_ref(),
+            cfg.virtio_fs.as_ref(),
+            &cfg.block_devices,
+        )?;
         let cmdline = pending.extend_cmdline(&cfg.cmdline);
         let boot = boot::setup_boot(
             &mem,
@@ -284,7 +292,8 @@ impl Vmm {
         &self.mmio_bus
     }
 
-    /// The virtio-mmio devices (vsock first, then block devices), with their windows and GSIs.
+    /// The virtio-mmio devices (vsock first, then virtio-fs, then block devices), with their
+    /// windows and GSIs.
     pub fn virtio_devices(&self) -> &[MmioDeviceInfo] {
         self.virtio.infos()
     }
@@ -307,6 +316,11 @@ impl Vmm {
     /// Counters of the in-process vsock device, if the VM has one.
     pub fn vsock_metrics(&self) -> Option<&Arc<crate::devices::vsock::VsockMetrics>> {
         self.virtio.vsock_metrics()
+    }
+
+    /// Counters of the in-process virtio-fs device, if the VM has one.
+    pub fn fs_metrics(&self) -> Option<&Arc<crate::devices::fs::FsMetrics>> {
+        self.virtio.fs_metrics()
     }
 
     /// Transport counters (notifications, interrupts, errors) of the `index`-th virtio device.
@@ -472,6 +486,7 @@ mod tests {
             cmdline: String::new(),
             serial_log: "/dev/null".into(),
             vsock: None,
+            virtio_fs: None,
             block_devices: Vec::new(),
         };
         assert!(matches!(

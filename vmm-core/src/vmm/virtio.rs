@@ -14,6 +14,7 @@ use crate::boot::layout::{
     MAX_VIRTIO_DEVICES, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::devices::blk::{Block, BlockConfig, BlockError, BlockMetrics};
+use crate::devices::fs::{FsMetrics, VirtioFs, VirtioFsConfig, VirtioFsError};
 use crate::devices::virtio::event_loop::{self, EventLoopError, EventLoopHandle, SharedTransport};
 use crate::devices::virtio::metrics::TransportMetrics;
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
@@ -30,6 +31,8 @@ pub enum VirtioDevicesError {
     TooManyDevices(usize),
     #[error("vsock device: {0}")]
     Vsock(#[from] VsockDeviceError),
+    #[error("virtio-fs device: {0}")]
+    Fs(#[from] VirtioFsError),
     #[error("block device {index}: {source}")]
     Block {
         index: usize,
@@ -60,7 +63,7 @@ pub enum VirtioDevicesError {
 /// Where a virtio-mmio device sits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmioDeviceInfo {
-    /// Virtio device id (2 = block, 19 = vsock).
+    /// Virtio device id (2 = block, 19 = vsock, 26 = fs).
     pub device_type: u32,
     /// Guest physical base of its register window.
     pub base: u64,
@@ -98,24 +101,32 @@ pub struct PendingDevices {
     infos: Vec<MmioDeviceInfo>,
     block_metrics: Vec<Arc<BlockMetrics>>,
     vsock_metrics: Option<Arc<VsockMetrics>>,
+    fs_metrics: Option<Arc<FsMetrics>>,
 }
 
-/// Creates the configured devices (vsock first, then block devices in order).
+/// Creates the configured devices: vsock first, then virtio-fs, then block devices in order.
 pub fn create_devices(
     vsock: Option<&VsockConfig>,
+    fs: Option<&VirtioFsConfig>,
     blocks: &[BlockConfig],
 ) -> Result<PendingDevices, VirtioDevicesError> {
-    let n = usize::from(vsock.is_some()) + blocks.len();
+    let n = usize::from(vsock.is_some()) + usize::from(fs.is_some()) + blocks.len();
     if n > MAX_VIRTIO_DEVICES {
         return Err(VirtioDevicesError::TooManyDevices(n));
     }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(n);
     let mut block_metrics = Vec::new();
     let mut vsock_metrics = None;
+    let mut fs_metrics = None;
     if let Some(cfg) = vsock {
         let v = VirtioVsock::new(cfg)?;
         vsock_metrics = Some(v.device().metrics().clone());
         devices.push(Box::new(v));
+    }
+    if let Some(cfg) = fs {
+        let f = VirtioFs::new(cfg)?;
+        fs_metrics = Some(f.metrics().clone());
+        devices.push(Box::new(f));
     }
     for (index, cfg) in blocks.iter().enumerate() {
         let b = Block::new(cfg, &format!("joey-blk{index}"))
@@ -133,6 +144,7 @@ pub fn create_devices(
         infos,
         block_metrics,
         vsock_metrics,
+        fs_metrics,
     })
 }
 
@@ -174,6 +186,7 @@ impl PendingDevices {
             transports,
             block_metrics: self.block_metrics,
             vsock_metrics: self.vsock_metrics,
+            fs_metrics: self.fs_metrics,
             event_loop: None,
         })
     }
@@ -208,6 +221,7 @@ pub struct VirtioDevices {
     transports: Vec<SharedTransport>,
     block_metrics: Vec<Arc<BlockMetrics>>,
     vsock_metrics: Option<Arc<VsockMetrics>>,
+    fs_metrics: Option<Arc<FsMetrics>>,
     event_loop: Option<EventLoopHandle>,
 }
 
@@ -234,6 +248,11 @@ impl VirtioDevices {
     /// Counters of the vsock device, if configured.
     pub fn vsock_metrics(&self) -> Option<&Arc<VsockMetrics>> {
         self.vsock_metrics.as_ref()
+    }
+
+    /// Counters of the virtio-fs device, if configured.
+    pub fn fs_metrics(&self) -> Option<&Arc<FsMetrics>> {
+        self.fs_metrics.as_ref()
     }
 
     /// Counters of every block device, in order.
@@ -301,7 +320,7 @@ mod tests {
             path: disk,
             read_only: false,
         };
-        let p = create_devices(Some(&vsock), &[blk.clone(), blk]).unwrap();
+        let p = create_devices(Some(&vsock), None, &[blk.clone(), blk]).unwrap();
         let types: Vec<u32> = p.infos().iter().map(|i| i.device_type).collect();
         assert_eq!(types, vec![19, 2, 2]);
         assert_eq!(
@@ -311,6 +330,7 @@ mod tests {
         );
         assert!(matches!(
             create_devices(
+                None,
                 None,
                 &[BlockConfig {
                     path: dir.path().join("missing"),
@@ -327,8 +347,53 @@ mod tests {
             MAX_VIRTIO_DEVICES + 1
         ];
         assert!(matches!(
-            create_devices(None, &many),
+            create_devices(None, None, &many),
             Err(VirtioDevicesError::TooManyDevices(20))
+        ));
+    }
+
+    #[test]
+    fn fs_sits_between_vsock_and_blk() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d.img");
+        std::fs::write(&disk, [0u8; 1024]).unwrap();
+        let vsock = VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.path().join("v.sock"),
+        };
+        let fs = VirtioFsConfig {
+            shared_dir: dir.path().to_path_buf(),
+            tag: "joeyfs".into(),
+            read_only: true,
+        };
+        let blk = BlockConfig {
+            path: disk,
+            read_only: false,
+        };
+        let p = create_devices(Some(&vsock), Some(&fs), std::slice::from_ref(&blk)).unwrap();
+        let types: Vec<(u32, u32)> = p.infos().iter().map(|i| (i.device_type, i.irq)).collect();
+        assert_eq!(types, vec![(19, 5), (26, 6), (2, 7)]);
+        assert!(p.fs_metrics.is_some());
+        let p = create_devices(None, Some(&fs), &[]).unwrap();
+        assert_eq!(
+            p.extend_cmdline("x"),
+            "x virtio_mmio.device=4K@0xd0000000:5"
+        );
+        let bad = VirtioFsConfig {
+            tag: String::new(),
+            ..fs.clone()
+        };
+        assert!(matches!(
+            create_devices(None, Some(&bad), &[]),
+            Err(VirtioDevicesError::Fs(VirtioFsError::EmptyTag))
+        ));
+        let missing = VirtioFsConfig {
+            shared_dir: dir.path().join("nope"),
+            ..fs
+        };
+        assert!(matches!(
+            create_devices(None, Some(&missing), &[]),
+            Err(VirtioDevicesError::Fs(VirtioFsError::SharedDir(_)))
         ));
     }
 }

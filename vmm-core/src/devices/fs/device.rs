@@ -194,7 +194,7 @@ pub(crate) mod tests {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
     }
 
-    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+    pub(crate) fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
         RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
     }
 

@@ -11,12 +11,15 @@
 //!   `GuestMemory` and `virtio_queue` queue;
 //! - [`vhost_user`]: `vhost-user-backend` glue and the [`VhostUserFsServer`] used with QEMU's
 //!   `vhost-user-fs-device` (1 hiprio + 1 request queue; the mount tag lives in QEMU's config
-//!   space: `-device vhost-user-fs-device,chardev=...,tag=...`).
+//!   space: `-device vhost-user-fs-device,chardev=...,tag=...`);
+//! - [`virtio`]: the same device served in-process by the built-in VMM on its virtio-mmio
+//!   transport ([`VirtioFs`], tag and queue count in its own config space).
 
 pub mod device;
 pub mod filesystem;
 pub mod metrics;
 pub mod vhost_user;
+pub mod virtio;
 
 use std::path::PathBuf;
 
@@ -24,6 +27,7 @@ pub use device::RequestError;
 pub use filesystem::SharedDirError;
 pub use metrics::{FsMetrics, FsOp, FsSnapshot};
 pub use vhost_user::{FsBackend, VhostUserError, VhostUserFsHandle, VhostUserFsServer};
+pub use virtio::{VirtioFs, VirtioFsConfig, VirtioFsError};
 
 /// How long the guest may cache file data and metadata.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 //!   VMM's MMIO bus and owns the virtqueues of one device;
 //! - [`event_loop`]: the device thread that epolls the queue ioeventfds and device fds and runs
 //!   the device handlers;
-//! - [`VirtioDevice`]: what a device model (vsock, blk) implements for the transport.
+//! - [`VirtioDevice`]: what a device model (vsock, blk, fs) implements for the transport.
 
 pub mod event_loop;
 pub mod metrics;
@@ -35,6 +35,8 @@ pub mod status {
 pub const TYPE_BLOCK: u32 = 2;
 /// Virtio device id of a vsock device.
 pub const TYPE_VSOCK: u32 = 19;
+/// Virtio device id of a virtio-fs device.
+pub const TYPE_FS: u32 = crate::devices::fs::device::VIRTIO_ID_FS;
 
 /// `VIRTIO_F_VERSION_1` (feature bit 32).
 pub const VIRTIO_F_VERSION_1: u32 = 32;
@@ -58,6 +60,8 @@ pub enum VirtioError {
     Vsock(#[from] crate::devices::vsock::DeviceError),
     #[error("block: {0}")]
     Block(#[from] crate::devices::blk::BlockError),
+    #[error("fs: {0}")]
+    Fs(#[from] crate::devices::fs::VirtioFsError),
 }
 
 /// A device model served by [`MmioTransport`].
@@ -67,7 +71,7 @@ pub enum VirtioError {
 /// the guest). Handlers must never panic or block on guest-controlled input; an `Err` puts the
 /// device in `DEVICE_NEEDS_RESET`.
 pub trait VirtioDevice: Send {
-    /// Virtio device id (2 = block, 19 = vsock).
+    /// Virtio device id (2 = block, 19 = vsock, 26 = fs).
     fn device_type(&self) -> u32;
     /// Features offered to the driver (must include `VIRTIO_F_VERSION_1`).
     fn avail_features(&self) -> u64;
