@@ -330,7 +330,8 @@ impl Handler<StartSandbox> for SandboxActor {
         self.sharefs = Some(sharefs.clone());
         let fut = async move {
             // The virtio-fs device must be listening before the VMM starts.
-            sharefs.send(SetupShareFs).await??;
+            // The built-in VMM serves the shared dir itself; QEMU gets our vhost-user device.
+            sharefs.send(SetupShareFs { vhost_user: backend == BackendKind::Qemu }).await??;
             let t0 = Instant::now();
             let vm = hv.send(StartVm { spec, backend }).await??;
             let agent = guarded(

@@ -255,7 +255,7 @@ fn staged<T>(f: impl FnOnce(&mut Resources) -> Result<T, ShareFsError>) -> Resul
 }
 
 /// Creates the shared dir (private self-bind) and starts the device. Blocking.
-fn setup_blocking(state_dir: &Path) -> Result<Resources, ShareFsError> {
+fn setup_blocking(state_dir: &Path, vhost_user: bool) -> Result<Resources, ShareFsError> {
     let shared = state_dir.join(SHARED_DIR_NAME);
     let sock = state_dir.join(VHOST_FS_SOCK);
     staged(|res| {
@@ -265,6 +265,9 @@ fn setup_blocking(state_dir: &Path) -> Result<Resources, ShareFsError> {
         res.push(Resource::Mount(shared.clone()));
         mount(None::<&str>, &shared, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>)
             .map_err(mount_err(format!("make {} private", shared.display())))?;
+        if !vhost_user {
+            return Ok(());
+        }
         let server = VhostUserFsServer::bind(
             &sock,
             FsConfig {
@@ -367,16 +370,20 @@ fn remount_ro(source: &Path, target: &Path) -> Result<(), ShareFsError> {
 /// Reply to [`SetupShareFs`].
 #[derive(Debug, Clone)]
 pub struct ShareFsReady {
-    /// vhost-user socket to give the VMM.
-    pub socket: PathBuf,
+    /// vhost-user socket to give the VMM; `None` when the VMM serves virtio-fs itself.
+    pub socket: Option<PathBuf>,
     /// virtio-fs mount tag.
     pub tag: &'static str,
 }
 
-/// Creates the shared dir and starts the virtio-fs device (before the VM starts).
+/// Creates the shared dir and, for a VMM in another process (QEMU), starts the vhost-user
+/// virtio-fs device on `<state_dir>/vhost-fs.sock` (before the VM starts). The built-in VMM
+/// serves the shared dir in-process and needs no socket.
 #[derive(Message)]
 #[rtype(result = "Result<ShareFsReady, ShareFsError>")]
-pub struct SetupShareFs;
+pub struct SetupShareFs {
+    pub vhost_user: bool,
+}
 
 /// Shares a container's host rootfs dir; replies with its guest path.
 #[derive(Message)]
@@ -468,19 +475,19 @@ impl Handler<GetShareFsState> for ShareFsActor {
 impl Handler<SetupShareFs> for ShareFsActor {
     type Result = Reply<ShareFsReady>;
 
-    fn handle(&mut self, _: SetupShareFs, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, m: SetupShareFs, _: &mut Context<Self>) -> Self::Result {
         if let Err(e) = self.state.expect(ShareFsState::Created) {
             return ready(Err(e.into()));
         }
         let dir = self.state_dir.clone();
-        let socket = Self::socket_path(&dir);
+        let socket = m.vhost_user.then(|| Self::socket_path(&dir));
         AtomicResponse::new(Box::pin(
-            blocking(move || setup_blocking(&dir))
+            blocking(move || setup_blocking(&dir, m.vhost_user))
                 .into_actor(self)
                 .map(move |r, act, _| {
                     act.base = r??;
                     act.state.transition(ShareFsState::Ready)?;
-                    tracing::info!(socket = %socket.display(), tag = SHARED_FS_TAG, "virtio-fs device ready");
+                    tracing::info!(socket = ?socket, tag = SHARED_FS_TAG, "shared dir ready");
                     Ok(ShareFsReady {
                         socket,
                         tag: SHARED_FS_TAG,
