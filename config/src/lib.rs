@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 
+mod annotations;
+pub use annotations::{AnnotationError, ANNOTATION_PREFIX, NEVER_OVERRIDABLE};
+
 /// Config file read when neither `--config` nor `$JOEY_CONFIG` is given (if it exists).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/joey/config.toml";
 /// Environment variable naming the config file.
@@ -182,6 +185,8 @@ pub struct RuntimeConfig {
     pub shutdown_timeout_ms: u64,
     /// error | warn | info | debug | trace
     pub log_level: String,
+    /// Config keys that `io.joey.config.<key>` annotations may override per sandbox.
+    pub enable_annotations: Vec<String>,
 }
 
 impl Default for RuntimeConfig {
@@ -189,7 +194,8 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             state_dir: PathBuf::from("/run/joey"),
             shutdown_timeout_ms: 5_000,
-            log_level: "info".to_string(),
+            log_level: "warn".to_string(),
+            enable_annotations: annotations::default_enabled(),
         }
     }
 }
@@ -346,6 +352,7 @@ impl Config {
     /// - `runtime.log_level` one of error|warn|info|debug|trace
     /// - `metrics.agent_timeout_ms`, `metrics.monitor_scrape_timeout_ms` in 1..=60000
     /// - `metrics.monitor_listen` an IP address and port
+    /// - `runtime.enable_annotations` only scalar keys that are not paths
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: origin.to_string(),
@@ -419,6 +426,14 @@ impl Config {
         }
         m.monitor_listen_addr()
             .map_err(|msg| invalid("metrics.monitor_listen", msg))?;
+        if !r.enable_annotations.is_empty() {
+            let defaults = toml::Value::try_from(Config::default())
+                .map_err(|e| invalid("runtime.enable_annotations", e.to_string()))?;
+            for key in &r.enable_annotations {
+                annotations::check_enabled_key(&defaults, key)
+                    .map_err(|msg| invalid("runtime.enable_annotations", msg))?;
+            }
+        }
         Ok(())
     }
 
@@ -550,6 +565,7 @@ rpc_timeout_ms = 5000
 state_dir = "/var/run/joey"
 shutdown_timeout_ms = 3000
 log_level = "debug"
+enable_annotations = ["hypervisor.memory_mib"]
 
 [metrics]
 agent_timeout_ms = 250
@@ -590,6 +606,7 @@ monitor_listen = "[::1]:9100"
                 state_dir: "/var/run/joey".into(),
                 shutdown_timeout_ms: 3_000,
                 log_level: "debug".into(),
+                enable_annotations: vec!["hypervisor.memory_mib".into()],
             },
             metrics: MetricsConfig {
                 agent_timeout_ms: 250,
@@ -625,7 +642,7 @@ monitor_listen = "[::1]:9100"
         assert_eq!(c.agent.rpc_timeout_ms, 10_000);
         assert_eq!(c.runtime.state_dir, Path::new("/run/joey"));
         assert_eq!(c.runtime.shutdown_timeout_ms, 5_000);
-        assert_eq!(c.runtime.log_level, "info");
+        assert_eq!(c.runtime.log_level, "warn");
         // Today's constants of the metrics endpoint and joey-monitor.
         assert_eq!(c.metrics.agent_timeout_ms, 500);
         assert_eq!(c.metrics.reply_timeout(), Duration::from_millis(800));
@@ -700,6 +717,7 @@ monitor_listen = "[::1]:9100"
             "state_dir",
             "shutdown_timeout_ms",
             "log_level",
+            "enable_annotations",
             "[metrics]",
             "agent_timeout_ms",
             "monitor_scrape_timeout_ms",

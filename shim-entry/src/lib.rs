@@ -2,5 +2,6 @@
 //! `containerd-shim-joey-v2`.
 
 pub mod ctl;
+pub mod logging;
 pub mod signals;
 pub mod shim;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::Parser;
 use joey_observability::http::{self, Handler, Response};
 use joey_observability::monitor::Monitor;
+use joey_shim::logging;
 
 /// Exit code for bad input (arguments, config), as joeyctl's.
 const EXIT_BAD_INPUT: i32 = 2;
@@ -52,7 +53,7 @@ struct Args {
     /// `metrics.monitor_scrape_timeout_ms`, 1000).
     #[arg(long)]
     scrape_timeout_ms: Option<u64>,
-    /// Log what the monitor does (info level) to stderr.
+    /// Log at least at info level to stderr (default: `runtime.log_level`).
     #[arg(short, long)]
     verbose: bool,
 }
@@ -69,15 +70,6 @@ fn main() {
             std::process::exit(code);
         }
     };
-    let level = if args.verbose { "info" } else { "warn" };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -105,6 +97,8 @@ async fn run(args: Args) -> Result<(), MonitorMainError> {
     }
     let (config, _origin) =
         joey_config::Config::load(args.config.as_deref()).map_err(|e| MonitorMainError::Config(e.to_string()))?;
+    let level = config.runtime.log_level.as_str();
+    logging::init_stderr(if args.verbose { logging::at_least(level, "info") } else { level });
     let state_dir = config.runtime.state_dir.clone();
     let scrape_timeout = args
         .scrape_timeout_ms

@@ -23,7 +23,7 @@ pub struct RunArgs {
     /// Print timings (ms) and the hypervisor/accelerator used to stderr when done.
     #[arg(long)]
     pub timings: bool,
-    /// Log what the runtime does (info level) to stderr.
+    /// Log at least at info level to stderr (default: `runtime.log_level`).
     #[arg(short, long)]
     pub verbose: bool,
     /// Run CMD in a container whose root filesystem is this host directory (shared with the
@@ -64,15 +64,8 @@ pub fn run(args: RunArgs) -> i32 {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let level = if args.verbose { config.runtime.log_level.as_str() } else { "warn" };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    let level = config.runtime.log_level.as_str();
+    crate::logging::init_stderr(if args.verbose { crate::logging::at_least(level, "info") } else { level });
     let sys = actix::System::new();
     let code = sys.block_on(run_async(args, config, origin));
     let _ = std::io::stdout().flush();
