@@ -19,30 +19,42 @@ all: build guest
 deps:
 	bash scripts/deps.sh
 
+# Progress lines for `make run`/`make test`: one short line per step; chatter goes to logs.
+say = @echo "==> $(1)"
+KERNEL_LOG := $(GUEST_DIR)/kernel-build.log
+
 build: deps
+	$(call say,workspace: cargo build --release (joeyctl, joey-monitor, containerd-shim-joey-v2))
 	$(CARGO) build --release --bin joeyctl --bin joey-monitor --bin containerd-shim-joey-v2
 
 agent: deps
+	$(call say,agent: static joey-agent for the guest)
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p joey-agent --target $(AGENT_TARGET)
 
 kernel: deps
 	mkdir -p $(GUEST_DIR)
-	d=$$(bash guest/build-kernel.sh) && ln -sfn $$d/bzImage $(GUEST_DIR)/bzImage && ln -sfn $$d/vmlinux $(GUEST_DIR)/vmlinux
+	$(call say,guest kernel: Debian linux-source-6.1 + guest/kernel.fragment (cached by input hash; a build takes ~6 min on 2 cores; log: $(KERNEL_LOG)))
+	@d=$$(bash guest/build-kernel.sh 2>$(KERNEL_LOG)) || { tail -n 30 $(KERNEL_LOG); echo "guest kernel build failed; whole log: $(KERNEL_LOG)" >&2; exit 1; }; \
+	  ln -sfn $$d/bzImage $(GUEST_DIR)/bzImage && ln -sfn $$d/vmlinux $(GUEST_DIR)/vmlinux && echo "    $$(tail -n 1 $(KERNEL_LOG))"
 
 initrd: agent
 	mkdir -p $(GUEST_DIR)
+	$(call say,guest initramfs: agent + busybox-static (cached by input hash))
 	d=$$(bash guest/build-initrd.sh $(AGENT_BIN)) && ln -sfn $$d/initrd.img $(GUEST_DIR)/initrd.img
 
 guest: kernel initrd
 
 install-guest: guest
+	$(call say,install guest image to $(INSTALL_GUEST_DIR))
 	install -d $(INSTALL_GUEST_DIR)
 	install -m 0644 $(GUEST_DIR)/bzImage $(INSTALL_GUEST_DIR)/bzImage
 	install -m 0644 $(GUEST_DIR)/initrd.img $(INSTALL_GUEST_DIR)/initrd.img
 	install -m 0644 $(GUEST_DIR)/vmlinux $(INSTALL_GUEST_DIR)/vmlinux
 
 run: build install-guest
+	$(call say,demo: joeyctl run --timings -- uname -a)
 	$(JOEYCTL) run --timings -- uname -a
+	$(call say,demo: ctr run --runtime io.containerd.joey.v2 on a private containerd)
 	bash scripts/demo-ctr.sh
 
 unit-test: deps

@@ -1,6 +1,18 @@
 #!/usr/bin/env bash
 # Installs the Debian packages joey needs to build and test, if any is missing.
 set -euo pipefail
+# The one thing `make` cannot install: a Rust toolchain of the workspace's rust-version.
+root=$(cd "$(dirname "$0")/.." && pwd)
+need=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' "$root/Cargo.toml")
+have=$(cargo --version 2>/dev/null | awk '{print $2}') || true
+if [ -z "$have" ]; then
+  echo "deps: cargo not found: install a Rust toolchain >= $need (e.g. rustup) and put cargo on PATH" >&2
+  exit 1
+fi
+if [ "$(printf '%s\n%s\n' "$need" "${have%%-*}" | sort -V | head -n1)" != "$need" ]; then
+  echo "deps: cargo $have is too old: the workspace needs Rust >= $need" >&2
+  exit 1
+fi
 PKGS=(qemu-system-x86 linux-source-6.1 bc flex bison libelf-dev libssl-dev
       cpio gzip xz-utils make gcc busybox-static prometheus
       containerd runc bsdutils)  # bsdutils: script(1), a terminal for `ctr run -t` in tests
@@ -9,7 +21,7 @@ for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "deps: installing ${missing[*]}"
+  echo "==> deps: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"

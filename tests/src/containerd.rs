@@ -431,9 +431,27 @@ impl Events {
                 }
             }
         });
-        // `ctr events` subscribes asynchronously: give it a moment so no event is missed.
-        std::thread::sleep(Duration::from_millis(300));
-        Events { child: Some(child), lines }
+        let events = Events { child: Some(child), lines };
+        events.await_subscribed(c);
+        events
+    }
+
+    /// `ctr events` subscribes asynchronously: until it has, events are missed. Labels the
+    /// namespace (a `/namespaces/update` event) until that event shows up, with a deadline.
+    fn await_subscribed(&self, c: &Containerd) {
+        let seen = |n: u32| {
+            let v = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+            v.iter().any(|e| e.topic == "/namespaces/update" && e.body.contains(&format!("events-probe-{n}")))
+        };
+        let mut n = 0;
+        crate::wait_for("ctr events to subscribe", Duration::from_secs(20), Duration::from_millis(0), || {
+            n += 1;
+            let o = c.ctr_out(&["namespaces", "label", "default", &format!("joey.test/events-probe=events-probe-{n}")]);
+            assert!(o.status.success(), "ctr namespaces label: {}", crate::stderr_of(&o));
+            crate::wait_for("probe event", Duration::from_millis(500), Duration::from_millis(20), || seen(n).then_some(()))
+                .ok()
+        })
+        .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", c.log()));
     }
 
     /// Events about container `id` so far, in order.

@@ -261,6 +261,22 @@ pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
     }
 }
 
+/// Polls `probe` every `every` until it yields a value or `timeout` has passed; past the
+/// deadline, `Err` says what was awaited and how long. The one way tests wait for a condition
+/// (never a bare sleep).
+pub fn wait_for<T>(what: &str, timeout: Duration, every: Duration, mut probe: impl FnMut() -> Option<T>) -> Result<T, String> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return Ok(v);
+        }
+        if t0.elapsed() >= timeout {
+            return Err(format!("{what}: not within {timeout:?}"));
+        }
+        std::thread::sleep(every.min(timeout.saturating_sub(t0.elapsed())));
+    }
+}
+
 pub fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest as _;
     let d = sha2::Sha256::digest(b);

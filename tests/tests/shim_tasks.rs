@@ -309,11 +309,21 @@ fn pause_and_resume() {
     }
     ok(&c.ctr_out(&["task", "pause", "pr"]), "ctr task pause", &c);
     assert_eq!(task_status(&c, "pr").as_deref(), Some("PAUSED"));
-    // Let a write in flight land, then nothing may change.
-    std::thread::sleep(Duration::from_millis(500));
-    let frozen = count_lines(&count);
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(count_lines(&count), frozen, "progress while paused");
+    // A write in flight may still land: wait until two reads 200 ms apart agree (deadline),
+    // then watch for 1.5 s: nothing may change while paused (an absence needs a window).
+    let mut last = count_lines(&count);
+    let frozen = wait_for("the paused writer's file to settle", Duration::from_secs(10), Duration::from_millis(200), || {
+        let now = count_lines(&count);
+        let settled = now == last;
+        last = now;
+        settled.then_some(now)
+    })
+    .unwrap_or_else(|e| panic!("{e}: still growing while paused"));
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(count_lines(&count), frozen, "progress while paused");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     ok(&c.ctr_out(&["task", "resume", "pr"]), "ctr task resume", &c);
     assert_eq!(task_status(&c, "pr").as_deref(), Some("RUNNING"));
     let t0 = Instant::now();
