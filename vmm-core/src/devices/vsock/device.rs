@@ -454,17 +454,22 @@ mod tests {
             take_used(&self.tx_mock, &mut self.tx_used_seen)
         }
 
-        /// Host-initiated connection up to the OK line; returns (host stream, host port).
-        fn host_connect(&mut self, guest_port: u32) -> (UnixStream, u32) {
+        /// A host process connects and writes `sent` (a CONNECT line, maybe more); returns its
+        /// stream and the `OP_REQUEST` the guest got for it.
+        fn host_request(&mut self, sent: &[u8]) -> (UnixStream, VsockHeader) {
             let mut host = UnixStream::connect(self.uds_path()).unwrap();
             host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            host.write_all(format!("CONNECT {guest_port}\n").as_bytes())
-                .unwrap();
+            host.write_all(sent).unwrap();
             self.offer_rx(4, 4096);
             let pkts = self.poll_until(|p| !p.is_empty());
             assert_eq!(pkts.len(), 1);
-            let req = pkts[0].hdr;
-            assert_eq!(req.op, VSOCK_OP_REQUEST);
+            assert_eq!(pkts[0].hdr.op, VSOCK_OP_REQUEST);
+            (host, pkts[0].hdr)
+        }
+
+        /// Host-initiated connection up to the OK line; returns (host stream, host port).
+        fn host_connect(&mut self, guest_port: u32) -> (UnixStream, u32) {
+            let (mut host, req) = self.host_request(format!("CONNECT {guest_port}\n").as_bytes());
             assert_eq!(req.dst_port, guest_port);
             assert_eq!(req.dst_cid, GUEST_CID);
             assert_eq!(req.src_cid, VSOCK_HOST_CID);
@@ -603,13 +608,7 @@ mod tests {
     #[test]
     fn host_connect_refused_by_guest_closes_stream() {
         let mut g = Guest::new();
-        let mut host = UnixStream::connect(g.uds_path()).unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        host.write_all(b"CONNECT 9999\n").unwrap();
-        g.offer_rx(2, 4096);
-        let pkts = g.poll_until(|p| !p.is_empty());
-        let req = pkts[0].hdr;
-        assert_eq!(req.op, VSOCK_OP_REQUEST);
+        let (mut host, req) = g.host_request(b"CONNECT 9999\n");
         g.send(g.hdr(VSOCK_OP_RST, 9999, req.src_port), &[]);
         let mut buf = [0u8; 16];
         assert_eq!(host.read(&mut buf).unwrap(), 0, "no OK line, just EOF");
@@ -970,12 +969,8 @@ mod tests {
     #[test]
     fn host_data_before_guest_response_is_not_lost() {
         let mut g = Guest::new();
-        let mut host = UnixStream::connect(g.uds_path()).unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        host.write_all(b"CONNECT 77\nearly").unwrap();
-        g.offer_rx(4, 4096);
-        let pkts = g.poll_until(|p| !p.is_empty());
-        let host_port = pkts[0].hdr.src_port;
+        let (mut host, req) = g.host_request(b"CONNECT 77\nearly");
+        let host_port = req.src_port;
         g.send(g.hdr(VSOCK_OP_RESPONSE, 77, host_port), &[]);
         assert_eq!(read_line(&mut host), format!("OK {host_port}\n"));
         let pkts = g.poll_until(|p| rw_bytes(p) >= 5);
