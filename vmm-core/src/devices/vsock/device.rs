@@ -9,7 +9,7 @@
 //! Every descriptor chain that is popped is returned to the used ring, malformed or not, so a
 //! buggy or malicious driver can never wedge a queue.
 
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{DescriptorChain, QueueOwnedT};
 use virtio_vsock::packet::{Error as PacketError, VsockPacket};
 use vm_memory::GuestMemory;
 
@@ -147,24 +147,22 @@ impl VsockDevice {
         M: GuestMemory,
         Q: QueueOwnedT,
     {
-        if !queue.ready() {
-            return Ok(false);
-        }
-        let mut used = false;
-        while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => {
-                    VsockMetrics::add(&self.metrics.tx_packets, 1);
-                    VsockMetrics::add(&self.metrics.tx_bytes, u64::from(pkt.len()));
-                    self.muxer.handle_guest_packet(&pkt)
+        self.process_queue(
+            mem,
+            queue,
+            |_| true,
+            |dev, chain| {
+                match VsockPacket::from_tx_virtq_chain(mem, chain, MAX_PKT_DATA) {
+                    Ok(pkt) => {
+                        VsockMetrics::add(&dev.metrics.tx_packets, 1);
+                        VsockMetrics::add(&dev.metrics.tx_bytes, u64::from(pkt.len()));
+                        dev.muxer.handle_guest_packet(&pkt)
+                    }
+                    Err(e) => dev.record_chain_error(DeviceError::MalformedTxChain(e)),
                 }
-                Err(e) => self.record_chain_error(DeviceError::MalformedTxChain(e)),
-            }
-            queue.add_used(mem, head, 0)?;
-            used = true;
-        }
-        Ok(used)
+                Some(0)
+            },
+        )
     }
 
     /// Fills available rx chains with pending packets. Returns whether the used ring changed.
@@ -173,33 +171,51 @@ impl VsockDevice {
         M: GuestMemory,
         Q: QueueOwnedT,
     {
+        let pending = |dev: &Self| dev.muxer.has_pending_rx();
+        self.process_queue(mem, queue, pending, |dev, chain| {
+            match VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA) {
+                Ok(mut pkt) => {
+                    // `None`: nothing to send after all, the buffer goes back to the queue.
+                    let len = dev.muxer.fill_rx_packet(&mut pkt)?;
+                    VsockMetrics::add(&dev.metrics.rx_packets, 1);
+                    let payload = u64::from(len).saturating_sub(HEADER_SIZE as u64);
+                    VsockMetrics::add(&dev.metrics.rx_bytes, payload);
+                    Some(len)
+                }
+                Err(e) => {
+                    dev.record_chain_error(DeviceError::MalformedRxChain(e));
+                    Some(0)
+                }
+            }
+        })
+    }
+
+    /// Pops chains while `more` holds and returns each to the used ring with the length
+    /// `handle` gives it; `handle` answering `None` puts the chain back and stops. Returns
+    /// whether the used ring changed.
+    fn process_queue<'m, M, Q>(
+        &mut self,
+        mem: &'m M,
+        queue: &mut Q,
+        more: impl Fn(&Self) -> bool,
+        mut handle: impl FnMut(&mut Self, &mut DescriptorChain<&'m M>) -> Option<u32>,
+    ) -> Result<bool, DeviceError>
+    where
+        M: GuestMemory,
+        Q: QueueOwnedT,
+    {
         if !queue.ready() {
             return Ok(false);
         }
         let mut used = false;
-        while self.muxer.has_pending_rx() {
+        while more(self) {
             let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
-            let len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                Ok(mut pkt) => match self.muxer.fill_rx_packet(&mut pkt) {
-                    Some(len) => {
-                        VsockMetrics::add(&self.metrics.rx_packets, 1);
-                        let payload = u64::from(len).saturating_sub(HEADER_SIZE as u64);
-                        VsockMetrics::add(&self.metrics.rx_bytes, payload);
-                        len
-                    }
-                    None => {
-                        // Nothing to send after all: give the buffer back to the queue.
-                        queue.go_to_previous_position();
-                        break;
-                    }
-                },
-                Err(e) => {
-                    self.record_chain_error(DeviceError::MalformedRxChain(e));
-                    0
-                }
+            let Some(len) = handle(self, &mut chain) else {
+                queue.go_to_previous_position();
+                break;
             };
             queue.add_used(mem, head, len)?;
             used = true;
@@ -338,19 +354,11 @@ mod tests {
 
         /// Adds a raw tx chain (flags given per descriptor; NEXT is handled here).
         fn add_tx_chain(&mut self, descs: &[(u64, u32, u32)]) -> u16 {
-            let head = self.tx_desc_next;
-            let raw = chain_descs(descs, head);
-            self.tx_mock.add_desc_chains(&raw, head).unwrap();
-            self.tx_desc_next += descs.len() as u16;
-            head
+            add_chain(&self.tx_mock, &mut self.tx_desc_next, descs)
         }
 
         fn add_rx_chain(&mut self, descs: &[(u64, u32, u32)]) -> u16 {
-            let head = self.rx_desc_next;
-            let raw = chain_descs(descs, head);
-            self.rx_mock.add_desc_chains(&raw, head).unwrap();
-            self.rx_desc_next += descs.len() as u16;
-            head
+            add_chain(&self.rx_mock, &mut self.rx_desc_next, descs)
         }
 
         /// Puts a packet on the tx queue and lets the device process it.
@@ -446,17 +454,22 @@ mod tests {
             take_used(&self.tx_mock, &mut self.tx_used_seen)
         }
 
-        /// Host-initiated connection up to the OK line; returns (host stream, host port).
-        fn host_connect(&mut self, guest_port: u32) -> (UnixStream, u32) {
+        /// A host process connects and writes `sent` (a CONNECT line, maybe more); returns its
+        /// stream and the `OP_REQUEST` the guest got for it.
+        fn host_request(&mut self, sent: &[u8]) -> (UnixStream, VsockHeader) {
             let mut host = UnixStream::connect(self.uds_path()).unwrap();
             host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            host.write_all(format!("CONNECT {guest_port}\n").as_bytes())
-                .unwrap();
+            host.write_all(sent).unwrap();
             self.offer_rx(4, 4096);
             let pkts = self.poll_until(|p| !p.is_empty());
             assert_eq!(pkts.len(), 1);
-            let req = pkts[0].hdr;
-            assert_eq!(req.op, VSOCK_OP_REQUEST);
+            assert_eq!(pkts[0].hdr.op, VSOCK_OP_REQUEST);
+            (host, pkts[0].hdr)
+        }
+
+        /// Host-initiated connection up to the OK line; returns (host stream, host port).
+        fn host_connect(&mut self, guest_port: u32) -> (UnixStream, u32) {
+            let (mut host, req) = self.host_request(format!("CONNECT {guest_port}\n").as_bytes());
             assert_eq!(req.dst_port, guest_port);
             assert_eq!(req.dst_cid, GUEST_CID);
             assert_eq!(req.src_cid, VSOCK_HOST_CID);
@@ -485,6 +498,19 @@ mod tests {
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
             s
         }
+    }
+
+    /// Adds a raw chain to `mock` at descriptor index `*next`; returns its head.
+    fn add_chain(
+        mock: &MockSplitQueue<'static, GuestMemoryMmap<()>>,
+        next: &mut u16,
+        descs: &[(u64, u32, u32)],
+    ) -> u16 {
+        let head = *next;
+        mock.add_desc_chains(&chain_descs(descs, head), head)
+            .unwrap();
+        *next += descs.len() as u16;
+        head
     }
 
     fn chain_descs(descs: &[(u64, u32, u32)], first: u16) -> Vec<RawDescriptor> {
@@ -582,13 +608,7 @@ mod tests {
     #[test]
     fn host_connect_refused_by_guest_closes_stream() {
         let mut g = Guest::new();
-        let mut host = UnixStream::connect(g.uds_path()).unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        host.write_all(b"CONNECT 9999\n").unwrap();
-        g.offer_rx(2, 4096);
-        let pkts = g.poll_until(|p| !p.is_empty());
-        let req = pkts[0].hdr;
-        assert_eq!(req.op, VSOCK_OP_REQUEST);
+        let (mut host, req) = g.host_request(b"CONNECT 9999\n");
         g.send(g.hdr(VSOCK_OP_RST, 9999, req.src_port), &[]);
         let mut buf = [0u8; 16];
         assert_eq!(host.read(&mut buf).unwrap(), 0, "no OK line, just EOF");
@@ -949,12 +969,8 @@ mod tests {
     #[test]
     fn host_data_before_guest_response_is_not_lost() {
         let mut g = Guest::new();
-        let mut host = UnixStream::connect(g.uds_path()).unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        host.write_all(b"CONNECT 77\nearly").unwrap();
-        g.offer_rx(4, 4096);
-        let pkts = g.poll_until(|p| !p.is_empty());
-        let host_port = pkts[0].hdr.src_port;
+        let (mut host, req) = g.host_request(b"CONNECT 77\nearly");
+        let host_port = req.src_port;
         g.send(g.hdr(VSOCK_OP_RESPONSE, 77, host_port), &[]);
         assert_eq!(read_line(&mut host), format!("OK {host_port}\n"));
         let pkts = g.poll_until(|p| rw_bytes(p) >= 5);

@@ -4,6 +4,7 @@
 //! virtio-vsock device (stream sockets) with a Firecracker-style "hybrid vsock" host side.
 //!
 //! Layers, bottom up:
+//! - `csm`: one connection's state machine, credit accounting and buffer;
 //! - [`muxer`]: connection table and host unix sockets, transport agnostic;
 //! - [`device`]: virtqueue processing on top of a `GuestMemory` and a `virtio_queue` queue;
 //! - [`vhost_user`]: `vhost-user-backend` glue and the [`VhostUserVsockServer`] used with QEMU's
@@ -13,6 +14,7 @@
 //! (answered by `OK <hostport>\n`); guest connections to host port `P` are forwarded to the unix
 //! socket `<uds_path>_<P>`.
 
+mod csm;
 pub mod device;
 pub mod event_handler;
 pub mod metrics;
