@@ -524,6 +524,32 @@ impl Handler<StopShareFs> for ShareFsActor {
 mod tests {
     use super::*;
 
+    /// The result of a step that mounts; these tests need CAP_SYS_ADMIN and say so when it is
+    /// missing (they never pass silently).
+    fn mounting<T>(r: Result<T, ShareFsError>) -> T {
+        match r {
+            Ok(v) => v,
+            Err(ShareFsError::Mount {
+                source: nix::errno::Errno::EPERM,
+                what,
+            }) => panic!("{what}: EPERM; the sharefs mount tests need CAP_SYS_ADMIN (run them as root)"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// `<dir>/shared` and a host rootfs dir `<dir>/img`, both created.
+    fn shared_and_host(dir: &Path) -> (PathBuf, PathBuf) {
+        let (shared, host) = (dir.join("shared"), dir.join("img"));
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::create_dir(&host).unwrap();
+        (shared, host)
+    }
+
+    fn assert_no_mounts_under(dir: &Path) {
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mi.contains(&dir.display().to_string()), "{mi}");
+    }
+
     #[test]
     fn lifecycle() {
         let mut s = ShareFsState::Created;
@@ -609,20 +635,13 @@ mod tests {
         assert!(!a.exists());
     }
 
-    /// Needs CAP_SYS_ADMIN (mounts); skipped otherwise.
+    /// Needs CAP_SYS_ADMIN (mounts).
     #[tokio::test]
     async fn setup_replies_with_the_device_it_made() {
         let d = tempfile::tempdir().unwrap();
         let shared = d.path().join(SHARED_DIR_NAME);
         let sock = d.path().join(VHOST_FS_SOCK);
-        let (mut res, dev) = match setup(d.path(), true).await {
-            Ok(v) => v,
-            Err(ShareFsError::Mount {
-                source: nix::errno::Errno::EPERM,
-                ..
-            }) => return,
-            Err(e) => panic!("{e}"),
-        };
+        let (mut res, dev) = mounting(setup(d.path(), true).await);
         assert_eq!((dev.shared_dir.as_path(), dev.tag), (shared.as_path(), "joeyfs"));
         match &dev.transport {
             ShareFsTransport::VhostUser { socket, metrics } => {
@@ -644,23 +663,13 @@ mod tests {
         assert!(!shared.exists());
     }
 
-    /// Needs CAP_SYS_ADMIN (mounts); skipped otherwise.
+    /// Needs CAP_SYS_ADMIN (mounts).
     #[tokio::test]
     async fn share_and_release_bind_mounts() {
         let d = tempfile::tempdir().unwrap();
-        let shared = d.path().join("shared");
-        std::fs::create_dir(&shared).unwrap();
-        let host = d.path().join("img");
-        std::fs::create_dir(&host).unwrap();
+        let (shared, host) = shared_and_host(d.path());
         std::fs::write(host.join("marker"), b"m").unwrap();
-        let mut res = match share(&shared, "c1", host.clone(), true, Vec::new()).await {
-            Ok(r) => r,
-            Err(ShareFsError::Mount {
-                source: nix::errno::Errno::EPERM,
-                ..
-            }) => return,
-            Err(e) => panic!("{e}"),
-        };
+        let mut res = mounting(share(&shared, "c1", host.clone(), true, Vec::new()).await);
         let target = shared.join("c1/rootfs");
         assert_eq!(std::fs::read(target.join("marker")).unwrap(), b"m");
         let e = std::fs::write(target.join("new"), b"x").unwrap_err();
@@ -668,18 +677,14 @@ mod tests {
         assert!(res.cleanup_all().await.is_empty());
         assert!(!shared.join("c1").exists());
         assert!(host.join("marker").exists());
-        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(!mi.contains(&d.path().display().to_string()));
+        assert_no_mounts_under(d.path());
     }
 
-    /// Needs CAP_SYS_ADMIN (mounts); skipped otherwise.
+    /// Needs CAP_SYS_ADMIN (mounts).
     #[tokio::test]
     async fn volumes_are_shared_ro_and_rw_and_released() {
         let d = tempfile::tempdir().unwrap();
-        let shared = d.path().join("shared");
-        std::fs::create_dir(&shared).unwrap();
-        let host = d.path().join("img");
-        std::fs::create_dir(&host).unwrap();
+        let (shared, host) = shared_and_host(d.path());
         let vro = d.path().join("vro");
         std::fs::create_dir(&vro).unwrap();
         std::fs::write(vro.join("in"), b"ro").unwrap();
@@ -701,14 +706,7 @@ mod tests {
                 read_only: true,
             },
         ];
-        let mut res = match share(&shared, "c1", host.clone(), false, vols).await {
-            Ok(r) => r,
-            Err(ShareFsError::Mount {
-                source: nix::errno::Errno::EPERM,
-                ..
-            }) => return,
-            Err(e) => panic!("{e}"),
-        };
+        let mut res = mounting(share(&shared, "c1", host.clone(), false, vols).await);
         let v = shared.join("c1/volumes");
         assert_eq!(std::fs::read(v.join("0/in")).unwrap(), b"ro");
         let e = std::fs::write(v.join("0/new"), b"x").unwrap_err();
@@ -720,28 +718,20 @@ mod tests {
         assert!(res.cleanup_all().await.is_empty());
         assert!(!shared.join("c1").exists());
         assert_eq!(std::fs::read(&vfile).unwrap(), b"file");
-        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(!mi.contains(&d.path().display().to_string()));
+        assert_no_mounts_under(d.path());
     }
 
     #[tokio::test]
     async fn missing_volume_source_releases_everything() {
         let d = tempfile::tempdir().unwrap();
-        let shared = d.path().join("shared");
-        std::fs::create_dir(&shared).unwrap();
-        let host = d.path().join("img");
-        std::fs::create_dir(&host).unwrap();
+        let (shared, host) = shared_and_host(d.path());
         let vols = vec![VolumeShare {
             host_path: d.path().join("missing"),
             read_only: false,
         }];
-        match share(&shared, "c1", host.clone(), false, vols).await {
+        match share(&shared, "c1", host.clone(), false, vols).await.map(|_| ()) {
             Err(ShareFsError::Io { what, .. }) => assert!(what.contains("missing"), "{what}"),
-            Err(ShareFsError::Mount {
-                source: nix::errno::Errno::EPERM,
-                ..
-            }) => return,
-            other => panic!("expected an Io error, got {:?}", other.map(|_| ())),
+            other => panic!("expected an Io error, got {other:?}"),
         }
         assert!(!shared.join("c1").exists());
     }
