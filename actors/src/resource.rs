@@ -199,29 +199,27 @@ mod tests {
         log: Arc<Mutex<Vec<String>>>,
     }
 
+    impl Probe {
+        /// Logs `<what> <name>`; fails with `error` if asked to.
+        fn record(&self, what: &str, fail: bool, error: &str) -> Result<(), String> {
+            self.log.lock().unwrap().push(format!("{what} {}", self.name));
+            if fail {
+                Err(error.into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
     impl Resource for Probe {
         fn name(&self) -> String {
             self.name.to_string()
         }
         fn setup(&mut self) -> BoxFuture<'_, Result<(), String>> {
-            Box::pin(async move {
-                self.log.lock().unwrap().push(format!("setup {}", self.name));
-                if self.fail_setup {
-                    Err("boom".into())
-                } else {
-                    Ok(())
-                }
-            })
+            Box::pin(async move { self.record("setup", self.fail_setup, "boom") })
         }
         fn cleanup(self: Box<Self>) -> BoxFuture<'static, Result<(), String>> {
-            Box::pin(async move {
-                self.log.lock().unwrap().push(format!("cleanup {}", self.name));
-                if self.fail_cleanup {
-                    Err("stuck".into())
-                } else {
-                    Ok(())
-                }
-            })
+            Box::pin(async move { self.record("cleanup", self.fail_cleanup, "stuck") })
         }
     }
 

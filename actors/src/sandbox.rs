@@ -527,19 +527,11 @@ impl Handler<StopSandbox> for SandboxActor {
                     Err(_) => tracing::warn!("agent DestroySandbox timed out"),
                 }
             }
-            let report = hv.send(StopVm { grace: vm_grace }).await;
-            let method = match report {
-                Ok(Ok(r)) => Some(r.method),
-                Ok(Err(HypervisorError::NotRunning)) => None,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "stopping the VM failed");
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "hypervisor actor unreachable");
-                    None
-                }
-            };
+            let report = hv.send(StopVm { grace: vm_grace }).await.map(|r| match r {
+                Err(HypervisorError::NotRunning) => Ok(None),
+                r => r.map(|r| Some(r.method)),
+            });
+            let method = teardown_reply("stopping the VM", report).flatten();
             if stop_sharefs(sharefs).await {
                 remove_state_dir(dir).await;
             } else {
@@ -685,15 +677,21 @@ impl Handler<UnshareContainer> for SandboxActor {
 /// may be removed recursively (never while a container rootfs may still be bind-mounted in it).
 async fn stop_sharefs(sharefs: Option<Addr<ShareFsActor>>) -> bool {
     let Some(sharefs) = sharefs else { return true };
-    match sharefs.send(StopShareFs).await {
-        Ok(Ok(())) => true,
+    teardown_reply("stopping sharefs", sharefs.send(StopShareFs).await).is_some()
+}
+
+/// The reply to a teardown request sent to another actor; a failure (the actor's, or an
+/// unreachable actor) is logged as `what` and gives `None`.
+fn teardown_reply<T, E: std::fmt::Display>(what: &str, reply: Result<Result<T, E>, MailboxError>) -> Option<T> {
+    match reply {
+        Ok(Ok(v)) => Some(v),
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "stopping sharefs failed");
-            false
+            tracing::warn!(error = %e, "{what} failed");
+            None
         }
         Err(e) => {
-            tracing::warn!(error = %e, "sharefs actor unreachable");
-            false
+            tracing::warn!(error = %e, "{what}: actor unreachable");
+            None
         }
     }
 }

@@ -552,14 +552,22 @@ mod tests {
 
     #[test]
     fn lifecycle() {
-        let mut s = ShareFsState::Created;
-        s.transition(ShareFsState::Ready).unwrap();
-        assert!(s.transition(ShareFsState::Ready).is_err());
-        s.transition(ShareFsState::Stopping).unwrap();
-        s.transition(ShareFsState::Stopped).unwrap();
-        assert!(s.transition(ShareFsState::Ready).is_err());
-        assert!(ShareFsState::Created.can_transition(ShareFsState::Stopped));
-        assert!(ShareFsState::Ready.expect(ShareFsState::Created).is_err());
+        use ShareFsState::*;
+        crate::lifecycle::assert_transitions(
+            &[Created, Ready, Stopping, Stopped],
+            &[
+                (Created, Ready),
+                (Created, Stopping),
+                (Created, Stopped),
+                (Ready, Stopping),
+                (Stopping, Stopped),
+            ],
+        );
+        let e = Ready.expect(Created).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid sharefs (request) state transition: ready -> created"
+        );
     }
 
     #[test]

@@ -411,6 +411,18 @@ mod tests {
         counters: VmCounterSources,
     }
 
+    impl FakeVm {
+        fn new(event: Option<(usize, VmEvent)>, stops: Arc<AtomicUsize>) -> FakeVm {
+            FakeVm {
+                polls: AtomicUsize::new(0),
+                event,
+                stops,
+                stop_fails: false,
+                counters: VmCounterSources::default(),
+            }
+        }
+    }
+
     impl BridgedVm for FakeVm {
         fn wait_event(&self, timeout: Duration) -> Option<VmEvent> {
             let n = self.polls.fetch_add(1, Ordering::SeqCst);
@@ -442,18 +454,7 @@ mod tests {
     ) -> (impl FnOnce() -> Result<FakeVm, BuiltinError> + Send, Arc<AtomicUsize>) {
         let stops = Arc::new(AtomicUsize::new(0));
         let s = stops.clone();
-        (
-            move || {
-                Ok(FakeVm {
-                    polls: AtomicUsize::new(0),
-                    event,
-                    stops: s,
-                    stop_fails: false,
-                    counters: VmCounterSources::default(),
-                })
-            },
-            stops,
-        )
+        (move || Ok(FakeVm::new(event, s)), stops)
     }
 
     fn paths() -> BuiltinPaths {
@@ -514,11 +515,8 @@ mod tests {
                 paths(),
                 move || -> Result<FakeVm, BuiltinError> {
                     Ok(FakeVm {
-                        polls: AtomicUsize::new(0),
-                        event: None,
-                        stops: Arc::new(AtomicUsize::new(0)),
-                        stop_fails: false,
                         counters,
+                        ..FakeVm::new(None, Arc::new(AtomicUsize::new(0)))
                     })
                 },
                 Duration::from_secs(5),
@@ -577,13 +575,7 @@ mod tests {
                 paths(),
                 move || {
                     std::thread::sleep(Duration::from_millis(200));
-                    Ok(FakeVm {
-                        polls: AtomicUsize::new(0),
-                        event: None,
-                        stops: s,
-                        stop_fails: false,
-                        counters: VmCounterSources::default(),
-                    })
+                    Ok(FakeVm::new(None, s))
                 },
                 Duration::from_millis(20),
             )
@@ -613,11 +605,11 @@ mod tests {
     #[test]
     fn stop_failure_is_in_the_exit() {
         let mut vm = FakeVm {
-            polls: AtomicUsize::new(0),
-            event: Some((0, VmEvent::TripleFault { vcpu: 0 })),
-            stops: Arc::new(AtomicUsize::new(0)),
             stop_fails: true,
-            counters: VmCounterSources::default(),
+            ..FakeVm::new(
+                Some((0, VmEvent::TripleFault { vcpu: 0 })),
+                Arc::new(AtomicUsize::new(0)),
+            )
         };
         let (_ctl_tx, ctl_rx) = crossbeam_channel::bounded(1);
         let (ev_tx, _ev_rx) = mpsc::channel(1);
