@@ -462,7 +462,10 @@ pub(crate) mod tests {
 
     /// A current-thread runtime for the backends' tests.
     pub(crate) fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     fn cfg_with_files(kind: joey_config::HypervisorKind) -> (tempfile::TempDir, joey_config::Config) {
