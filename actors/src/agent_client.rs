@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use joey_agent_protocol::agent;
 use joey_agent_protocol::agent_ttrpc::AgentServiceClient;
+use joey_observability::prometheus::{HistogramTimer, HistogramVec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use joey_observability::prometheus::{HistogramTimer, HistogramVec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -16,7 +16,11 @@ pub enum AgentError {
     #[error("agent did not become ready within {0:?} (last error: {1})")]
     NotReady(Duration, String),
     #[error("agent RPC {rpc} failed: {message}")]
-    Rpc { rpc: &'static str, code: RpcCode, message: String },
+    Rpc {
+        rpc: &'static str,
+        code: RpcCode,
+        message: String,
+    },
 }
 
 /// The gRPC status code class of a failed RPC, as far as callers care.
@@ -120,6 +124,15 @@ fn ctx_forever() -> ttrpc::context::Context {
     ttrpc::context::Context::default()
 }
 
+/// One timed agent RPC: `rpc!(self, "Name", method(context, &request))` is the reply or the
+/// [`AgentError`] naming the RPC.
+macro_rules! rpc {
+    ($self:ident, $name:literal, $method:ident($ctx:expr, $req:expr)) => {{
+        let _timer = $self.time($name);
+        $self.inner.$method($ctx, $req).await.map_err(|e| rpc_err($name, e))
+    }};
+}
+
 impl AgentClient {
     /// Times every later RPC of this client (and its clones) in `h`, labelled by method.
     pub fn with_rpc_metrics(mut self, h: HistogramVec) -> AgentClient {
@@ -129,16 +142,18 @@ impl AgentClient {
 
     /// A timer that records the RPC's duration when dropped (also when the call is cancelled).
     fn time(&self, method: &'static str) -> Option<HistogramTimer> {
-        self.rpc_metrics.as_ref().map(|h| h.with_label_values(&[method]).start_timer())
+        self.rpc_metrics
+            .as_ref()
+            .map(|h| h.with_label_values(&[method]).start_timer())
     }
 
     /// Guest and agent resource usage, with its own deadline (metrics must never wait long).
     pub async fn guest_metrics(&self, timeout: Duration) -> Result<agent::GuestMetricsResponse, AgentError> {
-        let _timer = self.time("GetGuestMetrics");
-        self.inner
-            .get_guest_metrics(ctx(timeout), &agent::GuestMetricsRequest::new())
-            .await
-            .map_err(|e| rpc_err("GetGuestMetrics", e))
+        rpc!(
+            self,
+            "GetGuestMetrics",
+            get_guest_metrics(ctx(timeout), &agent::GuestMetricsRequest::new())
+        )
     }
 
     /// Connects and waits until the agent answers `Check`, retrying until `deadline` passes.
@@ -174,128 +189,78 @@ impl AgentClient {
     }
 
     pub async fn check(&self) -> Result<String, AgentError> {
-        let _timer = self.time("Check");
-        let r = self
-            .inner
-            .check(ctx(self.rpc_timeout), &agent::CheckRequest::new())
-            .await
-            .map_err(|e| rpc_err("Check", e))?;
-        Ok(r.status)
+        Ok(rpc!(self, "Check", check(ctx(self.rpc_timeout), &agent::CheckRequest::new()))?.status)
     }
 
     pub async fn version(&self) -> Result<agent::VersionResponse, AgentError> {
-        let _timer = self.time("Version");
-        self.inner
-            .version(ctx(self.rpc_timeout), &agent::Empty::new())
-            .await
-            .map_err(|e| rpc_err("Version", e))
+        rpc!(self, "Version", version(ctx(self.rpc_timeout), &agent::Empty::new()))
     }
 
     pub async fn exec(&self, req: agent::ExecProcessRequest) -> Result<u32, AgentError> {
-        let _timer = self.time("ExecProcess");
-        let r = self
-            .inner
-            .exec_process(ctx(self.rpc_timeout), &req)
-            .await
-            .map_err(|e| rpc_err("ExecProcess", e))?;
-        Ok(r.pid)
+        Ok(rpc!(self, "ExecProcess", exec_process(ctx(self.rpc_timeout), &req))?.pid)
     }
 
     pub async fn wait(&self, exec_id: &str) -> Result<agent::WaitProcessResponse, AgentError> {
-        let _timer = self.time("WaitProcess");
         let req = agent::WaitProcessRequest {
             exec_id: exec_id.to_string(),
             ..Default::default()
         };
-        self.inner
-            .wait_process(ctx_forever(), &req)
-            .await
-            .map_err(|e| rpc_err("WaitProcess", e))
+        rpc!(self, "WaitProcess", wait_process(ctx_forever(), &req))
     }
 
     pub async fn signal(&self, exec_id: &str, signal: u32, all: bool) -> Result<(), AgentError> {
-        let _timer = self.time("SignalProcess");
         let req = agent::SignalProcessRequest {
             exec_id: exec_id.to_string(),
             signal,
             all,
             ..Default::default()
         };
-        self.inner
-            .signal_process(ctx(self.rpc_timeout), &req)
-            .await
-            .map_err(|e| rpc_err("SignalProcess", e))?;
+        rpc!(self, "SignalProcess", signal_process(ctx(self.rpc_timeout), &req))?;
         Ok(())
     }
 
     pub async fn write_stdin(&self, exec_id: &str, data: Vec<u8>) -> Result<u32, AgentError> {
-        let _timer = self.time("WriteStdin");
         let req = agent::WriteStdinRequest {
             exec_id: exec_id.to_string(),
             data,
             ..Default::default()
         };
-        let r = self
-            .inner
-            .write_stdin(ctx_forever(), &req)
-            .await
-            .map_err(|e| rpc_err("WriteStdin", e))?;
-        Ok(r.len)
+        Ok(rpc!(self, "WriteStdin", write_stdin(ctx_forever(), &req))?.len)
     }
 
     pub async fn close_stdin(&self, exec_id: &str) -> Result<(), AgentError> {
-        let _timer = self.time("CloseStdin");
         let req = agent::CloseStdinRequest {
             exec_id: exec_id.to_string(),
             ..Default::default()
         };
-        self.inner
-            .close_stdin(ctx(self.rpc_timeout), &req)
-            .await
-            .map_err(|e| rpc_err("CloseStdin", e))?;
+        rpc!(self, "CloseStdin", close_stdin(ctx(self.rpc_timeout), &req))?;
         Ok(())
     }
 
     /// Reads output; an empty vector means end of stream.
     pub async fn read_output(&self, exec_id: &str, stderr: bool, len: u32) -> Result<Vec<u8>, AgentError> {
-        let _timer = self.time(if stderr { "ReadStderr" } else { "ReadStdout" });
         let req = agent::ReadOutputRequest {
             exec_id: exec_id.to_string(),
             len,
             ..Default::default()
         };
         let r = if stderr {
-            self.inner
-                .read_stderr(ctx_forever(), &req)
-                .await
-                .map_err(|e| rpc_err("ReadStderr", e))?
+            rpc!(self, "ReadStderr", read_stderr(ctx_forever(), &req))?
         } else {
-            self.inner
-                .read_stdout(ctx_forever(), &req)
-                .await
-                .map_err(|e| rpc_err("ReadStdout", e))?
+            rpc!(self, "ReadStdout", read_stdout(ctx_forever(), &req))?
         };
         Ok(r.data)
     }
 
     pub async fn destroy_sandbox(&self) -> Result<(), AgentError> {
-        let _timer = self.time("DestroySandbox");
-        self.inner
-            .destroy_sandbox(ctx(self.rpc_timeout), &agent::DestroySandboxRequest::new())
-            .await
-            .map_err(|e| rpc_err("DestroySandbox", e))?;
+        let req = agent::DestroySandboxRequest::new();
+        rpc!(self, "DestroySandbox", destroy_sandbox(ctx(self.rpc_timeout), &req))?;
         Ok(())
     }
 
     /// Starts a container; returns the guest pid of its first process.
     pub async fn create_container(&self, req: agent::CreateContainerRequest) -> Result<u32, AgentError> {
-        let _timer = self.time("CreateContainer");
-        let r = self
-            .inner
-            .create_container(ctx(self.rpc_timeout), &req)
-            .await
-            .map_err(|e| rpc_err("CreateContainer", e))?;
-        Ok(r.pid)
+        Ok(rpc!(self, "CreateContainer", create_container(ctx(self.rpc_timeout), &req))?.pid)
     }
 
     fn container_req(id: &str) -> agent::ContainerRequest {
@@ -307,72 +272,63 @@ impl AgentClient {
 
     /// Freezes every process of the container (cgroup.freeze).
     pub async fn pause_container(&self, id: &str) -> Result<(), AgentError> {
-        let _timer = self.time("PauseContainer");
-        self.inner
-            .pause_container(ctx(self.rpc_timeout), &Self::container_req(id))
-            .await
-            .map_err(|e| rpc_err("PauseContainer", e))?;
+        rpc!(
+            self,
+            "PauseContainer",
+            pause_container(ctx(self.rpc_timeout), &Self::container_req(id))
+        )?;
         Ok(())
     }
 
     /// Thaws the container.
     pub async fn resume_container(&self, id: &str) -> Result<(), AgentError> {
-        let _timer = self.time("ResumeContainer");
-        self.inner
-            .resume_container(ctx(self.rpc_timeout), &Self::container_req(id))
-            .await
-            .map_err(|e| rpc_err("ResumeContainer", e))?;
+        rpc!(
+            self,
+            "ResumeContainer",
+            resume_container(ctx(self.rpc_timeout), &Self::container_req(id))
+        )?;
         Ok(())
     }
 
     /// The container's cgroup figures.
     pub async fn stats_container(&self, id: &str) -> Result<agent::ContainerStats, AgentError> {
-        let _timer = self.time("StatsContainer");
-        self.inner
-            .stats_container(ctx(self.rpc_timeout), &Self::container_req(id))
-            .await
-            .map_err(|e| rpc_err("StatsContainer", e))
+        rpc!(
+            self,
+            "StatsContainer",
+            stats_container(ctx(self.rpc_timeout), &Self::container_req(id))
+        )
     }
 
     /// Applies new cgroup limits (OCI LinuxResources as JSON).
     pub async fn update_container(&self, id: &str, resources_json: String) -> Result<(), AgentError> {
-        let _timer = self.time("UpdateContainer");
         let req = agent::UpdateContainerRequest {
             container_id: id.to_string(),
             resources_json,
             ..Default::default()
         };
-        self.inner
-            .update_container(ctx(self.rpc_timeout), &req)
-            .await
-            .map_err(|e| rpc_err("UpdateContainer", e))?;
+        rpc!(self, "UpdateContainer", update_container(ctx(self.rpc_timeout), &req))?;
         Ok(())
     }
 
     /// Guest pids of the container's processes, ascending.
     pub async fn list_pids(&self, id: &str) -> Result<Vec<u32>, AgentError> {
-        let _timer = self.time("ListPids");
-        let r = self
-            .inner
-            .list_pids(ctx(self.rpc_timeout), &Self::container_req(id))
-            .await
-            .map_err(|e| rpc_err("ListPids", e))?;
-        Ok(r.pids)
+        Ok(rpc!(
+            self,
+            "ListPids",
+            list_pids(ctx(self.rpc_timeout), &Self::container_req(id))
+        )?
+        .pids)
     }
 
     /// Sets the window size of a process's pseudo terminal.
     pub async fn resize_terminal(&self, exec_id: &str, rows: u32, cols: u32) -> Result<(), AgentError> {
-        let _timer = self.time("ResizeTerminal");
         let req = agent::ResizeTerminalRequest {
             exec_id: exec_id.to_string(),
             rows,
             cols,
             ..Default::default()
         };
-        self.inner
-            .resize_terminal(ctx(self.rpc_timeout), &req)
-            .await
-            .map_err(|e| rpc_err("ResizeTerminal", e))?;
+        rpc!(self, "ResizeTerminal", resize_terminal(ctx(self.rpc_timeout), &req))?;
         Ok(())
     }
 
@@ -389,11 +345,11 @@ impl AgentClient {
 
     /// Kills what is left of the container and forgets it.
     pub async fn remove_container(&self, id: &str) -> Result<(), AgentError> {
-        let _timer = self.time("RemoveContainer");
-        self.inner
-            .remove_container(ctx(self.rpc_timeout), &Self::container_req(id))
-            .await
-            .map_err(|e| rpc_err("RemoveContainer", e))?;
+        rpc!(
+            self,
+            "RemoveContainer",
+            remove_container(ctx(self.rpc_timeout), &Self::container_req(id))
+        )?;
         Ok(())
     }
 }
@@ -411,10 +367,19 @@ mod tests {
         };
         let e = rpc_err(
             "PauseContainer",
-            st(ttrpc::Code::NOT_FOUND, "/joey.agent.v1.AgentService/PauseContainer is not supported"),
+            st(
+                ttrpc::Code::NOT_FOUND,
+                "/joey.agent.v1.AgentService/PauseContainer is not supported",
+            ),
         );
         assert_eq!(code(e), RpcCode::Unimplemented);
-        assert_eq!(code(rpc_err("x", st(ttrpc::Code::NOT_FOUND, "container c1 not found"))), RpcCode::NotFound);
-        assert_eq!(code(rpc_err("x", st(ttrpc::Code::UNIMPLEMENTED, "no"))), RpcCode::Unimplemented);
+        assert_eq!(
+            code(rpc_err("x", st(ttrpc::Code::NOT_FOUND, "container c1 not found"))),
+            RpcCode::NotFound
+        );
+        assert_eq!(
+            code(rpc_err("x", st(ttrpc::Code::UNIMPLEMENTED, "no"))),
+            RpcCode::Unimplemented
+        );
     }
 }

@@ -15,7 +15,7 @@ pub mod sharefs;
 
 pub use agent_client::{AgentClient, AgentError, RpcCode};
 pub use hypervisor::{Accelerator, BackendKind, HypervisorActor, HypervisorError};
-pub use lifecycle::{SandboxState, VmState};
+pub use lifecycle::{InvalidTransition, SandboxState, StateMachine, VmState};
 pub use sandbox::*;
 
 /// A new random sandbox id (16 hex digits).

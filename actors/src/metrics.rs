@@ -4,10 +4,9 @@
 //! the registry, the agent client, the Hypervisor actor's address, the configured agent
 //! timeout), then scrapes without the actor: the guest metrics from the agent (bounded by
 //! `metrics.agent_timeout_ms`), the device and vCPU counters from the Hypervisor actor (bounded
-//! by [`VM_COUNTERS_TIMEOUT`]) and the virtio-fs registry, and the process stats on the blocking
-//! pool. Task RPCs never wait on metrics, and a busy actor only costs [`SOURCES_TIMEOUT`].
+//! by [`VM_COUNTERS_TIMEOUT`]; they include the virtio-fs device's), and the process stats on
+//! the blocking pool. Task RPCs never wait on metrics, and a busy actor only costs [`SOURCES_TIMEOUT`].
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use joey_observability::http::{serve_unix, HttpError, Response, UnixServer};
 use joey_observability::{ContainerSample, GuestSample, HypervisorCounters, MetricsError, SandboxMetrics};
 
 use crate::agent_client::AgentClient;
-use crate::hypervisor::counters::{self, GetVmCounters};
+use crate::hypervisor::counters::GetVmCounters;
 use crate::hypervisor::HypervisorActor;
 use crate::sandbox::{GetMetrics, SandboxActor};
 
@@ -34,8 +33,6 @@ pub struct ScrapeSources {
     /// The agent, while the sandbox runs.
     pub agent: Option<AgentClient>,
     pub hypervisor: Addr<HypervisorActor>,
-    /// The sandbox's state directory (the key of its virtio-fs counters).
-    pub state_dir: PathBuf,
     /// `metrics.agent_timeout_ms`.
     pub agent_timeout: Duration,
 }
@@ -88,10 +85,9 @@ pub fn guest_sample(r: &agent::GuestMetricsResponse) -> GuestSample {
 
 /// The device and vCPU counters of the sandbox's VM, or `None` when no VM runs or the
 /// Hypervisor actor is busy.
-async fn vm_counters(hypervisor: &Addr<HypervisorActor>, state_dir: &std::path::Path) -> Option<HypervisorCounters> {
-    let fs = counters::fs_metrics(state_dir);
+async fn vm_counters(hypervisor: &Addr<HypervisorActor>) -> Option<HypervisorCounters> {
     match tokio::time::timeout(VM_COUNTERS_TIMEOUT, hypervisor.send(GetVmCounters)).await {
-        Ok(Ok(Some(src))) => Some(src.read(fs.as_deref())),
+        Ok(Ok(Some(src))) => Some(src.read()),
         Ok(Ok(None)) => None,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "hypervisor actor gone; no device counters");
@@ -110,7 +106,6 @@ pub async fn scrape(s: ScrapeSources) -> Result<String, MetricsError> {
         metrics,
         agent,
         hypervisor,
-        state_dir,
         agent_timeout,
     } = s;
     let guest = async {
@@ -130,7 +125,7 @@ pub async fn scrape(s: ScrapeSources) -> Result<String, MetricsError> {
             }
         }
     };
-    let (guest, vm) = tokio::join!(guest, vm_counters(&hypervisor, &state_dir));
+    let (guest, vm) = tokio::join!(guest, vm_counters(&hypervisor));
     let refresh = metrics.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || refresh.refresh_processes()).await {
         tracing::debug!(error = %e, "refreshing process metrics failed");
@@ -224,7 +219,10 @@ mod tests {
             assert!(lines.contains(&want), "missing {want:?} in:\n{text}");
         }
         // No limit reported: no limit sample.
-        assert!(!text.contains("memory_limit_bytes{container_id=\"no-stats\"}"), "{text}");
+        assert!(
+            !text.contains("memory_limit_bytes{container_id=\"no-stats\"}"),
+            "{text}"
+        );
         // Valid exposition (parses back, every family typed once).
         let families = joey_observability::expo::parse(&text, None).unwrap();
         assert!(families.iter().all(|f| f.kind.is_some()), "{families:?}");

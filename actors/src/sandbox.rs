@@ -1,7 +1,9 @@
 //! The Sandbox actor: owns the agent client and the sandbox lifecycle, and drives the
-//! Hypervisor actor.
+//! Hypervisor actor and the ShareFs actor. The ShareFs actor's reply to `SetupShareFs` (a
+//! [`crate::sharefs::ShareFsDevice`]) goes into the VM spec; host probing, the state directory
+//! and the console tail are blocking work and run on the blocking pool.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -38,6 +40,8 @@ pub enum SandboxError {
     Io { what: String, source: std::io::Error },
     #[error("actor mailbox error: {0}")]
     Mailbox(String),
+    #[error("blocking task failed: {0}")]
+    Task(String),
 }
 
 impl SandboxError {
@@ -200,11 +204,7 @@ impl SandboxActor {
     fn agent(&self) -> Result<AgentCall, SandboxError> {
         match (&self.agent, &self.vm_exit, self.state) {
             (Some(a), Some(x), SandboxState::Running) => Ok((a.clone(), x.clone(), self.console_log.clone())),
-            _ => Err(SandboxError::State(InvalidTransition {
-                what: "sandbox (agent call)",
-                from: self.state.to_string(),
-                to: "running".into(),
-            })),
+            _ => Err(InvalidTransition::new("sandbox (agent call)", self.state, SandboxState::Running).into()),
         }
     }
 }
@@ -218,21 +218,28 @@ async fn guarded<T, F>(
 where
     F: std::future::Future<Output = Result<T, AgentError>>,
 {
-    let died = |exit: Option<VmExit>| {
-        vm_died(exit.unwrap_or(VmExit::WaitFailed("watch closed".into())), console.as_deref())
+    let finished = tokio::select! {
+        r = fut => Ok(r),
+        ex = exit.wait_for(|v| v.is_some()) => Err(ex.ok().and_then(|v| v.clone())),
     };
-    let r = tokio::select! {
-        r = fut => r,
-        ex = exit.wait_for(|v| v.is_some()) => return Err(died(ex.ok().and_then(|v| v.clone()))),
+    let r = match finished {
+        Ok(r) => r,
+        Err(exit) => return Err(vm_died(exit, console).await),
     };
     match r {
         // A VM that dies breaks the agent connection a moment before its exit is recorded:
         // a broken connection followed by the VM's exit is the VM dying, not the agent.
-        Err(e @ AgentError::Rpc { code: RpcCode::Transport, .. }) => {
-            match tokio::time::timeout(VM_EXIT_GRACE, exit.wait_for(|v| v.is_some())).await {
-                Ok(ex) => Err(died(ex.ok().and_then(|v| v.clone()))),
-                Err(_) => Err(e.into()),
-            }
+        Err(
+            e @ AgentError::Rpc {
+                code: RpcCode::Transport,
+                ..
+            },
+        ) => {
+            let died = match tokio::time::timeout(VM_EXIT_GRACE, exit.wait_for(|v| v.is_some())).await {
+                Ok(ex) => ex.ok().and_then(|v| v.clone()),
+                Err(_) => return Err(e.into()),
+            };
+            Err(vm_died(died, console).await)
         }
         r => r.map_err(SandboxError::from),
     }
@@ -241,13 +248,81 @@ where
 /// How long a broken agent connection waits for the VM's exit to be recorded.
 const VM_EXIT_GRACE: Duration = Duration::from_secs(2);
 
-fn vm_died(exit: VmExit, console: Option<&std::path::Path>) -> SandboxError {
-    let details = console
-        .map(|p| hypervisor::qemu::tail(p, 5))
-        .filter(|t| !t.trim().is_empty())
-        .map(|t| format!("; last console lines:\n{t}"))
-        .unwrap_or_default();
+/// `VmDied` with the last console lines (read, capped, on the blocking pool).
+async fn vm_died(exit: Option<VmExit>, console: Option<PathBuf>) -> SandboxError {
+    let exit = exit.unwrap_or(VmExit::WaitFailed("watch closed".into()));
+    let tail = match console {
+        Some(p) => blocking(move || hypervisor::tail(&p, 5)).await.unwrap_or_default(),
+        None => String::new(),
+    };
+    let details = if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; last console lines:\n{tail}")
+    };
     SandboxError::VmDied { exit, details }
+}
+
+/// Runs blocking work (filesystem, host probing) on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, SandboxError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SandboxError::Task(e.to_string()))
+}
+
+/// Removes the sandbox state dir (on the blocking pool); gone already is fine.
+async fn remove_state_dir(dir: PathBuf) {
+    let shown = dir.display().to_string();
+    match blocking(move || std::fs::remove_dir_all(&dir)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, dir = %shown, "removing sandbox state dir failed"),
+        Err(e) => tracing::warn!(error = %e, dir = %shown, "removing sandbox state dir failed"),
+    }
+}
+
+/// What StartSandbox decided before anything runs.
+struct Prepared {
+    spec: VmSpec,
+    backend: BackendKind,
+    backend_reason: String,
+    accel: host::AccelChoice,
+}
+
+/// Picks the backend for the host (its KVM, the files and binaries that backend needs), then
+/// creates the state dir. Blocking.
+fn prepare(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result<Prepared, SandboxError> {
+    let flavor = host::detect_kvm(&host::HostPaths::default());
+    let hypervisor::BackendSelection {
+        backend,
+        backend_reason,
+        accel,
+        kernel,
+    } = hypervisor::select_backend(cfg, origin, &flavor)?;
+    make_state_dir(state_dir)?;
+    tracing::info!(sandbox = %id, %backend, reason = %backend_reason, "hypervisor backend chosen");
+    tracing::info!(sandbox = %id, accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
+    let spec = VmSpec {
+        id: id.to_string(),
+        state_dir: state_dir.to_path_buf(),
+        vcpus: cfg.hypervisor.vcpus,
+        memory_mib: cfg.hypervisor.memory_mib,
+        kernel,
+        initrd: cfg.hypervisor.initrd.clone(),
+        kernel_params: cfg.hypervisor.kernel_params.clone(),
+        agent_port: cfg.agent.vsock_port,
+        qemu_binary: cfg.hypervisor.qemu.binary.clone(),
+        accel: accel.accel,
+        guest_cid: GUEST_CID,
+        // Filled in with the ShareFs actor's reply.
+        share_fs: None,
+    };
+    Ok(Prepared {
+        spec,
+        backend,
+        backend_reason,
+        accel,
+    })
 }
 
 fn make_state_dir(p: &std::path::Path) -> Result<(), SandboxError> {
@@ -282,44 +357,39 @@ impl Handler<StartSandbox> for SandboxActor {
     type Result = AtomicResponse<Self, Result<SandboxStarted, SandboxError>>;
 
     fn handle(&mut self, _: StartSandbox, _ctx: &mut Context<Self>) -> Self::Result {
-        let prep = (|| -> Result<_, SandboxError> {
-            self.state.transition(SandboxState::Starting)?;
-            let cfg = &self.config;
-            let flavor = host::detect_kvm(&host::HostPaths::default());
-            // Backend (qemu/builtin), accelerator, and the files/binaries that backend needs.
-            let hypervisor::BackendSelection {
-                backend,
-                backend_reason,
-                accel,
-                kernel,
-            } = hypervisor::select_backend(cfg, &self.config_origin, &flavor)?;
-            make_state_dir(&self.state_dir)?;
-            tracing::info!(sandbox = %self.id, %backend, reason = %backend_reason, "hypervisor backend chosen");
-            tracing::info!(sandbox = %self.id, accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
-            let spec = VmSpec {
-                id: self.id.clone(),
-                state_dir: self.state_dir.clone(),
-                vcpus: cfg.hypervisor.vcpus,
-                memory_mib: cfg.hypervisor.memory_mib,
-                kernel,
-                initrd: cfg.hypervisor.initrd.clone(),
-                kernel_params: cfg.hypervisor.kernel_params.clone(),
-                qemu_binary: cfg.hypervisor.qemu.binary.clone(),
-                accel: accel.accel,
-                guest_cid: GUEST_CID,
-            };
-            Ok((spec, backend, backend_reason, accel))
-        })();
-        let (spec, backend, backend_reason, accel) = match prep {
-            Ok(v) => v,
+        if let Err(e) = self.state.transition(SandboxState::Starting) {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(e.into()))));
+        }
+        let (cfg, origin, id, dir) = (
+            self.config.clone(),
+            self.config_origin.clone(),
+            self.id.clone(),
+            self.state_dir.clone(),
+        );
+        // Host probing, file checks and the state dir: blocking, on the blocking pool.
+        let prep = async move { blocking(move || prepare(&cfg, &origin, &id, &dir)).await? };
+        AtomicResponse::new(Box::pin(prep.into_actor(self).then(|prep, act, _| match prep {
+            Ok(p) => act.boot(p),
             Err(e) => {
-                if self.state == SandboxState::Starting {
-                    let _ = self.state.transition(SandboxState::Stopping);
-                    let _ = self.state.transition(SandboxState::Stopped);
-                }
-                return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
+                // Nothing was started (and no state dir of ours made).
+                let _ = act.state.transition(SandboxState::Stopping);
+                let _ = act.state.transition(SandboxState::Stopped);
+                Box::pin(fut::ready(Err(e)))
             }
-        };
+        })))
+    }
+}
+
+impl SandboxActor {
+    /// StartSandbox after [`prepare`]: ShareFs, the VM, the agent; on failure everything started
+    /// is torn down.
+    fn boot(&mut self, prepared: Prepared) -> ResponseActFuture<Self, Result<SandboxStarted, SandboxError>> {
+        let Prepared {
+            mut spec,
+            backend,
+            backend_reason,
+            accel,
+        } = prepared;
         let hv = self.hypervisor.clone();
         let port = self.config.agent.vsock_port;
         let ready_timeout = Duration::from_millis(self.config.agent.ready_timeout_ms);
@@ -331,7 +401,12 @@ impl Handler<StartSandbox> for SandboxActor {
         let fut = async move {
             // The virtio-fs device must be listening before the VMM starts.
             // The built-in VMM serves the shared dir itself; QEMU gets our vhost-user device.
-            sharefs.send(SetupShareFs { vhost_user: backend == BackendKind::Qemu }).await??;
+            let device = sharefs
+                .send(SetupShareFs {
+                    vhost_user: backend == BackendKind::Qemu,
+                })
+                .await??;
+            spec.share_fs = Some(device);
             let t0 = Instant::now();
             let vm = hv.send(StartVm { spec, backend }).await??;
             let agent = guarded(
@@ -344,7 +419,7 @@ impl Handler<StartSandbox> for SandboxActor {
             let version = agent.version().await?;
             Ok((agent, vm, ready, version))
         };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).then(move |res, act, ctx| {
+        Box::pin(fut.into_actor(self).then(move |res, act, ctx| {
             let out = match res {
                 Ok((agent, vm, ready, version)) => {
                     // Mark the sandbox failed as soon as the VM process goes away on its own.
@@ -403,7 +478,7 @@ impl Handler<StartSandbox> for SandboxActor {
                 if let Some((hv, dir, sharefs)) = cleanup {
                     let _ = hv.send(StopVm { grace: Duration::ZERO }).await;
                     if stop_sharefs(sharefs).await {
-                        let _ = std::fs::remove_dir_all(&dir);
+                        remove_state_dir(dir).await;
                     }
                 }
                 out
@@ -415,7 +490,7 @@ impl Handler<StartSandbox> for SandboxActor {
                 }
                 out
             })
-        })))
+        }))
     }
 }
 
@@ -452,25 +527,15 @@ impl Handler<StopSandbox> for SandboxActor {
                     Err(_) => tracing::warn!("agent DestroySandbox timed out"),
                 }
             }
-            let report = hv.send(StopVm { grace: vm_grace }).await;
-            let method = match report {
-                Ok(Ok(r)) => Some(r.method),
-                Ok(Err(HypervisorError::NotRunning)) => None,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "stopping the VM failed");
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "hypervisor actor unreachable");
-                    None
-                }
-            };
-            if !stop_sharefs(sharefs).await {
+            let report = hv.send(StopVm { grace: vm_grace }).await.map(|r| match r {
+                Err(HypervisorError::NotRunning) => Ok(None),
+                r => r.map(|r| Some(r.method)),
+            });
+            let method = teardown_reply("stopping the VM", report).flatten();
+            if stop_sharefs(sharefs).await {
+                remove_state_dir(dir).await;
+            } else {
                 tracing::warn!(dir = %dir.display(), "sharefs cleanup incomplete; keeping the state dir");
-            } else if let Err(e) = std::fs::remove_dir_all(&dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(error = %e, dir = %dir.display(), "removing sandbox state dir failed");
-                }
             }
             SandboxStopped {
                 teardown: t0.elapsed(),
@@ -505,13 +570,21 @@ forward!(WaitProcess, agent::WaitProcessResponse, |a, m| a.wait(&m.exec_id).awai
 forward!(SignalProcess, (), |a, m| a.signal(&m.exec_id, m.signal, m.all).await);
 forward!(WriteStdin, u32, |a, m| a.write_stdin(&m.exec_id, m.data).await);
 forward!(CloseStdin, (), |a, m| a.close_stdin(&m.exec_id).await);
-forward!(ReadOutput, Vec<u8>, |a, m| a.read_output(&m.exec_id, m.stderr, m.len).await);
+forward!(ReadOutput, Vec<u8>, |a, m| a
+    .read_output(&m.exec_id, m.stderr, m.len)
+    .await);
 forward!(PauseContainer, (), |a, m| a.pause_container(&m.container_id).await);
 forward!(ResumeContainer, (), |a, m| a.resume_container(&m.container_id).await);
-forward!(StatsContainer, agent::ContainerStats, |a, m| a.stats_container(&m.container_id).await);
-forward!(UpdateContainer, (), |a, m| a.update_container(&m.container_id, m.resources_json).await);
+forward!(StatsContainer, agent::ContainerStats, |a, m| a
+    .stats_container(&m.container_id)
+    .await);
+forward!(UpdateContainer, (), |a, m| a
+    .update_container(&m.container_id, m.resources_json)
+    .await);
 forward!(ListPids, Vec<u32>, |a, m| a.list_pids(&m.container_id).await);
-forward!(ResizeTerminal, (), |a, m| a.resize_terminal(&m.exec_id, m.rows, m.cols).await);
+forward!(ResizeTerminal, (), |a, m| a
+    .resize_terminal(&m.exec_id, m.rows, m.cols)
+    .await);
 forward!(RemoveContainer, (), |a, m| a.remove_container(&m.container_id).await);
 forward!(GetOomEvent, String, |a, _m| a.get_oom_event().await);
 
@@ -587,7 +660,12 @@ impl Handler<UnshareContainer> for SandboxActor {
             return Box::pin(async { Ok(()) });
         };
         Box::pin(async move {
-            match sharefs.send(Unshare { container_id: m.container_id }).await? {
+            match sharefs
+                .send(Unshare {
+                    container_id: m.container_id,
+                })
+                .await?
+            {
                 Ok(()) | Err(ShareFsError::NotShared(_)) => Ok(()),
                 Err(e) => Err(e.into()),
             }
@@ -599,15 +677,21 @@ impl Handler<UnshareContainer> for SandboxActor {
 /// may be removed recursively (never while a container rootfs may still be bind-mounted in it).
 async fn stop_sharefs(sharefs: Option<Addr<ShareFsActor>>) -> bool {
     let Some(sharefs) = sharefs else { return true };
-    match sharefs.send(StopShareFs).await {
-        Ok(Ok(())) => true,
+    teardown_reply("stopping sharefs", sharefs.send(StopShareFs).await).is_some()
+}
+
+/// The reply to a teardown request sent to another actor; a failure (the actor's, or an
+/// unreachable actor) is logged as `what` and gives `None`.
+fn teardown_reply<T, E: std::fmt::Display>(what: &str, reply: Result<Result<T, E>, MailboxError>) -> Option<T> {
+    match reply {
+        Ok(Ok(v)) => Some(v),
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "stopping sharefs failed");
-            false
+            tracing::warn!(error = %e, "{what} failed");
+            None
         }
         Err(e) => {
-            tracing::warn!(error = %e, "sharefs actor unreachable");
-            false
+            tracing::warn!(error = %e, "{what}: actor unreachable");
+            None
         }
     }
 }
@@ -670,7 +754,11 @@ impl Handler<CreateContainer> for SandboxActor {
             };
             let r = guarded(exit, console, a.create_container(req)).await;
             if r.is_err() {
-                let _ = sharefs.send(Unshare { container_id: m.container_id }).await;
+                let _ = sharefs
+                    .send(Unshare {
+                        container_id: m.container_id,
+                    })
+                    .await;
             }
             r
         })
@@ -692,7 +780,6 @@ impl Handler<GetMetrics> for SandboxActor {
             metrics: self.metrics.clone(),
             agent: self.agent.clone().filter(|_| self.state == SandboxState::Running),
             hypervisor: self.hypervisor.clone(),
-            state_dir: self.state_dir.clone(),
             agent_timeout: self.config.metrics.agent_timeout(),
         })
     }
@@ -722,7 +809,10 @@ mod tests {
 
     #[test]
     fn a_broken_connection_of_a_dying_vm_is_vm_died() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             // The connection breaks first, the VM's exit is recorded 100 ms later.
             let (tx, rx) = watch::channel(None);
@@ -732,7 +822,16 @@ mod tests {
                 tx
             });
             let e = guarded(rx, None, async { broken() }).await.unwrap_err();
-            assert!(matches!(e, SandboxError::VmDied { exit: VmExit::Signaled(9), .. }), "{e}");
+            assert!(
+                matches!(
+                    e,
+                    SandboxError::VmDied {
+                        exit: VmExit::Signaled(9),
+                        ..
+                    }
+                ),
+                "{e}"
+            );
             drop(later.await.unwrap());
 
             // The VM lives on: the agent's transport error is reported as it is.
@@ -752,7 +851,10 @@ mod tests {
             })
             .await
             .unwrap_err();
-            assert!(t0.elapsed() < VM_EXIT_GRACE && e.to_string().contains("ExecProcess"), "{e}");
+            assert!(
+                t0.elapsed() < VM_EXIT_GRACE && e.to_string().contains("ExecProcess"),
+                "{e}"
+            );
         });
     }
 }

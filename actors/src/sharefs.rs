@@ -10,24 +10,31 @@
 //! <state>/shared/<cid>/rootfs       bind mount (ro or rw) of a container's host rootfs dir
 //! ```
 //!
-//! Every host resource is recorded in a [`Resources`] stack as it is set up and released in
-//! reverse order: binds are lazily unmounted, directories removed with `rmdir` only (never a
-//! recursive delete, which could walk into a still-mounted rootfs), the device thread stopped
-//! and joined with a timeout. Blocking work runs on `spawn_blocking`, never on the actor's thread;
-//! handlers are atomic, so requests are served one at a time.
+//! Every host resource is recorded in a [`ResourceStack`] as it is set up (each blocking step
+//! on the blocking pool, see [`ResourceStack::add_blocking`]) and released in reverse order:
+//! binds are lazily unmounted, directories removed with `rmdir` only (never a recursive delete,
+//! which could walk into a still-mounted rootfs), the device thread stopped and joined with a
+//! timeout, all on the blocking pool, never on the actor's thread; handlers are atomic, so
+//! requests are served one at a time.
+//!
+//! [`SetupShareFs`] replies with what it made, a [`ShareFsDevice`]: the Sandbox actor puts it
+//! into the VM spec, from which the backend attaches the device (QEMU: the vhost-user socket;
+//! built-in VMM: its in-process virtio-fs over the shared dir) and the Hypervisor actor reads
+//! its counters. Nobody rediscovers it from the filesystem.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use joey_agent_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
-use joey_vmm_core::devices::fs::{CachePolicy, FsConfig, FsError, VhostUserFsHandle, VhostUserFsServer};
+use joey_vmm_core::devices::fs::{CachePolicy, FsConfig, FsError, FsMetrics, VhostUserFsHandle, VhostUserFsServer};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::lifecycle::InvalidTransition;
+use crate::resource::{Resource, ResourceError, ResourceStack, Undo};
 
 /// Name of the shared directory inside the sandbox state dir.
 pub const SHARED_DIR_NAME: &str = "shared";
@@ -35,7 +42,6 @@ pub const SHARED_DIR_NAME: &str = "shared";
 pub const VHOST_FS_SOCK: &str = "vhost-fs.sock";
 /// How long stopping waits for the device thread.
 const DEVICE_JOIN_TIMEOUT: Duration = Duration::from_secs(3);
-/// Longest container id (also a guest hostname).
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShareFsError {
@@ -57,8 +63,8 @@ pub enum ShareFsError {
     State(#[from] InvalidTransition),
     #[error("cleanup left resources behind: {0}")]
     Cleanup(String),
-    #[error("blocking task failed: {0}")]
-    Task(String),
+    #[error(transparent)]
+    Resource(#[from] ResourceError),
 }
 
 /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`, the rule the agent enforces too
@@ -88,141 +94,45 @@ pub fn guest_rootfs_path(container_id: &str) -> String {
     format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
 }
 
-/// Lifecycle of the ShareFs actor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShareFsState {
-    Created,
-    Ready,
-    Stopping,
-    Stopped,
-}
-
-impl fmt::Display for ShareFsState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ShareFsState::Created => "created",
-            ShareFsState::Ready => "ready",
-            ShareFsState::Stopping => "stopping",
-            ShareFsState::Stopped => "stopped",
-        })
+crate::state_machine! {
+    /// Lifecycle of the ShareFs actor.
+    pub enum ShareFsState: "sharefs" {
+        Created => "created",
+        Ready => "ready",
+        Stopping => "stopping",
+        Stopped => "stopped",
+    }
+    transitions {
+        Created => Ready | Stopping | Stopped,
+        Ready => Stopping,
+        Stopping => Stopped,
     }
 }
 
-impl ShareFsState {
-    pub fn can_transition(self, to: ShareFsState) -> bool {
-        use ShareFsState::*;
-        matches!(
-            (self, to),
-            (Created, Ready) | (Created, Stopping) | (Ready, Stopping) | (Stopping, Stopped) | (Created, Stopped)
-        )
-    }
-
-    pub fn transition(&mut self, to: ShareFsState) -> Result<(), InvalidTransition> {
-        if self.can_transition(to) {
-            *self = to;
-            Ok(())
-        } else {
-            Err(InvalidTransition {
-                what: "sharefs",
-                from: self.to_string(),
-                to: to.to_string(),
-            })
-        }
-    }
-
-    fn expect(self, want: ShareFsState) -> Result<(), InvalidTransition> {
-        if self == want {
-            Ok(())
-        } else {
-            Err(InvalidTransition {
-                what: "sharefs (request)",
-                from: self.to_string(),
-                to: want.to_string(),
-            })
-        }
-    }
+/// How the VMM reaches the shared directory.
+#[derive(Debug, Clone)]
+pub enum ShareFsTransport {
+    /// A vhost-user virtio-fs device served by the ShareFs actor's device thread; the VMM
+    /// (QEMU) connects to `socket`. `metrics` are the device's counters.
+    VhostUser { socket: PathBuf, metrics: Arc<FsMetrics> },
+    /// The VMM serves the shared directory itself (the built-in VMM's in-process virtio-fs,
+    /// whose counters the VMM keeps).
+    InProcess,
 }
 
-/// One host resource and how to release it.
-#[derive(Debug)]
-pub enum Resource {
-    /// A directory we created: `rmdir` (fails, harmlessly, if not empty).
-    Dir(PathBuf),
-    /// An empty file we created as a bind mountpoint: unlink.
-    File(PathBuf),
-    /// A mount we made: lazy unmount.
-    Mount(PathBuf),
-    /// The virtio-fs device thread: stop, join with a timeout (removes its socket).
-    Device(VhostUserFsHandle),
+/// What [`SetupShareFs`] made, handed to the hypervisor in the VM spec
+/// ([`crate::hypervisor::VmSpec::share_fs`]).
+#[derive(Debug, Clone)]
+pub struct ShareFsDevice {
+    /// The directory shared with the guest (`<state>/shared`).
+    pub shared_dir: PathBuf,
+    /// virtio-fs mount tag.
+    pub tag: &'static str,
+    pub transport: ShareFsTransport,
 }
 
-impl Resource {
-    /// Releases the resource (blocking, bounded).
-    fn release(self) -> Result<(), String> {
-        match self {
-            Resource::Dir(p) => match std::fs::remove_dir(&p) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(format!("rmdir {}: {e}", p.display())),
-            },
-            Resource::File(p) => match std::fs::remove_file(&p) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(format!("unlink {}: {e}", p.display())),
-            },
-            Resource::Mount(p) => match umount2(&p, MntFlags::MNT_DETACH) {
-                Ok(()) => Ok(()),
-                Err(e) => Err(format!("unmount {}: {e}", p.display())),
-            },
-            Resource::Device(h) => {
-                h.stop();
-                h.join_timeout(DEVICE_JOIN_TIMEOUT)
-                    .map_err(|e| format!("virtio-fs device thread: {e}"))
-            }
-        }
-    }
-}
-
-/// Resources set up in order and released in reverse order.
-#[derive(Debug, Default)]
-pub struct Resources {
-    stack: Vec<Resource>,
-}
-
-impl Resources {
-    pub fn push(&mut self, r: Resource) {
-        self.stack.push(r);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.stack.is_empty()
-    }
-
-    /// Releases everything, last first; returns the failures (an unmount failure keeps its
-    /// mountpoint's directory from being removed, by `rmdir` failing on it).
-    pub fn release_all(&mut self) -> Vec<String> {
-        let mut errors = Vec::new();
-        while let Some(r) = self.stack.pop() {
-            if let Err(e) = r.release() {
-                tracing::warn!(error = %e, "sharefs cleanup");
-                errors.push(e);
-            }
-        }
-        errors
-    }
-}
-
-impl Drop for Resources {
-    fn drop(&mut self) {
-        if !self.stack.is_empty() {
-            // Only reached when the owner was dropped without stopping; do it now.
-            let errors = self.release_all();
-            if !errors.is_empty() {
-                tracing::warn!(?errors, "sharefs resources dropped without a clean stop");
-            }
-        }
-    }
-}
+/// One blocking setup step's result: a value and the resource that undoes the step.
+type Staged<T> = Result<(T, Box<dyn Resource>), ShareFsError>;
 
 fn io_err(what: String) -> impl FnOnce(io::Error) -> ShareFsError {
     move |source| ShareFsError::Io { what, source }
@@ -232,120 +142,180 @@ fn mount_err(what: String) -> impl FnOnce(nix::Error) -> ShareFsError {
     move |source| ShareFsError::Mount { what, source }
 }
 
-fn mkdir(p: &Path, res: &mut Resources) -> Result<(), ShareFsError> {
+/// The resource that removes `p`, which a step just created: `rmdir` for a directory (which
+/// fails, harmlessly, if it is not empty), unlink for a file. Gone already is fine.
+fn created(p: &Path, dir: bool) -> Box<dyn Resource> {
+    let (kind, verb, remove): (_, _, fn(&Path) -> io::Result<()>) = if dir {
+        ("dir", "rmdir", |p| std::fs::remove_dir(p))
+    } else {
+        ("file", "unlink", |p| std::fs::remove_file(p))
+    };
+    let p = p.to_path_buf();
+    Undo::new(format!("{kind} {}", p.display()), move || match remove(&p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{verb} {}: {e}", p.display())),
+    })
+}
+
+/// Creates directory `p` (0700).
+fn mkdir(p: &Path) -> Staged<()> {
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(p)
         .map_err(io_err(format!("create {}", p.display())))?;
-    res.push(Resource::Dir(p.to_path_buf()));
-    Ok(())
+    Ok(((), created(p, true)))
 }
 
-/// Runs `f` with a fresh stack; on error releases what `f` had set up.
-fn staged<T>(f: impl FnOnce(&mut Resources) -> Result<T, ShareFsError>) -> Result<(T, Resources), ShareFsError> {
-    let mut res = Resources::default();
-    match f(&mut res) {
-        Ok(v) => Ok((v, res)),
-        Err(e) => {
-            res.release_all();
-            Err(e)
+/// Creates the empty file `p` (a bind mountpoint).
+fn touch(p: &Path) -> Staged<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(p)
+        .map_err(io_err(format!("create {}", p.display())))?;
+    Ok(((), created(p, false)))
+}
+
+/// Lazily unmounts `target`.
+fn unmount(target: &Path) -> Result<(), String> {
+    umount2(target, MntFlags::MNT_DETACH).map_err(|e| format!("unmount {}: {e}", target.display()))
+}
+
+/// Bind-mounts `source` on `target` (recursively if asked), then runs `then` on it (e.g. make it
+/// private or read-only); undone by a lazy unmount. On error nothing is left mounted.
+fn bind(source: &Path, target: &Path, flags: MsFlags, then: impl FnOnce() -> Result<(), ShareFsError>) -> Staged<()> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | flags,
+        None::<&str>,
+    )
+    .map_err(mount_err(format!("bind {} on {}", source.display(), target.display())))?;
+    if let Err(e) = then() {
+        if let Err(u) = unmount(target) {
+            tracing::warn!(error = %u, "undoing a failed bind");
         }
+        return Err(e);
     }
+    let t = target.to_path_buf();
+    Ok(((), Undo::new(format!("mount {}", t.display()), move || unmount(&t))))
 }
 
-/// Creates the shared dir (private self-bind) and starts the device. Blocking.
-fn setup_blocking(state_dir: &Path, vhost_user: bool) -> Result<Resources, ShareFsError> {
-    let shared = state_dir.join(SHARED_DIR_NAME);
-    let sock = state_dir.join(VHOST_FS_SOCK);
-    staged(|res| {
-        mkdir(&shared, res)?;
-        mount(Some(&shared), &shared, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(mount_err(format!("bind {} onto itself", shared.display())))?;
-        res.push(Resource::Mount(shared.clone()));
-        mount(None::<&str>, &shared, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>)
-            .map_err(mount_err(format!("make {} private", shared.display())))?;
-        if !vhost_user {
-            return Ok(());
+/// Binds `source` on `target` recursively, read-only if asked.
+fn bind_share(source: &Path, target: &Path, read_only: bool) -> Staged<()> {
+    bind(source, target, MsFlags::MS_REC, || {
+        if read_only {
+            remount_ro(source, target)
+        } else {
+            Ok(())
         }
-        let server = VhostUserFsServer::bind(
-            &sock,
-            FsConfig {
-                shared_dir: shared.clone(),
-                read_only: false,
-                cache: CachePolicy::Auto,
-            },
-        )?;
-        crate::hypervisor::counters::register_fs(state_dir, &server.metrics());
-        res.push(Resource::Device(server.spawn()?));
-        Ok(())
     })
-    .map(|((), res)| res)
 }
 
-/// Bind-mounts `host_path` at `<shared>/<cid>/rootfs` (read-only if asked). Blocking.
-fn share_blocking(
+/// Starts the vhost-user virtio-fs device on `sock` exporting `shared`; undone by stopping
+/// and joining its thread (bounded), which removes the socket.
+fn start_device(shared: &Path, sock: &Path) -> Staged<Arc<FsMetrics>> {
+    let server = VhostUserFsServer::bind(
+        sock,
+        FsConfig {
+            shared_dir: shared.to_path_buf(),
+            read_only: false,
+            cache: CachePolicy::Auto,
+        },
+    )?;
+    let metrics = server.metrics();
+    let handle: VhostUserFsHandle = server.spawn()?;
+    let undo = Undo::new(format!("virtio-fs device {}", sock.display()), move || {
+        handle.stop();
+        handle
+            .join_timeout(DEVICE_JOIN_TIMEOUT)
+            .map_err(|e| format!("virtio-fs device thread: {e}"))
+    });
+    Ok((metrics, undo))
+}
+
+/// Creates the shared dir (private self-bind) and, for a VMM in another process, starts the
+/// vhost-user device. On error nothing is left.
+async fn setup(state_dir: &Path, vhost_user: bool) -> Result<(ResourceStack, ShareFsDevice), ShareFsError> {
+    let shared = state_dir.join(SHARED_DIR_NAME);
+    let mut res = ResourceStack::default();
+    let s = shared.clone();
+    res.add_blocking(move || mkdir(&s)).await?;
+    let s = shared.clone();
+    res.add_blocking(move || {
+        bind(&s, &s, MsFlags::empty(), || {
+            mount(None::<&str>, &s, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>)
+                .map_err(mount_err(format!("make {} private", s.display())))
+        })
+    })
+    .await?;
+    let transport = if vhost_user {
+        let (s, socket) = (shared.clone(), state_dir.join(VHOST_FS_SOCK));
+        let sock = socket.clone();
+        let metrics = res.add_blocking(move || start_device(&s, &sock)).await?;
+        ShareFsTransport::VhostUser { socket, metrics }
+    } else {
+        ShareFsTransport::InProcess
+    };
+    Ok((
+        res,
+        ShareFsDevice {
+            shared_dir: shared,
+            tag: SHARED_FS_TAG,
+            transport,
+        },
+    ))
+}
+
+/// Bind-mounts `host_path` at `<shared>/<cid>/rootfs` (read-only if asked) and each volume at
+/// `<shared>/<cid>/volumes/<index>`. On error nothing is left.
+async fn share(
     shared: &Path,
     cid: &str,
-    host_path: &Path,
+    host_path: PathBuf,
     read_only: bool,
-    volumes: &[VolumeShare],
-) -> Result<Resources, ShareFsError> {
-    let meta = std::fs::metadata(host_path);
-    if !meta.map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(ShareFsError::RootfsNotFound(host_path.to_path_buf()));
-    }
+    volumes: Vec<VolumeShare>,
+) -> Result<ResourceStack, ShareFsError> {
     let dir = shared.join(cid);
     let target = dir.join("rootfs");
-    staged(|res| {
-        mkdir(&dir, res)?;
-        mkdir(&target, res)?;
-        mount(
-            Some(host_path),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(mount_err(format!("bind {} on {}", host_path.display(), target.display())))?;
-        res.push(Resource::Mount(target.clone()));
-        if read_only {
-            remount_ro(host_path, &target)?;
+    let mut res = ResourceStack::default();
+    let (d, h) = (dir.clone(), host_path.clone());
+    res.add_blocking(move || {
+        if !std::fs::metadata(&h).map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(ShareFsError::RootfsNotFound(h));
         }
-        if !volumes.is_empty() {
-            let vdir = dir.join("volumes");
-            mkdir(&vdir, res)?;
-            for (i, v) in volumes.iter().enumerate() {
-                let meta = std::fs::metadata(&v.host_path)
-                    .map_err(io_err(format!("bind mount source {}", v.host_path.display())))?;
-                let t = vdir.join(i.to_string());
-                if meta.is_dir() {
-                    mkdir(&t, res)?;
-                } else {
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&t)
-                        .map_err(io_err(format!("create {}", t.display())))?;
-                    res.push(Resource::File(t.clone()));
-                }
-                mount(
-                    Some(&v.host_path),
-                    &t,
-                    None::<&str>,
-                    MsFlags::MS_BIND | MsFlags::MS_REC,
-                    None::<&str>,
-                )
-                .map_err(mount_err(format!("bind {} on {}", v.host_path.display(), t.display())))?;
-                res.push(Resource::Mount(t.clone()));
-                if v.read_only {
-                    remount_ro(&v.host_path, &t)?;
-                }
-            }
-        }
-        Ok(())
+        mkdir(&d)
     })
-    .map(|((), res)| res)
+    .await?;
+    let t = target.clone();
+    res.add_blocking(move || mkdir(&t)).await?;
+    res.add_blocking(move || bind_share(&host_path, &target, read_only))
+        .await?;
+    if volumes.is_empty() {
+        return Ok(res);
+    }
+    let vdir = dir.join("volumes");
+    let v = vdir.clone();
+    res.add_blocking(move || mkdir(&v)).await?;
+    for (i, v) in volumes.into_iter().enumerate() {
+        let t = vdir.join(i.to_string());
+        let (src, mp) = (v.host_path.clone(), t.clone());
+        res.add_blocking(move || {
+            let meta = std::fs::metadata(&src).map_err(io_err(format!("bind mount source {}", src.display())))?;
+            if meta.is_dir() {
+                mkdir(&mp)
+            } else {
+                touch(&mp)
+            }
+        })
+        .await?;
+        res.add_blocking(move || bind_share(&v.host_path, &t, v.read_only))
+            .await?;
+    }
+    Ok(res)
 }
 
 /// Remounts the bind at `target` read-only, keeping the source's nosuid/nodev/noexec.
@@ -367,20 +337,11 @@ fn remount_ro(source: &Path, target: &Path) -> Result<(), ShareFsError> {
         .map_err(mount_err(format!("remount {} read-only", target.display())))
 }
 
-/// Reply to [`SetupShareFs`].
-#[derive(Debug, Clone)]
-pub struct ShareFsReady {
-    /// vhost-user socket to give the VMM; `None` when the VMM serves virtio-fs itself.
-    pub socket: Option<PathBuf>,
-    /// virtio-fs mount tag.
-    pub tag: &'static str,
-}
-
 /// Creates the shared dir and, for a VMM in another process (QEMU), starts the vhost-user
 /// virtio-fs device on `<state_dir>/vhost-fs.sock` (before the VM starts). The built-in VMM
-/// serves the shared dir in-process and needs no socket.
+/// serves the shared dir in-process and needs no socket. Replies with what it made.
 #[derive(Message)]
-#[rtype(result = "Result<ShareFsReady, ShareFsError>")]
+#[rtype(result = "Result<ShareFsDevice, ShareFsError>")]
 pub struct SetupShareFs {
     pub vhost_user: bool,
 }
@@ -418,8 +379,8 @@ pub struct GetShareFsState;
 pub struct ShareFsActor {
     state: ShareFsState,
     state_dir: PathBuf,
-    base: Resources,
-    shares: HashMap<String, Resources>,
+    base: ResourceStack,
+    shares: HashMap<String, ResourceStack>,
 }
 
 impl ShareFsActor {
@@ -428,7 +389,7 @@ impl ShareFsActor {
         ShareFsActor {
             state: ShareFsState::Created,
             state_dir,
-            base: Resources::default(),
+            base: ResourceStack::default(),
             shares: HashMap::new(),
         }
     }
@@ -446,17 +407,24 @@ impl Actor for ShareFsActor {
     type Context = Context<Self>;
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        // Dropping the stacks releases anything a missing StopShareFs left behind.
+        // Dropping the stacks hands what a missing StopShareFs left behind to the runtime.
         if !self.base.is_empty() || !self.shares.is_empty() {
             tracing::warn!("sharefs actor stopped without StopShareFs; releasing now");
         }
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ShareFsError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ShareFsError::Task(e.to_string()))
+/// Releases the stacks in order; Err names what could not be released.
+async fn release_all(stacks: Vec<ResourceStack>) -> Result<(), ShareFsError> {
+    let mut errors = Vec::new();
+    for mut s in stacks {
+        errors.extend(s.cleanup_all().await);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ShareFsError::Cleanup(errors.join("; ")))
+    }
 }
 
 type Reply<T> = AtomicResponse<ShareFsActor, Result<T, ShareFsError>>;
@@ -473,25 +441,22 @@ impl Handler<GetShareFsState> for ShareFsActor {
 }
 
 impl Handler<SetupShareFs> for ShareFsActor {
-    type Result = Reply<ShareFsReady>;
+    type Result = Reply<ShareFsDevice>;
 
     fn handle(&mut self, m: SetupShareFs, _: &mut Context<Self>) -> Self::Result {
         if let Err(e) = self.state.expect(ShareFsState::Created) {
             return ready(Err(e.into()));
         }
         let dir = self.state_dir.clone();
-        let socket = m.vhost_user.then(|| Self::socket_path(&dir));
         AtomicResponse::new(Box::pin(
-            blocking(move || setup_blocking(&dir, m.vhost_user))
+            async move { setup(&dir, m.vhost_user).await }
                 .into_actor(self)
-                .map(move |r, act, _| {
-                    act.base = r??;
+                .map(|r, act, _| {
+                    let (res, device) = r?;
+                    act.base = res;
                     act.state.transition(ShareFsState::Ready)?;
-                    tracing::info!(socket = ?socket, tag = SHARED_FS_TAG, "shared dir ready");
-                    Ok(ShareFsReady {
-                        socket,
-                        tag: SHARED_FS_TAG,
-                    })
+                    tracing::info!(device = ?device, "shared dir ready");
+                    Ok(device)
                 }),
         ))
     }
@@ -512,24 +477,15 @@ impl Handler<ShareRootfs> for ShareFsActor {
         }
         let shared = self.shared_dir();
         let cid = m.container_id.clone();
-        AtomicResponse::new(Box::pin(
-            blocking(move || share_blocking(&shared, &m.container_id, &m.host_path, m.read_only, &m.volumes))
-                .into_actor(self)
-                .map(move |r, act, _| {
-                    let res = r??;
-                    if act.state != ShareFsState::Ready {
-                        // Stopped meanwhile (cannot happen with atomic handlers, but never leak).
-                        drop(res);
-                        return Err(ShareFsError::State(InvalidTransition {
-                            what: "sharefs (request)",
-                            from: act.state.to_string(),
-                            to: ShareFsState::Ready.to_string(),
-                        }));
-                    }
-                    act.shares.insert(cid.clone(), res);
-                    Ok(guest_rootfs_path(&cid))
-                }),
-        ))
+        let fut = async move { share(&shared, &m.container_id, m.host_path, m.read_only, m.volumes).await };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |r, act, _| {
+            let res = r?;
+            // Handlers are atomic: the state cannot have changed meanwhile (a stack dropped here
+            // would still be released, by the runtime).
+            act.state.expect(ShareFsState::Ready)?;
+            act.shares.insert(cid.clone(), res);
+            Ok(guest_rootfs_path(&cid))
+        })))
     }
 }
 
@@ -537,19 +493,10 @@ impl Handler<Unshare> for ShareFsActor {
     type Result = Reply<()>;
 
     fn handle(&mut self, m: Unshare, _: &mut Context<Self>) -> Self::Result {
-        let Some(mut res) = self.shares.remove(&m.container_id) else {
+        let Some(res) = self.shares.remove(&m.container_id) else {
             return ready(Err(ShareFsError::NotShared(m.container_id)));
         };
-        AtomicResponse::new(Box::pin(blocking(move || res.release_all()).into_actor(self).map(
-            |r, _, _| {
-                let errors = r?;
-                if errors.is_empty() {
-                    Ok(())
-                } else {
-                    Err(ShareFsError::Cleanup(errors.join("; ")))
-                }
-            },
-        )))
+        AtomicResponse::new(Box::pin(release_all(vec![res]).into_actor(self)))
     }
 }
 
@@ -557,45 +504,19 @@ impl Handler<StopShareFs> for ShareFsActor {
     type Result = Reply<()>;
 
     fn handle(&mut self, _: StopShareFs, _: &mut Context<Self>) -> Self::Result {
-        match self.state {
-            ShareFsState::Stopped => return ready(Ok(())),
-            ShareFsState::Stopping => {
-                return ready(Err(InvalidTransition {
-                    what: "sharefs",
-                    from: "stopping".into(),
-                    to: "stopping".into(),
-                }
-                .into()))
-            }
-            _ => {}
+        if self.state == ShareFsState::Stopped {
+            return ready(Ok(()));
         }
         if let Err(e) = self.state.transition(ShareFsState::Stopping) {
             return ready(Err(e.into()));
         }
         // Shares first (their binds live inside the shared dir), then the base in reverse order.
-        let shares: Vec<Resources> = self.shares.drain().map(|(_, r)| r).collect();
-        let base = std::mem::take(&mut self.base);
-        AtomicResponse::new(Box::pin(
-            blocking(move || {
-                let mut errors = Vec::new();
-                for mut r in shares {
-                    errors.extend(r.release_all());
-                }
-                let mut base = base;
-                errors.extend(base.release_all());
-                errors
-            })
-            .into_actor(self)
-            .map(|r, act, _| {
-                let _ = act.state.transition(ShareFsState::Stopped);
-                let errors = r?;
-                if errors.is_empty() {
-                    Ok(())
-                } else {
-                    Err(ShareFsError::Cleanup(errors.join("; ")))
-                }
-            }),
-        ))
+        let mut stacks: Vec<ResourceStack> = self.shares.drain().map(|(_, r)| r).collect();
+        stacks.push(std::mem::take(&mut self.base));
+        AtomicResponse::new(Box::pin(release_all(stacks).into_actor(self).map(|r, act, _| {
+            let _ = act.state.transition(ShareFsState::Stopped);
+            r
+        })))
     }
 }
 
@@ -603,16 +524,50 @@ impl Handler<StopShareFs> for ShareFsActor {
 mod tests {
     use super::*;
 
+    /// The result of a step that mounts; these tests need CAP_SYS_ADMIN and say so when it is
+    /// missing (they never pass silently).
+    fn mounting<T>(r: Result<T, ShareFsError>) -> T {
+        match r {
+            Ok(v) => v,
+            Err(ShareFsError::Mount {
+                source: nix::errno::Errno::EPERM,
+                what,
+            }) => panic!("{what}: EPERM; the sharefs mount tests need CAP_SYS_ADMIN (run them as root)"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// `<dir>/shared` and a host rootfs dir `<dir>/img`, both created.
+    fn shared_and_host(dir: &Path) -> (PathBuf, PathBuf) {
+        let (shared, host) = (dir.join("shared"), dir.join("img"));
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::create_dir(&host).unwrap();
+        (shared, host)
+    }
+
+    fn assert_no_mounts_under(dir: &Path) {
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mi.contains(&dir.display().to_string()), "{mi}");
+    }
+
     #[test]
     fn lifecycle() {
-        let mut s = ShareFsState::Created;
-        s.transition(ShareFsState::Ready).unwrap();
-        assert!(s.transition(ShareFsState::Ready).is_err());
-        s.transition(ShareFsState::Stopping).unwrap();
-        s.transition(ShareFsState::Stopped).unwrap();
-        assert!(s.transition(ShareFsState::Ready).is_err());
-        assert!(ShareFsState::Created.can_transition(ShareFsState::Stopped));
-        assert!(ShareFsState::Ready.expect(ShareFsState::Created).is_err());
+        use ShareFsState::*;
+        crate::lifecycle::assert_transitions(
+            &[Created, Ready, Stopping, Stopped],
+            &[
+                (Created, Ready),
+                (Created, Stopping),
+                (Created, Stopped),
+                (Ready, Stopping),
+                (Stopping, Stopped),
+            ],
+        );
+        let e = Ready.expect(Created).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid sharefs (request) state transition: ready -> created"
+        );
     }
 
     #[test]
@@ -625,75 +580,119 @@ mod tests {
         assert_eq!(guest_rootfs_path("c1"), "/run/joey/shared/c1/rootfs");
     }
 
-    #[test]
-    fn resources_release_in_reverse_order() {
+    /// A stack that made the directories `dirs`, in order.
+    async fn made_dirs(dirs: &[&Path]) -> ResourceStack {
+        let mut res = ResourceStack::default();
+        for d in dirs {
+            let d = d.to_path_buf();
+            res.add_blocking(move || mkdir(&d)).await.unwrap();
+        }
+        res
+    }
+
+    #[tokio::test]
+    async fn resources_release_in_reverse_order() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a");
         let b = a.join("b");
-        let mut res = Resources::default();
-        mkdir(&a, &mut res).unwrap();
-        mkdir(&b, &mut res).unwrap();
+        let mut res = made_dirs(&[&a, &b]).await;
+        assert_eq!(
+            res.names(),
+            vec![format!("dir {}", a.display()), format!("dir {}", b.display())]
+        );
         // Reverse order: b before a, so both rmdirs succeed.
-        assert!(res.release_all().is_empty());
+        assert!(res.cleanup_all().await.is_empty());
         assert!(!a.exists());
     }
 
-    #[test]
-    fn release_never_deletes_contents() {
+    #[tokio::test]
+    async fn release_never_deletes_contents() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a");
-        let mut res = Resources::default();
-        mkdir(&a, &mut res).unwrap();
+        let mut res = made_dirs(&[&a]).await;
         std::fs::write(a.join("keep"), b"x").unwrap();
-        let errors = res.release_all();
+        let errors = res.cleanup_all().await;
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(a.join("keep").exists());
     }
 
-    #[test]
-    fn share_of_missing_dir_is_typed() {
+    #[tokio::test]
+    async fn share_of_missing_dir_is_typed() {
         let d = tempfile::tempdir().unwrap();
-        let e = share_blocking(d.path(), "c1", &d.path().join("nope"), false, &[]).unwrap_err();
+        let e = share(d.path(), "c1", d.path().join("nope"), false, Vec::new())
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(e, ShareFsError::RootfsNotFound(_)));
         assert!(!d.path().join("c1").exists());
     }
 
-    /// Needs CAP_SYS_ADMIN (mounts); skipped otherwise.
-    #[test]
-    fn share_and_release_bind_mounts() {
+    #[tokio::test]
+    async fn a_failed_step_undoes_the_earlier_ones() {
         let d = tempfile::tempdir().unwrap();
-        let shared = d.path().join("shared");
-        std::fs::create_dir(&shared).unwrap();
-        let host = d.path().join("img");
-        std::fs::create_dir(&host).unwrap();
+        let a = d.path().join("a");
+        let mut res = made_dirs(&[&a]).await;
+        // Creating it again fails: the first step is undone, the error stays typed.
+        let a3 = a.clone();
+        let e = res.add_blocking(move || mkdir(&a3)).await.unwrap_err();
+        assert!(
+            matches!(&e, ShareFsError::Io { what, .. } if what.contains("create")),
+            "{e}"
+        );
+        assert!(res.is_empty());
+        assert!(!a.exists());
+    }
+
+    /// Needs CAP_SYS_ADMIN (mounts).
+    #[tokio::test]
+    async fn setup_replies_with_the_device_it_made() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join(SHARED_DIR_NAME);
+        let sock = d.path().join(VHOST_FS_SOCK);
+        let (mut res, dev) = mounting(setup(d.path(), true).await);
+        assert_eq!((dev.shared_dir.as_path(), dev.tag), (shared.as_path(), "joeyfs"));
+        match &dev.transport {
+            ShareFsTransport::VhostUser { socket, metrics } => {
+                assert_eq!(socket, &sock);
+                assert!(sock.exists());
+                assert_eq!(metrics.snapshot().failed_requests, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(res.names().len(), 3, "{:?}", res.names());
+        assert!(res.cleanup_all().await.is_empty());
+        assert!(!sock.exists() && !shared.exists());
+
+        // For the built-in VMM: the shared dir only, no socket.
+        let (mut res, dev) = setup(d.path(), false).await.unwrap();
+        assert!(matches!(dev.transport, ShareFsTransport::InProcess));
+        assert!(shared.is_dir() && !sock.exists());
+        assert!(res.cleanup_all().await.is_empty());
+        assert!(!shared.exists());
+    }
+
+    /// Needs CAP_SYS_ADMIN (mounts).
+    #[tokio::test]
+    async fn share_and_release_bind_mounts() {
+        let d = tempfile::tempdir().unwrap();
+        let (shared, host) = shared_and_host(d.path());
         std::fs::write(host.join("marker"), b"m").unwrap();
-        let mut res = match share_blocking(&shared, "c1", &host, true, &[]) {
-            Ok(r) => r,
-            Err(ShareFsError::Mount {
-                source: nix::errno::Errno::EPERM,
-                ..
-            }) => return,
-            Err(e) => panic!("{e}"),
-        };
+        let mut res = mounting(share(&shared, "c1", host.clone(), true, Vec::new()).await);
         let target = shared.join("c1/rootfs");
         assert_eq!(std::fs::read(target.join("marker")).unwrap(), b"m");
         let e = std::fs::write(target.join("new"), b"x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS));
-        assert!(res.release_all().is_empty());
+        assert!(res.cleanup_all().await.is_empty());
         assert!(!shared.join("c1").exists());
         assert!(host.join("marker").exists());
-        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(!mi.contains(&d.path().display().to_string()));
+        assert_no_mounts_under(d.path());
     }
 
-    /// Needs CAP_SYS_ADMIN (mounts); skipped otherwise.
-    #[test]
-    fn volumes_are_shared_ro_and_rw_and_released() {
+    /// Needs CAP_SYS_ADMIN (mounts).
+    #[tokio::test]
+    async fn volumes_are_shared_ro_and_rw_and_released() {
         let d = tempfile::tempdir().unwrap();
-        let shared = d.path().join("shared");
-        std::fs::create_dir(&shared).unwrap();
-        let host = d.path().join("img");
-        std::fs::create_dir(&host).unwrap();
+        let (shared, host) = shared_and_host(d.path());
         let vro = d.path().join("vro");
         std::fs::create_dir(&vro).unwrap();
         std::fs::write(vro.join("in"), b"ro").unwrap();
@@ -702,18 +701,20 @@ mod tests {
         let vfile = d.path().join("afile");
         std::fs::write(&vfile, b"file").unwrap();
         let vols = vec![
-            VolumeShare { host_path: vro.clone(), read_only: true },
-            VolumeShare { host_path: vrw.clone(), read_only: false },
-            VolumeShare { host_path: vfile.clone(), read_only: true },
+            VolumeShare {
+                host_path: vro.clone(),
+                read_only: true,
+            },
+            VolumeShare {
+                host_path: vrw.clone(),
+                read_only: false,
+            },
+            VolumeShare {
+                host_path: vfile.clone(),
+                read_only: true,
+            },
         ];
-        let mut res = match share_blocking(&shared, "c1", &host, false, &vols) {
-            Ok(r) => r,
-            Err(ShareFsError::Mount {
-                source: nix::errno::Errno::EPERM,
-                ..
-            }) => return,
-            Err(e) => panic!("{e}"),
-        };
+        let mut res = mounting(share(&shared, "c1", host.clone(), false, vols).await);
         let v = shared.join("c1/volumes");
         assert_eq!(std::fs::read(v.join("0/in")).unwrap(), b"ro");
         let e = std::fs::write(v.join("0/new"), b"x").unwrap_err();
@@ -722,28 +723,23 @@ mod tests {
         assert_eq!(std::fs::read(vrw.join("new")).unwrap(), b"rw");
         assert_eq!(std::fs::read(v.join("2")).unwrap(), b"file");
         assert_eq!(guest_volume_path("c1", 2), "/run/joey/shared/c1/volumes/2");
-        assert!(res.release_all().is_empty());
+        assert!(res.cleanup_all().await.is_empty());
         assert!(!shared.join("c1").exists());
         assert_eq!(std::fs::read(&vfile).unwrap(), b"file");
-        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(!mi.contains(&d.path().display().to_string()));
+        assert_no_mounts_under(d.path());
     }
 
-    #[test]
-    fn missing_volume_source_releases_everything() {
+    #[tokio::test]
+    async fn missing_volume_source_releases_everything() {
         let d = tempfile::tempdir().unwrap();
-        let shared = d.path().join("shared");
-        std::fs::create_dir(&shared).unwrap();
-        let host = d.path().join("img");
-        std::fs::create_dir(&host).unwrap();
-        let vols = vec![VolumeShare { host_path: d.path().join("missing"), read_only: false }];
-        match share_blocking(&shared, "c1", &host, false, &vols) {
+        let (shared, host) = shared_and_host(d.path());
+        let vols = vec![VolumeShare {
+            host_path: d.path().join("missing"),
+            read_only: false,
+        }];
+        match share(&shared, "c1", host.clone(), false, vols).await.map(|_| ()) {
             Err(ShareFsError::Io { what, .. }) => assert!(what.contains("missing"), "{what}"),
-            Err(ShareFsError::Mount {
-                source: nix::errno::Errno::EPERM,
-                ..
-            }) => return,
-            other => panic!("expected an Io error, got {:?}", other.map(|_| ())),
+            other => panic!("expected an Io error, got {other:?}"),
         }
         assert!(!shared.join("c1").exists());
     }

@@ -1,7 +1,9 @@
 //! joey guest agent.
 //!
-//! Runs as PID 1 (`/init`) of the sandbox microVM and serves the ttrpc `AgentService` on vsock
-//! port 1024. For host-side testing it can also run as an ordinary process:
+//! Runs as PID 1 (`/init`) of the sandbox microVM and serves the ttrpc `AgentService` on the
+//! vsock port the host put on the kernel command line (`joey.agent_port=<N>`, from the host's
+//! `agent.vsock_port`; 1024 without it). For host-side testing it can also run as an ordinary
+//! process:
 //! `joey-agent --listen unix:///path/agent.sock` (no mounts; DestroySandbox exits the process).
 
 #[macro_use]
@@ -22,7 +24,7 @@ mod syscalls;
 use std::sync::Arc;
 use std::time::Duration;
 
-use joey_agent_protocol::{agent_ttrpc, AGENT_VSOCK_PORT};
+use joey_agent_protocol::{agent_ttrpc, AGENT_PORT_PARAM, AGENT_VSOCK_PORT};
 
 use crate::reaper::ProcTable;
 use crate::service::{Agent, ShutdownMode};
@@ -54,11 +56,14 @@ enum MainError {
 
 const USAGE: &str = "usage: joey-agent [--listen ADDR]
   ADDR: vsock://CID:PORT (default vsock://-1:1024) or unix:///path/to/socket
-As PID 1 the agent also mounts the basic filesystems, reaps orphans and reboots on DestroySandbox.";
+As PID 1 the agent also mounts the basic filesystems, reaps orphans and reboots on DestroySandbox;
+without --listen it then listens on the vsock port named by joey.agent_port=<N> on the kernel
+command line (default 1024).";
 
 #[derive(Debug, PartialEq, Eq)]
 struct Options {
-    listen: String,
+    /// `--listen`; `None`: the default vsock address (see [`listen_addr`]).
+    listen: Option<String>,
 }
 
 enum Parsed {
@@ -66,22 +71,58 @@ enum Parsed {
     Exit(String),
 }
 
-fn default_listen() -> String {
-    format!("vsock://-1:{AGENT_VSOCK_PORT}")
+fn vsock_listen(port: u32) -> String {
+    format!("vsock://-1:{port}")
+}
+
+/// The agent's vsock port named on the kernel command line `cmdline` (`joey.agent_port=<N>`;
+/// the last one counts, as for kernel parameters); `None` when it names none.
+fn agent_port_from_cmdline(cmdline: &str) -> Result<Option<u32>, String> {
+    let Some(v) = cmdline
+        .split_whitespace()
+        .rev()
+        .find_map(|p| p.strip_prefix(AGENT_PORT_PARAM)?.strip_prefix('='))
+    else {
+        return Ok(None);
+    };
+    match v.parse::<u32>() {
+        // 0 is reserved for the hypervisor, u32::MAX is VMADDR_PORT_ANY.
+        Ok(p) if p != 0 && p != u32::MAX => Ok(Some(p)),
+        _ => Err(format!(
+            "invalid {AGENT_PORT_PARAM}={v:?} on the kernel command line (expected 1..=4294967294)"
+        )),
+    }
+}
+
+/// Where to listen: `--listen`, else (as PID 1) the port named on the kernel command line
+/// `cmdline`, else vsock port 1024.
+fn listen_addr(opts: &Options, cmdline: Option<&str>) -> String {
+    if let Some(l) = &opts.listen {
+        return l.clone();
+    }
+    let port = match cmdline.map(agent_port_from_cmdline) {
+        Some(Ok(Some(p))) => p,
+        Some(Err(e)) => {
+            agent_log!("{e}; listening on port {AGENT_VSOCK_PORT}");
+            AGENT_VSOCK_PORT
+        }
+        Some(Ok(None)) | None => AGENT_VSOCK_PORT,
+    };
+    vsock_listen(port)
 }
 
 /// Parses arguments. As PID 1, unknown arguments (the kernel passes unrecognised command-line
 /// parameters to init) are ignored instead of rejected.
 fn parse_args<I: IntoIterator<Item = String>>(args: I, pid1: bool) -> Result<Parsed, MainError> {
-    let mut listen = default_listen();
+    let mut listen = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => match args.next() {
-                Some(v) => listen = v,
+                Some(v) => listen = Some(v),
                 None => return Err(MainError::Usage("--listen needs an address".into())),
             },
-            s if s.starts_with("--listen=") => listen = s["--listen=".len()..].to_string(),
+            s if s.starts_with("--listen=") => listen = Some(s["--listen=".len()..].to_string()),
             "-h" | "--help" if !pid1 => return Ok(Parsed::Exit(USAGE.to_string())),
             "-V" | "--version" if !pid1 => {
                 return Ok(Parsed::Exit(format!(
@@ -148,7 +189,7 @@ async fn serve(agent: Arc<Agent>, addr: &str) -> Result<(), MainError> {
     Ok(())
 }
 
-fn run(opts: Options, pid1: bool) -> Result<(), MainError> {
+fn run(listen: String, pid1: bool) -> Result<(), MainError> {
     let table = Arc::new(ProcTable::new());
     reaper::start_reaper(table.clone())?;
     let shutdown = if pid1 {
@@ -167,7 +208,7 @@ fn run(opts: Options, pid1: bool) -> Result<(), MainError> {
         agent.start_oom_watcher();
         let mut attempt = 0u32;
         loop {
-            match serve(agent.clone(), &opts.listen).await {
+            match serve(agent.clone(), &listen).await {
                 // In PID 1 mode the vsock device may not be usable yet; retry for a while.
                 Err(e @ MainError::Listen { .. }) if pid1 && attempt < 10 => {
                     attempt += 1;
@@ -204,7 +245,11 @@ fn main() {
         // Orphans of our processes then get reaped by us, as they would be by PID 1.
         agent_log!("cannot become child subreaper: {e}");
     }
-    let result = run(opts, pid1);
+    // /proc is mounted by now (setup_pid1).
+    let cmdline = pid1
+        .then(|| std::fs::read_to_string("/proc/cmdline"))
+        .and_then(|r| r.map_err(|e| agent_log!("reading /proc/cmdline: {e}")).ok());
+    let result = run(listen_addr(&opts, cmdline.as_deref()), pid1);
     if let Err(e) = &result {
         agent_log!("fatal: {e}");
     }
@@ -236,19 +281,25 @@ mod tests {
 
     #[test]
     fn default_is_vsock_1024() {
-        assert_eq!(run_opts(&[], false).listen, "vsock://-1:1024");
+        let o = run_opts(&[], false);
+        assert_eq!(o.listen, None);
+        assert_eq!(listen_addr(&o, None), "vsock://-1:1024");
         assert_eq!(ready_line("vsock://-1:1024"), "ready on vsock port 1024");
     }
 
     #[test]
     fn listen_forms() {
         assert_eq!(
-            run_opts(&["--listen", "unix:///tmp/a.sock"], false).listen,
-            "unix:///tmp/a.sock"
+            run_opts(&["--listen", "unix:///tmp/a.sock"], false)
+                .listen
+                .as_deref(),
+            Some("unix:///tmp/a.sock")
         );
         assert_eq!(
-            run_opts(&["--listen=unix:///tmp/b.sock"], false).listen,
-            "unix:///tmp/b.sock"
+            run_opts(&["--listen=unix:///tmp/b.sock"], false)
+                .listen
+                .as_deref(),
+            Some("unix:///tmp/b.sock")
         );
         assert!(parse_args(args(&["--listen"]), false).is_err());
         assert_eq!(
@@ -260,9 +311,56 @@ mod tests {
     #[test]
     fn unknown_args_rejected_unless_pid1() {
         assert!(parse_args(args(&["console=ttyS0"]), false).is_err());
+        assert_eq!(run_opts(&["console=ttyS0", "quiet"], true).listen, None);
+    }
+
+    #[test]
+    fn agent_port_on_the_kernel_command_line() {
+        let base = "console=ttyS0 reboot=t panic=-1 quiet";
+        assert_eq!(agent_port_from_cmdline(base), Ok(None));
+        assert_eq!(agent_port_from_cmdline(""), Ok(None));
         assert_eq!(
-            run_opts(&["console=ttyS0", "quiet"], true).listen,
+            agent_port_from_cmdline(&format!("{base} joey.agent_port=2048\n")),
+            Ok(Some(2048))
+        );
+        // The last one counts; look-alike names do not.
+        assert_eq!(
+            agent_port_from_cmdline("joey.agent_port=9 x.joey.agent_port=7 joey.agent_port=4096"),
+            Ok(Some(4096))
+        );
+        assert_eq!(
+            agent_port_from_cmdline("joey.agent_portx=5 joey.agent_port"),
+            Ok(None)
+        );
+        for bad in [
+            "joey.agent_port=",
+            "joey.agent_port=0",
+            "joey.agent_port=4294967295",
+            "joey.agent_port=-1",
+            "joey.agent_port=12ab",
+        ] {
+            let e = agent_port_from_cmdline(bad).unwrap_err();
+            assert!(e.starts_with("invalid joey.agent_port="), "{e}");
+        }
+    }
+
+    #[test]
+    fn listen_address_follows_the_kernel_command_line() {
+        let pid1 = run_opts(&[], true);
+        assert_eq!(
+            listen_addr(&pid1, Some("quiet joey.agent_port=2048")),
+            "vsock://-1:2048"
+        );
+        assert_eq!(listen_addr(&pid1, Some("quiet")), "vsock://-1:1024");
+        // A bad value falls back to the default port; --listen always wins.
+        assert_eq!(
+            listen_addr(&pid1, Some("joey.agent_port=0")),
             "vsock://-1:1024"
+        );
+        let explicit = run_opts(&["--listen", "vsock://-1:5000"], true);
+        assert_eq!(
+            listen_addr(&explicit, Some("joey.agent_port=2048")),
+            "vsock://-1:5000"
         );
     }
 }

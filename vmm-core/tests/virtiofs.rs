@@ -293,14 +293,10 @@ fn run_guest(read_only: bool) -> Run {
     );
 
     // QEMU is gone: the serving thread must end by itself.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !handle.is_finished() {
-        assert!(
-            Instant::now() < deadline,
-            "serving thread still running 5 s after QEMU exited"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        handle.wait_finished(Duration::from_secs(5)),
+        "serving thread still running 5 s after QEMU exited"
+    );
     handle.join_timeout(Duration::from_secs(1)).unwrap();
     assert!(!sock.exists(), "vhost-user socket left behind");
     // The passthrough fs set umask(0) on FUSE_INIT, but only in the device's fs context.

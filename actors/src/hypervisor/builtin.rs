@@ -1,8 +1,8 @@
 //! The `builtin` backend: the VM runs inside this process on [`joey_vmm_core::vmm::Vmm`]
 //! (KVM; vCPU threads, the in-process virtio-vsock device on the sandbox's hybrid-vsock socket
 //! `vsock.sock`, the serial console to `console.log`, an ELF `vmlinux` as the kernel, and, when
-//! the ShareFs actor has created the sandbox's shared directory `<state_dir>/shared`, the
-//! in-process virtio-fs device exporting it under the tag `joeyfs`).
+//! the spec carries the ShareFs actor's device ([`VmSpec::share_fs`], in-process transport), the
+//! in-process virtio-fs device exporting its shared directory under its tag).
 //!
 //! The `Vmm` lives on one dedicated OS thread (the *VMM thread*), which creates and starts it and
 //! then bridges its events to the async world: it calls [`Vmm::wait_event`] with a short timeout
@@ -12,7 +12,8 @@
 //! triple fault, KVM errors) ends the VM: the thread stops the `Vmm` and publishes the
 //! [`VmExit`] on a tokio watch channel. The actor never calls the `Vmm` and never blocks: it
 //! awaits the start report and the exit watch with timeouts, and joins the thread only once the
-//! thread has said it is done.
+//! thread has said it is done, on the blocking pool with a deadline
+//! ([`joey_vmm_core::thread::join_with_deadline`]).
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -20,11 +21,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::TryRecvError;
+use joey_vmm_core::thread::{join_with_deadline, JoinError};
 use joey_vmm_core::vmm::{VirtioFsConfig, VmConfig, VmEvent, Vmm, VmmError, VsockConfig, MAX_VCPUS};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::cmdline::{self, Reboot};
 use super::counters::VmCounterSources;
-use super::{StopMethod, VmExit, VmSpec};
+use super::{stop_in_steps, StopMethod, StopStep, VmExit, VmSpec};
+use crate::sharefs::ShareFsTransport;
 
 /// Bound for creating and starting the VM (kernel load, memory, vCPUs) on the VMM thread.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -57,10 +61,8 @@ pub enum BuiltinError {
     StartTimeout(Duration),
     #[error("the built-in VM did not stop within {0:?}; its VMM thread is left detached")]
     StopTimeout(Duration),
-    #[error("the VMM thread did not end within {0:?} after the VM stopped; left detached")]
-    JoinTimeout(Duration),
-    #[error("the VMM thread panicked")]
-    ThreadPanicked,
+    #[error("the VMM thread, after the VM stopped: {0}")]
+    Join(#[from] JoinError),
 }
 
 /// Files of one built-in VM inside its sandbox state directory.
@@ -69,9 +71,6 @@ pub struct BuiltinPaths {
     pub state_dir: PathBuf,
     pub console_log: PathBuf,
     pub vsock_uds: PathBuf,
-    /// The directory the in-process virtio-fs device exports (the ShareFs actor's
-    /// `<state_dir>/shared`), when there is one.
-    pub shared_dir: Option<PathBuf>,
 }
 
 impl BuiltinPaths {
@@ -80,25 +79,12 @@ impl BuiltinPaths {
             state_dir: state_dir.to_path_buf(),
             console_log: state_dir.join("console.log"),
             vsock_uds: state_dir.join("vsock.sock"),
-            shared_dir: None,
         }
     }
 }
 
-/// The guest kernel command line (the VMM appends the virtio-mmio devices).
-///
-/// `reboot=k`: the guest resets through the i8042 (a `Reset` event), `panic=-1`: a panic
-/// reboots at once, so a dying guest always ends the VM.
-pub fn kernel_cmdline(extra: &str) -> String {
-    let mut c = String::from("console=ttyS0 reboot=k panic=-1 quiet");
-    if !extra.trim().is_empty() {
-        c.push(' ');
-        c.push_str(extra.trim());
-    }
-    c
-}
-
-/// The `VmConfig` for a sandbox spec.
+/// The `VmConfig` for a sandbox spec. The kernel command line says `reboot=k`: the guest resets
+/// through the i8042 (a `Reset` event); the VMM appends the virtio-mmio devices.
 pub fn vm_config(spec: &VmSpec, paths: &BuiltinPaths) -> Result<VmConfig, BuiltinError> {
     let vcpus = u8::try_from(spec.vcpus)
         .ok()
@@ -109,17 +95,27 @@ pub fn vm_config(spec: &VmSpec, paths: &BuiltinPaths) -> Result<VmConfig, Builti
         memory_mib: spec.memory_mib,
         kernel: spec.kernel.clone(),
         initrd: Some(spec.initrd.clone()),
-        cmdline: kernel_cmdline(&spec.kernel_params),
+        cmdline: cmdline::for_spec(spec, Reboot::Keyboard),
         serial_log: paths.console_log.clone(),
         vsock: Some(VsockConfig {
             guest_cid: spec.guest_cid,
             uds_path: paths.vsock_uds.clone(),
         }),
-        virtio_fs: paths.shared_dir.as_ref().map(|dir| VirtioFsConfig {
-            shared_dir: dir.clone(),
-            tag: joey_agent_protocol::SHARED_FS_TAG.to_string(),
-            read_only: false,
-        }),
+        virtio_fs: match &spec.share_fs {
+            None => None,
+            Some(fs) => match fs.transport {
+                ShareFsTransport::InProcess => Some(VirtioFsConfig {
+                    shared_dir: fs.shared_dir.clone(),
+                    tag: fs.tag.to_string(),
+                    read_only: false,
+                }),
+                ShareFsTransport::VhostUser { .. } => {
+                    return Err(BuiltinError::InvalidSpec(
+                        "the built-in VMM serves virtio-fs in-process; the spec's device is vhost-user".into(),
+                    ))
+                }
+            },
+        },
         block_devices: Vec::new(),
     })
 }
@@ -149,19 +145,16 @@ impl BridgedVm for Vmm {
     fn counter_sources(&self) -> VmCounterSources {
         VmCounterSources {
             vsock: self.vsock_metrics().cloned(),
+            fs: self.fs_metrics().cloned(),
             blk: self.all_block_metrics().to_vec(),
             vcpus: Some(self.vcpu_metrics().clone()),
         }
     }
 }
 
-/// Creates and starts a `Vmm` (runs on the VMM thread). The counters of its virtio-fs device, if
-/// any, are registered for `state_dir` (replacing the ShareFs actor's unused vhost-user device).
-fn create_and_start(cfg: VmConfig, state_dir: &Path) -> Result<Vmm, BuiltinError> {
+/// Creates and starts a `Vmm` (runs on the VMM thread).
+fn create_and_start(cfg: VmConfig) -> Result<Vmm, BuiltinError> {
     let mut vmm = Vmm::create(cfg).map_err(BuiltinError::Create)?;
-    if let Some(m) = vmm.fs_metrics() {
-        super::counters::register_fs(state_dir, m);
-    }
     if let Err(e) = vmm.start() {
         if let Err(se) = vmm.stop() {
             tracing::warn!(error = %se, "stopping the half-started built-in VM failed");
@@ -188,9 +181,15 @@ fn describe(ev: &VmEvent) -> String {
         VmEvent::InternalError { vcpu, suberror, .. } => {
             format!("KVM internal error {suberror} on vCPU {vcpu}")
         }
-        VmEvent::FailEntry { vcpu, reason, .. } => format!("KVM entry failure {reason:#x} on vCPU {vcpu}"),
-        VmEvent::VcpuError { vcpu, errno } => format!("KVM_RUN failed with errno {errno} on vCPU {vcpu}"),
-        VmEvent::UnhandledExit { vcpu, reason } => format!("unhandled exit {reason} on vCPU {vcpu}"),
+        VmEvent::FailEntry { vcpu, reason, .. } => {
+            format!("KVM entry failure {reason:#x} on vCPU {vcpu}")
+        }
+        VmEvent::VcpuError { vcpu, errno } => {
+            format!("KVM_RUN failed with errno {errno} on vCPU {vcpu}")
+        }
+        VmEvent::UnhandledExit { vcpu, reason } => {
+            format!("unhandled exit {reason} on vCPU {vcpu}")
+        }
     }
 }
 
@@ -271,16 +270,9 @@ impl BuiltinVm {
     /// Starts the VM of `spec` on its VMM thread; resolves once it runs (bounded by
     /// [`START_TIMEOUT`]).
     pub async fn start(spec: &VmSpec) -> Result<BuiltinVm, BuiltinError> {
-        let mut paths = BuiltinPaths::new(&spec.state_dir);
-        // The ShareFs actor creates the shared directory before StartVm (a stat of a local
-        // path, like the QEMU backend's check for its vhost-user socket).
-        let shared = spec.state_dir.join(crate::sharefs::SHARED_DIR_NAME);
-        if shared.is_dir() {
-            paths.shared_dir = Some(shared);
-        }
+        let paths = BuiltinPaths::new(&spec.state_dir);
         let cfg = vm_config(spec, &paths)?;
-        let state_dir = spec.state_dir.clone();
-        let vm = Self::start_with(paths, move || create_and_start(cfg, &state_dir), START_TIMEOUT).await?;
+        let vm = Self::start_with(paths, move || create_and_start(cfg), START_TIMEOUT).await?;
         tracing::info!(vcpus = spec.vcpus, memory_mib = spec.memory_mib, "built-in VM started");
         Ok(vm)
     }
@@ -324,15 +316,11 @@ impl BuiltinVm {
             }
             Ok(Ok(Err(e))) => {
                 // The thread is ending on its own; reap it.
-                if let Some(t) = vm.thread.take() {
-                    let _ = join_thread(t, JOIN_TIMEOUT).await;
-                }
+                let _ = vm.join().await;
                 Err(e)
             }
             Ok(Err(_)) => {
-                if let Some(t) = vm.thread.take() {
-                    let _ = join_thread(t, JOIN_TIMEOUT).await;
-                }
+                let _ = vm.join().await;
                 Err(BuiltinError::ThreadGone)
             }
             // Dropping `vm` asks the thread to stop; it stops the VM once created.
@@ -359,27 +347,39 @@ impl BuiltinVm {
     /// DestroySandbox the guest reboots: i8042 reset), then asks the VMM thread to stop the
     /// `Vmm` (bounded by [`STOP_TIMEOUT`]), then joins the thread.
     pub async fn stop(mut self, grace: Duration) -> Result<(StopMethod, VmExit), BuiltinError> {
-        let mut rx = self.exit_rx.clone();
-        let mut method = StopMethod::GuestExit;
-        let mut exit = wait_exit(&mut rx, grace).await;
-        if exit.is_none() {
-            method = StopMethod::VmmStop;
-            tracing::info!("guest did not end the built-in VM; stopping it");
-            // Full means a stop is already queued.
-            let _ = self.control.try_send(Control::Stop);
-            exit = wait_exit(&mut rx, STOP_TIMEOUT).await;
-        }
+        let control = self.control.clone();
+        let vmm_stop = StopStep {
+            method: StopMethod::VmmStop,
+            action: Box::pin(async move {
+                tracing::info!("guest did not end the built-in VM; stopping it");
+                // Full means a stop is already queued.
+                let _ = control.try_send(Control::Stop);
+            }),
+            wait: STOP_TIMEOUT,
+        };
+        let (method, exit) = stop_in_steps(self.exit_rx.clone(), grace, vec![vmm_stop]).await;
         let Some(exit) = exit else {
             // Leave the thread detached; `Drop` has nothing more to do.
             self.thread.take();
             return Err(BuiltinError::StopTimeout(STOP_TIMEOUT));
         };
-        if let Some(t) = self.thread.take() {
-            if let Err(e) = join_thread(t, JOIN_TIMEOUT).await {
-                tracing::warn!(error = %e, "VMM thread");
-            }
+        if let Err(e) = self.join().await {
+            tracing::warn!(error = %e, "VMM thread");
         }
         Ok((method, exit))
+    }
+
+    /// Joins the VMM thread (which has ended or is ending) on the blocking pool, bounded by
+    /// [`JOIN_TIMEOUT`]; past it the thread is left detached.
+    async fn join(&mut self) -> Result<(), BuiltinError> {
+        let Some(t) = self.thread.take() else {
+            return Ok(());
+        };
+        match tokio::task::spawn_blocking(move || join_with_deadline(t, JOIN_TIMEOUT)).await {
+            Ok(r) => Ok(r?),
+            // The blocking task itself was lost (runtime shutting down): the thread is detached.
+            Err(_) => Err(JoinError::Timeout(JOIN_TIMEOUT).into()),
+        }
     }
 }
 
@@ -393,32 +393,12 @@ impl Drop for BuiltinVm {
     }
 }
 
-/// Waits up to `timeout` for the exit; a closed channel counts as an exit.
-async fn wait_exit(rx: &mut watch::Receiver<Option<VmExit>>, timeout: Duration) -> Option<VmExit> {
-    match tokio::time::timeout(timeout, rx.wait_for(|v| v.is_some())).await {
-        Ok(Ok(v)) => v.clone(),
-        Ok(Err(_)) => Some(VmExit::WaitFailed("the VMM thread ended without reporting".into())),
-        Err(_) => None,
-    }
-}
-
-/// Joins a thread that is about to end, without blocking the async runtime for long: polls
-/// `is_finished` up to `timeout`, then joins (instant once finished).
-async fn join_thread(t: JoinHandle<()>, timeout: Duration) -> Result<(), BuiltinError> {
-    let deadline = Instant::now() + timeout;
-    while !t.is_finished() {
-        if Instant::now() >= deadline {
-            return Err(BuiltinError::JoinTimeout(timeout));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    t.join().map_err(|_| BuiltinError::ThreadPanicked)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hypervisor::tests::rt;
     use crate::hypervisor::Accelerator;
+    use crate::sharefs::ShareFsDevice;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -429,6 +409,18 @@ mod tests {
         stops: Arc<AtomicUsize>,
         stop_fails: bool,
         counters: VmCounterSources,
+    }
+
+    impl FakeVm {
+        fn new(event: Option<(usize, VmEvent)>, stops: Arc<AtomicUsize>) -> FakeVm {
+            FakeVm {
+                polls: AtomicUsize::new(0),
+                event,
+                stops,
+                stop_fails: false,
+                counters: VmCounterSources::default(),
+            }
+        }
     }
 
     impl BridgedVm for FakeVm {
@@ -457,29 +449,16 @@ mod tests {
         }
     }
 
-    fn fake(event: Option<(usize, VmEvent)>) -> (impl FnOnce() -> Result<FakeVm, BuiltinError> + Send, Arc<AtomicUsize>) {
+    fn fake(
+        event: Option<(usize, VmEvent)>,
+    ) -> (impl FnOnce() -> Result<FakeVm, BuiltinError> + Send, Arc<AtomicUsize>) {
         let stops = Arc::new(AtomicUsize::new(0));
         let s = stops.clone();
-        (
-            move || {
-                Ok(FakeVm {
-                    polls: AtomicUsize::new(0),
-                    event,
-                    stops: s,
-                    stop_fails: false,
-                    counters: VmCounterSources::default(),
-                })
-            },
-            stops,
-        )
+        (move || Ok(FakeVm::new(event, s)), stops)
     }
 
     fn paths() -> BuiltinPaths {
         BuiltinPaths::new(Path::new("/run/joey/t"))
-    }
-
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
     }
 
     #[test]
@@ -489,7 +468,9 @@ mod tests {
             let mut vm = BuiltinVm::start_with(paths(), f, Duration::from_secs(5)).await.unwrap();
             let mut events = vm.take_events().unwrap();
             assert!(vm.take_events().is_none());
-            let ev = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap();
+            let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+                .await
+                .unwrap();
             assert_eq!(ev, Some(VmEvent::Reset));
             let mut exit = vm.exit_watch();
             let x = tokio::time::timeout(Duration::from_secs(5), exit.wait_for(|v| v.is_some()))
@@ -526,6 +507,7 @@ mod tests {
             let vcpus = Arc::new(joey_vmm_core::vstate::metrics::VcpuMetrics::default());
             let counters = VmCounterSources {
                 vsock: Some(vsock.clone()),
+                fs: None,
                 blk: Vec::new(),
                 vcpus: Some(vcpus.clone()),
             };
@@ -533,11 +515,8 @@ mod tests {
                 paths(),
                 move || -> Result<FakeVm, BuiltinError> {
                     Ok(FakeVm {
-                        polls: AtomicUsize::new(0),
-                        event: None,
-                        stops: Arc::new(AtomicUsize::new(0)),
-                        stop_fails: false,
                         counters,
+                        ..FakeVm::new(None, Arc::new(AtomicUsize::new(0)))
                     })
                 },
                 Duration::from_secs(5),
@@ -549,7 +528,10 @@ mod tests {
             assert!(Arc::ptr_eq(got.vcpus.as_ref().unwrap(), &vcpus));
             // Bumped by the device after the start: visible through the same Arc.
             vsock.tx_bytes.fetch_add(7, Ordering::Relaxed);
-            assert_eq!(vm.counter_sources().read(None).devices[0].bytes, vec![("to_guest", 0), ("from_guest", 7)]);
+            assert_eq!(
+                vm.counter_sources().read().devices[0].bytes,
+                vec![("to_guest", 0), ("from_guest", 7)]
+            );
             vm.stop(Duration::ZERO).await.unwrap();
         });
     }
@@ -593,13 +575,7 @@ mod tests {
                 paths(),
                 move || {
                     std::thread::sleep(Duration::from_millis(200));
-                    Ok(FakeVm {
-                        polls: AtomicUsize::new(0),
-                        event: None,
-                        stops: s,
-                        stop_fails: false,
-                        counters: VmCounterSources::default(),
-                    })
+                    Ok(FakeVm::new(None, s))
                 },
                 Duration::from_millis(20),
             )
@@ -629,17 +605,20 @@ mod tests {
     #[test]
     fn stop_failure_is_in_the_exit() {
         let mut vm = FakeVm {
-            polls: AtomicUsize::new(0),
-            event: Some((0, VmEvent::TripleFault { vcpu: 0 })),
-            stops: Arc::new(AtomicUsize::new(0)),
             stop_fails: true,
-            counters: VmCounterSources::default(),
+            ..FakeVm::new(
+                Some((0, VmEvent::TripleFault { vcpu: 0 })),
+                Arc::new(AtomicUsize::new(0)),
+            )
         };
         let (_ctl_tx, ctl_rx) = crossbeam_channel::bounded(1);
         let (ev_tx, _ev_rx) = mpsc::channel(1);
         let x = bridge_events(&mut vm, &ctl_rx, &ev_tx);
         match x {
-            VmExit::VmmFailed(m) => assert!(m.contains("vCPU 0 triple fault") && m.contains("fake stop failure"), "{m}"),
+            VmExit::VmmFailed(m) => assert!(
+                m.contains("vCPU 0 triple fault") && m.contains("fake stop failure"),
+                "{m}"
+            ),
             other => panic!("{other:?}"),
         }
     }
@@ -654,9 +633,11 @@ mod tests {
             kernel: PathBuf::from("/k/vmlinux"),
             initrd: PathBuf::from("/k/initrd.img"),
             kernel_params: " foo=1 ".into(),
+            agent_port: 1024,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             accel: Accelerator::Kvm,
             guest_cid: 3,
+            share_fs: None,
         };
         let c = vm_config(&spec, &BuiltinPaths::new(&spec.state_dir)).unwrap();
         assert_eq!(c.vcpus, 2);
@@ -664,18 +645,56 @@ mod tests {
         assert_eq!(c.initrd.as_deref(), Some(Path::new("/k/initrd.img")));
         assert_eq!(c.serial_log, Path::new("/run/joey/t/console.log"));
         let v = c.vsock.unwrap();
-        assert_eq!((v.guest_cid, v.uds_path.as_path()), (3, Path::new("/run/joey/t/vsock.sock")));
-        assert_eq!(c.cmdline, "console=ttyS0 reboot=k panic=-1 quiet foo=1");
+        assert_eq!(
+            (v.guest_cid, v.uds_path.as_path()),
+            (3, Path::new("/run/joey/t/vsock.sock"))
+        );
+        assert_eq!(
+            c.cmdline,
+            "console=ttyS0 reboot=k panic=-1 quiet foo=1 joey.agent_port=1024"
+        );
         assert_eq!(c.virtio_fs, None);
-        let mut with_shared = BuiltinPaths::new(&spec.state_dir);
-        with_shared.shared_dir = Some(PathBuf::from("/run/joey/t/shared"));
-        let fs = vm_config(&spec, &with_shared).unwrap().virtio_fs.unwrap();
+        let mut device = ShareFsDevice {
+            shared_dir: PathBuf::from("/run/joey/t/shared"),
+            tag: "joeyfs",
+            transport: ShareFsTransport::InProcess,
+        };
+        let with_fs = VmSpec {
+            share_fs: Some(device.clone()),
+            ..spec.clone()
+        };
+        let fs = vm_config(&with_fs, &paths()).unwrap().virtio_fs.unwrap();
         assert_eq!(
             fs,
-            VirtioFsConfig { shared_dir: PathBuf::from("/run/joey/t/shared"), tag: "joeyfs".into(), read_only: false }
+            VirtioFsConfig {
+                shared_dir: PathBuf::from("/run/joey/t/shared"),
+                tag: "joeyfs".into(),
+                read_only: false
+            }
         );
+        // The built-in VMM has no vhost-user frontend.
+        device.transport = ShareFsTransport::VhostUser {
+            socket: PathBuf::from("/run/joey/t/vhost-fs.sock"),
+            metrics: Arc::new(joey_vmm_core::devices::fs::FsMetrics::default()),
+        };
         assert!(matches!(
-            vm_config(&VmSpec { vcpus: 33, ..spec.clone() }, &paths()),
+            vm_config(
+                &VmSpec {
+                    share_fs: Some(device),
+                    ..spec.clone()
+                },
+                &paths()
+            ),
+            Err(BuiltinError::InvalidSpec(_))
+        ));
+        assert!(matches!(
+            vm_config(
+                &VmSpec {
+                    vcpus: 33,
+                    ..spec.clone()
+                },
+                &paths()
+            ),
             Err(BuiltinError::InvalidSpec(_))
         ));
         assert!(matches!(

@@ -2,12 +2,12 @@
 //!
 //! The counters themselves live in `joey-vmm-core` (structs of atomics shared by `Arc`, bumped
 //! by the device and vCPU threads); here they are only collected: the backends hand their
-//! `Arc`s to the Hypervisor actor ([`VmCounterSources`], answered by [`GetVmCounters`]), and the
-//! virtio-fs device of the QEMU backend, which the ShareFs actor owns, is registered per
-//! sandbox state directory with [`register_fs`]. Reading never blocks on a device thread.
+//! `Arc`s to the Hypervisor actor ([`VmCounterSources`], answered by [`GetVmCounters`]). The
+//! virtio-fs counters come from the device the VM was given: the ShareFs actor's vhost-user
+//! device (its metrics travel in [`super::VmSpec::share_fs`]) for QEMU, the in-process device
+//! the built-in VMM built from that spec. Reading never blocks on a device thread.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use joey_observability::{DeviceCounters, HypervisorCounters};
@@ -22,14 +22,16 @@ use super::HypervisorActor;
 #[derive(Debug, Clone, Default)]
 pub struct VmCounterSources {
     pub vsock: Option<Arc<VsockMetrics>>,
+    /// The virtio-fs device (the ShareFs actor's vhost-user device, or the built-in VMM's).
+    pub fs: Option<Arc<FsMetrics>>,
     pub blk: Vec<Arc<BlockMetrics>>,
     /// vCPU exits (built-in VMM only).
     pub vcpus: Option<Arc<VcpuMetrics>>,
 }
 
 impl VmCounterSources {
-    /// Reads every counter, plus those of the virtio-fs device `fs` when there is one.
-    pub fn read(&self, fs: Option<&FsMetrics>) -> HypervisorCounters {
+    /// Reads every counter.
+    pub fn read(&self) -> HypervisorCounters {
         let mut devices = Vec::new();
         if let Some(v) = &self.vsock {
             let s = v.snapshot();
@@ -40,7 +42,7 @@ impl VmCounterSources {
                 errors: s.malformed_chains,
             });
         }
-        if let Some(f) = fs {
+        if let Some(f) = &self.fs {
             let s = f.snapshot();
             devices.push(DeviceCounters {
                 device: "fs",
@@ -89,30 +91,6 @@ impl Handler<GetVmCounters> for HypervisorActor {
     }
 }
 
-/// virtio-fs devices by sandbox state directory (weak: a device that is gone is not kept).
-static FS_DEVICES: Mutex<Vec<(PathBuf, Weak<FsMetrics>)>> = Mutex::new(Vec::new());
-
-fn fs_devices() -> std::sync::MutexGuard<'static, Vec<(PathBuf, Weak<FsMetrics>)>> {
-    FS_DEVICES.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Registers the counters of the virtio-fs device of the sandbox whose state directory is
-/// `state_dir` (the ShareFs actor calls it when it starts the device:
-/// `register_fs(&state_dir, handle.metrics())`). Replaces an earlier registration of the same
-/// directory; the entry goes away with the device.
-pub fn register_fs(state_dir: &Path, metrics: &Arc<FsMetrics>) {
-    let mut d = fs_devices();
-    d.retain(|(p, w)| p != state_dir && w.strong_count() > 0);
-    d.push((state_dir.to_path_buf(), Arc::downgrade(metrics)));
-}
-
-/// The counters of the sandbox's virtio-fs device, while it exists.
-pub fn fs_metrics(state_dir: &Path) -> Option<Arc<FsMetrics>> {
-    let mut d = fs_devices();
-    d.retain(|(_, w)| w.strong_count() > 0);
-    d.iter().find(|(p, _)| p == state_dir).and_then(|(_, w)| w.upgrade())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,15 +107,16 @@ mod tests {
         b2.read_bytes.fetch_add(1024, Ordering::Relaxed);
         b2.invalid_chains.fetch_add(1, Ordering::Relaxed);
         b1.io_errors.fetch_add(1, Ordering::Relaxed);
-        let fs = FsMetrics::default();
+        let fs = Arc::new(FsMetrics::default());
         fs.bytes_to_guest.fetch_add(4096, Ordering::Relaxed);
         fs.failed_requests.fetch_add(2, Ordering::Relaxed);
         let src = VmCounterSources {
             vsock: Some(vsock),
+            fs: Some(fs),
             blk: vec![b1, b2],
             vcpus: Some(Arc::new(VcpuMetrics::default())),
         };
-        let c = src.read(Some(&fs));
+        let c = src.read();
         let names: Vec<_> = c.devices.iter().map(|d| d.device).collect();
         assert_eq!(names, ["vsock", "fs", "blk"]);
         assert_eq!(c.devices[0].bytes, vec![("to_guest", 100), ("from_guest", 0)]);
@@ -150,22 +129,6 @@ mod tests {
         assert_eq!(c.vcpu_exits.len(), 10);
         assert!(c.vcpu_exits.iter().all(|(_, n)| *n == 0));
         // No devices, no vCPUs (QEMU before its vsock started): nothing.
-        assert_eq!(VmCounterSources::default().read(None), HypervisorCounters::default());
-    }
-
-    #[test]
-    fn fs_registry_is_per_state_dir_and_weak() {
-        let dir = std::env::temp_dir().join(format!("joey-counters-test-{}", std::process::id()));
-        assert!(fs_metrics(&dir).is_none());
-        let m = Arc::new(FsMetrics::default());
-        register_fs(&dir, &m);
-        assert!(Arc::ptr_eq(&fs_metrics(&dir).unwrap(), &m));
-        assert!(fs_metrics(&dir.join("other")).is_none());
-        let m2 = Arc::new(FsMetrics::default());
-        register_fs(&dir, &m2);
-        assert!(Arc::ptr_eq(&fs_metrics(&dir).unwrap(), &m2));
-        drop(m2);
-        assert!(fs_metrics(&dir).is_none());
-        drop(m);
+        assert_eq!(VmCounterSources::default().read(), HypervisorCounters::default());
     }
 }

@@ -7,21 +7,28 @@
 //!   VMM thread that bridges the VM's events to the async world ([`builtin::BuiltinVm`]).
 //!
 //! [`select_backend`] decides which one runs (and why), [`host`] says what the host's KVM can
-//! do. Device and VMM threads only talk to async code through channels with timeouts.
+//! do, [`cmdline`] builds the guest kernel command line for both. The spec carries the ShareFs
+//! actor's device ([`VmSpec::share_fs`]): each backend attaches it from there, and
+//! [`counters::GetVmCounters`] answers its counters with the VM's. Device and VMM threads only
+//! talk to async code through channels with timeouts; starting QEMU (binding sockets, spawning
+//! the device thread and the process) runs on the blocking pool.
 
 pub mod builtin;
+pub mod cmdline;
 pub mod counters;
 pub mod host;
 pub mod qemu;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::watch;
 
-use crate::lifecycle::{InvalidTransition, VmState};
+use crate::lifecycle::{InvalidTransition, StateMachine as _, VmState};
+use crate::resource::BoxFuture;
+use crate::sharefs::ShareFsDevice;
 
 /// Accelerator used for guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,10 +117,15 @@ pub struct VmSpec {
     /// The kernel the backend boots (`bzImage` for QEMU, ELF `vmlinux` for the built-in VMM).
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// `hypervisor.kernel_params` (appended to joey's own, see [`cmdline`]).
     pub kernel_params: String,
+    /// `agent.vsock_port`: told to the guest agent on the kernel command line.
+    pub agent_port: u32,
     pub qemu_binary: PathBuf,
     pub accel: Accelerator,
     pub guest_cid: u64,
+    /// The ShareFs actor's virtio-fs device (`None`: no shared directory).
+    pub share_fs: Option<ShareFsDevice>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +149,8 @@ pub enum HypervisorError {
     Builtin(#[from] builtin::BuiltinError),
     #[error("no VM is running")]
     NotRunning,
+    #[error("starting the VM: blocking task failed: {0}")]
+    Task(String),
     #[error(transparent)]
     State(#[from] InvalidTransition),
 }
@@ -233,6 +247,72 @@ pub struct StopReport {
     pub exit: VmExit,
 }
 
+/// Waits up to `timeout` for the VM's exit (`None`: still running). A closed watch (its sender,
+/// the exit watcher, is gone without a report) counts as an exit.
+pub(crate) async fn wait_exit(rx: &mut watch::Receiver<Option<VmExit>>, timeout: Duration) -> Option<VmExit> {
+    match tokio::time::timeout(timeout, rx.wait_for(|v| v.is_some())).await {
+        Ok(Ok(v)) => v.clone(),
+        Ok(Err(_)) => Some(VmExit::WaitFailed("the exit watcher ended without reporting".into())),
+        Err(_) => None,
+    }
+}
+
+/// One escalation step of a stop: its action (run only while the VM still runs) and how long
+/// to wait for the exit after it.
+pub(crate) struct StopStep<'a> {
+    pub method: StopMethod,
+    pub action: BoxFuture<'a, ()>,
+    pub wait: Duration,
+}
+
+/// Stops a VM in steps: waits up to `grace` for the guest to end it, then runs the steps in
+/// turn until the exit shows. Returns the method that ended it (`GuestExit` when the guest did;
+/// else the last step tried) and the exit (`None`: still running after every step).
+pub(crate) async fn stop_in_steps(
+    mut rx: watch::Receiver<Option<VmExit>>,
+    grace: Duration,
+    steps: Vec<StopStep<'_>>,
+) -> (StopMethod, Option<VmExit>) {
+    let mut method = StopMethod::GuestExit;
+    let mut exit = wait_exit(&mut rx, grace).await;
+    for step in steps {
+        if exit.is_some() {
+            break;
+        }
+        method = step.method;
+        step.action.await;
+        exit = wait_exit(&mut rx, step.wait).await;
+    }
+    (method, exit)
+}
+
+/// Most bytes [`tail`] reads: the guest writes the console log, so it is never read whole.
+pub const TAIL_MAX_BYTES: u64 = 16 * 1024;
+
+/// The last `n` lines of a log file (for error messages), from at most its last
+/// [`TAIL_MAX_BYTES`] (a line cut by that window is left out). Blocking: async callers run it
+/// on `spawn_blocking`.
+pub fn tail(path: &Path, n: usize) -> String {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let start = f
+        .metadata()
+        .map(|m| m.len().saturating_sub(TAIL_MAX_BYTES))
+        .unwrap_or(0);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.take(TAIL_MAX_BYTES).read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0);
+    }
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The running VM, on whichever backend.
 enum Vm {
     Qemu(qemu::QemuVm),
@@ -262,19 +342,6 @@ impl HypervisorActor {
         }
     }
 
-    fn check_can_start(&self) -> Result<(), HypervisorError> {
-        if self.state.can_transition(VmState::Running) {
-            Ok(())
-        } else {
-            Err(InvalidTransition {
-                what: "vm",
-                from: self.state.to_string(),
-                to: VmState::Running.to_string(),
-            }
-            .into())
-        }
-    }
-
     /// The running VM's counters (none once it is being stopped).
     fn counter_sources(&self) -> Option<counters::VmCounterSources> {
         match self.vm.as_ref()? {
@@ -283,8 +350,7 @@ impl HypervisorActor {
         }
     }
 
-    fn start_qemu(&mut self, spec: &VmSpec) -> Result<VmStarted, HypervisorError> {
-        let vm = qemu::QemuVm::start(spec)?;
+    fn adopt_qemu(&mut self, vm: qemu::QemuVm) -> Result<VmStarted, HypervisorError> {
         self.state.transition(VmState::Running)?;
         let started = VmStarted {
             pid: vm.pid,
@@ -297,7 +363,11 @@ impl HypervisorActor {
         Ok(started)
     }
 
-    fn adopt_builtin(&mut self, mut vm: builtin::BuiltinVm, ctx: &mut Context<Self>) -> Result<VmStarted, HypervisorError> {
+    fn adopt_builtin(
+        &mut self,
+        mut vm: builtin::BuiltinVm,
+        ctx: &mut Context<Self>,
+    ) -> Result<VmStarted, HypervisorError> {
         self.state.transition(VmState::Running)?;
         if let Some(mut events) = vm.take_events() {
             // The VMM thread's events, drained on the actor's context (never blocking).
@@ -336,14 +406,15 @@ impl Handler<StartVm> for HypervisorActor {
     type Result = AtomicResponse<Self, Result<VmStarted, HypervisorError>>;
 
     fn handle(&mut self, msg: StartVm, _ctx: &mut Context<Self>) -> Self::Result {
-        if let Err(e) = self.check_can_start() {
-            return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
+        if let Err(e) = self.state.check(VmState::Running) {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(e.into()))));
         }
         let StartVm { spec, backend } = msg;
         match backend {
             BackendKind::Qemu => {
-                let r = self.start_qemu(&spec);
-                AtomicResponse::new(Box::pin(fut::ready(r)))
+                // Binding sockets, spawning the device thread and QEMU: on the blocking pool.
+                let fut = async move { qemu::QemuVm::start(spec).await };
+                AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, act, _| act.adopt_qemu(res?))))
             }
             BackendKind::Builtin => {
                 // Creating the VM (kernel load, memory, vCPUs) happens on the VMM thread; the
@@ -385,9 +456,17 @@ impl Handler<StopVm> for HypervisorActor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use host::KvmFlavor;
+
+    /// A current-thread runtime for the backends' tests.
+    pub(crate) fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
 
     fn cfg_with_files(kind: joey_config::HypervisorKind) -> (tempfile::TempDir, joey_config::Config) {
         let d = tempfile::tempdir().unwrap();
@@ -426,7 +505,10 @@ mod tests {
         let e = select_backend(&c, "<t>", &KvmFlavor::Pvm).unwrap_err();
         assert!(e.is_bad_input(), "{e:?}");
         let msg = e.to_string();
-        assert!(msg.contains(&host::linux_guest_blocker(&KvmFlavor::Pvm).unwrap()), "{msg}");
+        assert!(
+            msg.contains(&host::linux_guest_blocker(&KvmFlavor::Pvm).unwrap()),
+            "{msg}"
+        );
         assert!(!msg.contains('\n'));
     }
 
@@ -440,12 +522,18 @@ mod tests {
         select_backend(&c, "<t>", &HW()).unwrap();
         c.hypervisor.builtin.kernel = PathBuf::from("/nonexistent/vmlinux");
         let e = select_backend(&c, "<t>", &HW()).unwrap_err();
-        assert!(e.is_bad_input() && e.to_string().contains("hypervisor.builtin.kernel"), "{e}");
+        assert!(
+            e.is_bad_input() && e.to_string().contains("hypervisor.builtin.kernel"),
+            "{e}"
+        );
         // And QEMU needs its binary.
         let (_d2, mut c) = cfg_with_files(HypervisorKind::Qemu);
         c.hypervisor.qemu.binary = PathBuf::from("/nonexistent/qemu");
         let e = select_backend(&c, "<t>", &HW()).unwrap_err();
-        assert!(matches!(e, HypervisorError::QemuNotFound(_)) && e.is_bad_input(), "{e:?}");
+        assert!(
+            matches!(e, HypervisorError::QemuNotFound(_)) && e.is_bad_input(),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -457,10 +545,29 @@ mod tests {
     }
 
     #[test]
+    fn tail_reads_only_the_end() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        assert_eq!(tail(&p, 5), "");
+        std::fs::write(&p, "a\nb\nc\n").unwrap();
+        assert_eq!(tail(&p, 2), "b\nc");
+        assert_eq!(tail(&p, 10), "a\nb\nc");
+        // A guest that floods its console: only the last window is read, its cut first line
+        // left out.
+        let mut big = "x".repeat(3 * TAIL_MAX_BYTES as usize);
+        big.push_str("\nlast-but-one\nlast\n");
+        std::fs::write(&p, &big).unwrap();
+        assert_eq!(tail(&p, 5), "last-but-one\nlast");
+    }
+
+    #[test]
     fn displays() {
         assert_eq!(BackendKind::Builtin.to_string(), "builtin");
         assert_eq!(BackendKind::Qemu.to_string(), "qemu");
-        assert_eq!(VmExit::GuestStopped("guest reset".into()).to_string(), "stopped (guest reset)");
+        assert_eq!(
+            VmExit::GuestStopped("guest reset".into()).to_string(),
+            "stopped (guest reset)"
+        );
         assert_eq!(VmExit::ForceStopped.to_string(), "was stopped by the runtime");
     }
 }

@@ -6,12 +6,15 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use joey_vmm_core::devices::fs::FsMetrics;
 use joey_vmm_core::devices::vsock::{VhostUserVsockHandle, VhostUserVsockServer, VsockConfig, VsockMetrics};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
-use super::{Accelerator, HypervisorError, VmExit, VmSpec};
+use super::cmdline::{self, Reboot};
+use super::{stop_in_steps, Accelerator, HypervisorError, StopStep, VmExit, VmSpec};
+use crate::sharefs::ShareFsTransport;
 
 /// Files of one VM inside its sandbox state directory.
 #[derive(Debug, Clone)]
@@ -21,8 +24,6 @@ pub struct VmPaths {
     pub qmp_sock: PathBuf,
     pub vhost_vsock_sock: PathBuf,
     pub vsock_uds: PathBuf,
-    /// vhost-user socket of the ShareFs actor's virtio-fs device, when it has bound one.
-    pub vhost_fs_sock: Option<PathBuf>,
 }
 
 impl VmPaths {
@@ -33,7 +34,6 @@ impl VmPaths {
             qmp_sock: state_dir.join("qmp.sock"),
             vhost_vsock_sock: state_dir.join("vhost-vsock.sock"),
             vsock_uds: state_dir.join("vsock.sock"),
-            vhost_fs_sock: None,
         }
     }
 }
@@ -66,13 +66,10 @@ pub fn resolve_binary(bin: &Path) -> Result<PathBuf, HypervisorError> {
     Err(HypervisorError::QemuNotFound(bin.display().to_string()))
 }
 
-/// Builds QEMU's argument list (without the binary).
-pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
-    let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 quiet");
-    if !spec.kernel_params.trim().is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(spec.kernel_params.trim());
-    }
+/// Builds QEMU's argument list (without the binary). `reboot=t`: a guest reboot is a triple
+/// fault, which makes QEMU (`-no-reboot`) exit.
+pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Result<Vec<String>, HypervisorError> {
+    let cmdline = cmdline::for_spec(spec, Reboot::TripleFault);
     let (accel, cpu) = match spec.accel {
         Accelerator::Kvm => ("kvm", "host"),
         Accelerator::Tcg => ("tcg", "max"),
@@ -82,7 +79,10 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
     // rtc=on: without a CMOS RTC the guest kernel stalls ~1 s at boot trying to read the time
     // ("Unable to read current time from RTC"); measured 2.2 s -> 1.2 s per boot under TCG.
     push(&["-M", "microvm,isa-serial=on,rtc=on,acpi=off,memory-backend=mem"]);
-    push(&["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)]);
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib),
+    ]);
     push(&["-global", "virtio-mmio.force-legacy=false"]);
     push(&["-accel", accel, "-cpu", cpu]);
     push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
@@ -91,16 +91,24 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
     push(&["-kernel", &spec.kernel.display().to_string()]);
     push(&["-initrd", &spec.initrd.display().to_string()]);
     push(&["-append", &cmdline]);
-    push(&["-chardev", &format!("socket,id=vsock0,path={}", paths.vhost_vsock_sock.display())]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=vsock0,path={}", paths.vhost_vsock_sock.display()),
+    ]);
     push(&["-device", "vhost-user-vsock-device,chardev=vsock0"]);
-    if let Some(fs) = &paths.vhost_fs_sock {
+    if let Some(fs) = &spec.share_fs {
         // virtio-fs served by the ShareFs actor (needs the shared memfd memory backend above).
-        push(&["-chardev", &format!("socket,id=fs0,path={}", fs.display())]);
-        push(&["-device", &format!("vhost-user-fs-device,chardev=fs0,tag={}", joey_agent_protocol::SHARED_FS_TAG)]);
+        let ShareFsTransport::VhostUser { socket, .. } = &fs.transport else {
+            return Err(HypervisorError::Device(
+                "QEMU attaches virtio-fs over vhost-user only; the spec's device is in-process".into(),
+            ));
+        };
+        push(&["-chardev", &format!("socket,id=fs0,path={}", socket.display())]);
+        push(&["-device", &format!("vhost-user-fs-device,chardev=fs0,tag={}", fs.tag)]);
     }
     push(&["-device", "virtio-rng-device"]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.qmp_sock.display())]);
-    a
+    Ok(a)
 }
 
 /// A running QEMU microVM.
@@ -112,6 +120,8 @@ pub struct QemuVm {
     vsock: Arc<Mutex<Option<VhostUserVsockHandle>>>,
     /// The vsock device's counters (they outlive the device thread).
     vsock_metrics: Arc<VsockMetrics>,
+    /// The counters of the ShareFs actor's vhost-user virtio-fs device (from the spec).
+    fs_metrics: Option<Arc<FsMetrics>>,
     pub started_at: Instant,
 }
 
@@ -143,7 +153,10 @@ fn spawn_device_watchdog(
             }
             // A guest that powers off makes QEMU drop the vhost-user connection (which ends the
             // device thread) a moment before QEMU itself exits: give it that moment.
-            if tokio::time::timeout(DEVICE_EXIT_GRACE, exit.wait_for(|v| v.is_some())).await.is_ok() {
+            if tokio::time::timeout(DEVICE_EXIT_GRACE, exit.wait_for(|v| v.is_some()))
+                .await
+                .is_ok()
+            {
                 return;
             }
             if exit.borrow().is_none() {
@@ -159,15 +172,24 @@ fn spawn_device_watchdog(
 }
 
 impl QemuVm {
-    /// Starts the vsock device thread, then QEMU.
-    pub fn start(spec: &VmSpec) -> Result<QemuVm, HypervisorError> {
+    /// Starts the vsock device thread, then QEMU, on the blocking pool (binding sockets,
+    /// creating the log, spawning the thread and the process all block).
+    pub async fn start(spec: VmSpec) -> Result<QemuVm, HypervisorError> {
+        tokio::task::spawn_blocking(move || Self::launch(&spec))
+            .await
+            .map_err(|e| HypervisorError::Task(e.to_string()))?
+    }
+
+    /// Blocking part of [`QemuVm::start`] (runs inside the runtime's context: the exit watcher
+    /// and the device watchdog are tokio tasks).
+    fn launch(spec: &VmSpec) -> Result<QemuVm, HypervisorError> {
         let binary = resolve_binary(&spec.qemu_binary)?;
-        let mut paths = VmPaths::new(&spec.state_dir);
-        // The ShareFs actor binds its device socket in the state dir before StartVm.
-        let fs_sock = spec.state_dir.join(crate::sharefs::VHOST_FS_SOCK);
-        if fs_sock.exists() {
-            paths.vhost_fs_sock = Some(fs_sock);
-        }
+        let paths = VmPaths::new(&spec.state_dir);
+        let args = qemu_args(spec, &paths)?;
+        let fs_metrics = spec.share_fs.as_ref().and_then(|fs| match &fs.transport {
+            ShareFsTransport::VhostUser { metrics, .. } => Some(metrics.clone()),
+            ShareFsTransport::InProcess => None,
+        });
         let server = VhostUserVsockServer::bind(
             &paths.vhost_vsock_sock,
             VsockConfig {
@@ -176,9 +198,7 @@ impl QemuVm {
             },
         )
         .map_err(|e| HypervisorError::Device(e.to_string()))?;
-        let vsock = server
-            .spawn()
-            .map_err(|e| HypervisorError::Device(e.to_string()))?;
+        let vsock = server.spawn().map_err(|e| HypervisorError::Device(e.to_string()))?;
         let vsock_metrics = vsock.metrics().clone();
 
         let log = std::fs::File::create(&paths.qemu_log).map_err(|e| HypervisorError::Io {
@@ -190,7 +210,7 @@ impl QemuVm {
             source: e,
         })?;
         let mut cmd = std::process::Command::new(&binary);
-        cmd.args(qemu_args(spec, &paths))
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
@@ -212,8 +232,7 @@ impl QemuVm {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                // Dropping the handle stops the device thread and removes its sockets (no join:
-                // this runs on the actor's thread).
+                // Dropping the handle stops the device thread and removes its sockets (no join).
                 drop(vsock);
                 return Err(HypervisorError::Spawn {
                     binary: binary.display().to_string(),
@@ -240,15 +259,17 @@ impl QemuVm {
             exit_rx,
             vsock,
             vsock_metrics,
+            fs_metrics,
             started_at,
         })
     }
 
-    /// The counters of the devices this backend serves in-process (vsock; virtio-fs is the
-    /// ShareFs actor's, see [`super::counters::register_fs`]). QEMU has no vCPU exit counters.
+    /// The counters of the devices this backend serves in-process (vsock) and of the ShareFs
+    /// actor's virtio-fs device it was given in the spec. QEMU has no vCPU exit counters.
     pub fn counter_sources(&self) -> super::counters::VmCounterSources {
         super::counters::VmCounterSources {
             vsock: Some(self.vsock_metrics.clone()),
+            fs: self.fs_metrics.clone(),
             blk: Vec::new(),
             vcpus: None,
         }
@@ -259,37 +280,32 @@ impl QemuVm {
         self.exit_rx.clone()
     }
 
-    async fn wait_exit(rx: &mut watch::Receiver<Option<VmExit>>, timeout: Duration) -> Option<VmExit> {
-        let fut = rx.wait_for(|v| v.is_some());
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(v)) => v.clone(),
-            _ => None,
-        }
-    }
-
     /// Stops the VM: waits up to `grace` for the guest to exit by itself (after the agent's
     /// DestroySandbox), then QMP `quit`, then SIGKILL. Stops and joins the device thread.
     pub async fn stop(mut self, grace: Duration) -> Result<(StopMethod, VmExit), HypervisorError> {
-        let mut rx = self.exit_rx.clone();
-        let mut method = StopMethod::GuestExit;
-        let mut exit = Self::wait_exit(&mut rx, grace).await;
-        if exit.is_none() {
-            method = StopMethod::QmpQuit;
-            if let Err(e) = qmp_quit(&self.paths.qmp_sock, Duration::from_secs(2)).await {
-                tracing::warn!(error = %e, "QMP quit failed");
-            }
-            exit = Self::wait_exit(&mut rx, Duration::from_secs(3)).await;
-        }
-        if exit.is_none() {
-            method = StopMethod::Kill;
-            tracing::warn!(pid = self.pid, "qemu did not quit; sending SIGKILL");
-            // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet
-            // (the watcher task has not reported its exit).
-            unsafe {
-                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
-            }
-            exit = Self::wait_exit(&mut rx, Duration::from_secs(5)).await;
-        }
+        let (pid, qmp) = (self.pid, self.paths.qmp_sock.clone());
+        let quit = StopStep {
+            method: StopMethod::QmpQuit,
+            action: Box::pin(async move {
+                if let Err(e) = qmp_quit(&qmp, Duration::from_secs(2)).await {
+                    tracing::warn!(error = %e, "QMP quit failed");
+                }
+            }),
+            wait: Duration::from_secs(3),
+        };
+        let kill = StopStep {
+            method: StopMethod::Kill,
+            action: Box::pin(async move {
+                tracing::warn!(pid, "qemu did not quit; sending SIGKILL");
+                // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet
+                // (the watcher task has not reported its exit).
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+            }),
+            wait: Duration::from_secs(5),
+        };
+        let (method, exit) = stop_in_steps(self.exit_rx.clone(), grace, vec![quit, kill]).await;
         // Joining the device thread blocks (bounded by its timeout): keep it off the async runtime.
         let vsock = self.take_vsock();
         let _ = tokio::task::spawn_blocking(move || Self::stop_vsock(vsock)).await;
@@ -314,14 +330,11 @@ impl QemuVm {
             Err(poisoned) => poisoned.into_inner().take(),
         }
     }
-
-    fn stop_devices(&mut self) {
-        let v = self.take_vsock();
-        Self::stop_vsock(v);
-    }
 }
 
 impl Drop for QemuVm {
+    /// Only signals (never joins or waits): SIGKILL to a QEMU still running, stop to the device
+    /// thread (dropping its handle removes its sockets). [`QemuVm::stop`] is the orderly way.
     fn drop(&mut self) {
         if self.exit_rx.borrow().is_none() {
             // SAFETY: kill(2) on our own, not yet reaped child.
@@ -329,7 +342,9 @@ impl Drop for QemuVm {
                 libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
             }
         }
-        self.stop_devices();
+        if let Some(v) = self.take_vsock() {
+            v.stop();
+        }
     }
 }
 
@@ -354,13 +369,6 @@ pub async fn qmp_quit(sock: &Path, timeout: Duration) -> Result<(), HypervisorEr
     }
 }
 
-/// Last `n` lines of a log file (for error messages).
-pub fn tail(path: &Path, n: usize) -> String {
-    let s = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 impl VmExit {
     fn from_status(s: ExitStatus) -> VmExit {
         use std::os::unix::process::ExitStatusExt as _;
@@ -375,6 +383,8 @@ impl VmExit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hypervisor::tests::rt;
+    use crate::sharefs::ShareFsDevice;
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -385,16 +395,18 @@ mod tests {
             kernel: PathBuf::from("/k/bzImage"),
             initrd: PathBuf::from("/k/initrd.img"),
             kernel_params: "foo=1".into(),
+            agent_port: 2048,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             accel: Accelerator::Tcg,
             guest_cid: 3,
+            share_fs: None,
         }
     }
 
     #[test]
     fn args_have_the_vhost_user_requirements() {
         let s = spec();
-        let a = qemu_args(&s, &VmPaths::new(&s.state_dir)).join(" ");
+        let a = qemu_args(&s, &VmPaths::new(&s.state_dir)).unwrap().join(" ");
         assert!(a.contains("acpi=off"));
         assert!(a.contains("rtc=on"), "the guest stalls ~1 s without an RTC");
         assert!(a.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
@@ -404,18 +416,31 @@ mod tests {
         assert!(a.contains("vhost-user-vsock-device,chardev=vsock0"));
         assert!(a.contains("path=/run/joey/t/vhost-vsock.sock"));
         assert!(a.contains("-no-reboot"));
-        assert!(a.contains("panic=-1 quiet foo=1"));
+        assert!(
+            a.contains("-append console=ttyS0 reboot=t panic=-1 quiet foo=1 joey.agent_port=2048 "),
+            "{a}"
+        );
         assert!(!a.contains("vhost-user-fs-device"));
     }
 
     #[test]
     fn args_attach_the_sharefs_device() {
-        let s = spec();
-        let mut paths = VmPaths::new(&s.state_dir);
-        paths.vhost_fs_sock = Some(PathBuf::from("/run/joey/t/vhost-fs.sock"));
-        let a = qemu_args(&s, &paths).join(" ");
+        let mut s = spec();
+        s.share_fs = Some(ShareFsDevice {
+            shared_dir: PathBuf::from("/run/joey/t/shared"),
+            tag: "joeyfs",
+            transport: ShareFsTransport::VhostUser {
+                socket: PathBuf::from("/run/joey/t/vhost-fs.sock"),
+                metrics: Arc::new(FsMetrics::default()),
+            },
+        });
+        let paths = VmPaths::new(&s.state_dir);
+        let a = qemu_args(&s, &paths).unwrap().join(" ");
         assert!(a.contains("-chardev socket,id=fs0,path=/run/joey/t/vhost-fs.sock"));
         assert!(a.contains("-device vhost-user-fs-device,chardev=fs0,tag=joeyfs"));
+        // QEMU cannot serve the directory itself.
+        s.share_fs.as_mut().unwrap().transport = ShareFsTransport::InProcess;
+        assert!(matches!(qemu_args(&s, &paths), Err(HypervisorError::Device(_))));
     }
 
     #[test]
@@ -427,31 +452,40 @@ mod tests {
         assert!(resolve_binary(Path::new("sh")).is_ok());
     }
 
+    /// A running vhost-user vsock device (no frontend) in `dir`.
+    fn vsock_device(dir: &Path) -> VhostUserVsockHandle {
+        let cfg = VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join("vsock.sock"),
+        };
+        VhostUserVsockServer::bind(&dir.join("vhost.sock"), cfg)
+            .unwrap()
+            .spawn()
+            .unwrap()
+    }
+
+    type DeviceSlot = Arc<Mutex<Option<VhostUserVsockHandle>>>;
+
+    /// A stand-in for QEMU (a child that only a SIGKILL ends quickly), a vsock device in `dir`
+    /// and the watchdog over both: (child, device slot, exit sender).
+    fn watched_vm(dir: &Path) -> (tokio::process::Child, DeviceSlot, watch::Sender<Option<VmExit>>) {
+        let child = tokio::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let (tx, exit_rx) = watch::channel(None);
+        let slot = Arc::new(Mutex::new(Some(vsock_device(dir))));
+        spawn_device_watchdog(child.id().unwrap(), slot.clone(), exit_rx);
+        (child, slot, tx)
+    }
+
     #[test]
     fn watchdog_kills_qemu_when_the_vsock_thread_dies() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
+        rt().block_on(async {
             let d = tempfile::tempdir().unwrap();
-            let server = VhostUserVsockServer::bind(
-                &d.path().join("vhost.sock"),
-                VsockConfig {
-                    guest_cid: 3,
-                    uds_path: d.path().join("vsock.sock"),
-                },
-            )
-            .unwrap();
-            let handle = server.spawn().unwrap();
-            // Stand-in for QEMU: a child that only a SIGKILL ends quickly.
-            let mut child = tokio::process::Command::new("sleep").arg("30").spawn().unwrap();
-            let pid = child.id().unwrap();
-            let (_tx, exit_rx) = watch::channel(None);
-            let shared = Arc::new(Mutex::new(Some(handle)));
-            spawn_device_watchdog(pid, shared.clone(), exit_rx);
+            let (mut child, device, _tx) = watched_vm(d.path());
             // While the device thread lives, nothing happens.
             tokio::time::sleep(DEVICE_WATCH_PERIOD * 3).await;
             assert!(child.try_wait().unwrap().is_none(), "killed while the device was alive");
             // The device thread ends (as if it failed): QEMU is killed within a few periods.
-            shared.lock().unwrap().as_ref().unwrap().stop();
+            device.lock().unwrap().as_ref().unwrap().stop();
             let st = tokio::time::timeout(Duration::from_secs(5), child.wait())
                 .await
                 .expect("watchdog did not kill the VM process")
@@ -463,38 +497,26 @@ mod tests {
 
     #[test]
     fn watchdog_lets_a_powering_off_vm_exit_on_its_own() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
+        rt().block_on(async {
             let d = tempfile::tempdir().unwrap();
-            let server = VhostUserVsockServer::bind(
-                &d.path().join("vhost.sock"),
-                VsockConfig {
-                    guest_cid: 3,
-                    uds_path: d.path().join("vsock.sock"),
-                },
-            )
-            .unwrap();
-            let handle = server.spawn().unwrap();
-            let mut child = tokio::process::Command::new("sleep").arg("30").spawn().unwrap();
-            let pid = child.id().unwrap();
-            let (tx, exit_rx) = watch::channel(None);
-            let shared = Arc::new(Mutex::new(Some(handle)));
-            spawn_device_watchdog(pid, shared.clone(), exit_rx);
+            let (mut child, device, tx) = watched_vm(d.path());
             // The device thread ends first (QEMU dropped vhost-user while powering off) ...
-            shared.lock().unwrap().as_ref().unwrap().stop();
+            device.lock().unwrap().as_ref().unwrap().stop();
             tokio::time::sleep(DEVICE_WATCH_PERIOD * 2).await;
             // ... and the VM exit is recorded within the grace period: no kill.
             tx.send_replace(Some(VmExit::Exited(0)));
             tokio::time::sleep(DEVICE_EXIT_GRACE + DEVICE_WATCH_PERIOD).await;
-            assert!(child.try_wait().unwrap().is_none(), "a VM that was exiting got SIGKILLed");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "a VM that was exiting got SIGKILLed"
+            );
             child.kill().await.unwrap();
         });
     }
 
     #[test]
     fn watchdog_leaves_a_deliberately_stopped_device_alone() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
+        rt().block_on(async {
             let mut child = tokio::process::Command::new("sleep").arg("30").spawn().unwrap();
             let pid = child.id().unwrap();
             let (_tx, exit_rx) = watch::channel(None);
@@ -505,5 +527,4 @@ mod tests {
             child.kill().await.unwrap();
         });
     }
-
 }

@@ -38,8 +38,12 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
-/// vsock port the agent listens on inside the guest.
+/// vsock port the agent listens on inside the guest, unless the kernel command line names
+/// another with [`AGENT_PORT_PARAM`].
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// Kernel command-line parameter that tells the agent its vsock port (`joey.agent_port=<N>`,
+/// from the host's `agent.vsock_port`).
+pub const AGENT_PORT_PARAM: &str = "joey.agent_port";
 /// Protocol version reported by `Version`.
 pub const PROTOCOL_VERSION: &str = "1";
 /// virtio-fs mount tag of the sandbox's shared directory (container rootfs dirs live under it).

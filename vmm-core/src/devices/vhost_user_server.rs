@@ -30,6 +30,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
+
+use crate::thread::{join_with_deadline, wait_finished};
 use vhost::vhost_user::{Error as VhostError, Listener};
 use vhost_user_backend::{
     Error as DaemonError, VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT,
@@ -447,15 +449,11 @@ impl ServerHandle {
             Err(RecvTimeoutError::Disconnected) => Err(VhostUserError::ThreadPanicked),
         };
         if let Some(thread) = self.thread.take() {
-            // The thread sends its result as its very last action; wait (bounded) for it to
-            // actually exit before joining, so join() itself can never block for long.
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            } else {
-                self.thread = Some(thread);
+            // The thread sends its result as its very last action: what is left is its exit.
+            if let Err(e) =
+                join_with_deadline(thread, deadline.saturating_duration_since(Instant::now()))
+            {
+                warn!("{}: serving thread: {e}", self.socket_path.path().display());
             }
         }
         self.remove_paths();
@@ -468,6 +466,15 @@ impl ServerHandle {
             .as_ref()
             .map(|t| t.is_finished())
             .unwrap_or(true)
+    }
+
+    /// Waits up to `timeout` for the serving thread to end (without joining it); true when it
+    /// has.
+    pub fn wait_finished(&self, timeout: Duration) -> bool {
+        match &self.thread {
+            Some(t) => wait_finished(t, timeout),
+            None => true,
+        }
     }
 
     /// The vhost-user socket path.
@@ -673,11 +680,7 @@ pub(crate) mod tests {
 
     /// Waits (at most 2 s) until the serving thread of `handle` has ended.
     pub(crate) fn wait_finished(handle: &ServerHandle, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !handle.is_finished() {
-            assert!(Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        assert!(handle.wait_finished(Duration::from_secs(2)), "{what}");
     }
 
     /// Serving-thread preparations seen by [`TestBackend`] (counted by the hook).

@@ -22,6 +22,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::metrics::{ExitReason, VcpuMetrics};
 use super::{cpuid, regs};
+use crate::thread::{join_with_deadline, JoinError};
 use crate::vmm::bus::Bus;
 use crate::vmm::event::{EventSender, VmEvent};
 
@@ -531,28 +532,23 @@ impl VcpuHandle {
         Ok(self.recv(left)?.state)
     }
 
-    /// Joins the thread if it has finished; returns whether it was joined.
-    /// (Never blocks: call after the thread acknowledged `Stop`.)
+    /// Joins the thread if it ends within `timeout` (call after the thread acknowledged `Stop`);
+    /// returns whether it was joined. A thread that misses the deadline is left detached.
     pub fn join_finished(&mut self, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
-        while let Some(t) = &self.thread {
-            if t.is_finished() {
-                if let Some(t) = self.thread.take() {
-                    if t.join().is_err() {
-                        tracing::error!(vcpu = self.id, "vCPU thread panicked");
-                    }
-                }
-                return true;
+        let Some(t) = self.thread.take() else {
+            return true;
+        };
+        match join_with_deadline(t, timeout) {
+            Ok(()) => true,
+            Err(JoinError::Panicked) => {
+                tracing::error!(vcpu = self.id, "vCPU thread panicked");
+                true
             }
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(2));
+            Err(JoinError::Timeout(_)) => false,
         }
-        true
     }
 
-    /// Whether the thread has finished (or was joined).
+    /// Whether the thread has finished (or was joined or left detached).
     pub fn is_finished(&self) -> bool {
         match &self.thread {
             Some(t) => t.is_finished(),

@@ -258,6 +258,12 @@ impl VhostUserFsHandle {
         self.0.is_finished()
     }
 
+    /// Waits up to `timeout` for the serving thread to end (frontend gone or stopped); true when
+    /// it has.
+    pub fn wait_finished(&self, timeout: Duration) -> bool {
+        self.0.wait_finished(timeout)
+    }
+
     /// The vhost-user socket path.
     pub fn socket_path(&self) -> &Path {
         self.0.socket_path()

@@ -11,13 +11,14 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::MmioTransport;
+use crate::thread::{join_with_deadline, JoinError};
 
 /// Capacity of the command channel.
 const COMMAND_CAPACITY: usize = 4;
@@ -42,10 +43,8 @@ pub enum EventLoopError {
     EventFd(#[source] std::io::Error),
     #[error("spawning the device thread: {0}")]
     Spawn(#[source] std::io::Error),
-    #[error("device thread did not exit within {0:?}")]
-    JoinTimeout(Duration),
-    #[error("device thread panicked")]
-    Panicked,
+    #[error("device thread: {0}")]
+    Join(#[from] JoinError),
 }
 
 /// Commands to the event loop thread.
@@ -203,15 +202,10 @@ impl EventLoopHandle {
             return Ok(());
         };
         self.send(LoopCommand::Stop);
-        let deadline = Instant::now() + timeout;
-        while !thread.is_finished() {
-            if Instant::now() >= deadline {
-                tracing::error!("virtio event loop did not exit; leaving it detached");
-                return Err(EventLoopError::JoinTimeout(timeout));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        thread.join().map_err(|_| EventLoopError::Panicked)
+        join_with_deadline(thread, timeout).map_err(|e| {
+            tracing::error!("virtio event loop: {e}");
+            e.into()
+        })
     }
 }
 
@@ -228,6 +222,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::{VirtioDevice, VirtioError};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
     use virtio_queue::Queue;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
