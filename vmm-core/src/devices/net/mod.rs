@@ -19,6 +19,7 @@
 
 pub mod device;
 pub mod metrics;
+pub mod relay;
 pub mod tap;
 pub mod vhost_user;
 pub mod virtio;
@@ -114,6 +115,9 @@ pub enum NetError {
     /// Queue processing failed.
     #[error(transparent)]
     Queue(#[from] NetQueueError),
+    /// The vhost-user relay failed.
+    #[error(transparent)]
+    Relay(#[from] relay::RelayError),
     /// vhost-user transport error.
     #[error(transparent)]
     VhostUser(#[from] crate::devices::vhost_user_server::VhostUserError),

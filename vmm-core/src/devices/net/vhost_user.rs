@@ -6,7 +6,10 @@
 //!
 //! [`NetBackend`] implements `VhostUserBackendMut` on top of [`super::device::NetQueues`]: queues
 //! rx (0) and tx (1); QEMU keeps the control queue and the config space (MAC, status, MTU) for
-//! itself, the backend answers `get_config` with the same bytes as the in-process device anyway.
+//! itself (CONFIG is not offered), `get_config` answers with the same bytes as the in-process
+//! device for a frontend that asks anyway.
+//! QEMU connects to a [`Relay`] in front of the daemon (see [`super::relay`]: QEMU 7.2 enables
+//! the rings before acking the features, which the `vhost` crate treats as fatal).
 //! The tap's private epoll fd ([`NetQueues::event_fd`]) is an extra listener of the vring worker
 //! ([`TAP_EVENT`]): readable only while a tap frame waits and the guest has rx buffers, so the
 //! worker neither spins nor reads frames it could not deliver; the guest's next rx kick resumes
@@ -15,9 +18,9 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -28,6 +31,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::device::{NetQueues, MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 use super::metrics::NetMetrics;
+use super::relay::{Relay, RelayHandle};
 use super::tap::Tap;
 use super::virtio::{config_space, AVAIL_FEATURES, CONFIG_LEN};
 use super::{NetConfig, NetError};
@@ -38,6 +42,8 @@ use crate::devices::vhost_user_server::{
 
 /// Name of the serving thread.
 pub const SERVER_THREAD_NAME: &str = "joey-net";
+/// Name of the relay thread.
+pub const RELAY_THREAD_NAME: &str = "joey-net-relay";
 /// Device event of the tap (above the queue indices and the exit event, which is `NUM_QUEUES`).
 pub const TAP_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
@@ -141,8 +147,10 @@ impl VhostUserBackendMut for NetBackend {
         AVAIL_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
+    /// No CONFIG: QEMU's virtio-net serves MAC, status and MTU from its own config space (and
+    /// warns about a backend offering CONFIG); `get_config` answers a frontend that asks anyway.
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG
+        VhostUserProtocolFeatures::MQ
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
@@ -197,41 +205,60 @@ impl ServedBackend for NetBackend {
     }
 }
 
-/// A bound, not yet serving vhost-user virtio-net server.
+/// A bound, not yet serving vhost-user virtio-net server: the relay QEMU connects to and the
+/// daemon behind it.
 pub struct VhostUserNetServer {
     inner: VhostUserServer<NetBackend>,
+    relay: Relay,
+    socket_path: PathBuf,
     cfg: NetConfig,
 }
 
 impl std::fmt::Debug for VhostUserNetServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhostUserNetServer")
-            .field("socket_path", &self.inner.socket_path())
+            .field("socket_path", &self.socket_path)
+            .field("backend_socket", &self.inner.socket_path())
             .field("cfg", &self.cfg)
             .finish()
     }
 }
 
+/// The daemon's socket behind the relay at `socket_path`: `<socket_path>.backend`.
+pub fn backend_socket_path(socket_path: &Path) -> PathBuf {
+    let mut p = socket_path.as_os_str().to_owned();
+    p.push(".backend");
+    PathBuf::from(p)
+}
+
 impl VhostUserNetServer {
-    /// Checks `cfg` and binds the vhost-user listener at `socket_path` (removed again on
-    /// stop/drop) for a device on `tap`. Errors if the path exists or `cfg` is invalid.
+    /// Checks `cfg` and binds the vhost-user socket at `socket_path` (and the daemon's at
+    /// [`backend_socket_path`]; both removed again on stop/drop) for a device on `tap`. Errors if
+    /// a path exists or `cfg` is invalid.
     pub fn bind(socket_path: &Path, cfg: NetConfig, tap: Tap) -> Result<Self, NetError> {
         ensure_free(socket_path)?;
         cfg.validate()?;
         let tap_name = tap.name().to_string();
-        let inner = VhostUserServer::bind(socket_path, || NetBackend::new(cfg, tap))?;
+        let backend_path = backend_socket_path(socket_path);
+        let inner = VhostUserServer::bind(&backend_path, || NetBackend::new(cfg, tap))?;
+        let relay = Relay::bind(socket_path, &backend_path)?;
         info!(
             "{NAME}: vhost-user socket {} bound, tap {tap_name}, guest MAC {}, MTU {}",
             socket_path.display(),
             cfg.mac,
             cfg.mtu
         );
-        Ok(VhostUserNetServer { inner, cfg })
+        Ok(VhostUserNetServer {
+            inner,
+            relay,
+            socket_path: socket_path.to_path_buf(),
+            cfg,
+        })
     }
 
-    /// The vhost-user socket path.
+    /// The vhost-user socket path (QEMU's `-chardev socket,path=`).
     pub fn socket_path(&self) -> &Path {
-        self.inner.socket_path()
+        &self.socket_path
     }
 
     /// The configuration.
@@ -244,21 +271,30 @@ impl VhostUserNetServer {
         self.inner.backend().metrics().clone()
     }
 
-    /// Spawns a dedicated OS thread (named "joey-net") that accepts ONE vhost-user frontend
-    /// (QEMU) and serves it until the frontend disconnects or the handle is stopped.
+    /// Spawns the serving thread (named "joey-net") and the relay thread ("joey-net-relay"):
+    /// ONE vhost-user frontend (QEMU) is served until it disconnects or the handle is stopped.
     pub fn spawn(self) -> Result<VhostUserNetHandle, NetError> {
         let metrics = self.metrics();
         let server = self.inner.spawn()?;
-        Ok(VhostUserNetHandle { server, metrics })
+        let relay = self.relay.spawn(RELAY_THREAD_NAME)?;
+        Ok(VhostUserNetHandle {
+            server: Some(server),
+            relay,
+            metrics,
+            socket_path: self.socket_path,
+        })
     }
 }
 
-/// Controls a running vhost-user virtio-net server. Dropping it stops the thread (without
-/// waiting) and removes the socket path; the tap is closed when the thread ends.
+/// Controls a running vhost-user virtio-net server (relay + daemon). Dropping it stops both
+/// threads (without waiting) and removes the socket paths; the tap is closed when the daemon's
+/// thread ends.
 #[derive(Debug)]
 pub struct VhostUserNetHandle {
-    server: ServerHandle,
+    server: Option<ServerHandle>,
+    relay: RelayHandle,
     metrics: Arc<NetMetrics>,
+    socket_path: PathBuf,
 }
 
 impl VhostUserNetHandle {
@@ -267,20 +303,34 @@ impl VhostUserNetHandle {
         &self.metrics
     }
 
-    /// The generic server handle: `stop`, `is_finished`, `socket_path`.
-    pub fn server(&self) -> &ServerHandle {
-        &self.server
+    /// The vhost-user socket path QEMU connects to.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
     }
 
-    /// Asks the serving thread to stop, waits at most `timeout` for it and removes the socket.
-    pub fn stop_and_join(self, timeout: Duration) -> Result<(), NetError> {
-        self.server.stop();
-        Ok(self.server.join_timeout(timeout)?)
+    /// Asks both threads to stop (also when no frontend ever connected).
+    pub fn stop(&self) {
+        self.relay.stop();
+        if let Some(s) = &self.server {
+            s.stop();
+        }
     }
 
-    /// Waits at most `timeout` for the serving thread to end (e.g. after the frontend left).
-    pub fn join_timeout(self, timeout: Duration) -> Result<(), NetError> {
-        Ok(self.server.join_timeout(timeout)?)
+    /// True once both threads have ended (frontend gone or stopped).
+    pub fn is_finished(&self) -> bool {
+        self.relay.is_finished() && self.server.as_ref().is_none_or(|s| s.is_finished())
+    }
+
+    /// Waits at most `timeout` for both threads to end; removes the socket paths. On timeout
+    /// the threads are asked to stop (nobody could stop them later).
+    pub fn join_timeout(mut self, timeout: Duration) -> Result<(), NetError> {
+        let deadline = Instant::now() + timeout;
+        let server = self.server.take().map(|s| s.join_timeout(timeout));
+        let relay = self.relay.join_until(deadline, timeout);
+        if let Some(r) = server {
+            r?;
+        }
+        Ok(relay?)
     }
 }
 
@@ -319,9 +369,7 @@ mod tests {
             0,
             "no csum, mrg_rxbuf, ctrl_vq"
         );
-        assert!(b
-            .protocol_features()
-            .contains(VhostUserProtocolFeatures::CONFIG));
+        assert_eq!(b.protocol_features(), VhostUserProtocolFeatures::MQ);
         assert_eq!(b.get_config(0, 6), vec![0x02, 0, 0, 0, 0, 0x07]);
         assert_eq!(b.get_config(10, 2), 1500u16.to_le_bytes().to_vec());
         assert!(b.get_config(10, 3).is_empty());
@@ -405,11 +453,16 @@ mod tests {
             VhostUserNetServer::bind(&sock, cfg(), t.tap.try_clone()),
             Err(NetError::VhostUser(VhostUserError::PathExists(_)))
         ));
+        let backend = backend_socket_path(&sock);
+        assert_eq!(backend, dir.path().join("net.sock.backend"));
+        assert!(backend.exists());
         let handle = server.spawn().unwrap();
-        assert_eq!(handle.server().socket_path(), sock);
-        assert!(!handle.server().is_finished());
+        assert_eq!(handle.socket_path(), sock);
+        assert!(!handle.is_finished());
         assert_eq!(handle.metrics().snapshot(), Default::default());
-        handle.stop_and_join(Duration::from_secs(2)).unwrap();
+        handle.stop();
+        handle.join_timeout(Duration::from_secs(2)).unwrap();
         assert!(!sock.exists(), "vhost-user socket not removed");
+        assert!(!backend.exists(), "backend socket not removed");
     }
 }
