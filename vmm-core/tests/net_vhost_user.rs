@@ -13,10 +13,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::qemu::{
-    assert_line, build_initrd, console_lines, require_tools, spawn_qemu, wait_qemu,
+    assert_line, build_initrd, console_lines, require_tools, spawn_qemu, wait_qemu, wait_until,
 };
 use joey_vmm_core::devices::net::{MacAddr, NetConfig, Tap, VhostUserNetServer};
 
@@ -131,14 +131,11 @@ fn guest_negotiates_and_moves_frames_both_ways() {
     eprintln!("guest run took {took:?}; console:\n{}", lines.join("\n"));
 
     // QEMU is gone: the serving thread ends by itself and removes the socket.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !handle.is_finished() {
-        assert!(
-            Instant::now() < deadline,
-            "serving thread still running 5 s after QEMU exited"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        "serving thread still running after QEMU exited",
+        Duration::from_secs(5),
+        || handle.is_finished(),
+    );
     let metrics = handle.metrics().clone();
     handle.join_timeout(Duration::from_secs(1)).unwrap();
     assert!(!sock.exists(), "vhost-user socket left behind");

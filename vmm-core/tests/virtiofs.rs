@@ -9,11 +9,11 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::qemu::{
     assert_line, build_initrd, console_lines, kernel, require_tools, spawn_qemu, wait_qemu,
-    QemuGuard,
+    wait_until, QemuGuard,
 };
 use joey_vmm_core::devices::fs::{CachePolicy, FsConfig, VhostUserFsServer};
 use sha2::{Digest, Sha256};
@@ -155,14 +155,11 @@ fn run_guest(read_only: bool) -> Run {
     );
 
     // QEMU is gone: the serving thread must end by itself.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !handle.is_finished() {
-        assert!(
-            Instant::now() < deadline,
-            "serving thread still running 5 s after QEMU exited"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        "serving thread still running after QEMU exited",
+        Duration::from_secs(5),
+        || handle.is_finished(),
+    );
     handle.join_timeout(Duration::from_secs(1)).unwrap();
     assert!(!sock.exists(), "vhost-user socket left behind");
     // The passthrough fs set umask(0) on FUSE_INIT, but only in the device's fs context.

@@ -165,3 +165,12 @@ pub fn assert_line(lines: &[String], want: &str) {
         lines.join("\n")
     );
 }
+
+/// Polls `done` until it holds, failing with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} (after {timeout:?})");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
