@@ -10,7 +10,8 @@
 //!   and malformed chains consumed with a typed error;
 //! - [`vhost_user`]: `vhost-user-backend` glue and the [`VhostUserNetServer`] used with QEMU's
 //!   `-netdev vhost-user` + `-device virtio-net-device,netdev=...,mac=...` (QEMU keeps the
-//!   control queue and serves MAC/status/MTU from its own config space);
+//!   control queue and serves MAC/status/MTU from its own config space), behind the
+//!   [`relay`] QEMU 7.2 needs (it enables the rings before acking the features);
 //! - [`virtio`]: the same device served in-process by the built-in VMM on its virtio-mmio
 //!   transport ([`VirtioNet`], MAC, link status and MTU in its own config space).
 //!

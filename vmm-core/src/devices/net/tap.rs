@@ -430,4 +430,29 @@ pub(crate) mod tests {
             other => panic!("expected Write error, got {other:?}"),
         }
     }
+
+    #[test]
+    fn busy_tap_is_a_typed_error_naming_it() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare(2) only changes the calling (short-lived) thread's namespaces.
+            os_check(unsafe { libc::unshare(libc::CLONE_NEWNET) }, "unshare");
+            let _first = Tap::open("jbusy0").unwrap();
+            // A single-queue tap has one queue: a second attach is refused (EBUSY).
+            match Tap::open("jbusy0") {
+                Err(
+                    e @ TapError::Ioctl {
+                        what: "TUNSETIFF", ..
+                    },
+                ) => {
+                    assert!(
+                        e.to_string().contains("tap jbusy0: TUNSETIFF failed"),
+                        "{e}"
+                    )
+                }
+                other => panic!("expected a TUNSETIFF error, got {other:?}"),
+            }
+        })
+        .join()
+        .unwrap();
+    }
 }
