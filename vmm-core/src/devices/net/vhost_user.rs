@@ -435,6 +435,45 @@ mod tests {
         );
     }
 
+    /// Through the vring worker's events: the tap event with an empty rx vring keeps the frame
+    /// and stops polling the tap (the worker would otherwise spin); the guest's rx kick after
+    /// posting a buffer delivers it and resumes polling.
+    #[test]
+    fn backend_keeps_the_frame_until_the_guest_posts_rx_buffers() {
+        use crate::devices::net::device::tests::{readable_now, wait_readable};
+        let t = test_tap();
+        let m = mem();
+        let atomic = GuestMemoryAtomic::new(m.clone());
+        let mut b = NetBackend::new(cfg(), t.tap.try_clone()).unwrap();
+        b.update_memory(atomic.clone()).unwrap();
+        let rxq = MockSplitQueue::create(&m, GuestAddress(0x8_0000), QSIZE);
+        let (vrings, calls) = mock_vrings(&atomic, NUM_QUEUES, &[(RX_QUEUE, &rxq)], QSIZE);
+        // A first kick with no buffer starts polling the tap.
+        b.handle_event(RX_QUEUE as u16, EventSet::IN, &vrings, 0)
+            .unwrap();
+        assert!(b.queues().tap_polled());
+        let f = test_frame(333, 4);
+        t.send(&f);
+        let fd = b.host_events()[0].0;
+        assert!(wait_readable(fd));
+        b.handle_event(TAP_EVENT, EventSet::IN, &vrings, 0).unwrap();
+        assert!(b.queues().has_pending_frame() && !b.queues().tap_polled());
+        assert!(!readable_now(fd), "the worker would spin on the tap event");
+        assert!(calls[0].read().is_err(), "nothing used, no signal");
+        rxq.add_desc_chains(&[desc(0x1_0000, 2048, W, 0)], 0)
+            .unwrap();
+        b.handle_event(RX_QUEUE as u16, EventSet::IN, &vrings, 0)
+            .unwrap();
+        assert_eq!(used(&rxq), vec![(0, (VNET_HDR_LEN + 333) as u32)]);
+        let mut got = vec![0u8; f.len()];
+        m.read_slice(&mut got, GuestAddress(0x1_0000 + VNET_HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(got, f);
+        assert!(b.queues().tap_polled() && !b.queues().has_pending_frame());
+        assert!(calls[0].read().unwrap() > 0);
+        assert_eq!(b.metrics().snapshot().rx_dropped, 0);
+    }
+
     #[test]
     fn bind_spawn_stop_and_bad_input() {
         let t = test_tap();
