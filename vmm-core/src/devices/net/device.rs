@@ -408,19 +408,19 @@ impl NetQueues {
         }
     }
 
-    /// Reads the next frame from the tap into the pending buffer. `Ok(false)`: none queued.
+    /// Reads the next frame from the tap into the pending buffer. `Ok(true)`: a frame was taken
+    /// off the tap (pending now, or dropped as malformed); `Ok(false)`: none queued.
     fn read_tap(&mut self, pass: &mut Pass) -> Result<bool, NetQueueError> {
-        loop {
-            match self.tap.read_frame(&mut self.rx_buf)? {
-                None => return Ok(false),
-                Some(n) if n < VNET_HDR_LEN => {
-                    NetMetrics::add(&self.metrics.rx_errors, 1);
-                    pass.fail(NetQueueError::ShortTapFrame { len: n });
-                }
-                Some(n) => {
-                    self.rx_len = Some(n);
-                    return Ok(true);
-                }
+        match self.tap.read_frame(&mut self.rx_buf)? {
+            None => Ok(false),
+            Some(n) if n < VNET_HDR_LEN => {
+                NetMetrics::add(&self.metrics.rx_errors, 1);
+                pass.fail(NetQueueError::ShortTapFrame { len: n });
+                Ok(true)
+            }
+            Some(n) => {
+                self.rx_len = Some(n);
+                Ok(true)
             }
         }
     }
