@@ -42,6 +42,19 @@ pub struct NetSnapshot {
 }
 
 impl NetSnapshot {
+    /// Adds `o` (the interfaces of one VM summed up, so that a label set stays fixed).
+    pub fn add(&mut self, o: &NetSnapshot) {
+        let sum = |a: &mut u64, b: u64| *a = a.saturating_add(b);
+        sum(&mut self.rx_packets, o.rx_packets);
+        sum(&mut self.rx_bytes, o.rx_bytes);
+        sum(&mut self.tx_packets, o.tx_packets);
+        sum(&mut self.tx_bytes, o.tx_bytes);
+        sum(&mut self.rx_errors, o.rx_errors);
+        sum(&mut self.tx_errors, o.tx_errors);
+        sum(&mut self.rx_dropped, o.rx_dropped);
+        sum(&mut self.tx_dropped, o.tx_dropped);
+    }
+
     /// `(name, value)` pairs, e.g. for one labelled counter family per direction.
     pub fn by_name(&self) -> [(&'static str, u64); 8] {
         [
@@ -99,6 +112,16 @@ mod tests {
         assert_eq!(
             nonzero,
             vec![("rx_packets", 2), ("rx_bytes", 1500), ("tx_dropped", 1)]
+        );
+        let mut total = s;
+        total.add(&NetSnapshot {
+            tx_packets: 3,
+            rx_packets: u64::MAX,
+            ..Default::default()
+        });
+        assert_eq!(
+            (total.rx_packets, total.tx_packets, total.rx_bytes),
+            (u64::MAX, 3, 1500)
         );
     }
 }
