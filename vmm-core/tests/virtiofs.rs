@@ -2,48 +2,26 @@
 //! initramfs that mounts our vhost-user-fs device and reports what it sees on the serial console.
 //!
 //! Needs qemu-system-x86_64, /bin/busybox (static), cpio, gzip and the guest kernel
-//! /work/main/build/guest/bzImage (`guest/build-kernel.sh`); without them the tests fail with a
-//! clear message (they do not skip silently).
+//! (`JOEY_KERNEL`, else build/guest/bzImage); without them the tests fail with a clear message
+//! (they do not skip silently).
+
+mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::qemu::{
+    assert_line, build_initrd, console_lines, kernel, require_tools, spawn_qemu, wait_qemu,
+    QemuGuard,
+};
 use joey_vmm_core::devices::fs::{CachePolicy, FsConfig, VhostUserFsServer};
 use sha2::{Digest, Sha256};
 
-const QEMU: &str = "qemu-system-x86_64";
-const BUSYBOX: &str = "/bin/busybox";
 const TAG: &str = "joeyfs";
 const QEMU_TIMEOUT: Duration = Duration::from_secs(60);
 const HELLO: &[u8] = b"hello from the host\n";
 const WRITTEN: &[u8] = b"written by the guest\n";
-
-fn kernel() -> PathBuf {
-    let k = Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest/bzImage");
-    assert!(
-        k.exists(),
-        "guest kernel {} is missing: build it with guest/build-kernel.sh (needs VIRTIO_FS, \
-         FUSE_FS); this test does not skip silently",
-        k.display()
-    );
-    k
-}
-
-fn require_tools() {
-    for tool in [QEMU, "cpio", "gzip"] {
-        let ok = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "{tool} is not installed; this test needs it");
-    }
-    assert!(Path::new(BUSYBOX).exists(), "{BUSYBOX} (static) is missing");
-}
 
 fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data)
@@ -101,128 +79,29 @@ reboot -f
     )
 }
 
-/// Builds a gzip'ed newc initramfs with busybox and `script` as /init.
-fn build_initrd(dir: &Path, script: &str) -> PathBuf {
-    let root = dir.join("initramfs");
-    for d in ["bin", "dev", "proc", "sys", "mnt", "tmp"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh",
-        "mount",
-        "cat",
-        "ls",
-        "echo",
-        "reboot",
-        "mkdir",
-        "sha256sum",
-        "rm",
-        "sync",
-    ] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    let init = root.join("init");
-    fs::write(&init, script).unwrap();
-    fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();
-    let out = dir.join("initrd.gz");
-    let status = Command::new("sh")
-        .current_dir(&root)
-        .arg("-c")
-        .arg(format!(
-            "find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
-            out.display()
-        ))
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the initramfs failed");
-    out
-}
+/// Busybox applets the guest's /init uses.
+const APPLETS: &[&str] = &[
+    "sh",
+    "mount",
+    "cat",
+    "ls",
+    "echo",
+    "reboot",
+    "mkdir",
+    "sha256sum",
+    "rm",
+    "sync",
+];
 
-/// Kills QEMU if the test panics before it exited.
-struct QemuGuard(Option<Child>);
-
-impl Drop for QemuGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn_qemu(dir: &Path, sock: &Path, initrd: &Path, console: &Path) -> QemuGuard {
-    let log = fs::File::create(dir.join("qemu.log")).unwrap();
-    let child = Command::new(QEMU)
-        .args([
-            "-M",
-            "microvm,isa-serial=on,rtc=on,acpi=off,memory-backend=mem",
-            "-object",
-            "memory-backend-memfd,id=mem,size=256M,share=on",
-            "-global",
-            "virtio-mmio.force-legacy=false",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "256M",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-serial",
-        ])
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(kernel())
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
-        .arg("-chardev")
-        .arg(format!("socket,id=fs0,path={}", sock.display()))
-        .args([
-            "-device",
-            &format!("vhost-user-fs-device,chardev=fs0,tag={TAG}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("cannot start qemu-system-x86_64");
-    QemuGuard(Some(child))
-}
-
-/// Waits for QEMU to exit (the guest reboots with -no-reboot); kills it after the timeout.
-fn wait_qemu(guard: &mut QemuGuard, dir: &Path, console: &Path) -> Duration {
-    let start = Instant::now();
-    let child = guard.0.as_mut().unwrap();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            guard.0 = None;
-            assert!(
-                status.success(),
-                "qemu failed: {status}\nqemu: {}\nconsole: {}",
-                fs::read_to_string(dir.join("qemu.log")).unwrap_or_default(),
-                fs::read_to_string(console).unwrap_or_default()
-            );
-            return start.elapsed();
-        }
-        if start.elapsed() > QEMU_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            guard.0 = None;
-            panic!(
-                "qemu did not exit within {QEMU_TIMEOUT:?}\nqemu: {}\nconsole: {}",
-                fs::read_to_string(dir.join("qemu.log")).unwrap_or_default(),
-                fs::read_to_string(console).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// QEMU with our vhost-user-fs device.
+fn spawn_fs_guest(dir: &Path, sock: &Path, initrd: &Path, console: &Path) -> QemuGuard {
+    let devices = [
+        "-chardev".to_string(),
+        format!("socket,id=fs0,path={}", sock.display()),
+        "-device".to_string(),
+        format!("vhost-user-fs-device,chardev=fs0,tag={TAG}"),
+    ];
+    spawn_qemu(dir, initrd, console, &devices)
 }
 
 /// The umask of the test process (main thread's fs context), from /proc.
@@ -233,23 +112,6 @@ fn process_umask() -> String {
         .find(|l| l.starts_with("Umask:"))
         .expect("Umask in /proc/PID/status")
         .to_string()
-}
-
-/// Console lines, without carriage returns and kernel noise.
-fn console_lines(console: &Path) -> Vec<String> {
-    let raw = fs::read(console).unwrap();
-    String::from_utf8_lossy(&raw)
-        .lines()
-        .map(|l| l.trim_end_matches('\r').to_string())
-        .collect()
-}
-
-fn assert_line(lines: &[String], want: &str) {
-    assert!(
-        lines.iter().any(|l| l == want),
-        "console lacks line {want:?}; console:\n{}",
-        lines.join("\n")
-    );
 }
 
 struct Run {
@@ -273,7 +135,7 @@ fn run_guest(read_only: bool) -> Run {
 
     let sock = dir.path().join("fs.sock");
     let console = dir.path().join("console.log");
-    let initrd = build_initrd(dir.path(), &init_script(read_only));
+    let initrd = build_initrd(dir.path(), &init_script(read_only), APPLETS);
     let cfg = FsConfig {
         shared_dir: share.clone(),
         read_only,
@@ -284,8 +146,8 @@ fn run_guest(read_only: bool) -> Run {
         .unwrap()
         .spawn()
         .unwrap();
-    let mut qemu = spawn_qemu(dir.path(), &sock, &initrd, &console);
-    let took = wait_qemu(&mut qemu, dir.path(), &console);
+    let mut qemu = spawn_fs_guest(dir.path(), &sock, &initrd, &console);
+    let took = wait_qemu(&mut qemu, dir.path(), &console, QEMU_TIMEOUT);
     eprintln!(
         "guest run ({}, kernel {}) took {took:?}",
         if read_only { "ro" } else { "rw" },

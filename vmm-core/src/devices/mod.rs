@@ -7,6 +7,8 @@
 pub mod legacy;
 pub mod vsock;
 pub mod fs;
+/// virtio-net (tap backend), in-process and over vhost-user.
+pub mod net;
 /// Serving a vhost-user device backend to one frontend on a dedicated thread.
 pub mod vhost_user_server;
 /// virtio-blk (raw file backend) of the built-in VMM.

@@ -38,7 +38,7 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
 pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
 /// Register offsets (virtio 1.x, 4.2.2).
-mod reg {
+pub(crate) mod reg {
     pub const MAGIC_VALUE: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
@@ -511,7 +511,7 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use virtio_queue::mock::MockSplitQueue;
@@ -585,21 +585,26 @@ mod tests {
         u32::from_le_bytes(b)
     }
 
-    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+    pub(crate) fn wr(t: &mut MmioTransport, off: u64, v: u32) {
         t.write(0, off, &v.to_le_bytes());
     }
 
     fn negotiate(t: &mut MmioTransport) {
+        negotiate_features(t, (1 << 32) | 0b1);
+    }
+
+    /// Drives the status register up to FEATURES_OK, acking `features`.
+    pub(crate) fn negotiate_features(t: &mut MmioTransport, features: u64) {
         wr(t, reg::STATUS, ACKNOWLEDGE);
         wr(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
         wr(t, reg::DRIVER_FEATURES_SEL, 1);
-        wr(t, reg::DRIVER_FEATURES, 1);
+        wr(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
         wr(t, reg::DRIVER_FEATURES_SEL, 0);
-        wr(t, reg::DRIVER_FEATURES, 0b1);
+        wr(t, reg::DRIVER_FEATURES, features as u32);
         wr(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
     }
 
-    fn setup_queue(t: &mut MmioTransport, index: u32, mq: &MockSplitQueue<GuestMemoryMmap>) {
+    pub(crate) fn setup_queue(t: &mut MmioTransport, index: u32, mq: &MockSplitQueue<GuestMemoryMmap>) {
         wr(t, reg::QUEUE_SEL, index);
         wr(t, reg::QUEUE_NUM, 16);
         let a = |g: GuestAddress| g.0;

@@ -62,6 +62,8 @@ pub enum VirtioError {
     Block(#[from] crate::devices::blk::BlockError),
     #[error("fs: {0}")]
     Fs(#[from] crate::devices::fs::VirtioFsError),
+    #[error("net: {0}")]
+    Net(#[from] crate::devices::net::NetError),
 }
 
 /// A device model served by [`MmioTransport`].
