@@ -1,13 +1,16 @@
 //! `containerd-shim-joey-v2`: the containerd shim v2 (task API v2, containerd 1.6/1.7) of joey.
 //! See docs/shim.md.
 
+pub mod cgroup;
 pub mod cleanup;
 pub mod events;
+mod lifecycle;
 pub mod mounts;
+mod process;
 pub mod resources;
+pub mod service;
 pub mod spec;
 pub mod stdio;
-pub mod task;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -86,7 +89,7 @@ pub struct JoeyShim {
 
 #[async_trait]
 impl Shim for JoeyShim {
-    type T = task::JoeyTask;
+    type T = service::JoeyTask;
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         JoeyShim {
@@ -140,7 +143,7 @@ impl Shim for JoeyShim {
         if let Err(e) = &sandbox {
             tracing::error!(error = %e, "no sandbox: the joey config did not load");
         }
-        task::JoeyTask::new(sandbox, self.namespace.clone(), publisher, self.exit.clone())
+        service::JoeyTask::new(sandbox, self.namespace.clone(), publisher, self.exit.clone())
     }
 }
 
