@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod cleanup;
 pub mod events;
 mod lifecycle;
+pub mod logwriter;
 pub mod mounts;
 mod process;
 pub mod resources;
@@ -55,7 +56,8 @@ fn load_config() -> Result<(joey_config::Config, String), ShimError> {
         .map_err(|e| ShimError::Config(e.to_string()))
 }
 
-/// Logs go to containerd's `log` fifo in the bundle (the shim's cwd), when there is a reader.
+/// Logs go to containerd's `log` fifo in the bundle (the shim's cwd), when there is a reader,
+/// through the non-blocking [`logwriter::LogWriter`].
 fn init_logging() {
     use std::os::unix::fs::OpenOptionsExt as _;
     let file = std::fs::OpenOptions::new()
@@ -66,13 +68,16 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_target(false);
-    match file {
-        Some(f) => {
-            // Blocking writes from here on (a full pipe must not lose lines).
-            use std::os::fd::AsRawFd as _;
-            let _ = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()));
-            let f = std::sync::Mutex::new(f);
-            let _ = builder.with_writer(f).try_init();
+    let writer = file.and_then(|f| {
+        // Blocking writes, on the writer's own thread only: a full pipe holds that thread, and
+        // the lines queued meanwhile are dropped (and counted) instead of stalling the shim.
+        use std::os::fd::AsRawFd as _;
+        let _ = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()));
+        logwriter::LogWriter::start(f, logwriter::QUEUE_LINES).ok()
+    });
+    match writer {
+        Some(w) => {
+            let _ = builder.with_writer(w).try_init();
         }
         None => {
             let _ = builder.with_writer(std::io::sink).try_init();
