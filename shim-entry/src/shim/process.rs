@@ -95,8 +95,8 @@ impl Inner {
             },
         )
         .await??;
-        let out = tokio::spawn(stdio::pump_output(sb.clone(), p.agent_id.clone(), false, out_sink));
-        let err = tokio::spawn(stdio::pump_output(sb.clone(), p.agent_id.clone(), true, err_sink));
+        let out = tokio::spawn(stdio::pump_to_containerd(sb.clone(), p.agent_id.clone(), false, out_sink));
+        let err = tokio::spawn(stdio::pump_to_containerd(sb.clone(), p.agent_id.clone(), true, err_sink));
         let inp = tokio::spawn(stdio::pump_stdin(
             sb.clone(),
             p.agent_id.clone(),
