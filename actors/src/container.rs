@@ -210,6 +210,8 @@ struct Process {
     exit_tx: watch::Sender<Option<ExitInfo>>,
     stdin_closed: Arc<Notify>,
     pumps: Vec<tokio::task::AbortHandle>,
+    /// The agent reported the exit; it is recorded once the output has drained.
+    gone: bool,
 }
 
 impl Process {
@@ -224,6 +226,7 @@ impl Process {
             exit_tx,
             stdin_closed: Arc::new(Notify::new()),
             pumps: Vec::new(),
+            gone: false,
         }
     }
 
@@ -590,6 +593,23 @@ impl Handler<AttachPumps> for ContainerActor {
     }
 }
 
+/// The agent reported that the process exited; its exit is recorded ([`ProcessExited`]) once
+/// its output has drained. Meanwhile the container is not paused any more.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProcessGone {
+    pub exec_id: String,
+}
+
+impl Handler<ProcessGone> for ContainerActor {
+    type Result = ();
+    fn handle(&mut self, m: ProcessGone, _: &mut Context<Self>) {
+        if let Some(p) = self.processes.get_mut(&m.exec_id) {
+            p.gone = true;
+        }
+    }
+}
+
 /// The process exited (or was killed before it started): record it and wake its waiters. The
 /// init process makes the container Stopped. Recording twice keeps the first exit.
 #[derive(Message)]
@@ -685,6 +705,14 @@ impl ContainerActor {
                 } else {
                     "resume needs it paused"
                 }));
+            }
+            if pause && self.processes[""].gone {
+                // Its process has exited (the exit is recorded once the output has drained);
+                // a paused one may still be thawed, so that nothing stays frozen.
+                return Err(ContainerError::Exited {
+                    container: self.id.clone(),
+                    exec_id: String::new(),
+                });
             }
             let id = self.id.clone();
             Ok(if pause {
@@ -1106,7 +1134,12 @@ mod tests {
             ),
             "{e}"
         );
-        // The init process exits: pause is refused, the container is stopped and deletable.
+        // The agent reports the exit: pause is refused before the exit is recorded.
+        a.send(ProcessGone { exec_id: String::new() }).await.unwrap();
+        let e = a.send(Pause).await.unwrap().unwrap_err();
+        assert!(matches!(e, ContainerError::Exited { .. }), "{e}");
+        assert_eq!(a.send(GetContainer).await.unwrap().state, ContainerState::Running);
+        // The exit is recorded: pause is refused, the container is stopped and deletable.
         a.send(ProcessExited {
             exec_id: String::new(),
             exit: EXIT,

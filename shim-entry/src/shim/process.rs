@@ -13,7 +13,7 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use joey_actors::container::{
     AddExec, AttachPumps, CloseStdin, ContainerActor, ContainerState, ExitInfo, GetContainer, GetProcess, Kill, Killed,
-    Pids, ProcessExited, ProcessIo, ProcessState, ProcessView, RemoveExec, Resize, StartProcess, WaitExit,
+    Pids, ProcessExited, ProcessGone, ProcessIo, ProcessState, ProcessView, RemoveExec, Resize, StartProcess, WaitExit,
 };
 use joey_actors::sandbox::{SandboxActor, WaitProcess};
 use joey_agent_protocol::agent;
@@ -95,8 +95,18 @@ impl Inner {
             },
         )
         .await??;
-        let out = tokio::spawn(stdio::pump_to_containerd(sb.clone(), p.agent_id.clone(), false, out_sink));
-        let err = tokio::spawn(stdio::pump_to_containerd(sb.clone(), p.agent_id.clone(), true, err_sink));
+        let out = tokio::spawn(stdio::pump_to_containerd(
+            sb.clone(),
+            p.agent_id.clone(),
+            false,
+            out_sink,
+        ));
+        let err = tokio::spawn(stdio::pump_to_containerd(
+            sb.clone(),
+            p.agent_id.clone(),
+            true,
+            err_sink,
+        ));
         let inp = tokio::spawn(stdio::pump_stdin(
             sb.clone(),
             p.agent_id.clone(),
@@ -171,6 +181,9 @@ impl Inner {
                 255
             }
         };
+        s.actor.do_send(ProcessGone {
+            exec_id: exec_id.to_string(),
+        });
         let (out, err) = (s.out, s.err);
         let drained = tokio::time::timeout(IO_DRAIN_TIMEOUT, async {
             let _ = out.await;
