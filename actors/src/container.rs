@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -29,7 +28,6 @@ use crate::sandbox::{
     CreateContainer, ExecProcess, ListPids, PauseContainer, RemoveContainer, ResizeTerminal, ResumeContainer,
     SandboxActor, SandboxError, SignalProcess, StatsContainer, UnshareContainer, UpdateContainer,
 };
-use crate::sharefs::VolumeShare;
 
 /// Bound of one agent call made for a container operation.
 pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -64,12 +62,7 @@ impl ContainerState {
         use ContainerState::*;
         matches!(
             (self, to),
-            (Created, Running)
-                | (Created, Stopped)
-                | (Running, Paused)
-                | (Paused, Running)
-                | (Running, Stopped)
-                | (Paused, Stopped)
+            (Created, Running) | (Created, Stopped) | (Running, Paused) | (Paused, Running) | (Running, Stopped) | (Paused, Stopped)
         )
     }
 
@@ -110,6 +103,8 @@ pub enum ContainerError {
         state: ContainerState,
         what: &'static str,
     },
+    #[error("the process of container {0} has exited")]
+    Exiting(String),
     #[error("container {0} has been deleted")]
     Deleted(String),
     #[error(transparent)]
@@ -250,28 +245,15 @@ impl Process {
     }
 }
 
-/// How the agent creates the container and starts its init process (from the bundle's spec).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct InitSpec {
-    /// Host rootfs (`<bundle>/rootfs`), shared with the guest at Start.
-    pub rootfs: PathBuf,
-    pub read_only: bool,
-    pub argv: Vec<String>,
-    pub env: Vec<String>,
-    pub cwd: String,
-    pub terminal: bool,
-    pub hostname: String,
-    pub oci_spec_json: String,
-    pub volumes: Vec<VolumeShare>,
-}
-
 /// What a new Container actor starts from.
 pub struct ContainerSetup {
     pub id: String,
     pub bundle: String,
     /// The init process's stdio.
     pub io: ProcessIo,
-    pub init: InitSpec,
+    /// How the agent creates the container and starts its init process (from the bundle's
+    /// spec; `container_id` is the container's id).
+    pub init: CreateContainer,
     /// What Create set up on the host (cleaned up, after the guest container, by Delete).
     pub resources: ResourceStack,
 }
@@ -284,7 +266,7 @@ pub struct ContainerActor {
     processes: HashMap<String, Process>,
     /// Execs added so far (numbers their agent ids).
     exec_seq: u64,
-    init: InitSpec,
+    init: CreateContainer,
     resources: ResourceStack,
     sandbox: Addr<SandboxActor>,
     call_timeout: Duration,
@@ -405,18 +387,9 @@ impl ContainerActor {
                 if !state.can_transition(ContainerState::Running) {
                     return Err(self.not_allowed("start needs a created container"));
                 }
-                let s = &self.init;
                 let msg = CreateContainer {
                     container_id: self.id.clone(),
-                    rootfs: s.rootfs.clone(),
-                    read_only: s.read_only,
-                    argv: s.argv.clone(),
-                    env: s.env.clone(),
-                    cwd: s.cwd.clone(),
-                    terminal: s.terminal,
-                    hostname: s.hostname.clone(),
-                    oci_spec_json: s.oci_spec_json.clone(),
-                    volumes: s.volumes.clone(),
+                    ..self.init.clone()
                 };
                 Ok(self.call("CreateContainer", msg))
             }
@@ -709,10 +682,7 @@ impl ContainerActor {
             if pause && self.processes[""].gone {
                 // Its process has exited (the exit is recorded once the output has drained);
                 // a paused one may still be thawed, so that nothing stays frozen.
-                return Err(ContainerError::Exited {
-                    container: self.id.clone(),
-                    exec_id: String::new(),
-                });
+                return Err(ContainerError::Exiting(self.id.clone()));
             }
             let id = self.id.clone();
             Ok(if pause {
@@ -1051,6 +1021,26 @@ mod tests {
         assert_eq!(killed_status(15), 143);
     }
 
+    fn kill(exec_id: impl Into<String>, signal: u32, all: bool) -> Kill {
+        Kill {
+            exec_id: exec_id.into(),
+            signal,
+            all,
+        }
+    }
+
+    fn exited(exec_id: impl Into<String>, exit: ExitInfo) -> ProcessExited {
+        ProcessExited {
+            exec_id: exec_id.into(),
+            exit,
+        }
+    }
+
+    /// Whether `e` refuses the operation because the container is `state`.
+    fn refused_in(e: &ContainerError, state: ContainerState) -> bool {
+        matches!(e, ContainerError::NotAllowed { state: s, .. } if *s == state)
+    }
+
     /// A real Sandbox actor whose VM never started: every agent call fails.
     fn no_vm() -> Addr<SandboxActor> {
         let hv = HypervisorActor::new().start();
@@ -1062,7 +1052,18 @@ mod tests {
             id: "c1".into(),
             bundle: "/b".into(),
             io: ProcessIo::default(),
-            init: InitSpec::default(),
+            init: CreateContainer {
+                container_id: "c1".into(),
+                rootfs: "/b/rootfs".into(),
+                read_only: false,
+                argv: vec!["true".into()],
+                env: Vec::new(),
+                cwd: String::new(),
+                terminal: false,
+                hostname: String::new(),
+                oci_spec_json: String::new(),
+                volumes: Vec::new(),
+            },
             resources,
         };
         ContainerActor::new(setup, no_vm()).with_call_timeout(Duration::from_secs(5))
@@ -1113,51 +1114,20 @@ mod tests {
         let e = a.send(Pause).await.unwrap().unwrap_err();
         assert!(matches!(e, ContainerError::Sandbox(_)), "{e}");
         assert_eq!(a.send(GetContainer).await.unwrap().state, ContainerState::Running);
-        let e = a
-            .send(Kill {
-                exec_id: String::new(),
-                signal: 9,
-                all: true,
-            })
-            .await
-            .unwrap()
-            .unwrap_err();
+        let e = a.send(kill(String::new(), 9, true)).await.unwrap().unwrap_err();
         assert!(matches!(e, ContainerError::Sandbox(_)), "{e}");
         let e = a.send(Resume).await.unwrap().unwrap_err();
-        assert!(
-            matches!(
-                e,
-                ContainerError::NotAllowed {
-                    state: ContainerState::Running,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert!(refused_in(&e, ContainerState::Running), "{e}");
         // The agent reports the exit: pause is refused before the exit is recorded.
         a.send(ProcessGone { exec_id: String::new() }).await.unwrap();
         let e = a.send(Pause).await.unwrap().unwrap_err();
-        assert!(matches!(e, ContainerError::Exited { .. }), "{e}");
+        assert_eq!(e.to_string(), "the process of container c1 has exited");
         assert_eq!(a.send(GetContainer).await.unwrap().state, ContainerState::Running);
         // The exit is recorded: pause is refused, the container is stopped and deletable.
-        a.send(ProcessExited {
-            exec_id: String::new(),
-            exit: EXIT,
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        a.send(exited(String::new(), EXIT)).await.unwrap().unwrap();
         let e = a.send(Pause).await.unwrap().unwrap_err();
         assert_eq!(e.to_string(), "container c1 is stopped: pause needs it running");
-        let e = a
-            .send(Kill {
-                exec_id: String::new(),
-                signal: 9,
-                all: false,
-            })
-            .await
-            .unwrap()
-            .unwrap_err();
+        let e = a.send(kill(String::new(), 9, false)).await.unwrap().unwrap_err();
         assert!(matches!(e, ContainerError::Exited { .. }), "{e}");
         let v = a.send(DeleteContainer).await.unwrap().unwrap();
         assert_eq!(
@@ -1170,15 +1140,7 @@ mod tests {
     async fn kill_before_start_records_the_exit() {
         let a = container(ResourceStack::default()).start();
         let w = a.send(WaitExit { exec_id: String::new() });
-        let k = a
-            .send(Kill {
-                exec_id: String::new(),
-                signal: 9,
-                all: false,
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        let k = a.send(kill(String::new(), 9, false)).await.unwrap().unwrap();
         let Killed::BeforeStart(exit) = k else { panic!("{k:?}") };
         assert_eq!(exit.status, 137);
         assert_eq!(w.await.unwrap().unwrap(), exit);
@@ -1211,13 +1173,7 @@ mod tests {
         // Other requests are answered while the wait is pending.
         assert_eq!(a.send(GetContainer).await.unwrap().state, ContainerState::Running);
         assert!(futures_poll_pending(&mut wait).await);
-        a.send(ProcessExited {
-            exec_id: String::new(),
-            exit: EXIT,
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        a.send(exited(String::new(), EXIT)).await.unwrap().unwrap();
         assert_eq!(wait.await.unwrap().unwrap(), EXIT);
     }
 
@@ -1235,23 +1191,8 @@ mod tests {
         let a = container(ResourceStack::default()).start();
         // No exec before the container runs.
         let e = a.send(exec("e1")).await.unwrap().unwrap_err();
-        assert!(
-            matches!(
-                e,
-                ContainerError::NotAllowed {
-                    state: ContainerState::Created,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        a.send(ProcessExited {
-            exec_id: String::new(),
-            exit: EXIT,
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        assert!(refused_in(&e, ContainerState::Created), "{e}");
+        a.send(exited(String::new(), EXIT)).await.unwrap().unwrap();
 
         let a = running().start();
         assert_eq!(a.send(exec("e1")).await.unwrap().unwrap(), "c1.e1.1");
@@ -1268,29 +1209,14 @@ mod tests {
         assert!(matches!(e, ContainerError::Sandbox(_)), "{e}");
         let p = a.send(GetProcess { exec_id: "e1".into() }).await.unwrap().unwrap();
         assert_eq!((p.state, p.agent_id.as_str()), (ProcessState::Created, "c1.e1.1"));
-        let k = a
-            .send(Kill {
-                exec_id: "e1".into(),
-                signal: 15,
-                all: true,
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        let k = a.send(kill("e1", 15, true)).await.unwrap().unwrap();
         assert!(matches!(k, Killed::BeforeStart(ExitInfo { status: 143, .. })), "{k:?}");
         // A second exit keeps the first.
         let again = ExitInfo {
             status: 9,
             at: SystemTime::now(),
         };
-        let first = a
-            .send(ProcessExited {
-                exec_id: "e1".into(),
-                exit: again,
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        let first = a.send(exited("e1", again)).await.unwrap().unwrap();
         assert_eq!(first.status, 143);
         let (_, got) = a.send(RemoveExec { exec_id: "e1".into() }).await.unwrap().unwrap();
         assert_eq!(got.map(|x| x.status), Some(143));
@@ -1301,16 +1227,7 @@ mod tests {
         assert!(a.send(GetContainer).await.unwrap().execs.is_empty());
         // Still running: not deletable.
         let e = a.send(DeleteContainer).await.unwrap().unwrap_err();
-        assert!(
-            matches!(
-                e,
-                ContainerError::NotAllowed {
-                    state: ContainerState::Running,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert!(refused_in(&e, ContainerState::Running), "{e}");
     }
 
     struct Flag(Arc<AtomicBool>);

@@ -615,7 +615,7 @@ async fn stop_sharefs(sharefs: Option<Addr<ShareFsActor>>) -> bool {
 /// Starts a container whose rootfs is the host directory `rootfs`, shared with the guest over
 /// virtio-fs (ShareFs actor) and set up by the agent. Its process is served by the process
 /// messages under exec id = `container_id`. Replies with the guest pid.
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "Result<u32, SandboxError>")]
 pub struct CreateContainer {
     pub container_id: String,

@@ -11,10 +11,10 @@ use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskIO, Task
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::topics;
 use joey_actors::container::{
-    sandbox_lacks_rpc, ContainerActor, ContainerSetup, DeleteContainer, ExitInfo, InitSpec, Pause, ProcessIo, Resume,
+    sandbox_lacks_rpc, ContainerActor, ContainerSetup, DeleteContainer, ExitInfo, Pause, ProcessIo, Resume,
 };
 use joey_actors::resource::ResourceStack;
-use joey_actors::sandbox::{GetOomEvent, SandboxActor, SandboxError, StartSandbox, StopSandbox};
+use joey_actors::sandbox::{CreateContainer, GetOomEvent, SandboxActor, SandboxError, StartSandbox, StopSandbox};
 
 use super::events::Events;
 use super::resources::HostRootfs;
@@ -148,7 +148,8 @@ impl Inner {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
             io: io.clone(),
-            init: InitSpec {
+            init: CreateContainer {
+                container_id: req.id.clone(),
                 rootfs,
                 read_only: spec.read_only,
                 argv: spec.argv,

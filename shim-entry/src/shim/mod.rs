@@ -56,6 +56,19 @@ fn load_config() -> Result<(joey_config::Config, String), ShimError> {
         .map_err(|e| ShimError::Config(e.to_string()))
 }
 
+/// The shim's sandbox: loads the joey config and starts the sandbox's Hypervisor and Sandbox
+/// actors (the one place that decides the sandbox's configuration). Replies with the Sandbox
+/// actor and its metrics registry, or why there is none (every Create then fails with it).
+fn load_sandbox(
+    sandbox_id: String,
+) -> Result<(actix::Addr<SandboxActor>, Arc<joey_observability::SandboxMetrics>), String> {
+    let (config, origin) = load_config().map_err(|e| e.to_string())?;
+    let hv = HypervisorActor::new().start();
+    let sa = SandboxActor::new(sandbox_id, config, origin, hv);
+    let registry = sa.metrics();
+    Ok((sa.start(), registry))
+}
+
 /// Logs go to containerd's `log` fifo in the bundle (the shim's cwd), when there is a reader,
 /// through the non-blocking [`logwriter::LogWriter`].
 fn init_logging() {
@@ -139,12 +152,7 @@ impl Shim for JoeyShim {
             .await
             .unwrap_or_else(|_| self.id.clone());
         // Called inside the actix system (see `main`): the actors start here.
-        let sandbox = load_config().map_err(|e| e.to_string()).map(|(config, origin)| {
-            let hv = HypervisorActor::new().start();
-            let sa = SandboxActor::new(sandbox_id, config, origin, hv);
-            let registry = sa.metrics();
-            (sa.start(), registry)
-        });
+        let sandbox = load_sandbox(sandbox_id);
         if let Err(e) = &sandbox {
             tracing::error!(error = %e, "no sandbox: the joey config did not load");
         }

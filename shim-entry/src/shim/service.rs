@@ -107,7 +107,10 @@ impl TaskError {
                 ContainerError::InvalidExecId(_) => Code::INVALID_ARGUMENT,
                 ContainerError::Sandbox(e) => sandbox_code(e),
                 ContainerError::Timeout { .. } => Code::DEADLINE_EXCEEDED,
-                ContainerError::ProcessState { .. } | ContainerError::NotAllowed { .. } | ContainerError::State(_) => {
+                ContainerError::ProcessState { .. }
+                | ContainerError::NotAllowed { .. }
+                | ContainerError::Exiting(_)
+                | ContainerError::State(_) => {
                     Code::FAILED_PRECONDITION
                 }
             },
