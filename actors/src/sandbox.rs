@@ -699,7 +699,7 @@ fn teardown_reply<T, E: std::fmt::Display>(what: &str, reply: Result<Result<T, E
 /// Starts a container whose rootfs is the host directory `rootfs`, shared with the guest over
 /// virtio-fs (ShareFs actor) and set up by the agent. Its process is served by the process
 /// messages under exec id = `container_id`. Replies with the guest pid.
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "Result<u32, SandboxError>")]
 pub struct CreateContainer {
     pub container_id: String,

@@ -542,3 +542,67 @@ fn update_changes_the_guest_cgroup_limits() {
     remove(&c, "up");
     c.assert_clean(&["up"]);
 }
+
+/// Pause racing the exit of the container's process: every Pause either succeeds (the task is
+/// PAUSED, the process frozen, and Resume lets it finish; or, as with runc, the exit landed
+/// just after the freeze and the task is STOPPED) or fails because the process has exited;
+/// then the task is STOPPED with the process's status and deletes cleanly. No answer leaves a
+/// frozen container behind an error, or a PAUSED task whose process is gone.
+#[test]
+fn pause_racing_the_exit_keeps_the_state_true() {
+    let c = Containerd::start();
+    c.import_busybox();
+    let _guard = OnPanic { c: &c, ids: &["px"] };
+    let events = c.events();
+    run_detached(&c, "px", &[], &["sh", "-c", "sleep 1; exit 3"]);
+    let t0 = Instant::now();
+    let mut paused = 0;
+    loop {
+        assert!(t0.elapsed() < RUN_TIMEOUT, "pause never failed\n{}", c.log());
+        let o = c.ctr_out(&["task", "pause", "px"]);
+        if !o.status.success() {
+            // The process exited: the task is (or is about to be) STOPPED, never PAUSED.
+            break;
+        }
+        paused += 1;
+        match task_status(&c, "px").as_deref() {
+            Some("PAUSED") => {}
+            Some("STOPPED") => break,
+            s => panic!("after pause {paused}: {s:?}"),
+        }
+        ok(&c.ctr_out(&["task", "resume", "px"]), "ctr task resume", &c);
+        let s = task_status(&c, "px");
+        assert!(matches!(s.as_deref(), Some("RUNNING" | "STOPPED")), "after resume {paused}: {s:?}");
+    }
+    wait_status(&c, "px", "STOPPED");
+    assert_eq!(events.exit_status("px", RUN_TIMEOUT), Some(3), "{:?}", events.about("px"));
+    ok(&c.ctr_out(&["task", "delete", "px"]), "ctr task delete", &c);
+    ok(&c.ctr_out(&["container", "rm", "px"]), "ctr container rm", &c);
+    drop(events);
+    c.assert_clean(&["px"]);
+}
+
+/// Start of a container whose VM died (QEMU killed after the pod's first container started):
+/// Start fails, and the new task stays CREATED instead of being recorded RUNNING; both tasks
+/// delete cleanly and nothing is left.
+#[test]
+fn start_after_the_vm_died_fails_and_the_task_stays_created() {
+    let c = Containerd::start();
+    c.import_busybox();
+    let ann = format!("{POD_ANNOTATION}=podx");
+    let _guard = OnPanic { c: &c, ids: &["v1", "v2"] };
+    run_detached(&c, "v1", &["--annotation", &ann], &["sleep", "300"]);
+    let vms = qemus(&c);
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    sigkill(vms[0].0);
+    // The first container's process is gone with the VM.
+    wait_status(&c, "v1", "STOPPED");
+    let o = ctr_run(&c, &["run", "-d", "--runtime", RUNTIME, "--annotation", &ann, IMAGE, "v2", "sleep", "300"]);
+    assert!(!o.status.success(), "start in a dead VM succeeded: {}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(task_status(&c, "v2").as_deref(), Some("CREATED"), "{}", c.log());
+    for id in ["v2", "v1"] {
+        ok(&c.ctr_out(&["task", "delete", id]), "ctr task delete", &c);
+        ok(&c.ctr_out(&["container", "rm", id]), "ctr container rm", &c);
+    }
+    c.assert_clean(&["podx", "v1", "v2"]);
+}

@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use joey_actors::sandbox::{
-    CloseStdin, CreateContainer, ExecProcess, next_output, SandboxActor, SandboxError, SandboxStarted, StartSandbox, StopSandbox,
+    CloseStdin, CreateContainer, ExecProcess, SandboxActor, SandboxError, SandboxStarted, StartSandbox, StopSandbox,
     WaitProcess, WriteStdin,
 };
 use joey_actors::{AgentError, HypervisorActor, RpcCode};
 use joey_agent_protocol::agent::ExecProcessRequest;
-use tokio::io::AsyncWriteExt as _;
+
+use crate::shim::stdio::{pump_output, PumpOptions, Writer};
 
 use super::{EXIT_BAD_INPUT, EXIT_CANNOT_EXEC, EXIT_NOT_FOUND, EXIT_RUNTIME};
 
@@ -56,7 +57,6 @@ enum Target {
         hostname: Option<String>,
     },
 }
-const READ_CHUNK: u32 = 256 * 1024;
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: RunArgs) -> i32 {
@@ -250,27 +250,12 @@ async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>, target: Target)
     }
 
     let pump = |stderr: bool| {
-        let sb = sb.clone();
-        let exec_id = exec_id.clone();
-        async move {
-            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin> = if stderr {
-                Box::new(tokio::io::stderr())
-            } else {
-                Box::new(tokio::io::stdout())
-            };
-            loop {
-                match next_output(&sb, &exec_id, stderr, READ_CHUNK).await {
-                    Ok(None) => break Ok(()),
-                    Ok(Some(data)) => {
-                        if out.write_all(&data).await.is_err() {
-                            break Ok(());
-                        }
-                        let _ = out.flush().await;
-                    }
-                    Err(e) => break Err(e.to_string()),
-                }
-            }
-        }
+        let out: Writer = if stderr {
+            Box::new(tokio::io::stderr())
+        } else {
+            Box::new(tokio::io::stdout())
+        };
+        pump_output(sb, &exec_id, stderr, Some(out), PumpOptions::TERMINAL)
     };
     let stdin_fwd = {
         let sb = sb.clone();

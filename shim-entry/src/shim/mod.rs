@@ -1,13 +1,17 @@
 //! `containerd-shim-joey-v2`: the containerd shim v2 (task API v2, containerd 1.6/1.7) of joey.
 //! See docs/shim.md.
 
+pub mod cgroup;
 pub mod cleanup;
 pub mod events;
+mod lifecycle;
+pub mod logwriter;
 pub mod mounts;
+mod process;
 pub mod resources;
+pub mod service;
 pub mod spec;
 pub mod stdio;
-pub mod task;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -52,7 +56,21 @@ fn load_config() -> Result<(joey_config::Config, String), ShimError> {
         .map_err(|e| ShimError::Config(e.to_string()))
 }
 
-/// Logs go to containerd's `log` fifo in the bundle (the shim's cwd), when there is a reader.
+/// The shim's sandbox: loads the joey config and starts the sandbox's Hypervisor and Sandbox
+/// actors (the one place that decides the sandbox's configuration). Replies with the Sandbox
+/// actor and its metrics registry, or why there is none (every Create then fails with it).
+fn load_sandbox(
+    sandbox_id: String,
+) -> Result<(actix::Addr<SandboxActor>, Arc<joey_observability::SandboxMetrics>), String> {
+    let (config, origin) = load_config().map_err(|e| e.to_string())?;
+    let hv = HypervisorActor::new().start();
+    let sa = SandboxActor::new(sandbox_id, config, origin, hv);
+    let registry = sa.metrics();
+    Ok((sa.start(), registry))
+}
+
+/// Logs go to containerd's `log` fifo in the bundle (the shim's cwd), when there is a reader,
+/// through the non-blocking [`logwriter::LogWriter`].
 fn init_logging() {
     use std::os::unix::fs::OpenOptionsExt as _;
     let file = std::fs::OpenOptions::new()
@@ -63,13 +81,16 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_target(false);
-    match file {
-        Some(f) => {
-            // Blocking writes from here on (a full pipe must not lose lines).
-            use std::os::fd::AsRawFd as _;
-            let _ = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()));
-            let f = std::sync::Mutex::new(f);
-            let _ = builder.with_writer(f).try_init();
+    let writer = file.and_then(|f| {
+        // Blocking writes, on the writer's own thread only: a full pipe holds that thread, and
+        // the lines queued meanwhile are dropped (and counted) instead of stalling the shim.
+        use std::os::fd::AsRawFd as _;
+        let _ = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()));
+        logwriter::LogWriter::start(f, logwriter::QUEUE_LINES).ok()
+    });
+    match writer {
+        Some(w) => {
+            let _ = builder.with_writer(w).try_init();
         }
         None => {
             let _ = builder.with_writer(std::io::sink).try_init();
@@ -86,7 +107,7 @@ pub struct JoeyShim {
 
 #[async_trait]
 impl Shim for JoeyShim {
-    type T = task::JoeyTask;
+    type T = service::JoeyTask;
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         JoeyShim {
@@ -131,16 +152,11 @@ impl Shim for JoeyShim {
             .await
             .unwrap_or_else(|_| self.id.clone());
         // Called inside the actix system (see `main`): the actors start here.
-        let sandbox = load_config().map_err(|e| e.to_string()).map(|(config, origin)| {
-            let hv = HypervisorActor::new().start();
-            let sa = SandboxActor::new(sandbox_id, config, origin, hv);
-            let registry = sa.metrics();
-            (sa.start(), registry)
-        });
+        let sandbox = load_sandbox(sandbox_id);
         if let Err(e) = &sandbox {
             tracing::error!(error = %e, "no sandbox: the joey config did not load");
         }
-        task::JoeyTask::new(sandbox, self.namespace.clone(), publisher, self.exit.clone())
+        service::JoeyTask::new(sandbox, self.namespace.clone(), publisher, self.exit.clone())
     }
 }
 

@@ -1,7 +1,8 @@
 //! containerd's stdio fifos ↔ the agent's process streams.
 //!
 //! stdout/stderr: `ReadOutput` until EOF (empty reply), written to the fifo (or discarded when
-//! containerd gave none, so that the guest never blocks on a full pipe). stdin: the fifo is
+//! containerd gave none, so that the guest never blocks on a full pipe) by [`pump_output`],
+//! the one output pump, which `joeyctl run` uses too. stdin: the fifo is
 //! forwarded with `WriteStdin`; on CloseIO(stdin) what is still buffered in the fifo is drained
 //! and forwarded before `CloseStdin`, so nothing written before the close is lost.
 //!
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
-use joey_actors::sandbox::{next_output, CloseStdin, SandboxActor, WriteStdin};
+use joey_actors::sandbox::{next_output, CloseStdin, SandboxActor, SandboxError, WriteStdin};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Notify;
 
@@ -52,12 +53,16 @@ pub enum OutputSink {
     File(tokio::fs::File),
 }
 
+/// A writer [`pump_output`] takes.
+pub type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
 impl OutputSink {
-    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+    /// The writer to pump to (None: discard).
+    pub fn into_writer(self) -> Option<Writer> {
         match self {
-            OutputSink::None => Ok(()),
-            OutputSink::Pipe(p) => p.write_all(data).await,
-            OutputSink::File(f) => f.write_all(data).await,
+            OutputSink::None => None,
+            OutputSink::Pipe(p) => Some(Box::new(p)),
+            OutputSink::File(f) => Some(Box::new(f)),
         }
     }
 }
@@ -230,37 +235,73 @@ fn open_writer(path: &str) -> Result<tokio::net::unix::pipe::Sender, StdioError>
         })
 }
 
-/// Copies the process's stdout (or stderr) to `sink` until EOF.
-pub async fn pump_output(sb: Addr<SandboxActor>, exec_id: String, stderr: bool, sink: OutputSink) {
-    let mut fifo = match sink {
-        OutputSink::None => None,
-        s => Some(s),
+/// How [`pump_output`] treats its writer.
+#[derive(Debug, Clone, Copy)]
+pub struct PumpOptions {
+    /// Bound of one write: a writer that takes longer is given up.
+    pub write_timeout: Option<Duration>,
+    /// Flush after every chunk (a terminal); the writer is always flushed at the end.
+    pub flush_each: bool,
+}
+
+impl PumpOptions {
+    /// containerd's fifos and log files: a reader that stops reading is given up.
+    pub const CONTAINERD: PumpOptions = PumpOptions {
+        write_timeout: Some(FIFO_WRITE_TIMEOUT),
+        flush_each: false,
     };
+    /// `joeyctl run`'s own stdout/stderr: waits for the terminal, flushes every chunk.
+    pub const TERMINAL: PumpOptions = PumpOptions {
+        write_timeout: None,
+        flush_each: true,
+    };
+}
+
+/// The one process-output pump (the shim and `joeyctl run`): reads the process's stdout (or
+/// stderr) through the Sandbox actor until EOF and writes it to `out`. A writer that fails (or
+/// exceeds the write timeout) is given up, and the rest is read and discarded so that the
+/// process never blocks on a full pipe; `out` None discards everything. Ends at EOF, or with
+/// the error of a failed read.
+pub async fn pump_output(
+    sb: &Addr<SandboxActor>,
+    exec_id: &str,
+    stderr: bool,
+    mut out: Option<Writer>,
+    opts: PumpOptions,
+) -> Result<(), SandboxError> {
     loop {
-        match next_output(&sb, &exec_id, stderr, READ_CHUNK).await {
-            Ok(None) => break,
-            Ok(Some(data)) => {
-                if let Some(f) = fifo.as_mut() {
-                    match tokio::time::timeout(FIFO_WRITE_TIMEOUT, f.write_all(&data)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, stderr, "writing to containerd's fifo failed; discarding the rest");
-                            fifo = None;
-                        }
-                        Err(_) => {
-                            tracing::warn!(stderr, "containerd's fifo is not read; discarding the rest");
-                            fifo = None;
-                        }
-                    }
-                }
+        let Some(data) = next_output(sb, exec_id, stderr, READ_CHUNK).await? else { break };
+        let Some(w) = out.as_mut() else { continue };
+        let write = async {
+            w.write_all(&data).await?;
+            if opts.flush_each {
+                w.flush().await?;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, stderr, "reading process output failed");
-                break;
-            }
+            Ok::<(), std::io::Error>(())
+        };
+        let r = match opts.write_timeout {
+            Some(t) => tokio::time::timeout(t, write).await.unwrap_or_else(|_| {
+                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("not read for {t:?}")))
+            }),
+            None => write.await,
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, stderr, "writing process output failed; discarding the rest");
+            out = None;
         }
     }
-    // Dropping the fifo closes our (only) write end: containerd sees EOF.
+    if let Some(w) = out.as_mut() {
+        let _ = w.flush().await;
+    }
+    Ok(())
+    // Dropping the writer closes our (only) write end: the reader sees EOF.
+}
+
+/// Copies the process's stdout (or stderr) to containerd's `sink` until EOF.
+pub async fn pump_to_containerd(sb: Addr<SandboxActor>, exec_id: String, stderr: bool, sink: OutputSink) {
+    if let Err(e) = pump_output(&sb, &exec_id, stderr, sink.into_writer(), PumpOptions::CONTAINERD).await {
+        tracing::warn!(error = %e, stderr, "reading process output failed");
+    }
 }
 
 /// Forwards the stdin fifo at `path` to the process until CloseIO(stdin) (`closed`); then drains
@@ -379,11 +420,10 @@ mod tests {
             let p = d.path().join("a/b/c.log");
             let uri = format!("file://{}", p.display());
             for chunk in [&b"one\n"[..], b"two\n"] {
-                let (mut o, _) = open_outputs(&io(&uri, ""), "c", "ns").await.unwrap();
+                let (o, _) = open_outputs(&io(&uri, ""), "c", "ns").await.unwrap();
+                let mut o = o.into_writer().unwrap();
                 o.write_all(chunk).await.unwrap();
-                if let OutputSink::File(f) = &mut o {
-                    f.flush().await.unwrap();
-                }
+                o.flush().await.unwrap();
             }
             assert_eq!(std::fs::read_to_string(&p).unwrap(), "one\ntwo\n");
         });
