@@ -5,7 +5,7 @@
 //! timeout), then scrapes without the actor: the guest metrics from the agent (bounded by
 //! `metrics.agent_timeout_ms`), the device and vCPU counters from the Hypervisor actor (bounded
 //! by [`VM_COUNTERS_TIMEOUT`]; they include the virtio-fs device's), and the process stats on
-//! the blocking pool. Task RPCs never wait on metrics, and a busy actor only costs [`SOURCES_TIMEOUT`].
+//! the blocking pool. Task RPCs never wait on metrics, and a busy actor only costs the reply timeout (`metrics.agent_timeout_ms` + 300 ms; then 503).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +20,6 @@ use crate::hypervisor::counters::GetVmCounters;
 use crate::hypervisor::HypervisorActor;
 use crate::sandbox::{GetMetrics, SandboxActor};
 
-/// How long a scrape waits for the Sandbox actor to hand out the [`ScrapeSources`] (it is busy
-/// while the sandbox starts or stops); then the answer is 503.
-pub const SOURCES_TIMEOUT: Duration = Duration::from_millis(800);
 /// How long a scrape waits for the Hypervisor actor's counters (busy while the VM starts or
 /// stops); then the device and vCPU families are skipped.
 pub const VM_COUNTERS_TIMEOUT: Duration = Duration::from_millis(100);
@@ -135,7 +132,13 @@ pub async fn scrape(s: ScrapeSources) -> Result<String, MetricsError> {
 
 /// Serves `GET /metrics` for the sandbox `sb` on `<sandbox_state_dir>/metrics.sock` (see
 /// [`crate::sandbox::serve_metrics`]).
-pub fn serve(sb: &Addr<SandboxActor>, sandbox_state_dir: &std::path::Path) -> Result<UnixServer, HttpError> {
+/// `reply_timeout`: how long a scrape waits for the Sandbox actor to hand out the
+/// [`ScrapeSources`] (it is busy while the sandbox starts or stops); then the answer is 503.
+pub fn serve(
+    sb: &Addr<SandboxActor>,
+    sandbox_state_dir: &std::path::Path,
+    reply_timeout: Duration,
+) -> Result<UnixServer, HttpError> {
     let sb = sb.clone();
     let handler: joey_observability::http::Handler = Arc::new(move |path: String| {
         let sb = sb.clone();
@@ -143,7 +146,7 @@ pub fn serve(sb: &Addr<SandboxActor>, sandbox_state_dir: &std::path::Path) -> Re
             if path != "/metrics" {
                 return Response::text(404, "not found; try /metrics\n");
             }
-            let sources = match tokio::time::timeout(SOURCES_TIMEOUT, sb.send(GetMetrics)).await {
+            let sources = match tokio::time::timeout(reply_timeout, sb.send(GetMetrics)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return Response::text(503, format!("sandbox actor: {e}\n")),
                 Err(_) => return Response::text(503, "sandbox busy\n"),

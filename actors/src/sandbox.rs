@@ -42,6 +42,9 @@ pub enum SandboxError {
     Mailbox(String),
     #[error("blocking task failed: {0}")]
     Task(String),
+    /// An `io.joey.config.*` annotation that may not apply (docs/config.md).
+    #[error(transparent)]
+    Annotation(#[from] joey_config::AnnotationError),
 }
 
 impl SandboxError {
@@ -49,7 +52,9 @@ impl SandboxError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            SandboxError::BadInput(_) | SandboxError::Hypervisor(HypervisorError::QemuNotFound(_))
+            SandboxError::BadInput(_)
+                | SandboxError::Annotation(_)
+                | SandboxError::Hypervisor(HypervisorError::QemuNotFound(_))
         ) || matches!(self, SandboxError::Hypervisor(h) if h.is_bad_input())
     }
 }
@@ -74,6 +79,9 @@ pub struct SandboxStarted {
     pub kernel_release: String,
     pub vm_pid: u32,
     pub state_dir: PathBuf,
+    /// How long the metrics endpoint waits for this actor (`metrics.reply_timeout()` of the
+    /// sandbox's config): pass it to [`serve_metrics`].
+    pub metrics_reply_timeout: Duration,
 }
 
 /// What a stopped sandbox reports.
@@ -90,6 +98,14 @@ pub struct StartSandbox;
 #[derive(Message)]
 #[rtype(result = "Result<SandboxStopped, SandboxError>")]
 pub struct StopSandbox;
+
+/// A container's OCI annotations: its `io.joey.config.*` overrides (docs/config.md) become this
+/// sandbox's config while the sandbox is still `Created` (before [`StartSandbox`] sizes the
+/// VM); once it has started they are only checked, as the running VM cannot change. Refused
+/// ones are [`SandboxError::Annotation`], naming the annotation; nothing changes then.
+#[derive(Message)]
+#[rtype(result = "Result<(), SandboxError>")]
+pub struct ApplyAnnotations(pub Vec<(String, String)>);
 
 #[derive(Message)]
 #[rtype(result = "SandboxState")]
@@ -353,6 +369,19 @@ impl Handler<GetState> for SandboxActor {
     }
 }
 
+impl Handler<ApplyAnnotations> for SandboxActor {
+    type Result = Result<(), SandboxError>;
+
+    fn handle(&mut self, msg: ApplyAnnotations, _: &mut Context<Self>) -> Self::Result {
+        let cfg = self.config.with_annotations(msg.0.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        if self.state == SandboxState::Created && cfg != self.config {
+            tracing::info!(sandbox = %self.id, "config overridden by annotations");
+            self.config = cfg;
+        }
+        Ok(())
+    }
+}
+
 impl Handler<StartSandbox> for SandboxActor {
     type Result = AtomicResponse<Self, Result<SandboxStarted, SandboxError>>;
 
@@ -460,6 +489,7 @@ impl SandboxActor {
                             kernel_release: version.kernel_release,
                             vm_pid: vm.pid,
                             state_dir: state_dir.clone(),
+                            metrics_reply_timeout: act.config.metrics.reply_timeout(),
                         }),
                         Err(e) => Err(e.into()),
                     }
@@ -788,11 +818,14 @@ impl Handler<GetMetrics> for SandboxActor {
 /// Serves `GET /metrics` for the sandbox on `<state_dir>/metrics.sock` (the sandbox's own state
 /// dir) on a task of the current tokio runtime, until the returned server is dropped. Each
 /// scrape sends [`GetMetrics`] and answers 503 if the actor does not reply in time.
+/// `reply_timeout` is `metrics.reply_timeout()` of the sandbox's config (the agent timeout
+/// plus 300 ms, docs/metrics.md).
 pub fn serve_metrics(
     sb: &Addr<SandboxActor>,
     sandbox_state_dir: &std::path::Path,
+    reply_timeout: Duration,
 ) -> Result<joey_observability::http::UnixServer, joey_observability::http::HttpError> {
-    crate::metrics::serve(sb, sandbox_state_dir)
+    crate::metrics::serve(sb, sandbox_state_dir, reply_timeout)
 }
 
 #[cfg(test)]

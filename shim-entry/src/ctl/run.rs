@@ -153,7 +153,7 @@ async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -
     };
 
     // GET /metrics on <state_dir>/<id>/metrics.sock while the sandbox runs (see docs/metrics.md).
-    let metrics_server = match joey_actors::sandbox::serve_metrics(&sb, &started.state_dir) {
+    let metrics_server = match joey_actors::sandbox::serve_metrics(&sb, &started.state_dir, started.metrics_reply_timeout) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "metrics endpoint unavailable");

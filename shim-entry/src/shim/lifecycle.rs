@@ -14,7 +14,9 @@ use joey_actors::container::{
     sandbox_lacks_rpc, ContainerActor, ContainerSetup, DeleteContainer, ExitInfo, Pause, ProcessIo, Resume,
 };
 use joey_actors::resource::ResourceStack;
-use joey_actors::sandbox::{CreateContainer, GetOomEvent, SandboxActor, SandboxError, StartSandbox, StopSandbox};
+use joey_actors::sandbox::{
+    ApplyAnnotations, CreateContainer, GetOomEvent, SandboxActor, SandboxError, StartSandbox, StopSandbox,
+};
 
 use super::events::Events;
 use super::resources::HostRootfs;
@@ -81,7 +83,8 @@ impl Inner {
         // Binding touches the filesystem: on the blocking pool (which has the runtime's context,
         // so the endpoint's accept loop is spawned on the runtime).
         let (msb, dir) = (sb.clone(), started.state_dir.clone());
-        match tokio::task::spawn_blocking(move || joey_actors::sandbox::serve_metrics(&msb, &dir)).await {
+        let reply_timeout = started.metrics_reply_timeout;
+        match tokio::task::spawn_blocking(move || joey_actors::sandbox::serve_metrics(&msb, &dir, reply_timeout)).await {
             Ok(Ok(server)) => slot.metrics_server = Some(server),
             Ok(Err(e)) => tracing::warn!(error = %e, "metrics endpoint unavailable"),
             Err(e) => tracing::warn!(error = %e, "metrics endpoint unavailable"),
@@ -126,6 +129,9 @@ impl Inner {
             terminal: req.terminal,
         };
         stdio::check_outputs(&io)?;
+        // `io.joey.config.*` overrides: they size the VM when this container starts it, and are
+        // checked (refused ones name themselves, INVALID_ARGUMENT) before anything is set up.
+        sb.send(ApplyAnnotations(spec.annotations.clone())).await??;
         let rootfs = bundle.join("rootfs");
         let mut resources = ResourceStack::default();
         if !req.rootfs.is_empty() {

@@ -61,8 +61,9 @@ fn load_config() -> Result<(joey_config::Config, String), ShimError> {
 /// actor and its metrics registry, or why there is none (every Create then fails with it).
 fn load_sandbox(
     sandbox_id: String,
+    loaded: Result<(joey_config::Config, String), ShimError>,
 ) -> Result<(actix::Addr<SandboxActor>, Arc<joey_observability::SandboxMetrics>), String> {
-    let (config, origin) = load_config().map_err(|e| e.to_string())?;
+    let (config, origin) = loaded.map_err(|e| e.to_string())?;
     let hv = HypervisorActor::new().start();
     let sa = SandboxActor::new(sandbox_id, config, origin, hv);
     let registry = sa.metrics();
@@ -70,17 +71,17 @@ fn load_sandbox(
 }
 
 /// Logs go to containerd's `log` fifo in the bundle (the shim's cwd), when there is a reader,
-/// through the non-blocking [`logwriter::LogWriter`].
-fn init_logging() {
+/// through the non-blocking [`logwriter::LogWriter`], at `level` (`runtime.log_level`, see
+/// [`crate::logging`]).
+fn init_logging(level: &str) {
     use std::os::unix::fs::OpenOptionsExt as _;
     let file = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK)
         .open("log")
         .ok();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(crate::logging::filter(level)).with_ansi(false).with_target(false);
     let writer = file.and_then(|f| {
         // Blocking writes, on the writer's own thread only: a full pipe holds that thread, and
         // the lines queued meanwhile are dropped (and counted) instead of stalling the shim.
@@ -100,6 +101,8 @@ fn init_logging() {
 
 pub struct JoeyShim {
     id: String,
+    /// containerd runs its shims with `-debug` when it logs at debug level itself.
+    debug: bool,
     namespace: String,
     bundle: String,
     exit: Arc<ExitSignal>,
@@ -112,6 +115,7 @@ impl Shim for JoeyShim {
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         JoeyShim {
             id: args.id.clone(),
+            debug: args.debug,
             namespace: args.namespace.clone(),
             bundle: args.bundle.clone(),
             exit: Arc::new(ExitSignal::default()),
@@ -144,7 +148,9 @@ impl Shim for JoeyShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        init_logging();
+        let loaded = load_config();
+        let level = loaded.as_ref().map_or("info", |(c, _)| c.runtime.log_level.as_str());
+        init_logging(if self.debug { crate::logging::at_least(level, "debug") } else { level });
         // The sandbox (and its state dir) is named after the pod: the grouping id of the first
         // container, which every container of the pod shares (and `delete` finds again).
         let (id, bundle) = (self.id.clone(), if self.bundle.is_empty() { ".".into() } else { self.bundle.clone() });
@@ -152,7 +158,7 @@ impl Shim for JoeyShim {
             .await
             .unwrap_or_else(|_| self.id.clone());
         // Called inside the actix system (see `main`): the actors start here.
-        let sandbox = load_sandbox(sandbox_id);
+        let sandbox = load_sandbox(sandbox_id, loaded);
         if let Err(e) = &sandbox {
             tracing::error!(error = %e, "no sandbox: the joey config did not load");
         }

@@ -30,6 +30,8 @@ pub struct ContainerSpec {
     pub read_only: bool,
     /// `io.kubernetes.cri.sandbox-id`, if any.
     pub sandbox_id: Option<String>,
+    /// The spec's annotations (the `io.joey.config.*` ones are config overrides, docs/config.md).
+    pub annotations: Vec<(String, String)>,
     /// The whole spec as parsed JSON (validated by `oci-spec`), for [`translate`].
     pub raw: Value,
     /// Where the spec came from (for messages).
@@ -181,7 +183,11 @@ pub fn parse(bytes: &[u8], path: &str) -> Result<ContainerSpec, SpecError> {
         .and_then(|a| a.get(CRI_SANDBOX_ID))
         .filter(|s| !s.is_empty())
         .cloned();
+    let mut annotations: Vec<(String, String)> =
+        spec.annotations().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect();
+    annotations.sort();
     Ok(ContainerSpec {
+        annotations,
         argv,
         env: process.env().clone().unwrap_or_default(),
         cwd: process.cwd().display().to_string(),
