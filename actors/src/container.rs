@@ -12,7 +12,6 @@
 //! not hold the actor.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -34,49 +33,21 @@ pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound of each agent or actor call of the guest container's cleanup (Delete).
 const CLEANUP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Lifecycle of a container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ContainerState {
-    /// Resources set up, init process not started.
-    Created,
-    Running,
-    /// Frozen by the agent (cgroup.freeze).
-    Paused,
-    /// The init process exited (or was killed before it started).
-    Stopped,
-}
-
-impl fmt::Display for ContainerState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ContainerState::Created => "created",
-            ContainerState::Running => "running",
-            ContainerState::Paused => "paused",
-            ContainerState::Stopped => "stopped",
-        })
+crate::state_machine! {
+    /// Lifecycle of a container.
+    pub enum ContainerState: "container" {
+        /// Resources set up, init process not started.
+        Created => "created",
+        Running => "running",
+        /// Frozen by the agent (cgroup.freeze).
+        Paused => "paused",
+        /// The init process exited (or was killed before it started).
+        Stopped => "stopped",
     }
-}
-
-impl ContainerState {
-    pub fn can_transition(self, to: ContainerState) -> bool {
-        use ContainerState::*;
-        matches!(
-            (self, to),
-            (Created, Running) | (Created, Stopped) | (Running, Paused) | (Paused, Running) | (Running, Stopped) | (Paused, Stopped)
-        )
-    }
-
-    pub fn transition(&mut self, to: ContainerState) -> Result<(), InvalidTransition> {
-        if self.can_transition(to) {
-            *self = to;
-            Ok(())
-        } else {
-            Err(InvalidTransition {
-                what: "container",
-                from: self.to_string(),
-                to: to.to_string(),
-            })
-        }
+    transitions {
+        Created => Running | Stopped,
+        Running => Paused | Stopped,
+        Paused => Running | Stopped,
     }
 }
 
@@ -133,21 +104,16 @@ pub fn sandbox_lacks_rpc(e: &SandboxError) -> bool {
     )
 }
 
-/// Lifecycle of one process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProcessState {
-    Created,
-    Running,
-    Stopped,
-}
-
-impl fmt::Display for ProcessState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ProcessState::Created => "created",
-            ProcessState::Running => "running",
-            ProcessState::Stopped => "stopped",
-        })
+crate::state_machine! {
+    /// Lifecycle of one process.
+    pub enum ProcessState: "process" {
+        Created => "created",
+        Running => "running",
+        Stopped => "stopped",
+    }
+    transitions {
+        Created => Running | Stopped,
+        Running => Stopped,
     }
 }
 
@@ -407,8 +373,8 @@ impl ContainerActor {
             }));
         }
         let p = self.process(exec_id)?;
+        p.state.transition(ProcessState::Running)?;
         p.pid = pid;
-        p.state = ProcessState::Running;
         Ok(pid)
     }
 
@@ -419,7 +385,7 @@ impl ContainerActor {
         if let Some(e) = *p.exit_tx.borrow() {
             return Ok(e);
         }
-        p.state = ProcessState::Stopped;
+        p.state.transition(ProcessState::Stopped)?;
         p.pumps.clear();
         p.exit_tx.send_replace(Some(exit));
         if exec_id.is_empty() && self.state != ContainerState::Stopped {
