@@ -191,6 +191,44 @@ pub fn signal_used(name: &str, vring: &VringRwLock, index: usize, used: bool) {
     }
 }
 
+/// The part of `VhostUserBackendMut` that every joey backend implements the same way, expanded
+/// inside its `impl VhostUserBackendMut for …` block: the associated types, the queue count and
+/// size (`NUM_QUEUES`, `MAX_QUEUE_SIZE` in scope at the call site), `set_event_idx`,
+/// `update_memory` and `exit_event`. The backend needs the fields `mem:
+/// Option<GuestMemory>`, `event_idx: bool` and `exit_events: ExitEvents`; `$name` names it in
+/// logs.
+macro_rules! backend_plumbing {
+    ($name:expr) => {
+        type Bitmap = ();
+        type Vring = vhost_user_backend::VringRwLock;
+
+        fn num_queues(&self) -> usize {
+            NUM_QUEUES
+        }
+
+        fn max_queue_size(&self) -> usize {
+            MAX_QUEUE_SIZE as usize
+        }
+
+        fn set_event_idx(&mut self, enabled: bool) {
+            self.event_idx = enabled;
+        }
+
+        fn update_memory(&mut self, mem: $crate::devices::vhost_user_server::GuestMemory) -> std::io::Result<()> {
+            self.mem = Some(mem);
+            Ok(())
+        }
+
+        fn exit_event(
+            &self,
+            _thread_index: usize,
+        ) -> Option<(vmm_sys_util::event::EventConsumer, vmm_sys_util::event::EventNotifier)> {
+            self.exit_events.create($name)
+        }
+    };
+}
+pub(crate) use backend_plumbing;
+
 /// Errors with [`VhostUserError::PathExists`] if something exists at `path`.
 pub fn ensure_free(path: &Path) -> Result<(), VhostUserError> {
     if path.symlink_metadata().is_ok() {

@@ -27,7 +27,6 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::device::{process_queue, MAX_QUEUE_SIZE, NUM_QUEUES};
 use super::filesystem::{new_server, FsServer};
@@ -35,7 +34,8 @@ use super::metrics::FsMetrics;
 use super::{FsConfig, FsError};
 pub use crate::devices::vhost_user_server::VhostUserError;
 use crate::devices::vhost_user_server::{
-    ensure_free, process_vring, signal_used, ExitEvents, GuestMemory, ServedBackend, ServerHandle,
+    backend_plumbing, ensure_free, process_vring, signal_used, ExitEvents, GuestMemory, ServedBackend,
+    ServerHandle,
     VhostUserServer,
 };
 
@@ -87,16 +87,9 @@ impl FsBackend {
 }
 
 impl VhostUserBackendMut for FsBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    backend_plumbing!(NAME);
 
-    fn num_queues(&self) -> usize {
-        NUM_QUEUES
-    }
 
-    fn max_queue_size(&self) -> usize {
-        MAX_QUEUE_SIZE as usize
-    }
 
     fn features(&self) -> u64 {
         (1u64 << VIRTIO_F_VERSION_1)
@@ -109,19 +102,8 @@ impl VhostUserBackendMut for FsBackend {
         VhostUserProtocolFeatures::MQ
     }
 
-    fn set_event_idx(&mut self, enabled: bool) {
-        // EVENT_IDX is not offered; kept for completeness.
-        self.event_idx = enabled;
-    }
 
-    fn update_memory(&mut self, mem: GuestMemory) -> io::Result<()> {
-        self.mem = Some(mem);
-        Ok(())
-    }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exit_events.create(NAME)
-    }
 
     fn handle_event(
         &mut self,

@@ -27,7 +27,6 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::device::{NetQueues, MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 use super::metrics::NetMetrics;
@@ -36,7 +35,8 @@ use super::tap::Tap;
 use super::virtio::{config_space, AVAIL_FEATURES, CONFIG_LEN};
 use super::{NetConfig, NetError};
 use crate::devices::vhost_user_server::{
-    ensure_free, process_vring, signal_used, ExitEvents, GuestMemory, ServedBackend, ServerHandle,
+    backend_plumbing, ensure_free, process_vring, signal_used, ExitEvents, GuestMemory, ServedBackend,
+    ServerHandle,
     VhostUserServer,
 };
 
@@ -132,16 +132,9 @@ impl NetBackend {
 }
 
 impl VhostUserBackendMut for NetBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    backend_plumbing!(NAME);
 
-    fn num_queues(&self) -> usize {
-        NUM_QUEUES
-    }
 
-    fn max_queue_size(&self) -> usize {
-        MAX_QUEUE_SIZE as usize
-    }
 
     fn features(&self) -> u64 {
         AVAIL_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -153,10 +146,6 @@ impl VhostUserBackendMut for NetBackend {
         VhostUserProtocolFeatures::MQ
     }
 
-    fn set_event_idx(&mut self, enabled: bool) {
-        // EVENT_IDX is not offered; kept for completeness.
-        self.event_idx = enabled;
-    }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let (offset, size) = (offset as usize, size as usize);
@@ -166,14 +155,7 @@ impl VhostUserBackendMut for NetBackend {
         }
     }
 
-    fn update_memory(&mut self, mem: GuestMemory) -> io::Result<()> {
-        self.mem = Some(mem);
-        Ok(())
-    }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exit_events.create(NAME)
-    }
 
     fn handle_event(
         &mut self,

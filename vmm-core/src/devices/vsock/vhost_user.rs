@@ -22,14 +22,14 @@ use vhost_user_backend::{VhostUserBackendMut, VringRwLock};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::device::{VsockDevice, MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 use super::metrics::VsockMetrics;
 use super::{VsockConfig, VsockError};
 pub use crate::devices::vhost_user_server::VhostUserError;
 use crate::devices::vhost_user_server::{
-    ensure_free, process_vring, signal_used, ExitEvents, GuestMemory, ServedBackend, ServerHandle,
+    backend_plumbing, ensure_free, process_vring, signal_used, ExitEvents, GuestMemory, ServedBackend,
+    ServerHandle,
     VhostUserServer,
 };
 
@@ -92,16 +92,9 @@ impl VsockBackend {
 }
 
 impl VhostUserBackendMut for VsockBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    backend_plumbing!(NAME);
 
-    fn num_queues(&self) -> usize {
-        NUM_QUEUES
-    }
 
-    fn max_queue_size(&self) -> usize {
-        MAX_QUEUE_SIZE as usize
-    }
 
     fn features(&self) -> u64 {
         (1u64 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -111,9 +104,6 @@ impl VhostUserBackendMut for VsockBackend {
         VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
     }
 
-    fn set_event_idx(&mut self, enabled: bool) {
-        self.event_idx = enabled;
-    }
 
     fn reset_device(&mut self) {
         // The guest driver forgot all connections; so do we (host streams get closed).
@@ -124,14 +114,7 @@ impl VhostUserBackendMut for VsockBackend {
         self.device.read_config(offset, size)
     }
 
-    fn update_memory(&mut self, mem: GuestMemory) -> io::Result<()> {
-        self.mem = Some(mem);
-        Ok(())
-    }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exit_events.create(NAME)
-    }
 
     fn handle_event(
         &mut self,
