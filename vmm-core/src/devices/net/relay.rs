@@ -346,13 +346,11 @@ impl RelayHandle {
         let Some(thread) = self.thread.take() else {
             return Ok(());
         };
-        while !thread.is_finished() {
-            if Instant::now() >= deadline {
-                self.stop();
-                self.thread = Some(thread);
-                return Err(RelayError::JoinTimeout(timeout));
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !crate::thread::wait_finished(&thread, left) {
+            self.stop();
+            self.thread = Some(thread);
+            return Err(RelayError::JoinTimeout(timeout));
         }
         thread.join().map_err(|_| RelayError::Panicked)?
     }
