@@ -1,0 +1,346 @@
+//! Netlink work inside the pod's network namespace: the thread that enters it, bounded netlink
+//! requests, and the plumbing of one interface (tap + ingress qdiscs + mirred redirect filters,
+//! Kata's tcfilter model) with its undo.
+//!
+//! A netlink socket belongs to the namespace of the thread that creates it, and so does a tap:
+//! every piece of work runs on a fresh thread that `setns`-ed into the pod netns and drives a
+//! current-thread tokio runtime ([`in_netns`]); the caller (a blocking-pool thread) waits for it
+//! with a bound. Every netlink request inside is bounded too ([`OP_TIMEOUT`]).
+
+use std::fs::File;
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::{Stream, TryStreamExt};
+use joey_vmm_core::devices::net::Tap;
+use rtnetlink::{Handle, LinkUnspec};
+
+use super::{InterfaceInfo, NetworkError};
+
+/// Bound of one netlink request (or dump).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound of one piece of work in the netns (a scan, or the plumbing of one interface): a few
+/// bounded requests.
+pub const NETNS_TIMEOUT: Duration = Duration::from_secs(30);
+/// The ingress qdisc's handle (`ffff:`), also the parent of the filters attached to it.
+pub const INGRESS_HANDLE: u32 = 0xffff_0000;
+
+/// A netlink connection inside the pod netns (only valid on the thread of [`in_netns`]).
+pub struct Netlink {
+    pub(crate) handle: Handle,
+    pub(crate) netns: PathBuf,
+}
+
+impl Netlink {
+    /// Runs one request, bounded by [`OP_TIMEOUT`]; errors name the netns, the interface and
+    /// the operation.
+    pub async fn run<T>(
+        &self,
+        interface: &str,
+        op: &'static str,
+        request: impl Future<Output = Result<T, rtnetlink::Error>>,
+    ) -> Result<T, NetworkError> {
+        match tokio::time::timeout(OP_TIMEOUT, request).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => Err(NetworkError::Netlink {
+                netns: self.netns.clone(),
+                interface: interface.to_string(),
+                op,
+                source: Box::new(source),
+            }),
+            Err(_) => Err(NetworkError::Timeout {
+                netns: self.netns.clone(),
+                what: format!("{op} ({interface})"),
+                timeout: OP_TIMEOUT,
+            }),
+        }
+    }
+
+    /// Collects a dump, bounded by [`OP_TIMEOUT`].
+    pub async fn dump<T>(
+        &self,
+        op: &'static str,
+        stream: impl Stream<Item = Result<T, rtnetlink::Error>>,
+    ) -> Result<Vec<T>, NetworkError> {
+        self.run("*", op, stream.try_collect::<Vec<T>>()).await
+    }
+
+    /// The index of the link `name`.
+    pub async fn link_index(&self, name: &str) -> Result<u32, NetworkError> {
+        let links = self
+            .dump(
+                "get link",
+                self.handle
+                    .link()
+                    .get()
+                    .match_name(name.to_string())
+                    .execute(),
+            )
+            .await?;
+        links
+            .first()
+            .map(|l| l.header.index)
+            .ok_or_else(|| NetworkError::Missing {
+                netns: self.netns.clone(),
+                interface: name.to_string(),
+            })
+    }
+}
+
+/// Runs `work` on a fresh thread that entered the network namespace `netns`, with a netlink
+/// connection made there; waits at most [`NETNS_TIMEOUT`] for its result. Blocking: call it from
+/// the blocking pool or a thread of its own.
+pub fn in_netns<T, F, Fut>(netns: &Path, what: &str, work: F) -> Result<T, NetworkError>
+where
+    T: Send + 'static,
+    F: FnOnce(Netlink) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, NetworkError>>,
+{
+    let path = netns.to_path_buf();
+    let ns = File::open(netns).map_err(|source| NetworkError::NetnsOpen {
+        netns: path.clone(),
+        source,
+    })?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let thread_path = path.clone();
+    std::thread::Builder::new()
+        .name("joey-netns".into())
+        .spawn(move || {
+            let _ = tx.send(enter_and_run(ns, thread_path, work));
+        })
+        .map_err(|source| NetworkError::Thread {
+            netns: path.clone(),
+            source,
+        })?;
+    match rx.recv_timeout(NETNS_TIMEOUT) {
+        Ok(r) => r,
+        Err(_) => Err(NetworkError::Timeout {
+            netns: path,
+            what: what.to_string(),
+            timeout: NETNS_TIMEOUT,
+        }),
+    }
+}
+
+/// The body of the thread of [`in_netns`].
+fn enter_and_run<T, F, Fut>(ns: File, netns: PathBuf, work: F) -> Result<T, NetworkError>
+where
+    F: FnOnce(Netlink) -> Fut,
+    Fut: Future<Output = Result<T, NetworkError>>,
+{
+    // SAFETY: setns(2) with a namespace fd we own; it changes only this thread's network
+    // namespace, and this thread ends when the work is done.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(NetworkError::NetnsEnter {
+            netns,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| NetworkError::Thread {
+            netns: netns.clone(),
+            source,
+        })?;
+    rt.block_on(async move {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|source| NetworkError::Connection {
+                netns: netns.clone(),
+                source,
+            })?;
+        tokio::spawn(conn);
+        work(Netlink { handle, netns }).await
+    })
+}
+
+/// The steps of the plumbing of one interface, in order (a fail point names one, see
+/// [`super::FailPoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupStep {
+    /// The tap is created (`/dev/net/tun`, inside the netns).
+    Tap,
+    /// The tap has the interface's MTU and is up.
+    TapUp,
+    /// The interface has an ingress qdisc.
+    InterfaceQdisc,
+    /// The tap has an ingress qdisc.
+    TapQdisc,
+    /// The interface's ingress redirects to the tap.
+    InterfaceFilter,
+    /// The tap's ingress redirects to the interface.
+    TapFilter,
+}
+
+/// One thing made in the netns, with what undoes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Made {
+    /// The tap link (deleted; the fd, wherever it is, is then detached).
+    Tap { name: String, index: u32 },
+    /// An ingress qdisc on a link.
+    Qdisc { dev: String, index: u32 },
+    /// The filters under a link's ingress qdisc.
+    Filter { dev: String, index: u32 },
+}
+
+/// What the plumbing of one interface made, in order; undone in reverse by [`unplumb`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plumbing {
+    made: Vec<Made>,
+}
+
+/// Plumbs one interface: its tap (MTU, up), an ingress qdisc on both, and a u32 match-all
+/// filter with a mirred egress redirect each way. On error, what was made is undone before the
+/// error is returned. `fail_after` (tests) fails right after that step.
+pub async fn plumb(
+    nl: &Netlink,
+    iface: &InterfaceInfo,
+    fail_after: Option<SetupStep>,
+) -> Result<(Tap, Plumbing), NetworkError> {
+    let mut p = Plumbing::default();
+    match plumb_steps(nl, iface, fail_after, &mut p).await {
+        Ok(tap) => Ok((tap, p)),
+        Err(e) => {
+            let errors = unplumb(nl, p).await;
+            if !errors.is_empty() {
+                tracing::warn!(interface = %iface.name, ?errors, "undoing a failed plumbing was incomplete");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn plumb_steps(
+    nl: &Netlink,
+    iface: &InterfaceInfo,
+    fail_after: Option<SetupStep>,
+    p: &mut Plumbing,
+) -> Result<Tap, NetworkError> {
+    let check = |step: SetupStep| -> Result<(), NetworkError> {
+        if fail_after == Some(step) {
+            return Err(NetworkError::Injected {
+                netns: nl.netns.clone(),
+                interface: iface.name.clone(),
+                step,
+            });
+        }
+        Ok(())
+    };
+    let tap = Tap::open(&iface.tap).map_err(|source| NetworkError::Tap {
+        netns: nl.netns.clone(),
+        interface: iface.name.clone(),
+        source,
+    })?;
+    let tap_index = nl.link_index(&iface.tap).await?;
+    p.made.push(Made::Tap {
+        name: iface.tap.clone(),
+        index: tap_index,
+    });
+    check(SetupStep::Tap)?;
+
+    let msg = LinkUnspec::new_with_index(tap_index)
+        .mtu(iface.mtu)
+        .up()
+        .build();
+    nl.run(
+        &iface.tap,
+        "set mtu and up",
+        nl.handle.link().set(msg).execute(),
+    )
+    .await?;
+    check(SetupStep::TapUp)?;
+
+    for (dev, index, step) in [
+        (&iface.name, iface.index, SetupStep::InterfaceQdisc),
+        (&iface.tap, tap_index, SetupStep::TapQdisc),
+    ] {
+        let req = nl.handle.qdisc().add(index as i32).ingress();
+        nl.run(dev, "add ingress qdisc", req.execute()).await?;
+        p.made.push(Made::Qdisc {
+            dev: dev.clone(),
+            index,
+        });
+        check(step)?;
+    }
+
+    for (dev, index, to, step) in [
+        (
+            &iface.name,
+            iface.index,
+            tap_index,
+            SetupStep::InterfaceFilter,
+        ),
+        (&iface.tap, tap_index, iface.index, SetupStep::TapFilter),
+    ] {
+        let req = nl
+            .handle
+            .traffic_filter(index as i32)
+            .add()
+            .parent(INGRESS_HANDLE)
+            .protocol((libc::ETH_P_ALL as u16).to_be())
+            .redirect(to);
+        let req = req.map_err(|source| NetworkError::Netlink {
+            netns: nl.netns.clone(),
+            interface: dev.clone(),
+            op: "build redirect filter",
+            source: Box::new(source),
+        })?;
+        nl.run(dev, "add redirect filter", req.execute()).await?;
+        p.made.push(Made::Filter {
+            dev: dev.clone(),
+            index,
+        });
+        check(step)?;
+    }
+    Ok(tap)
+}
+
+/// Whether a netlink error says the object is already gone (the link was deleted, the qdisc or
+/// filter does not exist): nothing left to undo.
+fn already_gone(e: &NetworkError) -> bool {
+    match e {
+        NetworkError::Netlink { source, .. } => match &**source {
+            rtnetlink::Error::NetlinkError(m) => {
+                [libc::ENODEV, libc::ENOENT, libc::EINVAL].contains(&m.raw_code().abs())
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Undoes a plumbing, last first; every step is tried, the failures are returned (an object
+/// that is already gone is not a failure).
+pub async fn unplumb(nl: &Netlink, p: Plumbing) -> Vec<NetworkError> {
+    let mut errors = Vec::new();
+    for m in p.made.into_iter().rev() {
+        let r = match &m {
+            Made::Filter { dev, index } => {
+                let req = nl
+                    .handle
+                    .traffic_filter(*index as i32)
+                    .del()
+                    .parent(INGRESS_HANDLE);
+                nl.run(dev, "delete filters", req.execute()).await
+            }
+            Made::Qdisc { dev, index } => {
+                let mut req = nl.handle.qdisc().del(*index as i32);
+                let h = &mut req.message_mut().header;
+                h.parent = netlink_packet_route::tc::TcHandle::INGRESS;
+                h.handle = INGRESS_HANDLE.into();
+                nl.run(dev, "delete ingress qdisc", req.execute()).await
+            }
+            Made::Tap { name, index } => {
+                nl.run(name, "delete tap", nl.handle.link().del(*index).execute())
+                    .await
+            }
+        };
+        match r {
+            Err(e) if !already_gone(&e) => errors.push(e),
+            _ => {}
+        }
+    }
+    errors
+}
