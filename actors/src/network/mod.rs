@@ -316,6 +316,15 @@ pub struct SetupNetwork {
 #[rtype(result = "Result<(), NetworkError>")]
 pub struct TeardownNetwork;
 
+/// Removes what a joey that could not tear down (a crashed shim) left in the netns at `netns`
+/// (see [`netlink::remove_leftovers`]): for the delete path, when the sandbox is gone. Any state;
+/// returns what was removed.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<String>, NetworkError>")]
+pub struct RemoveLeftovers {
+    pub netns: PathBuf,
+}
+
 /// The recorded network, once set up.
 #[derive(Message)]
 #[rtype(result = "Option<NetworkInfo>")]
@@ -447,6 +456,22 @@ impl Handler<TeardownNetwork> for NetworkActor {
                     }
                 }),
         ))
+    }
+}
+
+impl Handler<RemoveLeftovers> for NetworkActor {
+    type Result = ResponseFuture<Result<Vec<String>, NetworkError>>;
+
+    fn handle(&mut self, m: RemoveLeftovers, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                netlink::in_netns(&m.netns, "removing leftovers", |nl| async move {
+                    netlink::remove_leftovers(&nl).await
+                })
+            })
+            .await
+            .map_err(|e| ResourceError::Task(e.to_string()))?
+        })
     }
 }
 
@@ -778,6 +803,49 @@ mod tests {
         assert!(!links.contains("_joey"), "{links}");
         assert!(!qdiscs.contains("ingress"), "{qdiscs}");
         drop(net);
+    }
+
+    /// After a crash (nothing torn down, the taps' fds closed or not), the leftovers are found
+    /// and removed; someone else's ingress redirect is left alone.
+    #[actix_rt::test]
+    async fn leftovers_of_a_crash_are_removed() {
+        let (pod, _peer) = pod_fixture();
+        pod.tc("qdisc add dev other0 ingress");
+        pod.tc("filter add dev other0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev eth1");
+        let before = pod.snapshot();
+        for keep_taps_open in [false, true] {
+            let mut res = ResourceStack::default();
+            let net = setup(&pod.path(), &mut res, None).await.unwrap();
+            // The crash: no teardown ran.
+            std::mem::forget(res);
+            let taps = if keep_taps_open {
+                Some(net.taps)
+            } else {
+                // The shim's process is gone: so are the taps (no fd holds them).
+                drop(net);
+                None
+            };
+            let actor = NetworkActor::new().start();
+            let removed = actor
+                .send(RemoveLeftovers { netns: pod.path() })
+                .await
+                .unwrap()
+                .unwrap();
+            let mut want = vec!["ingress qdisc of eth0", "ingress qdisc of eth1"];
+            if keep_taps_open {
+                want.extend(["tap tap0_joey", "tap tap1_joey"]);
+            }
+            assert_eq!(removed, want);
+            assert_eq!(pod.snapshot(), before, "taps kept open: {keep_taps_open}");
+            drop(taps);
+            // Nothing more to remove.
+            let again = actor
+                .send(RemoveLeftovers { netns: pod.path() })
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(again.is_empty(), "{again:?}");
+        }
     }
 
     #[actix_rt::test]

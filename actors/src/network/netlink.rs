@@ -21,9 +21,13 @@ use super::{InterfaceInfo, NetworkError};
 
 /// Bound of one netlink request (or dump).
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound of one piece of work in the netns (a scan, or the plumbing of one interface): a few
-/// bounded requests.
-pub const NETNS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound of the plumbing steps of one interface (six requests and a tap); its undo, when it
+/// fails, takes at most five more requests.
+pub const PLUMB_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound of one piece of work in the netns as the caller waits for it: longer than any piece of
+/// work takes (a scan: five dumps; a plumbing: [`PLUMB_TIMEOUT`] and its undo; a teardown: five
+/// requests), so that the thread always answers, with its own typed error at worst.
+pub const NETNS_TIMEOUT: Duration = Duration::from_secs(60);
 /// The ingress qdisc's handle (`ffff:`), also the parent of the filters attached to it.
 pub const INGRESS_HANDLE: u32 = 0xffff_0000;
 
@@ -200,7 +204,17 @@ pub async fn plumb(
     fail_after: Option<SetupStep>,
 ) -> Result<(Tap, Plumbing), NetworkError> {
     let mut p = Plumbing::default();
-    match plumb_steps(nl, iface, fail_after, &mut p).await {
+    // On timeout the steps' future is dropped (a tap not yet recorded closes with it) and what
+    // it recorded is undone like after any failure.
+    let steps = tokio::time::timeout(PLUMB_TIMEOUT, plumb_steps(nl, iface, fail_after, &mut p));
+    let r = steps.await.unwrap_or_else(|_| {
+        Err(NetworkError::Timeout {
+            netns: nl.netns.clone(),
+            what: format!("plumbing {} to {}", iface.name, iface.tap),
+            timeout: PLUMB_TIMEOUT,
+        })
+    });
+    match r {
         Ok(tap) => Ok((tap, p)),
         Err(e) => {
             let errors = unplumb(nl, p).await;
@@ -343,4 +357,110 @@ pub async fn unplumb(nl: &Netlink, p: Plumbing) -> Vec<NetworkError> {
         }
     }
     errors
+}
+
+/// The mirred targets (ifindexes) of the filters under `index`'s ingress qdisc; `None` when the
+/// link has no ingress qdisc.
+async fn ingress_redirects(
+    nl: &Netlink,
+    dev: &str,
+    index: u32,
+) -> Result<Option<Vec<u32>>, NetworkError> {
+    use netlink_packet_route::tc::{
+        TcActionAttribute, TcActionMirrorOption, TcActionOption, TcAttribute, TcFilterU32Option,
+        TcOption,
+    };
+    let req = nl.handle.traffic_filter(index as i32).get().ingress();
+    let filters = match nl
+        .run(
+            dev,
+            "dump ingress filters",
+            req.execute().try_collect::<Vec<_>>(),
+        )
+        .await
+    {
+        Ok(f) => f,
+        Err(e) if already_gone(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut targets = Vec::new();
+    for f in &filters {
+        for a in &f.attributes {
+            let TcAttribute::Options(opts) = a else {
+                continue;
+            };
+            for o in opts {
+                let TcOption::U32(TcFilterU32Option::Action(actions)) = o else {
+                    continue;
+                };
+                for action in actions {
+                    for aa in &action.attributes {
+                        let TcActionAttribute::Options(aopts) = aa else {
+                            continue;
+                        };
+                        for ao in aopts {
+                            if let TcActionOption::Mirror(TcActionMirrorOption::Parms(m)) = ao {
+                                targets.push(m.ifindex);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some(targets))
+}
+
+/// Removes what a joey that could not tear down (a crashed shim) left in the netns: joey's taps
+/// (`tap<N>_joey`; they vanish by themselves once no process holds their fd) and the ingress
+/// qdisc of every interface whose ingress filters only redirect to a joey tap or to a device
+/// that no longer exists. Another ingress qdisc (a redirect to a live device of someone else)
+/// is left alone. Only for a netns whose sandbox is gone. Returns what was removed.
+pub async fn remove_leftovers(nl: &Netlink) -> Result<Vec<String>, NetworkError> {
+    let links = nl
+        .dump("dump links", nl.handle.link().get().execute())
+        .await?;
+    let mut names = std::collections::HashMap::new();
+    for l in &links {
+        for a in &l.attributes {
+            if let netlink_packet_route::link::LinkAttribute::IfName(n) = a {
+                names.insert(l.header.index, n.clone());
+            }
+        }
+    }
+    let ours = |i: &u32| names.get(i).is_none_or(|n| super::scan::is_joey_tap(n));
+    let mut removed = Vec::new();
+    let mut p = Plumbing::default();
+    for (index, name) in &names {
+        if super::scan::is_joey_tap(name) {
+            continue;
+        }
+        if let Some(targets) = ingress_redirects(nl, name, *index).await? {
+            if !targets.is_empty() && targets.iter().all(ours) {
+                p.made.push(Made::Qdisc {
+                    dev: name.clone(),
+                    index: *index,
+                });
+                removed.push(format!("ingress qdisc of {name}"));
+            }
+        }
+    }
+    for (index, name) in &names {
+        if super::scan::is_joey_tap(name) {
+            p.made.insert(
+                0,
+                Made::Tap {
+                    name: name.clone(),
+                    index: *index,
+                },
+            );
+            removed.push(format!("tap {name}"));
+        }
+    }
+    let errors = unplumb(nl, p).await;
+    if let Some(e) = errors.into_iter().next() {
+        return Err(e);
+    }
+    removed.sort();
+    Ok(removed)
 }
