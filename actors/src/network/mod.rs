@@ -555,6 +555,33 @@ mod tests {
         }
     }
 
+    async fn set_up(
+        actor: &Addr<NetworkActor>,
+        netns: impl Into<PathBuf>,
+    ) -> Result<PodNetwork, NetworkError> {
+        actor
+            .send(SetupNetwork {
+                netns: netns.into(),
+            })
+            .await
+            .unwrap()
+    }
+
+    async fn tear_down(actor: &Addr<NetworkActor>) -> Result<(), NetworkError> {
+        actor.send(TeardownNetwork).await.unwrap()
+    }
+
+    async fn state(actor: &Addr<NetworkActor>) -> NetworkState {
+        actor.send(GetNetworkState).await.unwrap()
+    }
+
+    async fn leftovers(
+        actor: &Addr<NetworkActor>,
+        netns: PathBuf,
+    ) -> Result<Vec<String>, NetworkError> {
+        actor.send(RemoveLeftovers { netns }).await.unwrap()
+    }
+
     const MAC0: &str = "02:00:00:00:c8:01";
     const MAC1: &str = "02:00:00:00:c8:02";
     const NEIGH_MAC: &str = "02:00:00:00:c8:09";
@@ -672,20 +699,13 @@ mod tests {
         let (pod, _peer) = pod_fixture();
         let before = pod.snapshot();
         let actor = NetworkActor::new().start();
-        let net = actor
-            .send(SetupNetwork { netns: pod.path() })
-            .await
-            .unwrap()
-            .unwrap();
+        let net = set_up(&actor, pod.path()).await.unwrap();
         assert_eq!(net.info, expected_info(&pod));
         assert_eq!(
             actor.send(GetNetworkInfo).await.unwrap(),
             Some(net.info.clone())
         );
-        assert_eq!(
-            actor.send(GetNetworkState).await.unwrap(),
-            NetworkState::Ready
-        );
+        assert_eq!(state(&actor).await, NetworkState::Ready);
         let names: Vec<&str> = net.taps.iter().map(|t| t.name()).collect();
         assert_eq!(names, ["tap0_joey", "tap1_joey"]);
         for (tap, mtu) in [("tap0_joey", 1500), ("tap1_joey", 1400)] {
@@ -707,25 +727,18 @@ mod tests {
         assert_redirect(&pod, "eth1", "tap1_joey");
         assert_redirect(&pod, "tap1_joey", "eth1");
         // A second setup is refused while ready.
-        let e = actor
-            .send(SetupNetwork { netns: pod.path() })
-            .await
-            .unwrap()
-            .unwrap_err();
+        let e = set_up(&actor, pod.path()).await.unwrap_err();
         assert!(matches!(e, NetworkError::State(_)), "{e}");
 
-        actor.send(TeardownNetwork).await.unwrap().unwrap();
-        assert_eq!(
-            actor.send(GetNetworkState).await.unwrap(),
-            NetworkState::Down
-        );
+        tear_down(&actor).await.unwrap();
+        assert_eq!(state(&actor).await, NetworkState::Down);
         // The taps are gone even though their fds are still open.
         assert_eq!(pod.snapshot(), before);
         assert_eq!(pod.tc("filter show dev eth0 ingress"), "");
         drop(net);
         assert_eq!(pod.snapshot(), before);
         // Teardown is idempotent once down.
-        actor.send(TeardownNetwork).await.unwrap().unwrap();
+        tear_down(&actor).await.unwrap();
     }
 
     #[actix_rt::test]
@@ -741,11 +754,7 @@ mod tests {
             SetupStep::TapFilter,
         ] {
             let actor = NetworkActor::failing_at(FailPoint { interface: 1, step }).start();
-            let e = actor
-                .send(SetupNetwork { netns: pod.path() })
-                .await
-                .unwrap()
-                .unwrap_err();
+            let e = set_up(&actor, pod.path()).await.unwrap_err();
             match &e {
                 NetworkError::Injected {
                     interface, step: s, ..
@@ -756,10 +765,7 @@ mod tests {
             }
             assert!(e.to_string().contains(&pod.name), "{e}");
             assert_eq!(pod.snapshot(), before, "after a failure at {step:?}");
-            assert_eq!(
-                actor.send(GetNetworkState).await.unwrap(),
-                NetworkState::Idle
-            );
+            assert_eq!(state(&actor).await, NetworkState::Idle);
             assert_eq!(actor.send(GetNetworkInfo).await.unwrap(), None);
         }
         // The first interface failing is unwound the same way, and a later setup works.
@@ -768,20 +774,12 @@ mod tests {
             step: SetupStep::TapFilter,
         })
         .start();
-        assert!(actor
-            .send(SetupNetwork { netns: pod.path() })
-            .await
-            .unwrap()
-            .is_err());
+        assert!(set_up(&actor, pod.path()).await.is_err());
         assert_eq!(pod.snapshot(), before);
         let actor = NetworkActor::new().start();
-        let net = actor
-            .send(SetupNetwork { netns: pod.path() })
-            .await
-            .unwrap()
-            .unwrap();
+        let net = set_up(&actor, pod.path()).await.unwrap();
         assert_eq!(net.taps.len(), 2);
-        actor.send(TeardownNetwork).await.unwrap().unwrap();
+        tear_down(&actor).await.unwrap();
         assert_eq!(pod.snapshot(), before);
     }
 
@@ -791,14 +789,10 @@ mod tests {
     async fn teardown_after_interfaces_vanished_succeeds() {
         let (pod, _peer) = pod_fixture();
         let actor = NetworkActor::new().start();
-        let net = actor
-            .send(SetupNetwork { netns: pod.path() })
-            .await
-            .unwrap()
-            .unwrap();
+        let net = set_up(&actor, pod.path()).await.unwrap();
         pod.ip("link del eth1");
         pod.ip("link del tap0_joey");
-        actor.send(TeardownNetwork).await.unwrap().unwrap();
+        tear_down(&actor).await.unwrap();
         let (links, qdiscs) = pod.snapshot();
         assert!(!links.contains("_joey"), "{links}");
         assert!(!qdiscs.contains("ingress"), "{qdiscs}");
@@ -826,11 +820,7 @@ mod tests {
                 None
             };
             let actor = NetworkActor::new().start();
-            let removed = actor
-                .send(RemoveLeftovers { netns: pod.path() })
-                .await
-                .unwrap()
-                .unwrap();
+            let removed = leftovers(&actor, pod.path()).await.unwrap();
             let mut want = vec!["ingress qdisc of eth0", "ingress qdisc of eth1"];
             if keep_taps_open {
                 want.extend(["tap tap0_joey", "tap tap1_joey"]);
@@ -839,11 +829,7 @@ mod tests {
             assert_eq!(pod.snapshot(), before, "taps kept open: {keep_taps_open}");
             drop(taps);
             // Nothing more to remove.
-            let again = actor
-                .send(RemoveLeftovers { netns: pod.path() })
-                .await
-                .unwrap()
-                .unwrap();
+            let again = leftovers(&actor, pod.path()).await.unwrap();
             assert!(again.is_empty(), "{again:?}");
         }
     }
@@ -854,27 +840,19 @@ mod tests {
         ns.ip("link set lo up");
         let before = ns.snapshot();
         let actor = NetworkActor::new().start();
-        let net = actor
-            .send(SetupNetwork { netns: ns.path() })
-            .await
-            .unwrap()
-            .unwrap();
+        let net = set_up(&actor, ns.path()).await.unwrap();
         assert!(net.info.is_empty() && net.taps.is_empty(), "{net:?}");
         assert_eq!(net.info.netns, ns.path());
         assert_eq!(net.info.to_request(), agent::ConfigureNetworkRequest::new());
-        actor.send(TeardownNetwork).await.unwrap().unwrap();
+        tear_down(&actor).await.unwrap();
         assert_eq!(ns.snapshot(), before);
     }
 
     #[actix_rt::test]
     async fn bad_netns_paths_are_typed_errors_naming_them() {
         let actor = NetworkActor::new().start();
-        let e = actor
-            .send(SetupNetwork {
-                netns: "/var/run/netns/joey-no-such-netns".into(),
-            })
+        let e = set_up(&actor, "/var/run/netns/joey-no-such-netns")
             .await
-            .unwrap()
             .unwrap_err();
         assert!(matches!(e, NetworkError::NetnsOpen { .. }), "{e}");
         assert!(
@@ -883,13 +861,7 @@ mod tests {
             "{e}"
         );
         // Not a namespace: opened, but cannot be entered.
-        let e = actor
-            .send(SetupNetwork {
-                netns: "/dev/null".into(),
-            })
-            .await
-            .unwrap()
-            .unwrap_err();
+        let e = set_up(&actor, "/dev/null").await.unwrap_err();
         assert!(matches!(e, NetworkError::NetnsEnter { .. }), "{e}");
         assert!(
             e.to_string()
@@ -897,22 +869,10 @@ mod tests {
             "{e}"
         );
         // Still idle: a later setup may be tried; teardown of nothing is fine.
-        assert_eq!(
-            actor.send(GetNetworkState).await.unwrap(),
-            NetworkState::Idle
-        );
-        actor.send(TeardownNetwork).await.unwrap().unwrap();
-        assert_eq!(
-            actor.send(GetNetworkState).await.unwrap(),
-            NetworkState::Down
-        );
-        let e = actor
-            .send(SetupNetwork {
-                netns: "/dev/null".into(),
-            })
-            .await
-            .unwrap()
-            .unwrap_err();
+        assert_eq!(state(&actor).await, NetworkState::Idle);
+        tear_down(&actor).await.unwrap();
+        assert_eq!(state(&actor).await, NetworkState::Down);
+        let e = set_up(&actor, "/dev/null").await.unwrap_err();
         assert!(matches!(e, NetworkError::State(_)), "{e}");
     }
 
@@ -1003,11 +963,7 @@ mod tests {
     async fn frames_cross_the_redirect_both_ways() {
         let (pod, peer) = pod_fixture();
         let actor = NetworkActor::new().start();
-        let net = actor
-            .send(SetupNetwork { netns: pod.path() })
-            .await
-            .unwrap()
-            .unwrap();
+        let net = set_up(&actor, pod.path()).await.unwrap();
         let tap = &net.taps[0];
         let sender = [0x02, 0, 0, 0, 0xc8, 0xaa];
         let mut frame = vec![0u8; joey_vmm_core::devices::net::tap::VNET_HDR_LEN];
@@ -1042,6 +998,6 @@ mod tests {
         assert_eq!(&reply[28..32], &[10, 200, 0, 1]); // sender IP: the peer
         let neigh = peer.ip("neigh show 10.200.0.2 dev veth0");
         assert!(neigh.contains("02:00:00:00:c8:aa"), "{neigh}");
-        actor.send(TeardownNetwork).await.unwrap().unwrap();
+        tear_down(&actor).await.unwrap();
     }
 }
