@@ -178,6 +178,12 @@ pub enum NetworkError {
         netns: PathBuf,
         source: std::io::Error,
     },
+    /// The path is joey's own network namespace (the host's): never plumbed.
+    #[error(
+        "network namespace {}: is joey's own (host) network namespace, refused",
+        .netns.display()
+    )]
+    OwnNetns { netns: PathBuf },
     /// The thread (or its runtime) that works inside the netns could not be started.
     #[error("network namespace {}: worker thread: {source}", .netns.display())]
     Thread {
@@ -868,6 +874,19 @@ mod tests {
                 .starts_with("network namespace /dev/null: cannot enter"),
             "{e}"
         );
+        // joey's own (the host's) netns is refused, whatever the path.
+        for own in ["/proc/self/ns/net", "/proc/thread-self/ns/net"] {
+            let e = set_up(&actor, own).await.unwrap_err();
+            assert!(matches!(e, NetworkError::OwnNetns { .. }), "{e}");
+            assert_eq!(
+                e.to_string(),
+                format!("network namespace {own}: is joey's own (host) network namespace, refused")
+            );
+        }
+        let e = leftovers(&actor, "/proc/self/ns/net".into())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NetworkError::OwnNetns { .. }), "{e}");
         // Still idle: a later setup may be tried; teardown of nothing is fine.
         assert_eq!(state(&actor).await, NetworkState::Idle);
         tear_down(&actor).await.unwrap();

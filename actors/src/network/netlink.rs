@@ -28,6 +28,8 @@ pub const PLUMB_TIMEOUT: Duration = Duration::from_secs(20);
 /// work takes (a scan: five dumps; a plumbing: [`PLUMB_TIMEOUT`] and its undo; a teardown: five
 /// requests), so that the thread always answers, with its own typed error at worst.
 pub const NETNS_TIMEOUT: Duration = Duration::from_secs(60);
+/// The network namespace of joey's own process.
+const OWN_NETNS: &str = "/proc/self/ns/net";
 /// The ingress qdisc's handle (`ffff:`), also the parent of the filters attached to it.
 pub const INGRESS_HANDLE: u32 = 0xffff_0000;
 
@@ -107,6 +109,7 @@ where
         netns: path.clone(),
         source,
     })?;
+    refuse_own_netns(&ns, &path)?;
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let thread_path = path.clone();
     std::thread::Builder::new()
@@ -126,6 +129,24 @@ where
             timeout: NETNS_TIMEOUT,
         }),
     }
+}
+
+/// Refuses the namespace joey itself runs in (the host's, normally): plumbing its interfaces
+/// would redirect the host's traffic into a VM. A pod on the host network has no netns path.
+fn refuse_own_netns(ns: &File, netns: &Path) -> Result<(), NetworkError> {
+    use std::os::unix::fs::MetadataExt;
+    let open_err = |source| NetworkError::NetnsOpen {
+        netns: netns.to_path_buf(),
+        source,
+    };
+    let theirs = ns.metadata().map_err(open_err)?;
+    let ours = std::fs::metadata(OWN_NETNS).map_err(open_err)?;
+    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+        return Err(NetworkError::OwnNetns {
+            netns: netns.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 /// The body of the thread of [`in_netns`].
