@@ -821,8 +821,14 @@ mod tests {
             let taps = if keep_taps_open {
                 Some(net.taps)
             } else {
-                // The shim's process is gone: so are the taps (no fd holds them).
+                // The shim's process is gone: so are the taps, once no fd holds them (a child
+                // another test forks may hold a copy until it execs).
                 drop(net);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pod.snapshot().0.contains("_joey") {
+                    assert!(Instant::now() < deadline, "closed taps still there");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 None
             };
             let actor = NetworkActor::new().start();
