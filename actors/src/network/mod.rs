@@ -245,26 +245,28 @@ async fn setup(
     fail: Option<FailPoint>,
 ) -> Result<PodNetwork, NetworkError> {
     let path = netns.to_path_buf();
-    let info = tokio::task::spawn_blocking(move || {
-        netlink::in_netns(&path, "scan", |nl| async move { scan::scan(&nl).await })
+    let (ns, info) = tokio::task::spawn_blocking(move || {
+        let ns = netlink::Netns::open(&path)?;
+        let info = ns.run("scan", |nl| async move { scan::scan(&nl).await })?;
+        Ok::<_, NetworkError>((ns, info))
     })
     .await
     .map_err(|e| ResourceError::Task(e.to_string()))??;
     let mut taps = Vec::with_capacity(info.interfaces.len());
     for (i, iface) in info.interfaces.iter().enumerate() {
         let fail_after = fail.filter(|f| f.interface == i).map(|f| f.step);
-        let path = netns.to_path_buf();
+        let ns = ns.clone();
         let iface = iface.clone();
         let tap = res
             .add_blocking(move || {
                 let what = format!("plumbing {} to {}", iface.name, iface.tap);
                 let ifc = iface.clone();
-                let (tap, plumbing) = netlink::in_netns(&path, &what, move |nl| async move {
+                let (tap, plumbing) = ns.run(&what, move |nl| async move {
                     netlink::plumb(&nl, &ifc, fail_after).await
                 })?;
-                let undo = Undo::new(format!("{} in {}", what, path.display()), move || {
-                    unplumb_in(&path, plumbing)
-                });
+                let name = format!("{} in {}", what, ns.path().display());
+                // The undo holds the open netns: it works after the netns path is unmounted.
+                let undo = Undo::new(name, move || unplumb_in(&ns, plumbing));
                 Ok::<_, NetworkError>((tap, undo as Box<dyn crate::resource::Resource>))
             })
             .await?;
@@ -274,11 +276,12 @@ async fn setup(
 }
 
 /// Undoes one interface's plumbing from a thread in the netns (blocking, bounded).
-fn unplumb_in(netns: &Path, plumbing: netlink::Plumbing) -> Result<(), String> {
-    let errors = netlink::in_netns(netns, "teardown", |nl| async move {
-        Ok(netlink::unplumb(&nl, plumbing).await)
-    })
-    .map_err(|e| e.to_string())?;
+fn unplumb_in(ns: &netlink::Netns, plumbing: netlink::Plumbing) -> Result<(), String> {
+    let errors = ns
+        .run("teardown", |nl| async move {
+            Ok(netlink::unplumb(&nl, plumbing).await)
+        })
+        .map_err(|e| e.to_string())?;
     if errors.is_empty() {
         Ok(())
     } else {
@@ -803,6 +806,40 @@ mod tests {
         assert!(!links.contains("_joey"), "{links}");
         assert!(!qdiscs.contains("ingress"), "{qdiscs}");
         drop(net);
+    }
+
+    /// containerd removes the pod's netns path before the sandbox stops: teardown still works
+    /// (the actor holds the netns open) and leaves it as it was.
+    #[actix_rt::test]
+    async fn teardown_after_the_netns_path_is_gone() {
+        use std::os::fd::AsRawFd;
+        let (pod, _peer) = pod_fixture();
+        let before = pod.snapshot();
+        let actor = NetworkActor::new().start();
+        let net = set_up(&actor, pod.path()).await.unwrap();
+        let keep = std::fs::File::open(pod.path()).unwrap();
+        run(&["ip", "netns", "del", &pod.name]);
+        assert!(!pod.path().exists());
+        tear_down(&actor).await.unwrap();
+        drop(net);
+        // Look inside through our own fd on it.
+        let fd_path = format!("/proc/{}/fd/{}", std::process::id(), keep.as_raw_fd());
+        let links = run(&[
+            "nsenter",
+            &format!("--net={fd_path}"),
+            "ip",
+            "-o",
+            "link",
+            "show",
+        ]);
+        let qdiscs = run(&[
+            "nsenter",
+            &format!("--net={fd_path}"),
+            "tc",
+            "qdisc",
+            "show",
+        ]);
+        assert_eq!((links, qdiscs), before);
     }
 
     /// After a crash (nothing torn down, the taps' fds closed or not), the leftovers are found

@@ -4,13 +4,14 @@
 //!
 //! A netlink socket belongs to the namespace of the thread that creates it, and so does a tap:
 //! every piece of work runs on a fresh thread that `setns`-ed into the pod netns and drives a
-//! current-thread tokio runtime ([`in_netns`]); the caller (a blocking-pool thread) waits for it
+//! current-thread tokio runtime ([`Netns::run`]); the caller (a blocking-pool thread) waits for it
 //! with a bound. Every netlink request inside is bounded too ([`OP_TIMEOUT`]).
 
 use std::fs::File;
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, TryStreamExt};
@@ -95,40 +96,72 @@ impl Netlink {
     }
 }
 
-/// Runs `work` on a fresh thread that entered the network namespace `netns`, with a netlink
-/// connection made there; waits at most [`NETNS_TIMEOUT`] for its result. Blocking: call it from
-/// the blocking pool or a thread of its own.
-pub fn in_netns<T, F, Fut>(netns: &Path, what: &str, work: F) -> Result<T, NetworkError>
+/// An open network namespace: the fd keeps it (and joey's access to it) alive even after its
+/// path is unmounted (containerd removes a pod's netns before the sandbox stops); the path is
+/// kept for messages.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Opens the netns at `path`; joey's own netns is refused ([`NetworkError::OwnNetns`]).
+    pub fn open(path: &Path) -> Result<Netns, NetworkError> {
+        let file = File::open(path).map_err(|source| NetworkError::NetnsOpen {
+            netns: path.to_path_buf(),
+            source,
+        })?;
+        refuse_own_netns(&file, path)?;
+        Ok(Netns {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` on a fresh thread that entered this namespace, with a netlink connection
+    /// made there; waits at most [`NETNS_TIMEOUT`] for its result. Blocking: call it from the
+    /// blocking pool or a thread of its own.
+    pub fn run<T, F, Fut>(&self, what: &str, work: F) -> Result<T, NetworkError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Netlink) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, NetworkError>>,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let ns = self.clone();
+        std::thread::Builder::new()
+            .name("joey-netns".into())
+            .spawn(move || {
+                let _ = tx.send(enter_and_run(ns, work));
+            })
+            .map_err(|source| NetworkError::Thread {
+                netns: self.path.clone(),
+                source,
+            })?;
+        match rx.recv_timeout(NETNS_TIMEOUT) {
+            Ok(r) => r,
+            Err(_) => Err(NetworkError::Timeout {
+                netns: self.path.clone(),
+                what: what.to_string(),
+                timeout: NETNS_TIMEOUT,
+            }),
+        }
+    }
+}
+
+/// Opens the netns at `path` and runs `work` in it (see [`Netns::run`]).
+pub fn in_netns<T, F, Fut>(path: &Path, what: &str, work: F) -> Result<T, NetworkError>
 where
     T: Send + 'static,
     F: FnOnce(Netlink) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, NetworkError>>,
 {
-    let path = netns.to_path_buf();
-    let ns = File::open(netns).map_err(|source| NetworkError::NetnsOpen {
-        netns: path.clone(),
-        source,
-    })?;
-    refuse_own_netns(&ns, &path)?;
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let thread_path = path.clone();
-    std::thread::Builder::new()
-        .name("joey-netns".into())
-        .spawn(move || {
-            let _ = tx.send(enter_and_run(ns, thread_path, work));
-        })
-        .map_err(|source| NetworkError::Thread {
-            netns: path.clone(),
-            source,
-        })?;
-    match rx.recv_timeout(NETNS_TIMEOUT) {
-        Ok(r) => r,
-        Err(_) => Err(NetworkError::Timeout {
-            netns: path,
-            what: what.to_string(),
-            timeout: NETNS_TIMEOUT,
-        }),
-    }
+    Netns::open(path)?.run(what, work)
 }
 
 /// Refuses the namespace joey itself runs in (the host's, normally): plumbing its interfaces
@@ -149,15 +182,16 @@ fn refuse_own_netns(ns: &File, netns: &Path) -> Result<(), NetworkError> {
     Ok(())
 }
 
-/// The body of the thread of [`in_netns`].
-fn enter_and_run<T, F, Fut>(ns: File, netns: PathBuf, work: F) -> Result<T, NetworkError>
+/// The body of the thread of [`Netns::run`].
+fn enter_and_run<T, F, Fut>(ns: Netns, work: F) -> Result<T, NetworkError>
 where
     F: FnOnce(Netlink) -> Fut,
     Fut: Future<Output = Result<T, NetworkError>>,
 {
-    // SAFETY: setns(2) with a namespace fd we own; it changes only this thread's network
-    // namespace, and this thread ends when the work is done.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+    let netns = ns.path;
+    // SAFETY: setns(2) with a namespace fd we own (kept open by the Arc for the call); it
+    // changes only this thread's network namespace, and this thread ends when the work is done.
+    if unsafe { libc::setns(ns.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(NetworkError::NetnsEnter {
             netns,
             source: std::io::Error::last_os_error(),
