@@ -12,7 +12,7 @@
 //! fails midway undoes what it made; [`TeardownNetwork`] removes filters, qdiscs and taps, so
 //! only what existed before is left in the netns (the netns belongs to whoever created it).
 //! All netlink work runs on a short-lived thread that entered the netns
-//! ([`netlink::in_netns`]), waited for from the blocking pool with a bound: the actor's runtime
+//! ([`netlink::Netns::run`]), waited for from the blocking pool with a bound: the actor's runtime
 //! never blocks.
 
 pub mod netlink;

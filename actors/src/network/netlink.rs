@@ -34,7 +34,7 @@ const OWN_NETNS: &str = "/proc/self/ns/net";
 /// The ingress qdisc's handle (`ffff:`), also the parent of the filters attached to it.
 pub const INGRESS_HANDLE: u32 = 0xffff_0000;
 
-/// A netlink connection inside the pod netns (only valid on the thread of [`in_netns`]).
+/// A netlink connection inside the pod netns (only valid on the thread of [`Netns::run`]).
 pub struct Netlink {
     pub(crate) handle: Handle,
     pub(crate) netns: PathBuf,
