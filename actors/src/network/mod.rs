@@ -501,6 +501,7 @@ impl Handler<GetNetworkState> for NetworkActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use joey_vmm_core::devices::net::tap::VNET_HDR_LEN;
     use std::process::Command;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
@@ -1026,40 +1027,47 @@ mod tests {
         let (pod, peer) = pod_fixture();
         let actor = NetworkActor::new().start();
         let net = set_up(&actor, pod.path()).await.unwrap();
-        let tap = &net.taps[0];
-        let sender = [0x02, 0, 0, 0, 0xc8, 0xaa];
-        let mut frame = vec![0u8; joey_vmm_core::devices::net::tap::VNET_HDR_LEN];
-        frame.extend_from_slice(&[0xff; 6]); // broadcast
-        frame.extend_from_slice(&sender);
-        frame.extend_from_slice(&[0x08, 0x06]); // ARP
-        frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet/IPv4 request
-        frame.extend_from_slice(&sender);
-        frame.extend_from_slice(&[10, 200, 0, 2]);
-        frame.extend_from_slice(&[0; 6]);
-        frame.extend_from_slice(&[10, 200, 0, 1]);
-        assert!(tap.write_frame(&frame).unwrap());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = vec![0u8; 2048];
-        let reply = loop {
-            assert!(
-                Instant::now() < deadline,
-                "no ARP reply came out of the tap"
-            );
-            match tap.read_frame(&mut buf).unwrap() {
-                Some(n) => {
-                    let f = &buf[joey_vmm_core::devices::net::tap::VNET_HDR_LEN..n];
-                    // An ARP reply (opcode 2) to our sender.
-                    if f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
-                        break f.to_vec();
+        // Each interface with its own tap: (tap, the pod's address, the peer's, the peer's dev).
+        for (tap, ours, theirs, dev) in [
+            (&net.taps[0], [10, 200, 0, 2], [10, 200, 0, 1], "veth0"),
+            (&net.taps[1], [10, 200, 1, 2], [10, 200, 1, 1], "veth1"),
+        ] {
+            let sender = [0x02, 0, 0, 0, 0xc8, 0xaa];
+            let mut frame = vec![0u8; VNET_HDR_LEN];
+            frame.extend_from_slice(&[0xff; 6]); // broadcast
+            frame.extend_from_slice(&sender);
+            frame.extend_from_slice(&[0x08, 0x06]); // ARP
+            frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet/IPv4 request
+            frame.extend_from_slice(&sender);
+            frame.extend_from_slice(&ours);
+            frame.extend_from_slice(&[0; 6]);
+            frame.extend_from_slice(&theirs);
+            assert!(tap.write_frame(&frame).unwrap());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut buf = vec![0u8; 2048];
+            let reply = loop {
+                assert!(
+                    Instant::now() < deadline,
+                    "{dev}: no ARP reply came out of {}",
+                    tap.name()
+                );
+                match tap.read_frame(&mut buf).unwrap() {
+                    Some(n) => {
+                        let f = &buf[VNET_HDR_LEN..n];
+                        // An ARP reply (opcode 2).
+                        if f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
+                            break f.to_vec();
+                        }
                     }
+                    None => tokio::time::sleep(Duration::from_millis(10)).await,
                 }
-                None => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        };
-        assert_eq!(&reply[0..6], &sender);
-        assert_eq!(&reply[28..32], &[10, 200, 0, 1]); // sender IP: the peer
-        let neigh = peer.ip("neigh show 10.200.0.2 dev veth0");
-        assert!(neigh.contains("02:00:00:00:c8:aa"), "{neigh}");
+            };
+            assert_eq!(&reply[0..6], &sender, "{dev}: to our sender");
+            assert_eq!(&reply[28..32], &theirs, "{dev}: from the peer");
+            let ip = format!("{}.{}.{}.{}", ours[0], ours[1], ours[2], ours[3]);
+            let neigh = peer.ip(&format!("neigh show {ip} dev {dev}"));
+            assert!(neigh.contains("02:00:00:00:c8:aa"), "{dev}: {neigh}");
+        }
         tear_down(&actor).await.unwrap();
     }
 }
