@@ -107,43 +107,51 @@ impl NetworkInfo {
     /// The agent request that reproduces this network in the guest. Routes without a gateway
     /// come first (a gateway must be reachable when its route is added).
     pub fn to_request(&self) -> agent::ConfigureNetworkRequest {
-        let opt = |a: Option<IpAddr>| a.map(|a| a.to_string()).unwrap_or_default();
-        let mut req = agent::ConfigureNetworkRequest::new();
-        req.interfaces = self
-            .interfaces
-            .iter()
-            .map(|i| agent::NetInterface {
-                name: i.name.clone(),
-                mac: i.mac.to_string(),
-                mtu: i.mtu,
-                addresses: i.addresses.iter().map(|a| a.to_string()).collect(),
-                ..Default::default()
-            })
-            .collect();
         let mut routes: Vec<&RouteInfo> = self.routes.iter().collect();
         routes.sort_by_key(|r| r.gateway.is_some());
-        req.routes = routes
-            .into_iter()
-            .map(|r| agent::NetRoute {
-                destination: r.destination.map(|d| d.to_string()).unwrap_or_default(),
-                gateway: opt(r.gateway),
-                device: r.device.clone(),
-                source: opt(r.source),
-                scope: u32::from(r.scope),
-                ..Default::default()
-            })
-            .collect();
-        req.neighbors = self
-            .neighbors
-            .iter()
-            .map(|n| agent::NetNeighbor {
-                ip: n.ip.to_string(),
-                mac: n.mac.to_string(),
-                device: n.device.clone(),
-                ..Default::default()
-            })
-            .collect();
+        let mut req = agent::ConfigureNetworkRequest::new();
+        req.interfaces = self.interfaces.iter().map(Into::into).collect();
+        req.routes = routes.into_iter().map(Into::into).collect();
+        req.neighbors = self.neighbors.iter().map(Into::into).collect();
         req
+    }
+}
+
+/// An optional address as the protocol writes it ("" for none).
+fn opt_ip(a: Option<IpAddr>) -> String {
+    a.map(|a| a.to_string()).unwrap_or_default()
+}
+
+impl From<&InterfaceInfo> for agent::NetInterface {
+    fn from(i: &InterfaceInfo) -> Self {
+        let mut n = agent::NetInterface::new();
+        n.name = i.name.clone();
+        n.mac = i.mac.to_string();
+        n.mtu = i.mtu;
+        n.addresses = i.addresses.iter().map(|a| a.to_string()).collect();
+        n
+    }
+}
+
+impl From<&RouteInfo> for agent::NetRoute {
+    fn from(r: &RouteInfo) -> Self {
+        let mut n = agent::NetRoute::new();
+        n.destination = r.destination.map(|d| d.to_string()).unwrap_or_default();
+        n.gateway = opt_ip(r.gateway);
+        n.device = r.device.clone();
+        n.source = opt_ip(r.source);
+        n.scope = u32::from(r.scope);
+        n
+    }
+}
+
+impl From<&NeighborInfo> for agent::NetNeighbor {
+    fn from(nb: &NeighborInfo) -> Self {
+        let mut n = agent::NetNeighbor::new();
+        n.ip = nb.ip.to_string();
+        n.mac = nb.mac.to_string();
+        n.device = nb.device.clone();
+        n
     }
 }
 
@@ -378,6 +386,9 @@ impl NetworkActor {
     }
 }
 
+/// Replies of the requests that change the network: atomic (the actor's other messages wait).
+type Reply<T> = AtomicResponse<NetworkActor, Result<T, NetworkError>>;
+
 impl Actor for NetworkActor {
     type Context = Context<Self>;
 
@@ -389,8 +400,7 @@ impl Actor for NetworkActor {
     }
 }
 
-type Reply<T> = AtomicResponse<NetworkActor, Result<T, NetworkError>>;
-
+/// A reply known at once (a refused or no-op request).
 fn ready<T: 'static>(r: Result<T, NetworkError>) -> Reply<T> {
     AtomicResponse::new(Box::pin(fut::ready(r)))
 }
