@@ -1,4 +1,4 @@
-//! joey's actors: Sandbox, Hypervisor, ShareFs and Container (Network arrives with a later issue).
+//! joey's actors: Sandbox, Hypervisor, ShareFs, Container and Network.
 //!
 //! Each actor owns its state; others hold an `Addr`. Requests are typed messages, one struct per
 //! request with its reply type. Nothing here blocks the async runtime: long agent calls are
@@ -9,6 +9,7 @@ pub mod container;
 pub mod hypervisor;
 pub mod lifecycle;
 pub mod metrics;
+pub mod network;
 pub mod resource;
 pub mod sandbox;
 pub mod sharefs;
