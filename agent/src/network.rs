@@ -115,12 +115,11 @@ impl FromStr for Mac {
 
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
+        for (i, b) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ":" };
+            write!(f, "{sep}{b:02x}")?;
+        }
+        Ok(())
     }
 }
 
@@ -145,6 +144,30 @@ impl FromStr for Cidr {
             .filter(|p| *p <= max)
             .ok_or_else(|| bad(&format!("prefix must be 0 to {max}")))?;
         Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Cidr {
+    /// The same prefix with the host bits cleared.
+    pub fn network(&self) -> Cidr {
+        let addr = match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Cidr {
+            addr,
+            prefix: self.prefix,
+        }
     }
 }
 
@@ -271,6 +294,12 @@ fn parse_route(index: usize, r: &NetRoute) -> Result<RoutePlan, String> {
         "" => None,
         d => Some(d.parse::<Cidr>()?),
     };
+    if let Some(d) = destination.filter(|d| d.network() != *d) {
+        return Err(format!(
+            "destination {d} has host bits set (the prefix is {})",
+            d.network()
+        ));
+    }
     let gateway = optional::<IpAddr>(&r.gateway, "gateway")?;
     let source = optional::<IpAddr>(&r.source, "source")?;
     let family = [destination.map(|d| d.addr), gateway, source]
@@ -1093,6 +1122,10 @@ mod tests {
                         "route 1 (10.200.50.0/40 via 10.200.60.1 dev net1): malformed CIDR",
                     ),
                     (
+                        with(&|r| r.routes[1].destination = "10.200.50.9/24".into()),
+                        "route 1 (10.200.50.9/24 via 10.200.60.1 dev net1): destination 10.200.50.9/24 has host bits set (the prefix is 10.200.50.0/24)",
+                    ),
+                    (
                         with(&|r| r.routes[0].gateway.clear()),
                         "route 0 (default dev eth0): a default route needs a gateway or a source address",
                     ),
@@ -1147,6 +1180,12 @@ mod tests {
             "fd00:200::2/64"
         );
         assert!("fd00::1/129".parse::<Cidr>().is_err());
+        let net = |c: &str| c.parse::<Cidr>().unwrap().network().to_string();
+        assert_eq!(net("10.200.50.7/24"), "10.200.50.0/24");
+        assert_eq!(net("10.200.50.7/0"), "0.0.0.0/0");
+        assert_eq!(net("10.200.50.7/32"), "10.200.50.7/32");
+        assert_eq!(net("fd00:200::7/64"), "fd00:200::/64");
+        assert_eq!(net("fd00:200::7/0"), "::/0");
         assert!("10.0.0.1/-1".parse::<Cidr>().is_err());
         let req = ConfigureNetworkRequest {
             interfaces: vec![iface("eth0/x", MAC0, 0, &[])],
