@@ -13,6 +13,7 @@ mod container;
 mod exec;
 mod init;
 mod metrics;
+mod network;
 mod process;
 mod reaper;
 mod seccomp;

@@ -782,3 +782,87 @@ async fn container_rpc_errors_name_the_problem() {
     })
     .await;
 }
+
+/// ConfigureNetwork over ttrpc, with the agent in a network namespace of its own (needs root
+/// and util-linux `unshare`): a veth pair made there as a virtio-net device would appear (known
+/// MAC) becomes the pod's `eth0`; the result is read back with iproute2 run by the agent.
+#[tokio::test]
+async fn configure_network_in_the_agents_namespace() {
+    use joey_agent_protocol::agent::{
+        ConfigureNetworkRequest, NetInterface, NetNeighbor, NetRoute,
+    };
+    with_timeout(async {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--net", env!("CARGO_BIN_EXE_joey-agent")]);
+        let mut a = TestAgent::start_with(cmd, tempfile::tempdir().expect("tempdir")).await;
+        let sh = |id: &'static str, script: &'static str| {
+            let a = &a;
+            async move {
+                a.exec(id, &["sh", "-c", script]).await;
+                let out = String::from_utf8(a.read_all(id, false).await).expect("utf8");
+                let err = String::from_utf8_lossy(&a.read_all(id, true).await).into_owned();
+                assert_eq!(a.wait(id).await.status, 0, "{script}: {err}");
+                out
+            }
+        };
+        sh(
+            "veth",
+            "ip link add pa0 address 02:00:00:c8:00:01 type veth peer name pb0 && ip link set pb0 up",
+        )
+        .await;
+        let req = ConfigureNetworkRequest {
+            interfaces: vec![NetInterface {
+                name: "eth0".into(),
+                mac: "02:00:00:C8:00:01".into(),
+                mtu: 1400,
+                addresses: vec!["10.200.1.2/24".into()],
+                ..Default::default()
+            }],
+            routes: vec![NetRoute {
+                gateway: "10.200.1.1".into(),
+                device: "eth0".into(),
+                ..Default::default()
+            }],
+            neighbors: vec![NetNeighbor {
+                ip: "10.200.1.1".into(),
+                mac: "02:00:00:c8:00:aa".into(),
+                device: "eth0".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let read_back = "ip -o link show eth0 | grep -o 'mtu [0-9]*\\|state [A-Z]*\\|link/ether [0-9a-f:]*'; \
+            ip -o -4 addr show dev eth0 | awk '{print $4}'; ip route show proto static; \
+            ip neigh show nud permanent";
+        let want = "mtu 1400\nstate UP\nlink/ether 02:00:00:c8:00:01\n10.200.1.2/24\n\
+            default via 10.200.1.1 dev eth0\n10.200.1.1 dev eth0 lladdr 02:00:00:c8:00:aa PERMANENT\n";
+        let normalise = |s: String| {
+            s.lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") + "\n")
+                .collect::<String>()
+        };
+
+        // A MAC no link has: INVALID_ARGUMENT naming it, and nothing changed.
+        let mut bad = req.clone();
+        bad.interfaces[0].mac = "02:00:00:c8:00:99".into();
+        let msg = expect_code(
+            a.client.configure_network(ctx(), &bad).await,
+            Code::INVALID_ARGUMENT,
+        );
+        assert_eq!(
+            msg,
+            "interface \"eth0\": no link of the guest has MAC 02:00:00:c8:00:99"
+        );
+        assert_eq!(sh("links0", "ip -o link show | awk '{print $2}'").await, "lo:\npb0@pa0:\npa0@pb0:\n");
+
+        for round in ["first", "again"] {
+            a.client
+                .configure_network(ctx(), &req)
+                .await
+                .unwrap_or_else(|e| panic!("{round}: {e:?}"));
+        }
+        assert_eq!(normalise(sh("read", read_back).await), want);
+        a.assert_alive().await;
+    })
+    .await;
+}

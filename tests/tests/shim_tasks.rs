@@ -398,6 +398,67 @@ fn pod_containers_share_one_vm() {
     c.assert_clean(&["pod1", "p1", "p2", "p3"]);
 }
 
+/// An empty network namespace in a file (`unshare --net=FILE`), unmounted on drop: a CRI-style
+/// pod netns path for `ctr run --with-ns network:PATH` that holds nothing but `lo`.
+struct NetnsFile {
+    dir: tempfile::TempDir,
+}
+
+impl NetnsFile {
+    fn new() -> NetnsFile {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("netns"), b"").expect("netns file");
+        let o = std::process::Command::new("unshare")
+            .arg(format!("--net={}", dir.path().join("netns").display()))
+            .arg("true")
+            .output()
+            .expect("unshare");
+        assert!(o.status.success(), "unshare --net=FILE (needs root): {}", stderr_of(&o));
+        NetnsFile { dir }
+    }
+
+    fn path(&self) -> String {
+        self.dir.path().join("netns").display().to_string()
+    }
+}
+
+impl Drop for NetnsFile {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.path()).status();
+    }
+}
+
+/// A network namespace *with a path* (a CRI pod's) means the guest's network namespace: two
+/// containers of the pod that carry it share one namespace (an exec joins it too), while a
+/// container with a path-less network namespace (ctr's default spec) gets a new one.
+#[test]
+fn netns_path_means_the_pods_network_namespace() {
+    let c = Containerd::start();
+    c.import_busybox();
+    let netns = NetnsFile::new();
+    let ann = format!("{POD_ANNOTATION}=pod2");
+    let with_ns = format!("network:{}", netns.path());
+    let _guard = OnPanic { c: &c, ids: &["n1", "n2", "n3"] };
+    run_detached(&c, "n1", &["--annotation", &ann, "--with-ns", &with_ns], &["sleep", "300"]);
+    let o = c.ctr_out(&["task", "exec", "--exec-id", "e1", "n1", "readlink", "/proc/self/ns/net"]);
+    ok(&o, "ctr task exec n1", &c);
+    let n1 = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(n1.starts_with("net:["), "{n1:?}");
+    let run = |id: &str, flags: &[&str]| {
+        let mut args = vec!["run", "--rm", "--runtime", RUNTIME, "--annotation", &ann];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[IMAGE, id, "readlink", "/proc/self/ns/net"]);
+        let o = ctr_run(&c, &args);
+        ok(&o, "ctr run", &c);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(run("n2", &["--with-ns", &with_ns]), n1, "same pod netns path, same namespace");
+    let n3 = run("n3", &[]);
+    assert!(n3.starts_with("net:[") && n3 != n1, "no path: a namespace of its own ({n3:?})");
+    remove(&c, "n1");
+    c.assert_clean(&["pod2", "n1", "n2", "n3"]);
+}
+
 /// A bind mount whose source does not exist: Create fails naming it, no VM is left.
 #[test]
 fn malformed_spec_is_refused() {

@@ -497,4 +497,36 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    /// A network namespace with a path (a CRI pod's) is the guest's: the container stays in
+    /// the agent's namespace, which ConfigureNetwork set up (no CLONE_NEWNET, lo left alone);
+    /// without a path it gets a new one with lo up.
+    #[test]
+    fn network_namespace_with_a_path_is_the_guests() {
+        let spec = |ns: &str| {
+            format!(
+                r#"{{"ociVersion":"1.1.0","root":{{"path":"/run/joey/shared/c1/rootfs"}},
+                "process":{{"user":{{"uid":0,"gid":0}},"args":["sh"],"cwd":"/"}},
+                "linux":{{"namespaces":[{ns}]}}}}"#
+            )
+        };
+        let unshare_flags = |ns: &str| {
+            let c = crate::spec::from_oci_json("c1", &spec(ns), "/run/joey/shared").unwrap();
+            let steps = plan(&c, "c1", "/", &layout(&[]), None, 40).unwrap();
+            let lo = steps.iter().any(|s| s.what == "bring up lo");
+            match steps.iter().find_map(|s| match s.op {
+                Op::Unshare(flags) => Some(flags),
+                _ => None,
+            }) {
+                Some(flags) => (flags & libc::CLONE_NEWNET != 0, lo),
+                None => panic!("no unshare step"),
+            }
+        };
+        assert_eq!(
+            unshare_flags(r#"{"type":"network","path":"/var/run/netns/cni-1234"}"#),
+            (false, false)
+        );
+        assert_eq!(unshare_flags(r#"{"type":"network"}"#), (true, true));
+        assert_eq!(unshare_flags(""), (false, false));
+    }
 }

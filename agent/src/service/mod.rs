@@ -6,9 +6,11 @@
 //!   retention policy of process entries);
 //! - `container.rs`: CreateContainer, RemoveContainer, Pause/ResumeContainer, UpdateContainer,
 //!   StatsContainer, ListPids, GetOomEvent (and the OOM watcher);
-//! - `sandbox.rs`: Check, Version, GetGuestMetrics, DestroySandbox.
+//! - `sandbox.rs`: Check, Version, GetGuestMetrics, DestroySandbox;
+//! - `network.rs`: ConfigureNetwork.
 
 mod container;
+mod network;
 mod process;
 mod sandbox;
 
@@ -17,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use joey_agent_protocol::agent::{
-    CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, ContainerStats,
-    CreateContainerRequest, CreateContainerResponse, DestroySandboxRequest, Empty,
+    CheckRequest, CheckResponse, CloseStdinRequest, ConfigureNetworkRequest, ContainerRequest,
+    ContainerStats, CreateContainerRequest, CreateContainerResponse, DestroySandboxRequest, Empty,
     ExecProcessRequest, ExecProcessResponse, GuestMetricsRequest, GuestMetricsResponse,
     ListPidsResponse, OomEvent, ReadOutputRequest, ReadOutputResponse, ResizeTerminalRequest,
     SignalProcessRequest, UpdateContainerRequest, VersionResponse, WaitProcessRequest,
@@ -31,6 +33,7 @@ use ttrpc::Code;
 use crate::cgroup::{self, CgroupError};
 use crate::container::ContainerError;
 use crate::exec::ExecError;
+use crate::network::NetworkError;
 use crate::process::{Process, StreamError};
 use crate::reaper::{ProcTable, ReaperError};
 use crate::spec::SpecError;
@@ -71,6 +74,8 @@ pub enum ServiceError {
     Stream(#[from] StreamError),
     #[error(transparent)]
     Reaper(#[from] ReaperError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -127,6 +132,16 @@ impl ServiceError {
                     Code::NOT_FOUND
                 }
                 _ => Code::INTERNAL,
+            },
+            ServiceError::Network(e) => match e {
+                NetworkError::InvalidInterface { .. }
+                | NetworkError::UnknownMac { .. }
+                | NetworkError::NameTaken { .. }
+                | NetworkError::InvalidRoute { .. }
+                | NetworkError::InvalidNeighbor { .. }
+                | NetworkError::UnknownDevice { .. } => Code::INVALID_ARGUMENT,
+                NetworkError::NoIpv6(_) => Code::FAILED_PRECONDITION,
+                NetworkError::Socket(_) | NetworkError::Netlink { .. } => Code::INTERNAL,
             },
             ServiceError::Internal(_) => Code::INTERNAL,
         }
@@ -189,6 +204,8 @@ pub struct Agent {
     /// (host mode on a v1 or hybrid host).
     cgroup_root: Option<PathBuf>,
     oom_events: OomEvents,
+    /// Serialises ConfigureNetwork.
+    network_lock: tokio::sync::Mutex<()>,
 }
 
 impl Agent {
@@ -209,6 +226,7 @@ impl Agent {
             shutdown,
             cgroup_root,
             oom_events: OomEvents::default(),
+            network_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -284,6 +302,8 @@ agent_service! {
     stats_container(ContainerRequest) -> ContainerStats => stats;
     list_pids(ContainerRequest) -> ListPidsResponse => list_pids;
     get_oom_event(Empty) -> OomEvent => next_oom_event;
+    // network.rs
+    configure_network(ConfigureNetworkRequest) -> Empty => configure_network;
 }
 
 #[cfg(test)]

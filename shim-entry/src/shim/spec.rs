@@ -113,7 +113,12 @@ pub fn translate(spec: &ContainerSpec, container_id: &str) -> Result<GuestSpec, 
         if let Some(ns) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
             for n in ns.iter_mut() {
                 if let Some(n) = n.as_object_mut() {
-                    n.remove("path");
+                    // A network namespace path (the pod's) means the guest's namespace there.
+                    if n.get("type").and_then(Value::as_str) == Some("network") && n.contains_key("path") {
+                        n.insert("path".into(), Value::String("/proc/1/ns/net".into()));
+                    } else {
+                        n.remove("path");
+                    }
                 }
             }
         }
@@ -309,7 +314,7 @@ mod tests {
         assert!(v["linux"].get("cgroupsPath").is_none());
         assert_eq!(
             v["linux"]["namespaces"],
-            serde_json::json!([{"type": "pid"}, {"type": "network"}])
+            serde_json::json!([{"type": "pid"}, {"type": "network", "path": "/proc/1/ns/net"}])
         );
         // Kept as is.
         assert_eq!(v["linux"]["resources"]["memory"]["limit"], 1048576);
