@@ -68,7 +68,8 @@ pub struct InterfaceInfo {
 /// A route of the pod (main table, not kernel-protocol).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteInfo {
-    /// `None`: the default route (of the gateway's family).
+    /// `None`: the default route of the gateway's family (a default route without a gateway
+    /// is recorded as `0.0.0.0/0` or `::/0`, so its family is never lost).
     pub destination: Option<IpCidr>,
     pub gateway: Option<IpAddr>,
     /// Interface name.

@@ -229,12 +229,40 @@ fn route_of(r: &RouteMessage, names: &HashMap<u32, String>) -> Option<RouteInfo>
         }
     }
     route.device = names.get(&oif?)?.clone();
+    if route.destination.is_none() && route.gateway.is_none() {
+        // A default route through a device only (`default dev eth0`): nothing else says its
+        // family, so it is written out as 0.0.0.0/0 or ::/0 from the route header.
+        let addr = match r.header.address_family {
+            netlink_packet_route::AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        route.destination = Some(IpCidr { addr, prefix_len: 0 });
+    }
     Some(route)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_only_default_route_keeps_its_family() {
+        let names = HashMap::from([(2u32, "eth0".to_string())]);
+        for (family, want) in [
+            (netlink_packet_route::AddressFamily::Inet, "0.0.0.0/0"),
+            (netlink_packet_route::AddressFamily::Inet6, "::/0"),
+        ] {
+            let mut r = RouteMessage::default();
+            r.header.address_family = family;
+            r.header.table = RouteHeader::RT_TABLE_MAIN;
+            r.header.protocol = RouteProtocol::Boot;
+            r.header.kind = RouteType::Unicast;
+            r.attributes.push(RouteAttribute::Oif(2));
+            let route = route_of(&r, &names).expect("a route to carry");
+            assert_eq!(route.destination.map(|d| d.to_string()).as_deref(), Some(want));
+            assert_eq!((route.gateway, route.device.as_str()), (None, "eth0"));
+        }
+    }
 
     #[test]
     fn joey_tap_names() {
