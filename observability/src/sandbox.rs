@@ -64,7 +64,7 @@ pub struct ContainerSample {
 /// scrape time. Label values are fixed strings, so the families stay low-cardinality.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceCounters {
-    /// `vsock`, `fs` or `blk`.
+    /// `vsock`, `fs`, `blk` or `net`.
     pub device: &'static str,
     /// Bytes by direction (`to_guest`, `from_guest`).
     pub bytes: Vec<(&'static str, u64)>,
@@ -72,6 +72,9 @@ pub struct DeviceCounters {
     pub operations: Vec<(&'static str, u64)>,
     /// Malformed descriptor chains and failed requests.
     pub errors: u64,
+    /// Frames dropped by direction (net: a frame larger than the guest's rx buffer, a tap that
+    /// refused a frame); empty for devices that never drop.
+    pub dropped: Vec<(&'static str, u64)>,
 }
 
 /// What the hypervisor counts about the VM, read at scrape time.
@@ -350,9 +353,19 @@ fn hypervisor_registry(h: &HypervisorCounters) -> Result<Registry, MetricsError>
         ),
         &["device"],
     )?;
+    let dropped = IntCounterVec::new(
+        Opts::new(
+            "joey_hypervisor_device_dropped_total",
+            "Frames dropped by the VM's virtio devices, by device and direction (to_guest, from_guest).",
+        ),
+        &["device", "direction"],
+    )?;
     for d in &h.devices {
         for (dir, n) in &d.bytes {
             bytes.with_label_values(&[d.device, dir]).inc_by(*n);
+        }
+        for (dir, n) in &d.dropped {
+            dropped.with_label_values(&[d.device, dir]).inc_by(*n);
         }
         for (op, n) in &d.operations {
             ops.with_label_values(&[d.device, op]).inc_by(*n);
@@ -362,6 +375,7 @@ fn hypervisor_registry(h: &HypervisorCounters) -> Result<Registry, MetricsError>
     r.register(Box::new(bytes))?;
     r.register(Box::new(ops))?;
     r.register(Box::new(errors))?;
+    r.register(Box::new(dropped))?;
     let exits = IntCounterVec::new(
         Opts::new(
             "joey_hypervisor_vcpu_exits_total",
@@ -492,6 +506,7 @@ pub const SANDBOX_METRIC_NAMES: &[&str] = &[
     "joey_hypervisor_device_bytes_total",
     "joey_hypervisor_device_operations_total",
     "joey_hypervisor_device_errors_total",
+    "joey_hypervisor_device_dropped_total",
     "joey_hypervisor_vcpu_exits_total",
     "joey_guest_memory_total_bytes",
     "joey_guest_memory_free_bytes",
@@ -565,12 +580,21 @@ mod tests {
                     bytes: vec![("to_guest", 1000), ("from_guest", 200)],
                     operations: vec![("rx", 7), ("tx", 5)],
                     errors: 0,
+                    dropped: vec![],
                 },
                 DeviceCounters {
                     device: "fs",
                     bytes: vec![("to_guest", 4096), ("from_guest", 80)],
                     operations: vec![("read", 2), ("lookup", 1)],
                     errors: 2,
+                    dropped: vec![],
+                },
+                DeviceCounters {
+                    device: "net",
+                    bytes: vec![("to_guest", 1514), ("from_guest", 98)],
+                    operations: vec![("rx", 1), ("tx", 1)],
+                    errors: 0,
+                    dropped: vec![("to_guest", 3), ("from_guest", 0)],
                 },
             ],
             vcpu_exits: vec![("io_out", 42), ("hlt", 0)],
@@ -612,6 +636,8 @@ mod tests {
             "joey_hypervisor_device_operations_total{device=\"vsock\",op=\"tx\"} 5",
             "joey_hypervisor_device_operations_total{device=\"fs\",op=\"read\"} 2",
             "joey_hypervisor_device_errors_total{device=\"fs\"} 2",
+            "joey_hypervisor_device_dropped_total{device=\"net\",direction=\"to_guest\"} 3",
+            "joey_hypervisor_device_bytes_total{device=\"net\",direction=\"to_guest\"} 1514",
             "joey_hypervisor_device_errors_total{device=\"vsock\"} 0",
             "joey_hypervisor_vcpu_exits_total{reason=\"io_out\"} 42",
             "joey_hypervisor_vcpu_exits_total{reason=\"hlt\"} 0",

@@ -147,6 +147,8 @@ impl BridgedVm for Vmm {
             vsock: self.vsock_metrics().cloned(),
             fs: self.fs_metrics().cloned(),
             blk: self.all_block_metrics().to_vec(),
+            // Pod networks are not attached to sandboxes yet (issue 10).
+            net: Vec::new(),
             vcpus: Some(self.vcpu_metrics().clone()),
         }
     }
@@ -509,6 +511,7 @@ mod tests {
                 vsock: Some(vsock.clone()),
                 fs: None,
                 blk: Vec::new(),
+                net: Vec::new(),
                 vcpus: Some(vcpus.clone()),
             };
             let vm = BuiltinVm::start_with(

@@ -13,6 +13,7 @@ use actix::prelude::*;
 use joey_observability::{DeviceCounters, HypervisorCounters};
 use joey_vmm_core::devices::blk::{BlockMetrics, BlockSnapshot};
 use joey_vmm_core::devices::fs::FsMetrics;
+use joey_vmm_core::devices::net::{NetMetrics, NetSnapshot};
 use joey_vmm_core::devices::vsock::VsockMetrics;
 use joey_vmm_core::vstate::metrics::VcpuMetrics;
 
@@ -25,6 +26,8 @@ pub struct VmCounterSources {
     /// The virtio-fs device (the ShareFs actor's vhost-user device, or the built-in VMM's).
     pub fs: Option<Arc<FsMetrics>>,
     pub blk: Vec<Arc<BlockMetrics>>,
+    /// The VM's virtio-net devices (one per pod interface).
+    pub net: Vec<Arc<NetMetrics>>,
     /// vCPU exits (built-in VMM only).
     pub vcpus: Option<Arc<VcpuMetrics>>,
 }
@@ -40,6 +43,7 @@ impl VmCounterSources {
                 bytes: vec![("to_guest", s.rx_bytes), ("from_guest", s.tx_bytes)],
                 operations: vec![("rx", s.rx_packets), ("tx", s.tx_packets)],
                 errors: s.malformed_chains,
+                dropped: Vec::new(),
             });
         }
         if let Some(f) = &self.fs {
@@ -49,6 +53,7 @@ impl VmCounterSources {
                 bytes: vec![("to_guest", s.bytes_to_guest), ("from_guest", s.bytes_from_guest)],
                 operations: s.ops_by_name().collect(),
                 errors: s.failed_requests,
+                dropped: Vec::new(),
             });
         }
         if !self.blk.is_empty() {
@@ -67,6 +72,21 @@ impl VmCounterSources {
                     ("get_id", s.get_id_ops),
                 ],
                 errors: s.invalid_chains + s.io_errors + s.unsupported,
+                dropped: Vec::new(),
+            });
+        }
+        if !self.net.is_empty() {
+            // All interfaces of the VM together: the label set stays fixed.
+            let mut s = NetSnapshot::default();
+            for n in &self.net {
+                s.add(&n.snapshot());
+            }
+            devices.push(DeviceCounters {
+                device: "net",
+                bytes: vec![("to_guest", s.rx_bytes), ("from_guest", s.tx_bytes)],
+                operations: vec![("rx", s.rx_packets), ("tx", s.tx_packets)],
+                errors: s.rx_errors.saturating_add(s.tx_errors),
+                dropped: vec![("to_guest", s.rx_dropped), ("from_guest", s.tx_dropped)],
             });
         }
         let vcpu_exits = self
@@ -110,15 +130,29 @@ mod tests {
         let fs = Arc::new(FsMetrics::default());
         fs.bytes_to_guest.fetch_add(4096, Ordering::Relaxed);
         fs.failed_requests.fetch_add(2, Ordering::Relaxed);
+        let n1 = Arc::new(NetMetrics::default());
+        let n2 = Arc::new(NetMetrics::default());
+        n1.rx_bytes.fetch_add(1514, Ordering::Relaxed);
+        n2.rx_bytes.fetch_add(60, Ordering::Relaxed);
+        n1.tx_packets.fetch_add(4, Ordering::Relaxed);
+        n2.rx_dropped.fetch_add(2, Ordering::Relaxed);
+        n1.tx_errors.fetch_add(1, Ordering::Relaxed);
+        n2.rx_errors.fetch_add(1, Ordering::Relaxed);
         let src = VmCounterSources {
             vsock: Some(vsock),
             fs: Some(fs),
             blk: vec![b1, b2],
+            net: vec![n1, n2],
             vcpus: Some(Arc::new(VcpuMetrics::default())),
         };
         let c = src.read();
         let names: Vec<_> = c.devices.iter().map(|d| d.device).collect();
-        assert_eq!(names, ["vsock", "fs", "blk"]);
+        assert_eq!(names, ["vsock", "fs", "blk", "net"]);
+        assert_eq!(c.devices[3].bytes, vec![("to_guest", 1574), ("from_guest", 0)]);
+        assert_eq!(c.devices[3].operations, vec![("rx", 0), ("tx", 4)]);
+        assert_eq!(c.devices[3].errors, 2);
+        assert_eq!(c.devices[3].dropped, vec![("to_guest", 2), ("from_guest", 0)]);
+        assert!(c.devices[..3].iter().all(|d| d.dropped.is_empty()));
         assert_eq!(c.devices[0].bytes, vec![("to_guest", 100), ("from_guest", 0)]);
         assert_eq!(c.devices[0].operations, vec![("rx", 0), ("tx", 3)]);
         assert_eq!(c.devices[1].bytes, vec![("to_guest", 4096), ("from_guest", 0)]);

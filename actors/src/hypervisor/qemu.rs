@@ -271,6 +271,8 @@ impl QemuVm {
             vsock: Some(self.vsock_metrics.clone()),
             fs: self.fs_metrics.clone(),
             blk: Vec::new(),
+            // Pod networks are not attached to sandboxes yet (issue 10).
+            net: Vec::new(),
             vcpus: None,
         }
     }
