@@ -12,8 +12,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// The clone device.
 pub const TUN_DEVICE: &str = "/dev/net/tun";
@@ -21,8 +19,6 @@ pub const TUN_DEVICE: &str = "/dev/net/tun";
 pub const VNET_HDR_LEN: usize = 12;
 /// Longest interface name (IFNAMSIZ - 1).
 pub const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;
-/// Bound for the helper thread of [`Tap::open_in_netns`] (it only makes a few syscalls).
-pub const NETNS_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors of a tap interface; each names the tap.
 #[derive(Debug, thiserror::Error)]
@@ -68,28 +64,6 @@ pub enum TapError {
         name: String,
         /// The OS error.
         source: io::Error,
-    },
-    /// The network namespace cannot be opened or entered.
-    #[error("tap {name}: cannot enter network namespace {path}: {source}")]
-    Netns {
-        /// The tap.
-        name: String,
-        /// The namespace path.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-    },
-    /// The thread opening the tap inside a namespace did not answer in time.
-    #[error(
-        "tap {name}: opening inside network namespace {path} did not finish within {timeout:?}"
-    )]
-    NetnsTimeout {
-        /// The tap.
-        name: String,
-        /// The namespace path.
-        path: PathBuf,
-        /// The bound.
-        timeout: Duration,
     },
     /// The kernel took only part of a frame.
     #[error("tap {name}: short write ({written} of {len} bytes)")]
@@ -172,44 +146,6 @@ impl Tap {
         let r = unsafe { libc::ioctl(tap.fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) };
         tap.check(r, "TUNSETOFFLOAD")?;
         Ok(tap)
-    }
-
-    /// Opens the tap `name` inside the network namespace at `netns` (a `/var/run/netns/<x>` or
-    /// `/proc/<pid>/ns/net` path) from a short-lived thread that enters it, so the calling
-    /// thread's namespace never changes. The tap lives in that namespace; its fd works anywhere.
-    pub fn open_in_netns(netns: &Path, name: &str) -> Result<Tap, TapError> {
-        check_name(name)?;
-        let netns_err = |source| TapError::Netns {
-            name: name.to_string(),
-            path: netns.to_path_buf(),
-            source,
-        };
-        let ns = File::open(netns).map_err(netns_err)?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let thread_name = name.to_string();
-        std::thread::Builder::new()
-            .name("joey-tap-open".into())
-            .spawn(move || {
-                // SAFETY: setns(2) with a namespace fd we own; it only changes the namespaces
-                // of this short-lived thread, which ends right after opening the tap.
-                let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                let result = if r != 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(Tap::open(&thread_name))
-                };
-                let _ = tx.send(result);
-            })
-            .map_err(netns_err)?;
-        match rx.recv_timeout(NETNS_OPEN_TIMEOUT) {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(source)) => Err(netns_err(source)),
-            Err(_) => Err(TapError::NetnsTimeout {
-                name: name.to_string(),
-                path: netns.to_path_buf(),
-                timeout: NETNS_OPEN_TIMEOUT,
-            }),
-        }
     }
 
     fn fd(&self) -> RawFd {
@@ -518,43 +454,5 @@ pub(crate) mod tests {
         })
         .join()
         .unwrap();
-    }
-
-    /// A namespace made by a thread that has ended, kept alive by an fd on it.
-    fn private_netns() -> File {
-        std::thread::spawn(|| {
-            // SAFETY: unshare(2) only changes the calling (short-lived) thread's namespaces.
-            os_check(unsafe { libc::unshare(libc::CLONE_NEWNET) }, "unshare");
-            File::open("/proc/thread-self/ns/net").unwrap()
-        })
-        .join()
-        .unwrap()
-    }
-
-    #[test]
-    fn open_in_netns_creates_the_tap_there_only() {
-        let ns = private_netns();
-        let path = PathBuf::from(format!("/proc/self/fd/{}", ns.as_raw_fd()));
-        let tap = Tap::open_in_netns(&path, "jns0").unwrap();
-        assert_eq!(tap.name(), "jns0");
-        // Not in the test's namespace; in the other one it exists and is busy.
-        assert!(!Path::new("/sys/class/net/jns0").exists());
-        match Tap::open_in_netns(&path, "jns0") {
-            Err(TapError::Ioctl {
-                what: "TUNSETIFF", ..
-            }) => {}
-            other => panic!("expected the tap to be busy in that namespace, got {other:?}"),
-        }
-        // Bad namespaces are typed errors naming the path.
-        for bad in ["/nonexistent/ns", "/dev/null"] {
-            match Tap::open_in_netns(Path::new(bad), "jns1") {
-                Err(e @ TapError::Netns { .. }) => assert!(e.to_string().contains(bad), "{e}"),
-                other => panic!("{bad}: expected Netns error, got {other:?}"),
-            }
-        }
-        assert!(matches!(
-            Tap::open_in_netns(&path, "bad/name"),
-            Err(TapError::InvalidName { .. })
-        ));
     }
 }
