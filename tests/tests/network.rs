@@ -233,6 +233,28 @@ fn joeyctl_refuses_its_own_netns_and_a_missing_one() {
     env.assert_no_leaks();
 }
 
+/// A pod whose second interface cannot be plumbed (a tap refuses eth1's MTU of 65535): the
+/// start fails naming the interface and the step, after the first interface was plumbed; what
+/// was made is unwound, nothing is left in the pod netns or on the host.
+#[test]
+fn a_failure_at_the_second_interface_fails_the_start_and_unwinds() {
+    let env = Env::new();
+    let net = PodNet::new();
+    net.pod.ip(&["link", "set", "eth1", "mtu", "65535"]);
+    let o = env.run_with(&["--netns", net.pod.path().to_str().unwrap()], &["true"], None);
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains(&format!(
+            "joeyctl: error: network namespace {}: interface tap1_joey: set mtu and up failed",
+            net.pod.path().display()
+        )),
+        "{err}"
+    );
+    env.assert_no_leaks();
+    net.assert_untouched();
+}
+
 /// The VM's network comes from Debian's CNI plugins (`bridge` + `host-local`), run as containerd's
 /// CRI plugin would, with the bridge in a "host" netns of the test's own.
 #[test]

@@ -522,7 +522,7 @@ mod tests {
         assert!(a.contains("path=/run/joey/t/vhost-vsock.sock"));
         assert!(a.contains("-no-reboot"));
         assert!(
-            a.contains("-append console=ttyS0 reboot=t panic=-1 quiet foo=1 joey.agent_port=2048 "),
+            a.contains("-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check foo=1 joey.agent_port=2048 "),
             "{a}"
         );
         assert!(!a.contains("vhost-user-fs-device"));
