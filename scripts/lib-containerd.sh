@@ -35,5 +35,7 @@ image=docker.io/library/busybox:local
 bash "$root/scripts/make-busybox-image.sh" "$tmp/busybox.tar" >/dev/null
 # The manifest's ref.name names the image. No --index-name: with it ctr 1.6 fails before unpacking.
 "${ctr[@]}" image import "$tmp/busybox.tar" >/dev/null
-"${ctr[@]}" image ls -q | grep -qx "$image" || { echo "$0: image import failed" >&2; exit 1; }
+# Capture first: `ctr … | grep -q` under pipefail fails when grep exits early (SIGPIPE to ctr).
+images=$("${ctr[@]}" image ls -q)
+grep -qx "$image" <<<"$images" || { echo "$0: image import failed" >&2; exit 1; }
 median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.1f\n", (a[NR/2]+a[NR/2+1])/2}'; }

@@ -351,6 +351,7 @@ fn prepare(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result<Pre
         share_fs: None,
         // Filled in from the Network actor's reply.
         net: Vec::new(),
+        console_log_max_bytes: u64::from(cfg.hypervisor.console_log_max_kib) * 1024,
     };
     Ok(Prepared {
         spec,

@@ -97,6 +97,9 @@ pub struct HypervisorConfig {
     #[serde(serialize_with = "ser_path")]
     pub initrd: PathBuf,
     pub kernel_params: String,
+    /// Cap of the guest console log on the host, in KiB; the newest output is kept (0:
+    /// unlimited).
+    pub console_log_max_kib: u32,
     pub qemu: QemuConfig,
     pub builtin: BuiltinConfig,
 }
@@ -110,6 +113,7 @@ impl Default for HypervisorConfig {
             kernel: PathBuf::from("/usr/share/joey/guest/bzImage"),
             initrd: PathBuf::from("/usr/share/joey/guest/initrd.img"),
             kernel_params: String::new(),
+            console_log_max_kib: 1024,
             qemu: QemuConfig::default(),
             builtin: BuiltinConfig::default(),
         }
@@ -342,6 +346,7 @@ impl Config {
     ///
     /// - `hypervisor.vcpus` in 1..=64
     /// - `hypervisor.memory_mib` in 64..=65536
+    /// - `hypervisor.console_log_max_kib` 0 (unlimited) or 4..=1048576
     /// - `hypervisor.kernel`, `hypervisor.initrd`, `hypervisor.qemu.binary`,
     ///   `hypervisor.builtin.kernel` not empty
     /// - `agent.vsock_port` in 1024..=4294967294 (below 1024 is privileged,
@@ -370,6 +375,15 @@ impl Config {
             return Err(invalid(
                 "hypervisor.memory_mib",
                 format!("{} is out of range (valid: 64..=65536)", h.memory_mib),
+            ));
+        }
+        if h.console_log_max_kib != 0 && !(4..=1_048_576).contains(&h.console_log_max_kib) {
+            return Err(invalid(
+                "hypervisor.console_log_max_kib",
+                format!(
+                    "{} is out of range (valid: 0 for unlimited, or 4..=1048576)",
+                    h.console_log_max_kib
+                ),
             ));
         }
         for (key, p) in [
@@ -589,6 +603,7 @@ monitor_listen = "[::1]:9100"
                 kernel: "/opt/joey/vmlinuz".into(),
                 initrd: "/opt/joey/initrd.img".into(),
                 kernel_params: "console=ttyS0 quiet".into(),
+                console_log_max_kib: 1024,
                 qemu: QemuConfig {
                     binary: "/usr/bin/qemu-system-x86_64".into(),
                     accel: Accel::Kvm,
@@ -705,6 +720,7 @@ monitor_listen = "[::1]:9100"
             "kernel",
             "initrd",
             "kernel_params",
+            "console_log_max_kib",
             "[hypervisor.qemu]",
             "binary",
             "accel",
@@ -911,6 +927,10 @@ monitor_listen = "[::1]:9100"
         assert_eq!(
             invalid_key("[hypervisor]\nmemory_mib = 65537\n"),
             "hypervisor.memory_mib"
+        );
+        assert_eq!(
+            invalid_key("[hypervisor]\nconsole_log_max_kib = 3\n"),
+            "hypervisor.console_log_max_kib"
         );
         assert_eq!(
             invalid_key("[hypervisor]\nkernel = \"\"\n"),

@@ -83,6 +83,8 @@ pub struct HypervisorCounters {
     pub devices: Vec<DeviceCounters>,
     /// vCPU exits by reason (built-in VMM only; empty for QEMU).
     pub vcpu_exits: Vec<(&'static str, u64)>,
+    /// Bytes of guest console output dropped by the console log's cap.
+    pub console_dropped_bytes: u64,
 }
 
 /// Facts about the VM, known once it runs.
@@ -387,6 +389,12 @@ fn hypervisor_registry(h: &HypervisorCounters) -> Result<Registry, MetricsError>
         exits.with_label_values(&[reason]).inc_by(*n);
     }
     r.register(Box::new(exits))?;
+    let console = IntCounter::new(
+        "joey_hypervisor_console_dropped_bytes_total",
+        "Bytes of guest console output dropped to keep the console log under hypervisor.console_log_max_kib (the newest output is kept).",
+    )?;
+    console.inc_by(h.console_dropped_bytes);
+    r.register(Box::new(console))?;
     Ok(r)
 }
 
@@ -508,6 +516,7 @@ pub const SANDBOX_METRIC_NAMES: &[&str] = &[
     "joey_hypervisor_device_errors_total",
     "joey_hypervisor_device_dropped_total",
     "joey_hypervisor_vcpu_exits_total",
+    "joey_hypervisor_console_dropped_bytes_total",
     "joey_guest_memory_total_bytes",
     "joey_guest_memory_free_bytes",
     "joey_guest_memory_available_bytes",
@@ -598,6 +607,7 @@ mod tests {
                 },
             ],
             vcpu_exits: vec![("io_out", 42), ("hlt", 0)],
+            console_dropped_bytes: 4096,
         }
     }
 
@@ -640,6 +650,7 @@ mod tests {
             "joey_hypervisor_device_bytes_total{device=\"net\",direction=\"to_guest\"} 1514",
             "joey_hypervisor_device_errors_total{device=\"vsock\"} 0",
             "joey_hypervisor_vcpu_exits_total{reason=\"io_out\"} 42",
+            "joey_hypervisor_console_dropped_bytes_total 4096",
             "joey_hypervisor_vcpu_exits_total{reason=\"hlt\"} 0",
             "joey_guest_container_memory_usage_bytes{container_id=\"web\"} 3145728",
             "joey_guest_container_memory_usage_bytes{container_id=\"db\"} 5242880",

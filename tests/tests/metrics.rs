@@ -583,3 +583,36 @@ fn sandbox_endpoint_uses_the_configured_agent_timeout() {
     promtool_check(&text, "sandbox endpoint with agent timeouts");
     finish(sandbox, &env);
 }
+
+/// A guest flooding its console (380 KB through the serial port) with a 64 KiB cap: the log on
+/// the host stays under the cap and holds the newest output; what was dropped is counted in
+/// `joey_hypervisor_console_dropped_bytes_total`.
+#[test]
+fn a_flooding_console_is_capped_keeping_the_newest_output() {
+    let env = Env::with_config(|k, i| {
+        format!(
+            "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nconsole_log_max_kib = 64\n",
+            k.display(),
+            i.display()
+        )
+    });
+    let script = "yes joey-console-flood | head -n 20000 > /dev/console; echo the-end > /dev/console; \
+                  echo started; sleep 300";
+    let (sandbox, id) = start_sandbox(&env, script);
+    let dir = env.state_dir.join(&id);
+    // The pump may still be writing the last bytes QEMU took.
+    let log = wait_for("the-end at the end of console.log", Duration::from_secs(10), Duration::from_millis(50), || {
+        let log = std::fs::read(dir.join("console.log")).ok()?;
+        String::from_utf8_lossy(&log).trim_end().ends_with("joey-console-flood\r\nthe-end").then_some(log)
+    })
+    .unwrap();
+    assert!(log.len() <= 64 * 1024, "console.log is {} bytes", log.len());
+    assert!(log.len() >= 32 * 1024, "console.log is only {} bytes", log.len());
+    let text = String::from_utf8_lossy(&log);
+    assert!(!text.contains("joey-agent: started as PID 1"), "the oldest output should be gone");
+    let (status, metrics) = get_unix(&dir.join("metrics.sock"), "/metrics", Duration::from_secs(10));
+    assert_eq!(status, 200, "{metrics}");
+    let dropped = value(&metrics, "joey_hypervisor_console_dropped_bytes_total", &[]).expect("console counter");
+    assert!(dropped >= 380_000.0 - 64.0 * 1024.0, "dropped {dropped}");
+    finish(sandbox, &env);
+}

@@ -56,6 +56,7 @@ fn one_run(probe: &Path, dir: &Path, i: usize) -> (f64, f64, u64) {
         initrd: None,
         cmdline: format!("console=ttyS0 probe.mem_mib={MEM_MIB} probe.cpus=1"),
         serial_log: log.clone(),
+        serial_log_max_bytes: 0,
         vsock: None,
         virtio_fs: None,
         net_devices: Vec::new(),

@@ -114,6 +114,7 @@ fn start(
         initrd: None,
         cmdline: format!("probe.mem_mib={MEM_MIB} probe.cpus={vcpus} {cmdline}"),
         serial_log: log.clone(),
+        serial_log_max_bytes: 0,
         vsock,
         virtio_fs: fs,
         net_devices: Vec::new(),

@@ -27,6 +27,7 @@ fn create(kernel: PathBuf, dir: &Path) -> Vmm {
         initrd: Some(guest_file("initrd.img")),
         cmdline: "console=ttyS0 reboot=k panic=-1".into(),
         serial_log: dir.join("serial.log"),
+        serial_log_max_bytes: 0,
         vsock: None,
         virtio_fs: None,
         net_devices: Vec::new(),

@@ -97,6 +97,7 @@ pub fn vm_config(spec: &VmSpec, paths: &BuiltinPaths) -> Result<VmConfig, Builti
         initrd: Some(spec.initrd.clone()),
         cmdline: cmdline::for_spec(spec, Reboot::Keyboard),
         serial_log: paths.console_log.clone(),
+        serial_log_max_bytes: spec.console_log_max_bytes,
         vsock: Some(VsockConfig {
             guest_cid: spec.guest_cid,
             uds_path: paths.vsock_uds.clone(),
@@ -149,6 +150,7 @@ impl BridgedVm for Vmm {
             fs: self.fs_metrics().cloned(),
             blk: self.all_block_metrics().to_vec(),
             net: self.all_net_metrics().to_vec(),
+            console_dropped: self.console_dropped().cloned(),
             vcpus: Some(self.vcpu_metrics().clone()),
         }
     }
@@ -513,6 +515,7 @@ mod tests {
                 blk: Vec::new(),
                 net: Vec::new(),
                 vcpus: Some(vcpus.clone()),
+                console_dropped: None,
             };
             let vm = BuiltinVm::start_with(
                 paths(),
@@ -642,8 +645,10 @@ mod tests {
             guest_cid: 3,
             share_fs: None,
             net: Vec::new(),
+            console_log_max_bytes: 65536,
         };
         let c = vm_config(&spec, &BuiltinPaths::new(&spec.state_dir)).unwrap();
+        assert_eq!(c.serial_log_max_bytes, 65536);
         assert_eq!(c.vcpus, 2);
         assert_eq!(c.kernel, Path::new("/k/vmlinux"));
         assert_eq!(c.initrd.as_deref(), Some(Path::new("/k/initrd.img")));

@@ -7,6 +7,7 @@
 //! device (its metrics travel in [`super::VmSpec::share_fs`]) for QEMU, the in-process device
 //! the built-in VMM built from that spec. Reading never blocks on a device thread.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -30,6 +31,8 @@ pub struct VmCounterSources {
     pub net: Vec<Arc<NetMetrics>>,
     /// vCPU exits (built-in VMM only).
     pub vcpus: Option<Arc<VcpuMetrics>>,
+    /// Bytes of guest console output the console log's cap dropped.
+    pub console_dropped: Option<Arc<AtomicU64>>,
 }
 
 impl VmCounterSources {
@@ -94,7 +97,15 @@ impl VmCounterSources {
             .as_ref()
             .map(|v| v.snapshot().by_name().collect())
             .unwrap_or_default();
-        HypervisorCounters { devices, vcpu_exits }
+        let console_dropped_bytes = self
+            .console_dropped
+            .as_ref()
+            .map_or(0, |d| d.load(Ordering::Relaxed));
+        HypervisorCounters {
+            devices,
+            vcpu_exits,
+            console_dropped_bytes,
+        }
     }
 }
 
@@ -114,7 +125,6 @@ impl Handler<GetVmCounters> for HypervisorActor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
 
     #[test]
     fn reads_every_device_with_fixed_labels() {
@@ -144,6 +154,7 @@ mod tests {
             blk: vec![b1, b2],
             net: vec![n1, n2],
             vcpus: Some(Arc::new(VcpuMetrics::default())),
+            console_dropped: Some(Arc::new(AtomicU64::new(7))),
         };
         let c = src.read();
         let names: Vec<_> = c.devices.iter().map(|d| d.device).collect();
@@ -162,6 +173,7 @@ mod tests {
         assert_eq!(c.devices[2].errors, 2);
         assert_eq!(c.vcpu_exits.len(), 10);
         assert!(c.vcpu_exits.iter().all(|(_, n)| *n == 0));
+        assert_eq!(c.console_dropped_bytes, 7);
         // No devices, no vCPUs (QEMU before its vsock started): nothing.
         assert_eq!(VmCounterSources::default().read(), HypervisorCounters::default());
     }

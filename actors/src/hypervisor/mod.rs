@@ -130,6 +130,8 @@ pub struct VmSpec {
     /// One virtio-net device per pod interface, in the Network actor's order (its taps): QEMU
     /// gets joey's vhost-user device, the built-in VMM serves them in-process.
     pub net: Vec<NetAttachment>,
+    /// Cap of the console log (`hypervisor.console_log_max_kib` in bytes; 0: unlimited).
+    pub console_log_max_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

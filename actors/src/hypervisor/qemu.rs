@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use joey_vmm_core::devices::fs::FsMetrics;
+use joey_vmm_core::devices::legacy::capped_log::CappedLog;
 use joey_vmm_core::devices::net::{NetMetrics, VhostUserNetHandle, VhostUserNetServer};
 use joey_vmm_core::devices::vsock::{VhostUserVsockHandle, VhostUserVsockServer, VsockConfig, VsockMetrics};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -94,7 +95,8 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Result<Vec<String>, Hypervis
     push(&["-accel", accel, "-cpu", cpu]);
     push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
-    push(&["-serial", &format!("file:{}", paths.console_log.display())]);
+    // The console goes through joey (a pipe on fd 3, see `ConsolePump`), which caps its log.
+    push(&["-serial", &format!("file:/proc/self/fd/{CONSOLE_FD}")]);
     push(&["-kernel", &spec.kernel.display().to_string()]);
     push(&["-initrd", &spec.initrd.display().to_string()]);
     push(&["-append", &cmdline]);
@@ -134,6 +136,68 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Result<Vec<String>, Hypervis
     Ok(a)
 }
 
+/// QEMU's fd for the console pipe.
+const CONSOLE_FD: i32 = 3;
+/// How long QEMU's exit waits for the console pump to write the last output to the log.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
+
+/// The guest console: QEMU writes into a pipe, a thread (`joey-console`) copies it into the
+/// console log, capped at `hypervisor.console_log_max_kib` with the newest output kept (a
+/// flooding guest cannot fill the disk). It ends at EOF (QEMU gone) and then says so on `done`.
+struct ConsolePump {
+    /// The pipe's write end, handed to QEMU as fd [`CONSOLE_FD`]; closed here once QEMU runs.
+    write: std::os::fd::OwnedFd,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl ConsolePump {
+    /// Creates the log and the pipe and starts the thread (blocking).
+    fn start(log: &Path, cap: u64) -> Result<ConsolePump, HypervisorError> {
+        use std::io::Read as _;
+        let mut out = CappedLog::create(log, cap).map_err(|e| HypervisorError::Device(e.to_string()))?;
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| HypervisorError::Io {
+            what: "console pipe".into(),
+            source: e.into(),
+        })?;
+        let dropped = out.dropped().clone();
+        let (tx, done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("joey-console".into())
+            .spawn(move || {
+                let mut read = std::fs::File::from(read);
+                let mut buf = [0u8; 8192];
+                let mut failed = false;
+                loop {
+                    match read.read(&mut buf) {
+                        Ok(0) => break,
+                        // Keep draining even when the log cannot be written (a full disk):
+                        // QEMU, and so the guest, must never stall on its console.
+                        Ok(n) => {
+                            if let Err(e) = out.append(&buf[..n]) {
+                                if !failed {
+                                    tracing::warn!(error = %e, "console log write failed; dropping console output");
+                                    failed = true;
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading the console pipe failed");
+                            break;
+                        }
+                    }
+                }
+                let _ = tx.send(());
+            })
+            .map_err(|e| HypervisorError::Io {
+                what: "spawn the console thread".into(),
+                source: e,
+            })?;
+        Ok(ConsolePump { write, dropped, done })
+    }
+}
+
 /// A running QEMU microVM.
 pub struct QemuVm {
     pub pid: u32,
@@ -149,6 +213,8 @@ pub struct QemuVm {
     net: Vec<VhostUserNetHandle>,
     /// Their counters, in device order.
     net_metrics: Vec<Arc<NetMetrics>>,
+    /// Console output dropped by the log's cap.
+    console_dropped: Arc<std::sync::atomic::AtomicU64>,
     pub started_at: Instant,
 }
 
@@ -222,6 +288,7 @@ struct Launch {
     fs_metrics: Option<Arc<FsMetrics>>,
     net: Vec<VhostUserNetHandle>,
     net_metrics: Vec<Arc<NetMetrics>>,
+    console: ConsolePump,
 }
 
 impl Launch {
@@ -247,6 +314,8 @@ impl Launch {
         // On an error below, dropping the handles stops the device threads and removes sockets.
         let net = spawn_net_devices(spec, &paths)?;
         let net_metrics = net.iter().map(|n| n.metrics().clone()).collect();
+        let console = ConsolePump::start(&paths.console_log, spec.console_log_max_bytes)?;
+        let console_fd = std::os::fd::AsRawFd::as_raw_fd(&console.write);
 
         let log = std::fs::File::create(&paths.qemu_log).map_err(|e| HypervisorError::Io {
             what: format!("create {}", paths.qemu_log.display()),
@@ -265,9 +334,19 @@ impl Launch {
             .process_group(0);
         // SAFETY: the closure only calls async-signal-safe prctl(2) between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // QEMU must not outlive the runtime process, even if it is SIGKILLed.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The console pipe on CONSOLE_FD, without close-on-exec (dup2 onto itself
+                // would keep the flag, so clear it explicitly then).
+                let rc = if console_fd == CONSOLE_FD {
+                    libc::fcntl(CONSOLE_FD, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(console_fd, CONSOLE_FD)
+                };
+                if rc < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -282,6 +361,7 @@ impl Launch {
             fs_metrics,
             net,
             net_metrics,
+            console,
         })
     }
 
@@ -298,6 +378,7 @@ impl Launch {
             fs_metrics,
             net,
             net_metrics,
+            console,
         } = self;
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(true);
@@ -307,6 +388,13 @@ impl Launch {
             source: e,
         })?;
         let pid = child.id().unwrap_or(0);
+        // Only QEMU holds the console pipe's write end now: its exit is the pump's EOF.
+        let ConsolePump {
+            write,
+            dropped: console_dropped,
+            done,
+        } = console;
+        drop(write);
         let (tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
             let st = child.wait().await;
@@ -314,6 +402,8 @@ impl Launch {
                 Ok(s) => VmExit::from_status(s),
                 Err(e) => VmExit::WaitFailed(e.to_string()),
             };
+            // The console log is complete before anyone reads its tail for the exit report.
+            let _ = tokio::time::timeout(CONSOLE_DRAIN, done).await;
             let _ = tx.send(Some(exit));
         });
         tracing::info!(pid, %accel, "qemu started");
@@ -328,6 +418,7 @@ impl Launch {
             fs_metrics,
             net,
             net_metrics,
+            console_dropped,
             started_at,
         })
     }
@@ -343,6 +434,7 @@ impl QemuVm {
             blk: Vec::new(),
             net: self.net_metrics.clone(),
             vcpus: None,
+            console_dropped: Some(self.console_dropped.clone()),
         }
     }
 
@@ -505,6 +597,7 @@ mod tests {
             guest_cid: 3,
             share_fs: None,
             net: Vec::new(),
+            console_log_max_bytes: 0,
         }
     }
 

@@ -59,6 +59,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// File receiving the guest's COM1 output (truncated at create).
     pub serial_log: PathBuf,
+    /// Cap of the serial log in bytes, the newest output kept (0: unlimited).
+    pub serial_log_max_bytes: u64,
     /// In-process virtio-vsock device (hybrid vsock on the host side).
     pub vsock: Option<VsockConfig>,
     /// In-process virtio-fs device (a host directory shared under a mount tag); it sits after
@@ -141,6 +143,8 @@ pub struct Vmm {
     events_rx: Receiver<VmEvent>,
     control_timeout: Duration,
     serial: Arc<Mutex<SerialDevice>>,
+    /// Bytes the serial log's cap dropped.
+    console_dropped: Option<Arc<std::sync::atomic::AtomicU64>>,
     pio_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     virtio: VirtioDevices,
@@ -211,7 +215,8 @@ impl Vmm {
         let (ev_tx, events_rx) = bounded(EVENT_CHANNEL_CAPACITY);
         let events = EventSender::new(ev_tx);
 
-        let sink = LogSink::file(&cfg.serial_log, RateLimit::default())?;
+        let sink = LogSink::file(&cfg.serial_log, RateLimit::default(), cfg.serial_log_max_bytes)?;
+        let console_dropped = sink.cap_dropped();
         let serial = SerialDevice::new(IrqTrigger::new()?, sink);
         vm_fd
             .register_irqfd(serial.irq_evt(), layout::COM1_IRQ)
@@ -255,6 +260,7 @@ impl Vmm {
             events_rx,
             control_timeout: DEFAULT_CONTROL_TIMEOUT,
             serial,
+            console_dropped,
             pio_bus,
             mmio_bus: mmio,
             virtio,
@@ -320,6 +326,11 @@ impl Vmm {
     /// Counters of the in-process vsock device, if the VM has one.
     pub fn vsock_metrics(&self) -> Option<&Arc<crate::devices::vsock::VsockMetrics>> {
         self.virtio.vsock_metrics()
+    }
+
+    /// Bytes of guest console output the serial log's cap dropped so far.
+    pub fn console_dropped(&self) -> Option<&Arc<std::sync::atomic::AtomicU64>> {
+        self.console_dropped.as_ref()
     }
 
     /// Counters of every virtio-net device, in order.
@@ -494,6 +505,7 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
             serial_log: "/dev/null".into(),
+            serial_log_max_bytes: 0,
             vsock: None,
             virtio_fs: None,
             net_devices: Vec::new(),

@@ -1,6 +1,7 @@
 //! Legacy PC devices of the built-in VMM: 8250 serial (COM1) and the i8042
 //! controller (only its CPU-reset command).
 
+pub mod capped_log;
 pub mod i8042;
 pub mod serial;
 

@@ -1,25 +1,22 @@
 //! 8250 UART on COM1 (vm-superio `Serial`), output to a rate-limited log sink.
 
-use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::capped_log::{CappedLog, CappedLogError};
 use crate::vmm::bus::BusDevice;
 
 /// Errors of the serial device.
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
-    #[error("opening serial log {path}: {source}")]
-    OpenLog {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("serial log: {0}")]
+    Log(#[from] CappedLogError),
     #[error("creating serial interrupt eventfd: {0}")]
     EventFd(#[source] io::Error),
 }
@@ -43,7 +40,7 @@ impl Default for RateLimit {
 
 #[derive(Debug)]
 enum SinkTarget {
-    File(File),
+    File(CappedLog),
     Memory(Arc<Mutex<Vec<u8>>>),
 }
 
@@ -58,13 +55,18 @@ pub struct LogSink {
 }
 
 impl LogSink {
-    /// Truncates/creates `path` and writes to it.
-    pub fn file(path: &Path, limit: RateLimit) -> Result<Self, SerialError> {
-        let f = File::create(path).map_err(|source| SerialError::OpenLog {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Ok(Self::new(SinkTarget::File(f), limit))
+    /// Truncates/creates `path` and writes to it, keeping at most `cap` bytes, the newest
+    /// (0: unlimited; see [`CappedLog`]).
+    pub fn file(path: &Path, limit: RateLimit, cap: u64) -> Result<Self, SerialError> {
+        Ok(Self::new(SinkTarget::File(CappedLog::create(path, cap)?), limit))
+    }
+
+    /// Bytes the file's cap dropped so far (`None` for a memory sink).
+    pub fn cap_dropped(&self) -> Option<Arc<AtomicU64>> {
+        match &self.target {
+            SinkTarget::File(f) => Some(f.dropped().clone()),
+            SinkTarget::Memory(_) => None,
+        }
     }
 
     /// Writes into a shared buffer (returned alongside).
