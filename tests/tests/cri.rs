@@ -1,0 +1,132 @@
+//! Kubernetes pods through containerd's CRI plugin (CRI v1, as kubelet drives it): a private
+//! containerd from scripts/cri-containerd.sh, runtime handlers `runc` (the reference) and `joey`
+//! (one microVM per pod), the locally built pause and busybox images. Every scenario runs on both
+//! handlers and must give the same observable outcome, then leave nothing behind.
+
+use std::time::{Duration, Instant};
+
+use joey_tests::cri::*;
+use joey_tests::wait_for;
+
+const POD_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// One pod's lifecycle on `handler`: a container's exact stdout and stderr through its CRI log
+/// file, ExecSync (stdout, stderr, exit code), StopContainer's grace period ending in SIGKILL for
+/// a PID 1 that ignores SIGTERM, StopPodSandbox + RemovePodSandbox, and no leftovers.
+fn pod_lifecycle(handler: &str) {
+    let c = CriContainerd::start();
+    let cri = c.client();
+    let logs = c.pod_log_dir("web");
+    let pod_cfg = pod_config("web", &format!("uid-{handler}"), &logs);
+    let pod = cri.run_pod(&pod_cfg, handler).unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log()));
+    let st = cri.pod_status(&pod).expect("PodSandboxStatus");
+    assert_eq!(api::PodSandboxState::try_from(st.state), Ok(api::PodSandboxState::SandboxReady));
+
+    // Output first, then a process that only SIGKILL ends (SIGTERM ignored, kept across exec).
+    let app = container_config(
+        "app",
+        BUSYBOX,
+        &["sh", "-c", "echo hello from the pod; echo to stderr >&2; trap '' TERM; exec sleep 3600"],
+    );
+    let id = cri.create_container(&pod, &app, &pod_cfg).unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()));
+    cri.start_container(&id).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
+    let out = wait_for("both log lines", POD_TIMEOUT, Duration::from_millis(100), || {
+        let l = read_logs(&logs, &app);
+        (l.stdout.ends_with('\n') && l.stderr.ends_with('\n')).then_some(l)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", read_logs(&logs, &app)));
+    assert_eq!(out.stdout, "hello from the pod\n");
+    assert_eq!(out.stderr, "to stderr\n");
+    let s = cri.container_status(&id).expect("ContainerStatus");
+    assert_eq!(container_state(&s), api::ContainerState::ContainerRunning);
+
+    let r = cri
+        .exec_sync(&id, &["sh", "-c", "echo exec out; echo exec err >&2; exit 3"], 60)
+        .expect("ExecSync");
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "exec out\n");
+    assert_eq!(String::from_utf8_lossy(&r.stderr), "exec err\n");
+    assert_eq!(r.exit_code, 3);
+
+    // Grace period 2 s: SIGTERM is ignored, SIGKILL follows.
+    let t0 = Instant::now();
+    cri.stop_container(&id, 2).expect("StopContainer");
+    let took = t0.elapsed();
+    assert_eq!(c.wait_exited(&cri, &id, POD_TIMEOUT), 137);
+    assert!(took >= Duration::from_secs(2), "StopContainer returned after {took:?}, before the grace period");
+
+    cri.stop_pod(&pod).expect("StopPodSandbox");
+    cri.remove_pod(&pod).expect("RemovePodSandbox");
+    assert!(cri.list_pods().expect("ListPodSandbox").is_empty());
+    c.assert_clean();
+}
+
+#[test]
+fn runc_pod_lifecycle() {
+    pod_lifecycle("runc");
+}
+
+#[test]
+fn joey_pod_lifecycle() {
+    pod_lifecycle("joey");
+}
+
+/// Two containers of one pod share its network namespace: one serves HTTP on 127.0.0.1, the
+/// other fetches it over localhost (ExecSync), as in any Kubernetes pod.
+fn pod_localhost(handler: &str) {
+    let c = CriContainerd::start();
+    let cri = c.client();
+    let logs = c.pod_log_dir("duo");
+    let pod_cfg = pod_config("duo", &format!("uid-duo-{handler}"), &logs);
+    let pod = cri.run_pod(&pod_cfg, handler).unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log()));
+    let server = container_config(
+        "server",
+        BUSYBOX,
+        &["sh", "-c", "mkdir -p /tmp/www && echo pong > /tmp/www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /tmp/www"],
+    );
+    let client = container_config("client", BUSYBOX, &["sleep", "3600"]);
+    let mut ids = Vec::new();
+    for cfg in [&server, &client] {
+        let id = cri.create_container(&pod, cfg, &pod_cfg).unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()));
+        cri.start_container(&id).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
+        ids.push(id);
+    }
+    let mut last = String::new();
+    let got = wait_for("GET http://127.0.0.1:8080/ from the other container", Duration::from_secs(60), Duration::from_millis(200), || {
+        let r = cri
+            .exec_sync(&ids[1], &["timeout", "10", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"], 30)
+            .expect("ExecSync");
+        last = format!("exit {} stdout {:?} stderr {:?}", r.exit_code, String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+        (r.exit_code == 0).then(|| String::from_utf8_lossy(&r.stdout).into_owned())
+    });
+    let body = got.unwrap_or_else(|e| panic!("{e}; last try: {last}; server log: {:?}", read_logs(&logs, &server)));
+    assert_eq!(body, "pong\n");
+    cri.stop_pod(&pod).expect("StopPodSandbox");
+    cri.remove_pod(&pod).expect("RemovePodSandbox");
+    c.assert_clean();
+}
+
+#[test]
+fn runc_pod_containers_share_localhost() {
+    pod_localhost("runc");
+}
+
+#[test]
+fn joey_pod_containers_share_localhost() {
+    pod_localhost("joey");
+}
+
+/// A pod on an unknown runtime handler is refused with a CRI error naming the handler, and
+/// nothing is left.
+#[test]
+fn unknown_runtime_handler_is_a_cri_error() {
+    let c = CriContainerd::start();
+    let cri = c.client();
+    let logs = c.pod_log_dir("bad");
+    let e = cri
+        .run_pod(&pod_config("bad", "uid-bad", &logs), "no-such-handler")
+        .expect_err("an unknown handler must be refused");
+    assert!(e.to_string().contains("no-such-handler"), "{e}");
+    assert!(e.code().is_some(), "not a CRI status: {e}");
+    assert!(cri.list_pods().expect("ListPodSandbox").is_empty());
+    c.assert_clean();
+}
