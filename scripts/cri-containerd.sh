@@ -161,7 +161,9 @@ start() {
     ctr -a "$d/c.sock" -n k8s.io image import "$d/$img.tar" >/dev/null || die "import of the $img image failed"
     rm -f "$d/$img.tar"
   done
-  ctr -a "$d/c.sock" -n k8s.io image ls -q | grep -qx "$SANDBOX_IMAGE" || die "sandbox image $SANDBOX_IMAGE not listed after import"
+  local images
+  images=$(ctr -a "$d/c.sock" -n k8s.io image ls -q)
+  grep -qx "$SANDBOX_IMAGE" <<<"$images" || die "sandbox image $SANDBOX_IMAGE not listed after import: $images"
   trap - EXIT
   cat "$d/env"
 }
@@ -193,6 +195,8 @@ stop() {
     done
     for id in $($ctr container ls -q 2>/dev/null); do
       timeout 10 $ctr container rm "$id" >/dev/null 2>&1 || true
+      # containerd's own loopback network of a pod whose StopPodSandbox never came.
+      rm -f "/var/lib/cni/results/cni-loopback-$id-lo"
     done
     kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done

@@ -92,14 +92,15 @@ impl CriContainerd {
         d
     }
 
-    /// CNI's cached results of this instance's network (one per pod with a network).
-    pub fn cni_results(&self) -> Vec<String> {
+    /// CNI's cached results of this instance's network and of the loopback networks of `pods`.
+    pub fn cni_results(&self, pods: &[&str]) -> Vec<String> {
         let prefix = format!("{}-", self.var("CRI_NETWORK"));
+        let lo: Vec<String> = pods.iter().map(|p| format!("cni-loopback-{p}-")).collect();
         std::fs::read_dir("/var/lib/cni/results")
             .map(|rd| {
                 rd.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(&prefix))
+                    .filter(|n| n.starts_with(&prefix) || lo.iter().any(|l| n.starts_with(l)))
                     .collect()
             })
             .unwrap_or_default()
@@ -118,10 +119,10 @@ impl CriContainerd {
             .unwrap_or_default()
     }
 
-    /// After every pod is stopped and removed: no shim or VM process, no joey state, no mount of
-    /// the instance but containerd's own, no pinned pod netns, no CNI result or IP allocation
-    /// (waits up to 15 s for the shims to finish exiting).
-    pub fn assert_clean(&self) {
+    /// After every pod is stopped and removed (`pods`: their ids): no shim or VM process, no joey
+    /// state, no mount of the instance but containerd's own, no pinned pod netns, no CNI result
+    /// or IP allocation (waits up to 15 s for the shims to finish exiting).
+    pub fn assert_clean(&self, pods: &[&str]) {
         let d = self.dir.display().to_string();
         let state = self.var("JOEY_STATE_DIR").to_string();
         let netns_dir = self.dir.join("state/io.containerd.grpc.v1.cri/netns");
@@ -142,7 +143,7 @@ impl CriContainerd {
             let entries = |p: &Path| -> Vec<PathBuf> {
                 std::fs::read_dir(p).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default()
             };
-            let left = (procs, mounts, entries(Path::new(&state)), entries(&netns_dir), self.cni_results(), self.ip_allocations());
+            let left = (procs, mounts, entries(Path::new(&state)), entries(&netns_dir), self.cni_results(pods), self.ip_allocations());
             let clean = left.0.is_empty()
                 && left.1.is_empty()
                 && left.2.is_empty()
