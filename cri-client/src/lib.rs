@@ -29,11 +29,20 @@ pub enum CriError {
     },
     /// The runtime answered with an error status (code and message as the runtime gave them).
     #[error("{call}: {} ({:?})", .status.message(), .status.code())]
-    Status { call: &'static str, status: tonic::Status },
+    Status {
+        call: &'static str,
+        status: tonic::Status,
+    },
     #[error("{call}: no answer within {timeout:?}")]
-    Timeout { call: &'static str, timeout: Duration },
+    Timeout {
+        call: &'static str,
+        timeout: Duration,
+    },
     #[error("{call}: the reply lacks {what}")]
-    Incomplete { call: &'static str, what: &'static str },
+    Incomplete {
+        call: &'static str,
+        what: &'static str,
+    },
 }
 
 impl CriError {
@@ -69,15 +78,18 @@ impl CriClient {
             source,
         };
         // The URI is a placeholder: the connector below dials the unix socket.
-        let endpoint = Endpoint::from_static("http://[::]:50051").connect_timeout(Duration::from_secs(10));
+        let endpoint =
+            Endpoint::from_static("http://[::]:50051").connect_timeout(Duration::from_secs(10));
         let channel = rt
-            .block_on(endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
-                let sock = sock.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(sock).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                }
-            })))
+            .block_on(
+                endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let sock = sock.clone();
+                    async move {
+                        let s = tokio::net::UnixStream::connect(sock).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                })),
+            )
             .map_err(connect_err)?;
         Ok(CriClient {
             rt,
@@ -104,7 +116,10 @@ impl CriClient {
         F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let timeout = self.timeout;
-        match self.rt.block_on(async { tokio::time::timeout(timeout, fut).await }) {
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(timeout, fut).await })
+        {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(status)) => Err(CriError::Status { call, status }),
             Err(_) => Err(CriError::Timeout { call, timeout }),
@@ -114,17 +129,28 @@ impl CriClient {
     /// The runtime's name and version (`Version`).
     pub fn version(&self) -> Result<api::VersionResponse, CriError> {
         let mut c = self.runtime.clone();
-        self.call("Version", c.version(api::VersionRequest { version: "v1".into() }))
+        self.call(
+            "Version",
+            c.version(api::VersionRequest {
+                version: "v1".into(),
+            }),
+        )
     }
 
     /// `RunPodSandbox` with runtime handler `handler` (e.g. `joey`, `runc`); returns the pod id.
-    pub fn run_pod(&self, config: &api::PodSandboxConfig, handler: &str) -> Result<String, CriError> {
+    pub fn run_pod(
+        &self,
+        config: &api::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, CriError> {
         let mut c = self.runtime.clone();
         let req = api::RunPodSandboxRequest {
             config: Some(config.clone()),
             runtime_handler: handler.into(),
         };
-        Ok(self.call("RunPodSandbox", c.run_pod_sandbox(req))?.pod_sandbox_id)
+        Ok(self
+            .call("RunPodSandbox", c.run_pod_sandbox(req))?
+            .pod_sandbox_id)
     }
 
     /// `PodSandboxStatus` (not verbose).
@@ -145,15 +171,21 @@ impl CriClient {
     /// `StopPodSandbox`: stops every container of the pod and tears its network down.
     pub fn stop_pod(&self, pod: &str) -> Result<(), CriError> {
         let mut c = self.runtime.clone();
-        let req = api::StopPodSandboxRequest { pod_sandbox_id: pod.into() };
-        self.call("StopPodSandbox", c.stop_pod_sandbox(req)).map(drop)
+        let req = api::StopPodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        };
+        self.call("StopPodSandbox", c.stop_pod_sandbox(req))
+            .map(drop)
     }
 
     /// `RemovePodSandbox`: removes the (stopped) pod and its containers.
     pub fn remove_pod(&self, pod: &str) -> Result<(), CriError> {
         let mut c = self.runtime.clone();
-        let req = api::RemovePodSandboxRequest { pod_sandbox_id: pod.into() };
-        self.call("RemovePodSandbox", c.remove_pod_sandbox(req)).map(drop)
+        let req = api::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        };
+        self.call("RemovePodSandbox", c.remove_pod_sandbox(req))
+            .map(drop)
     }
 
     /// `ListPodSandbox` without a filter.
@@ -176,14 +208,19 @@ impl CriClient {
             config: Some(config.clone()),
             sandbox_config: Some(pod_config.clone()),
         };
-        Ok(self.call("CreateContainer", c.create_container(req))?.container_id)
+        Ok(self
+            .call("CreateContainer", c.create_container(req))?
+            .container_id)
     }
 
     /// `StartContainer`.
     pub fn start_container(&self, id: &str) -> Result<(), CriError> {
         let mut c = self.runtime.clone();
-        let req = api::StartContainerRequest { container_id: id.into() };
-        self.call("StartContainer", c.start_container(req)).map(drop)
+        let req = api::StartContainerRequest {
+            container_id: id.into(),
+        };
+        self.call("StartContainer", c.start_container(req))
+            .map(drop)
     }
 
     /// `StopContainer` with a grace period of `timeout_s` seconds (SIGTERM, then SIGKILL).
@@ -199,8 +236,11 @@ impl CriClient {
     /// `RemoveContainer`.
     pub fn remove_container(&self, id: &str) -> Result<(), CriError> {
         let mut c = self.runtime.clone();
-        let req = api::RemoveContainerRequest { container_id: id.into() };
-        self.call("RemoveContainer", c.remove_container(req)).map(drop)
+        let req = api::RemoveContainerRequest {
+            container_id: id.into(),
+        };
+        self.call("RemoveContainer", c.remove_container(req))
+            .map(drop)
     }
 
     /// `ContainerStatus` (not verbose).
@@ -219,7 +259,12 @@ impl CriClient {
     }
 
     /// `ExecSync`: runs `cmd` in container `id` to completion (`timeout_s` 0: no limit).
-    pub fn exec_sync(&self, id: &str, cmd: &[&str], timeout_s: i64) -> Result<api::ExecSyncResponse, CriError> {
+    pub fn exec_sync(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        timeout_s: i64,
+    ) -> Result<api::ExecSyncResponse, CriError> {
         let mut c = self.runtime.clone();
         let req = api::ExecSyncRequest {
             container_id: id.into(),
@@ -292,7 +337,8 @@ pub fn parse_log(text: &str) -> Logs {
     let mut logs = Logs::default();
     for line in text.lines() {
         let mut f = line.splitn(4, ' ');
-        let (Some(_time), Some(stream), Some(tag), msg) = (f.next(), f.next(), f.next(), f.next().unwrap_or(""))
+        let (Some(_time), Some(stream), Some(tag), msg) =
+            (f.next(), f.next(), f.next(), f.next().unwrap_or(""))
         else {
             continue;
         };
@@ -339,7 +385,9 @@ mod tests {
 
     #[test]
     fn connect_to_a_missing_socket_is_a_typed_error() {
-        let e = CriClient::connect(Path::new("/nonexistent/cri.sock")).err().expect("no socket, no client");
+        let e = CriClient::connect(Path::new("/nonexistent/cri.sock"))
+            .err()
+            .expect("no socket, no client");
         assert!(matches!(e, CriError::Connect { .. }), "{e}");
         assert_eq!(e.code(), None);
     }

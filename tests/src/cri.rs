@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-pub use joey_cri_client::{api, container_config, container_state, parse_log, pod_config, CriClient, Logs};
+pub use joey_cri_client::{
+    api, container_config, container_state, parse_log, pod_config, CriClient, Logs,
+};
 
 use crate::containerd::shim_path;
 use crate::*;
@@ -34,7 +36,10 @@ impl CriContainerd {
     pub fn start() -> CriContainerd {
         let kernel = std::env::var("JOEY_KERNEL").expect("JOEY_KERNEL is not set");
         let initrd = std::env::var("JOEY_INITRD").expect("JOEY_INITRD is not set");
-        let parent = tempfile::Builder::new().prefix("jcri-").tempdir().expect("tempdir");
+        let parent = tempfile::Builder::new()
+            .prefix("jcri-")
+            .tempdir()
+            .expect("tempdir");
         // The script names its network namespace after the directory's name: unique per test.
         let name = parent.path().file_name().expect("name").to_owned();
         let dir = parent.path().join(name);
@@ -111,7 +116,12 @@ impl CriContainerd {
         std::fs::read_dir(self.dir.join("cni/ipam"))
             .map(|rd| {
                 rd.flatten()
-                    .flat_map(|net| std::fs::read_dir(net.path()).into_iter().flatten().flatten())
+                    .flat_map(|net| {
+                        std::fs::read_dir(net.path())
+                            .into_iter()
+                            .flatten()
+                            .flatten()
+                    })
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
                     .collect()
@@ -127,32 +137,46 @@ impl CriContainerd {
         let state = self.var("JOEY_STATE_DIR").to_string();
         let netns_dir = self.dir.join("state/io.containerd.grpc.v1.cri/netns");
         let mut last = String::new();
-        let r = wait_for("a clean instance", Duration::from_secs(15), Duration::from_millis(100), || {
-            let procs: Vec<_> = processes_mentioning(&d)
-                .into_iter()
-                .chain(processes_mentioning(&state))
-                .filter(|(_, cmd)| !cmd.starts_with("containerd --config"))
-                .collect();
-            let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-            let mounts: Vec<String> = mi
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|m| m.starts_with(&d) || m.starts_with(&state))
-                .map(str::to_string)
-                .collect();
-            let entries = |p: &Path| -> Vec<PathBuf> {
-                std::fs::read_dir(p).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default()
-            };
-            let left = (procs, mounts, entries(Path::new(&state)), entries(&netns_dir), self.cni_results(pods), self.ip_allocations());
-            let clean = left.0.is_empty()
-                && left.1.is_empty()
-                && left.2.is_empty()
-                && left.3.is_empty()
-                && left.4.is_empty()
-                && left.5.is_empty();
-            last = format!("{left:?}");
-            clean.then_some(())
-        });
+        let r = wait_for(
+            "a clean instance",
+            Duration::from_secs(15),
+            Duration::from_millis(100),
+            || {
+                let procs: Vec<_> = processes_mentioning(&d)
+                    .into_iter()
+                    .chain(processes_mentioning(&state))
+                    .filter(|(_, cmd)| !cmd.starts_with("containerd --config"))
+                    .collect();
+                let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+                let mounts: Vec<String> = mi
+                    .lines()
+                    .filter_map(|l| l.split(' ').nth(4))
+                    .filter(|m| m.starts_with(&d) || m.starts_with(&state))
+                    .map(str::to_string)
+                    .collect();
+                let entries = |p: &Path| -> Vec<PathBuf> {
+                    std::fs::read_dir(p)
+                        .map(|r| r.flatten().map(|e| e.path()).collect())
+                        .unwrap_or_default()
+                };
+                let left = (
+                    procs,
+                    mounts,
+                    entries(Path::new(&state)),
+                    entries(&netns_dir),
+                    self.cni_results(pods),
+                    self.ip_allocations(),
+                );
+                let clean = left.0.is_empty()
+                    && left.1.is_empty()
+                    && left.2.is_empty()
+                    && left.3.is_empty()
+                    && left.4.is_empty()
+                    && left.5.is_empty();
+                last = format!("{left:?}");
+                clean.then_some(())
+            },
+        );
         if r.is_err() {
             panic!(
                 "left behind (processes, mounts, joey state, pod netns, CNI results, IPs): {last}\ncontainerd log:\n{}",
@@ -163,17 +187,26 @@ impl CriContainerd {
 
     /// Polls `ContainerStatus` until container `id` has exited; returns its exit code.
     pub fn wait_exited(&self, cri: &CriClient, id: &str, timeout: Duration) -> i32 {
-        let r = wait_for(&format!("container {id} exits"), timeout, Duration::from_millis(100), || {
-            let s = cri.container_status(id).expect("ContainerStatus");
-            (container_state(&s) == api::ContainerState::ContainerExited).then_some(s.exit_code)
-        });
+        let r = wait_for(
+            &format!("container {id} exits"),
+            timeout,
+            Duration::from_millis(100),
+            || {
+                let s = cri.container_status(id).expect("ContainerStatus");
+                (container_state(&s) == api::ContainerState::ContainerExited).then_some(s.exit_code)
+            },
+        );
         r.unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", self.log()))
     }
 }
 
 impl Drop for CriContainerd {
     fn drop(&mut self) {
-        let _ = Command::new("bash").arg(script()).arg("stop").arg(&self.dir).output();
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(&self.dir)
+            .output();
     }
 }
 

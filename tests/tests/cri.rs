@@ -18,22 +18,39 @@ fn pod_lifecycle(handler: &str) {
     let cri = c.client();
     let logs = c.pod_log_dir("web");
     let pod_cfg = pod_config("web", &format!("uid-{handler}"), &logs);
-    let pod = cri.run_pod(&pod_cfg, handler).unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log()));
+    let pod = cri
+        .run_pod(&pod_cfg, handler)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log()));
     let st = cri.pod_status(&pod).expect("PodSandboxStatus");
-    assert_eq!(api::PodSandboxState::try_from(st.state), Ok(api::PodSandboxState::SandboxReady));
+    assert_eq!(
+        api::PodSandboxState::try_from(st.state),
+        Ok(api::PodSandboxState::SandboxReady)
+    );
 
     // Output first, then a process that only SIGKILL ends (SIGTERM ignored, kept across exec).
     let app = container_config(
         "app",
         BUSYBOX,
-        &["sh", "-c", "echo hello from the pod; echo to stderr >&2; trap '' TERM; exec sleep 3600"],
+        &[
+            "sh",
+            "-c",
+            "echo hello from the pod; echo to stderr >&2; trap '' TERM; exec sleep 3600",
+        ],
     );
-    let id = cri.create_container(&pod, &app, &pod_cfg).unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()));
-    cri.start_container(&id).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
-    let out = wait_for("both log lines", POD_TIMEOUT, Duration::from_millis(100), || {
-        let l = read_logs(&logs, &app);
-        (l.stdout.ends_with('\n') && l.stderr.ends_with('\n')).then_some(l)
-    })
+    let id = cri
+        .create_container(&pod, &app, &pod_cfg)
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()));
+    cri.start_container(&id)
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
+    let out = wait_for(
+        "both log lines",
+        POD_TIMEOUT,
+        Duration::from_millis(100),
+        || {
+            let l = read_logs(&logs, &app);
+            (l.stdout.ends_with('\n') && l.stderr.ends_with('\n')).then_some(l)
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}: {:?}", read_logs(&logs, &app)));
     assert_eq!(out.stdout, "hello from the pod\n");
     assert_eq!(out.stderr, "to stderr\n");
@@ -41,7 +58,11 @@ fn pod_lifecycle(handler: &str) {
     assert_eq!(container_state(&s), api::ContainerState::ContainerRunning);
 
     let r = cri
-        .exec_sync(&id, &["sh", "-c", "echo exec out; echo exec err >&2; exit 3"], 60)
+        .exec_sync(
+            &id,
+            &["sh", "-c", "echo exec out; echo exec err >&2; exit 3"],
+            60,
+        )
         .expect("ExecSync");
     assert_eq!(String::from_utf8_lossy(&r.stdout), "exec out\n");
     assert_eq!(String::from_utf8_lossy(&r.stderr), "exec err\n");
@@ -52,7 +73,10 @@ fn pod_lifecycle(handler: &str) {
     cri.stop_container(&id, 2).expect("StopContainer");
     let took = t0.elapsed();
     assert_eq!(c.wait_exited(&cri, &id, POD_TIMEOUT), 137);
-    assert!(took >= Duration::from_secs(2), "StopContainer returned after {took:?}, before the grace period");
+    assert!(
+        took >= Duration::from_secs(2),
+        "StopContainer returned after {took:?}, before the grace period"
+    );
 
     remove_pod(&c, &cri, &pod);
 }
@@ -69,14 +93,25 @@ fn joey_pod_lifecycle() {
 
 /// Runs pod `name` on `handler` with one container per `(name, argv)`; returns the pod's
 /// config, its id and the containers' ids (all started).
-fn start_pod(c: &CriContainerd, cri: &CriClient, handler: &str, name: &str, containers: &[api::ContainerConfig]) -> (api::PodSandboxConfig, String, Vec<String>) {
+fn start_pod(
+    c: &CriContainerd,
+    cri: &CriClient,
+    handler: &str,
+    name: &str,
+    containers: &[api::ContainerConfig],
+) -> (api::PodSandboxConfig, String, Vec<String>) {
     let logs = c.pod_log_dir(name);
     let pod_cfg = pod_config(name, &format!("uid-{name}-{handler}"), &logs);
-    let pod = cri.run_pod(&pod_cfg, handler).unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log()));
+    let pod = cri
+        .run_pod(&pod_cfg, handler)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log()));
     let mut ids = Vec::new();
     for cfg in containers {
-        let id = cri.create_container(&pod, cfg, &pod_cfg).unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()));
-        cri.start_container(&id).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
+        let id = cri
+            .create_container(&pod, cfg, &pod_cfg)
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()));
+        cri.start_container(&id)
+            .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
         ids.push(id);
     }
     (pod_cfg, pod, ids)
@@ -92,8 +127,15 @@ fn remove_pod(c: &CriContainerd, cri: &CriClient, pod: &str) {
 
 /// `readlink /proc/self/ns/<ns>` in container `id` (ExecSync).
 fn namespace_of(cri: &CriClient, id: &str, ns: &str) -> String {
-    let r = cri.exec_sync(id, &["readlink", &format!("/proc/self/ns/{ns}")], 30).expect("ExecSync readlink");
-    assert_eq!(r.exit_code, 0, "readlink: {}", String::from_utf8_lossy(&r.stderr));
+    let r = cri
+        .exec_sync(id, &["readlink", &format!("/proc/self/ns/{ns}")], 30)
+        .expect("ExecSync readlink");
+    assert_eq!(
+        r.exit_code,
+        0,
+        "readlink: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     String::from_utf8_lossy(&r.stdout).trim().to_string()
 }
 
@@ -103,9 +145,15 @@ fn pod_shares_network_namespace(handler: &str) {
     let cri = c.client();
     let sleeper = |n: &str| container_config(n, BUSYBOX, &["sleep", "3600"]);
     let (_, pod, ids) = start_pod(&c, &cri, handler, "netns", &[sleeper("a"), sleeper("b")]);
-    let (a, b) = (namespace_of(&cri, &ids[0], "net"), namespace_of(&cri, &ids[1], "net"));
+    let (a, b) = (
+        namespace_of(&cri, &ids[0], "net"),
+        namespace_of(&cri, &ids[1], "net"),
+    );
     assert!(a.starts_with("net:["), "{a}");
-    assert_eq!(a, b, "the pod's containers are in different network namespaces");
+    assert_eq!(
+        a, b,
+        "the pod's containers are in different network namespaces"
+    );
     remove_pod(&c, &cri, &pod);
 }
 
@@ -132,14 +180,39 @@ fn pod_localhost(handler: &str) {
     let client = container_config("client", BUSYBOX, &["sleep", "3600"]);
     let (pod_cfg, pod, ids) = start_pod(&c, &cri, handler, "duo", &[server.clone(), client]);
     let mut last = String::new();
-    let got = wait_for("GET http://127.0.0.1:8080/ from the other container", Duration::from_secs(60), Duration::from_millis(200), || {
-        match cri.exec_sync(&ids[1], &["timeout", "10", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"], 30) {
-            Ok(r) if r.exit_code == 0 => return Some(String::from_utf8_lossy(&r.stdout).into_owned()),
-            Ok(r) => last = format!("exit {} stderr {:?}", r.exit_code, String::from_utf8_lossy(&r.stderr)),
-            Err(e) => last = e.to_string(),
-        }
-        None
-    });
+    let got = wait_for(
+        "GET http://127.0.0.1:8080/ from the other container",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            match cri.exec_sync(
+                &ids[1],
+                &[
+                    "timeout",
+                    "10",
+                    "wget",
+                    "-q",
+                    "-O",
+                    "-",
+                    "http://127.0.0.1:8080/",
+                ],
+                30,
+            ) {
+                Ok(r) if r.exit_code == 0 => {
+                    return Some(String::from_utf8_lossy(&r.stdout).into_owned())
+                }
+                Ok(r) => {
+                    last = format!(
+                        "exit {} stderr {:?}",
+                        r.exit_code,
+                        String::from_utf8_lossy(&r.stderr)
+                    )
+                }
+                Err(e) => last = e.to_string(),
+            }
+            None
+        },
+    );
     let body = got.unwrap_or_else(|e| {
         let states: Vec<_> = ids.iter().map(|id| cri.container_status(id).map(|s| (s.state, s.exit_code))).collect();
         let logs = std::path::Path::new(&pod_cfg.log_directory);
@@ -177,5 +250,36 @@ fn unknown_runtime_handler_is_a_cri_error() {
     assert!(e.to_string().contains("no-such-handler"), "{e}");
     assert!(e.code().is_some(), "not a CRI status: {e}");
     assert!(cri.list_pods().expect("ListPodSandbox").is_empty());
+    c.assert_clean(&[]);
+}
+
+/// `joeyctl cri run-pod`, the user's entry: CMD's stdout and stderr on joeyctl's, its exit code
+/// as joeyctl's, the pod removed after.
+#[test]
+fn joeyctl_cri_run_pod() {
+    let c = CriContainerd::start();
+    let o = std::process::Command::new(joey_tests::joeyctl_path())
+        .args([
+            "cri",
+            "--address",
+            c.var("CRI_ADDRESS"),
+            "run-pod",
+            "--runtime",
+            "joey",
+            "--image",
+            BUSYBOX,
+        ])
+        .args(["--", "sh", "-c", "echo out; echo err >&2; exit 7"])
+        .env_remove("CRI_ADDRESS")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run joeyctl cri");
+    let o = joey_tests::wait_output(o, POD_TIMEOUT);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "err\n");
+    assert_eq!(o.status.code(), Some(7));
+    assert!(c.client().list_pods().expect("ListPodSandbox").is_empty());
     c.assert_clean(&[]);
 }
