@@ -18,8 +18,9 @@ PKGS=(qemu-system-x86 linux-source-6.1 bc flex bison libelf-dev libssl-dev
       containerd runc bsdutils iproute2
       containernetworking-plugins protobuf-compiler)
 # bsdutils: script(1), a terminal for `ctr run -t` in tests; iproute2: ip/tc for the network test
-# fixtures; containernetworking-plugins: CNI plugins (/usr/lib/cni) of the private CRI containerd
-# (scripts/cri-containerd.sh); protobuf-compiler: protoc, which the k8s-cri crate needs to build.
+# fixtures; containernetworking-plugins: CNI plugins (/usr/lib/cni) for the CNI network tests and
+# the private CRI containerd (scripts/cri-containerd.sh); protobuf-compiler: protoc, which the
+# k8s-cri crate needs to build.
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub mod containerd;
 pub mod cri;
+pub mod netns;
 
 fn required_env(name: &str) -> PathBuf {
     match std::env::var_os(name) {

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use joey_agent_protocol::agent;
-use joey_vmm_core::devices::net::{MacAddr, Tap, TapError};
+use joey_vmm_core::devices::net::{MacAddr, NetAttachment, NetConfig, NetError, Tap, TapError};
 
 use crate::lifecycle::InvalidTransition;
 use crate::resource::{ResourceError, ResourceStack, Undo};
@@ -165,6 +165,36 @@ pub struct PodNetwork {
     pub taps: Vec<Tap>,
 }
 
+impl PodNetwork {
+    /// The VM's virtio-net devices, one per interface in order: the interface's MAC and MTU on
+    /// its tap. An interface whose MTU or MAC the device cannot offer is refused by name.
+    pub fn attachments(&self) -> Result<Vec<NetAttachment>, NetworkError> {
+        self.info
+            .interfaces
+            .iter()
+            .zip(&self.taps)
+            .map(|(iface, tap)| {
+                let device = |source| NetworkError::Device {
+                    netns: self.info.netns.clone(),
+                    interface: iface.name.clone(),
+                    source,
+                };
+                // Linux MTUs fit in 16 bits; anything larger is out of the device's range too.
+                let mtu = u16::try_from(iface.mtu).unwrap_or(u16::MAX);
+                let config = NetConfig {
+                    mac: iface.mac,
+                    mtu,
+                };
+                config.validate().map_err(device)?;
+                Ok(NetAttachment {
+                    config,
+                    tap: std::sync::Arc::new(tap.try_clone().map_err(|e| device(e.into()))?),
+                })
+            })
+            .collect()
+    }
+}
+
 /// Where a setup fails on purpose (tests of the unwinding): right after `step` of the
 /// `interface`-th interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +259,13 @@ pub enum NetworkError {
         netns: PathBuf,
         interface: String,
         source: TapError,
+    },
+    /// The interface cannot become a virtio-net device (MTU or MAC out of its range).
+    #[error("network namespace {}: interface {interface}: {source}", .netns.display())]
+    Device {
+        netns: PathBuf,
+        interface: String,
+        source: NetError,
     },
     /// A [`FailPoint`] was reached (tests).
     #[error("network namespace {}: interface {interface}: injected failure after {step:?}", .netns.display())]
@@ -860,7 +897,9 @@ mod tests {
     async fn leftovers_of_a_crash_are_removed() {
         let (pod, _peer) = pod_fixture();
         pod.tc("qdisc add dev other0 ingress");
-        pod.tc("filter add dev other0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev eth1");
+        pod.tc(
+            "filter add dev other0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev eth1",
+        );
         let before = pod.snapshot();
         for keep_taps_open in [false, true] {
             let mut res = ResourceStack::default();
