@@ -232,7 +232,6 @@ fn runc_pod_containers_talk_over_localhost() {
 }
 
 #[test]
-#[ignore = "the guest's own network namespace has lo down until the pod network (issue 10) configures it"]
 fn joey_pod_containers_talk_over_localhost() {
     pod_localhost("joey");
 }
@@ -282,4 +281,167 @@ fn joeyctl_cri_run_pod() {
     assert_eq!(o.status.code(), Some(7));
     assert!(c.client().list_pods().expect("ListPodSandbox").is_empty());
     c.assert_clean(&[]);
+}
+
+/// ExecSync of `cmd` in container `id`, retried until it exits 0 (a server in another pod may
+/// not listen yet); returns its stdout.
+fn exec_until_ok(c: &CriContainerd, cri: &CriClient, id: &str, cmd: &[&str]) -> String {
+    let mut last = String::new();
+    let r = wait_for(
+        &format!("{cmd:?} succeeds"),
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || {
+            match cri.exec_sync(id, cmd, 30) {
+                Ok(r) if r.exit_code == 0 => {
+                    return Some(String::from_utf8_lossy(&r.stdout).into_owned())
+                }
+                Ok(r) => {
+                    last = format!(
+                        "exit {} stderr {:?}",
+                        r.exit_code,
+                        String::from_utf8_lossy(&r.stderr)
+                    )
+                }
+                Err(e) => last = e.to_string(),
+            }
+            None
+        },
+    );
+    r.unwrap_or_else(|e| panic!("{e}; last try: {last}\ncontainerd log:\n{}", c.log()))
+}
+
+/// An HTTP server container answering `body` on port 8080.
+fn web(body: &str) -> api::ContainerConfig {
+    let script = format!("mkdir -p /tmp/www && echo {body} > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www");
+    container_config("web", BUSYBOX, &["sh", "-c", &script])
+}
+
+/// The pod network through CNI on joey: PodSandboxStatus's IP is the guest's eth0 address; the
+/// pod's DNS config is the containers' resolv.conf; a runc pod on the same bridge reaches the
+/// joey pod by IP and back; a hostPort mapping (portmap) reaches the joey pod's server from
+/// containerd's network namespace; StopPodSandbox + RemovePodSandbox leave no CNI state.
+#[test]
+fn joey_pod_network_through_cni() {
+    let c = CriContainerd::start();
+    let cri = c.client();
+    let mut joey_cfg = pod_config("net-joey", "uid-net-joey", &c.pod_log_dir("net-joey"));
+    joey_cfg.dns_config = Some(api::DnsConfig {
+        servers: vec!["10.88.0.53".into()],
+        searches: vec!["pods.test".into()],
+        options: vec!["ndots:2".into()],
+    });
+    joey_cfg.port_mappings = vec![api::PortMapping {
+        protocol: api::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: 30080,
+        host_ip: String::new(),
+    }];
+    let joey = cri
+        .run_pod(&joey_cfg, "joey")
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log()));
+    let joey_web = cri
+        .create_container(&joey, &web("from-joey"), &joey_cfg)
+        .expect("CreateContainer");
+    cri.start_container(&joey_web).expect("StartContainer");
+    let runc_cfg = pod_config("net-runc", "uid-net-runc", &c.pod_log_dir("net-runc"));
+    let runc = cri.run_pod(&runc_cfg, "runc").expect("RunPodSandbox runc");
+    let runc_web = cri
+        .create_container(&runc, &web("from-runc"), &runc_cfg)
+        .expect("CreateContainer runc");
+    cri.start_container(&runc_web).expect("StartContainer runc");
+
+    let ip_of = |pod: &str| {
+        cri.pod_status(pod)
+            .expect("PodSandboxStatus")
+            .network
+            .map(|n| n.ip)
+            .unwrap_or_default()
+    };
+    let (joey_ip, runc_ip) = (ip_of(&joey), ip_of(&runc));
+    assert!(joey_ip.starts_with("10.88.0."), "joey pod IP {joey_ip:?}");
+    assert!(
+        runc_ip.starts_with("10.88.0.") && runc_ip != joey_ip,
+        "runc pod IP {runc_ip:?}"
+    );
+    let eth0 = exec_until_ok(
+        &c,
+        &cri,
+        &joey_web,
+        &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+    );
+    assert!(
+        eth0.contains(&format!(" inet {joey_ip}/24 ")),
+        "the guest's eth0: {eth0}"
+    );
+    let resolv = exec_until_ok(&c, &cri, &joey_web, &["cat", "/etc/resolv.conf"]);
+    for want in [
+        "nameserver 10.88.0.53",
+        "search pods.test",
+        "options ndots:2",
+    ] {
+        assert!(
+            resolv.lines().any(|l| l == want),
+            "{want:?} not in resolv.conf:\n{resolv}"
+        );
+    }
+
+    let (to_joey, to_runc) = (
+        format!("http://{joey_ip}:8080/"),
+        format!("http://{runc_ip}:8080/"),
+    );
+    let from_runc = exec_until_ok(
+        &c,
+        &cri,
+        &runc_web,
+        &["timeout", "10", "wget", "-q", "-O", "-", &to_joey],
+    );
+    assert_eq!(from_runc, "from-joey\n");
+    let from_joey = exec_until_ok(
+        &c,
+        &cri,
+        &joey_web,
+        &["timeout", "10", "wget", "-q", "-O", "-", &to_runc],
+    );
+    assert_eq!(from_joey, "from-runc\n");
+
+    // hostPort 30080 -> the joey pod's 8080, from containerd's netns (portmap's DNAT for local
+    // traffic) to the bridge address.
+    let mut last = String::new();
+    let host = wait_for(
+        "GET hostPort 30080",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let o = std::process::Command::new("timeout")
+                .args([
+                    "10",
+                    "nsenter",
+                    &format!("--net={}", c.var("CRI_NETNS")),
+                    "busybox",
+                    "wget",
+                    "-q",
+                    "-O",
+                    "-",
+                ])
+                .arg("http://10.88.0.1:30080/")
+                .output()
+                .expect("run nsenter busybox wget");
+            last = format!("{} {}", o.status, String::from_utf8_lossy(&o.stderr));
+            o.status
+                .success()
+                .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+        },
+    );
+    assert_eq!(
+        host.unwrap_or_else(|e| panic!("{e}: {last}")),
+        "from-joey\n"
+    );
+
+    for pod in [&joey, &runc] {
+        cri.stop_pod(pod).expect("StopPodSandbox");
+        cri.remove_pod(pod).expect("RemovePodSandbox");
+    }
+    assert!(cri.list_pods().expect("ListPodSandbox").is_empty());
+    c.assert_clean(&[&joey, &runc]);
 }
