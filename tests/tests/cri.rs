@@ -139,32 +139,33 @@ fn namespace_of(cri: &CriClient, id: &str, ns: &str) -> String {
     String::from_utf8_lossy(&r.stdout).trim().to_string()
 }
 
-/// Two containers of one pod are in the same network namespace (the pod's), as CRI asks.
-fn pod_shares_network_namespace(handler: &str) {
+/// Two containers of one pod are in the same network, IPC and UTS namespaces (the pod's), as
+/// CRI asks, and see the pod's hostname.
+fn pod_shares_namespaces(handler: &str) {
     let c = CriContainerd::start();
     let cri = c.client();
     let sleeper = |n: &str| container_config(n, BUSYBOX, &["sleep", "3600"]);
-    let (_, pod, ids) = start_pod(&c, &cri, handler, "netns", &[sleeper("a"), sleeper("b")]);
-    let (a, b) = (
-        namespace_of(&cri, &ids[0], "net"),
-        namespace_of(&cri, &ids[1], "net"),
-    );
-    assert!(a.starts_with("net:["), "{a}");
-    assert_eq!(
-        a, b,
-        "the pod's containers are in different network namespaces"
-    );
+    let (_, pod, ids) = start_pod(&c, &cri, handler, "shared", &[sleeper("a"), sleeper("b")]);
+    for ns in ["net", "ipc", "uts"] {
+        let (a, b) = (namespace_of(&cri, &ids[0], ns), namespace_of(&cri, &ids[1], ns));
+        assert!(a.starts_with(&format!("{ns}:[")), "{a}");
+        assert_eq!(a, b, "the pod's containers are in different {ns} namespaces");
+    }
+    for id in &ids {
+        let r = cri.exec_sync(id, &["hostname"], 30).expect("ExecSync hostname");
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "shared\n", "the pod's hostname");
+    }
     remove_pod(&c, &cri, &pod);
 }
 
 #[test]
-fn runc_pod_shares_network_namespace() {
-    pod_shares_network_namespace("runc");
+fn runc_pod_shares_namespaces() {
+    pod_shares_namespaces("runc");
 }
 
 #[test]
-fn joey_pod_shares_network_namespace() {
-    pod_shares_network_namespace("joey");
+fn joey_pod_shares_namespaces() {
+    pod_shares_namespaces("joey");
 }
 
 /// Two containers of one pod talk over localhost: one serves HTTP on 127.0.0.1, the other
