@@ -91,15 +91,15 @@ fn joey_pod_lifecycle() {
     pod_lifecycle("joey");
 }
 
-/// Runs pod `name` on `handler` with one container per `(name, argv)`; returns the pod's
-/// config, its id and the containers' ids (all started).
+/// Runs pod `name` on `handler` with `containers` (all started); returns the pod's id and the
+/// containers' ids.
 fn start_pod(
     c: &CriContainerd,
     cri: &CriClient,
     handler: &str,
     name: &str,
     containers: &[api::ContainerConfig],
-) -> (api::PodSandboxConfig, String, Vec<String>) {
+) -> (String, Vec<String>) {
     let logs = c.pod_log_dir(name);
     let pod_cfg = pod_config(name, &format!("uid-{name}-{handler}"), &logs);
     let pod = cri
@@ -114,7 +114,7 @@ fn start_pod(
             .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
         ids.push(id);
     }
-    (pod_cfg, pod, ids)
+    (pod, ids)
 }
 
 /// Stops and removes `pod`, then checks that nothing of it is left.
@@ -145,15 +145,27 @@ fn pod_shares_namespaces(handler: &str) {
     let c = CriContainerd::start();
     let cri = c.client();
     let sleeper = |n: &str| container_config(n, BUSYBOX, &["sleep", "3600"]);
-    let (_, pod, ids) = start_pod(&c, &cri, handler, "shared", &[sleeper("a"), sleeper("b")]);
+    let (pod, ids) = start_pod(&c, &cri, handler, "shared", &[sleeper("a"), sleeper("b")]);
     for ns in ["net", "ipc", "uts"] {
-        let (a, b) = (namespace_of(&cri, &ids[0], ns), namespace_of(&cri, &ids[1], ns));
+        let (a, b) = (
+            namespace_of(&cri, &ids[0], ns),
+            namespace_of(&cri, &ids[1], ns),
+        );
         assert!(a.starts_with(&format!("{ns}:[")), "{a}");
-        assert_eq!(a, b, "the pod's containers are in different {ns} namespaces");
+        assert_eq!(
+            a, b,
+            "the pod's containers are in different {ns} namespaces"
+        );
     }
     for id in &ids {
-        let r = cri.exec_sync(id, &["hostname"], 30).expect("ExecSync hostname");
-        assert_eq!(String::from_utf8_lossy(&r.stdout), "shared\n", "the pod's hostname");
+        let r = cri
+            .exec_sync(id, &["hostname"], 30)
+            .expect("ExecSync hostname");
+        assert_eq!(
+            String::from_utf8_lossy(&r.stdout),
+            "shared\n",
+            "the pod's hostname"
+        );
     }
     remove_pod(&c, &cri, &pod);
 }
@@ -179,50 +191,8 @@ fn pod_localhost(handler: &str) {
         &["sh", "-c", "mkdir -p /tmp/www && echo pong > /tmp/www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /tmp/www"],
     );
     let client = container_config("client", BUSYBOX, &["sleep", "3600"]);
-    let (pod_cfg, pod, ids) = start_pod(&c, &cri, handler, "duo", &[server.clone(), client]);
-    let mut last = String::new();
-    let got = wait_for(
-        "GET http://127.0.0.1:8080/ from the other container",
-        Duration::from_secs(60),
-        Duration::from_millis(200),
-        || {
-            match cri.exec_sync(
-                &ids[1],
-                &[
-                    "timeout",
-                    "10",
-                    "wget",
-                    "-q",
-                    "-O",
-                    "-",
-                    "http://127.0.0.1:8080/",
-                ],
-                30,
-            ) {
-                Ok(r) if r.exit_code == 0 => {
-                    return Some(String::from_utf8_lossy(&r.stdout).into_owned())
-                }
-                Ok(r) => {
-                    last = format!(
-                        "exit {} stderr {:?}",
-                        r.exit_code,
-                        String::from_utf8_lossy(&r.stderr)
-                    )
-                }
-                Err(e) => last = e.to_string(),
-            }
-            None
-        },
-    );
-    let body = got.unwrap_or_else(|e| {
-        let states: Vec<_> = ids.iter().map(|id| cri.container_status(id).map(|s| (s.state, s.exit_code))).collect();
-        let logs = std::path::Path::new(&pod_cfg.log_directory);
-        panic!(
-            "{e}; last try: {last}\ncontainers (state, exit code): {states:?}\nserver log: {:?}\ncontainerd log:\n{}",
-            read_logs(logs, &server),
-            c.log()
-        )
-    });
+    let (pod, ids) = start_pod(&c, &cri, handler, "duo", &[server, client]);
+    let body = fetch(&c, &cri, &ids[1], "http://127.0.0.1:8080/");
     assert_eq!(body, "pong\n");
     remove_pod(&c, &cri, &pod);
 }
@@ -312,6 +282,11 @@ fn exec_until_ok(c: &CriContainerd, cri: &CriClient, id: &str, cmd: &[&str]) -> 
     r.unwrap_or_else(|e| panic!("{e}; last try: {last}\ncontainerd log:\n{}", c.log()))
 }
 
+/// `GET url` from container `id` (busybox wget, retried until it succeeds); the body.
+fn fetch(c: &CriContainerd, cri: &CriClient, id: &str, url: &str) -> String {
+    exec_until_ok(c, cri, id, &["timeout", "10", "wget", "-q", "-O", "-", url])
+}
+
 /// An HTTP server container answering `body` on port 8080.
 fn web(body: &str) -> api::ContainerConfig {
     let script = format!("mkdir -p /tmp/www && echo {body} > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www");
@@ -391,20 +366,8 @@ fn joey_pod_network_through_cni() {
         format!("http://{joey_ip}:8080/"),
         format!("http://{runc_ip}:8080/"),
     );
-    let from_runc = exec_until_ok(
-        &c,
-        &cri,
-        &runc_web,
-        &["timeout", "10", "wget", "-q", "-O", "-", &to_joey],
-    );
-    assert_eq!(from_runc, "from-joey\n");
-    let from_joey = exec_until_ok(
-        &c,
-        &cri,
-        &joey_web,
-        &["timeout", "10", "wget", "-q", "-O", "-", &to_runc],
-    );
-    assert_eq!(from_joey, "from-runc\n");
+    assert_eq!(fetch(&c, &cri, &runc_web, &to_joey), "from-joey\n");
+    assert_eq!(fetch(&c, &cri, &joey_web, &to_runc), "from-runc\n");
 
     // hostPort 30080 -> the joey pod's 8080, from containerd's netns (portmap's DNAT for local
     // traffic) to the bridge address.
