@@ -274,6 +274,54 @@ impl CriClient {
         self.call("ExecSync", c.exec_sync(req))
     }
 
+    /// `ContainerStats` of container `id`.
+    pub fn container_stats(&self, id: &str) -> Result<api::ContainerStats, CriError> {
+        let mut c = self.runtime.clone();
+        let req = api::ContainerStatsRequest {
+            container_id: id.into(),
+        };
+        self.call("ContainerStats", c.container_stats(req))?
+            .stats
+            .ok_or(CriError::Incomplete {
+                call: "ContainerStats",
+                what: "stats",
+            })
+    }
+
+    /// `ListContainerStats` of the containers of pod `pod`.
+    pub fn list_container_stats(&self, pod: &str) -> Result<Vec<api::ContainerStats>, CriError> {
+        let mut c = self.runtime.clone();
+        let filter = api::ContainerStatsFilter {
+            pod_sandbox_id: pod.into(),
+            ..Default::default()
+        };
+        let req = api::ListContainerStatsRequest {
+            filter: Some(filter),
+        };
+        Ok(self
+            .call("ListContainerStats", c.list_container_stats(req))?
+            .stats)
+    }
+
+    /// `UpdateContainerResources` with Linux resources `linux`.
+    pub fn update_resources(
+        &self,
+        id: &str,
+        linux: api::LinuxContainerResources,
+    ) -> Result<(), CriError> {
+        let mut c = self.runtime.clone();
+        let req = api::UpdateContainerResourcesRequest {
+            container_id: id.into(),
+            linux: Some(linux),
+            ..Default::default()
+        };
+        self.call(
+            "UpdateContainerResources",
+            c.update_container_resources(req),
+        )
+        .map(drop)
+    }
+
     /// `ListImages` without a filter.
     pub fn list_images(&self) -> Result<Vec<api::Image>, CriError> {
         let mut c = self.image.clone();

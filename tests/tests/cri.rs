@@ -409,3 +409,102 @@ fn joey_pod_network_through_cni() {
     assert!(cri.list_pods().expect("ListPodSandbox").is_empty());
     c.assert_clean(&[&joey, &runc]);
 }
+
+/// ContainerStats / ListContainerStats report CPU and memory of a container that worked,
+/// UpdateContainerResources changes its memory limit (read back from its cgroup), and an ExecSync
+/// that outlives its timeout is an error, not a hang.
+fn pod_stats_update_and_exec_timeout(handler: &str) {
+    let c = CriContainerd::start();
+    let cri = c.client();
+    let busy = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo done; exec sleep 3600";
+    let work = container_config("work", BUSYBOX, &["sh", "-c", busy]);
+    let (pod, ids) = start_pod(&c, &cri, handler, "stats", &[work.clone()]);
+    let logs = c.pod_log_dir("stats");
+    wait_for(
+        "the busy loop",
+        POD_TIMEOUT,
+        Duration::from_millis(200),
+        || (read_logs(&logs, &work).stdout == "done\n").then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", read_logs(&logs, &work)));
+    let s = cri.container_stats(&ids[0]).expect("ContainerStats");
+    let cpu = s
+        .cpu
+        .and_then(|c| c.usage_core_nano_seconds)
+        .map_or(0, |v| v.value);
+    let mem = s
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map_or(0, |v| v.value);
+    assert!(cpu > 0, "no CPU time reported");
+    assert!(mem > 0, "no memory reported");
+    let all = cri.list_container_stats(&pod).expect("ListContainerStats");
+    let listed: Vec<_> = all
+        .iter()
+        .filter_map(|s| s.attributes.as_ref())
+        .map(|a| a.id.as_str())
+        .collect();
+    assert_eq!(listed, vec![ids[0].as_str()]);
+
+    let limit = 96 * 1024 * 1024;
+    let res = api::LinuxContainerResources {
+        memory_limit_in_bytes: limit,
+        ..Default::default()
+    };
+    cri.update_resources(&ids[0], res)
+        .expect("UpdateContainerResources");
+    // cgroup v2 without a cgroup namespace (joey's guest: the group's path under the root), v2
+    // with one, or runc's v1 memory controller on this hybrid host.
+    let read = "p=$(sed -n 's/^0:://p' /proc/self/cgroup); for f in /sys/fs/cgroup$p/memory.max \
+                /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory/memory.limit_in_bytes; do \
+                [ -f $f ] && exec cat $f; done; exit 1";
+    assert_eq!(
+        exec_until_ok(&c, &cri, &ids[0], &["sh", "-c", read]),
+        format!("{limit}\n")
+    );
+
+    let t0 = Instant::now();
+    let e = cri
+        .exec_sync(&ids[0], &["sleep", "60"], 2)
+        .expect_err("ExecSync past its timeout");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "ExecSync returned after {:?}",
+        t0.elapsed()
+    );
+    assert!(e.to_string().contains("timeout"), "{e}");
+    remove_pod(&c, &cri, &pod);
+}
+
+#[test]
+fn runc_pod_stats_update_and_exec_timeout() {
+    pod_stats_update_and_exec_timeout("runc");
+}
+
+#[test]
+fn joey_pod_stats_update_and_exec_timeout() {
+    pod_stats_update_and_exec_timeout("joey");
+}
+
+/// Malformed requests get a CRI error naming the problem and leave nothing: a pod config without
+/// metadata, a container of an image that is not there.
+#[test]
+fn joey_malformed_requests_are_cri_errors() {
+    let c = CriContainerd::start();
+    let cri = c.client();
+    let logs = c.pod_log_dir("bad");
+    let mut no_meta = pod_config("bad", "uid-bad", &logs);
+    no_meta.metadata = None;
+    let e = cri
+        .run_pod(&no_meta, "joey")
+        .expect_err("a pod without metadata");
+    assert!(e.to_string().contains("metadata"), "{e}");
+    let pod_cfg = pod_config("bad", "uid-bad", &logs);
+    let pod = cri.run_pod(&pod_cfg, "joey").expect("RunPodSandbox");
+    let missing = container_config("ghost", "docker.io/library/no-such-image:1", &["true"]);
+    let e = cri
+        .create_container(&pod, &missing, &pod_cfg)
+        .expect_err("an image that is not there");
+    assert!(e.to_string().contains("no-such-image"), "{e}");
+    remove_pod(&c, &cri, &pod);
+}
