@@ -418,7 +418,7 @@ fn pod_stats_update_and_exec_timeout(handler: &str) {
     let cri = c.client();
     let busy = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo done; exec sleep 3600";
     let work = container_config("work", BUSYBOX, &["sh", "-c", busy]);
-    let (pod, ids) = start_pod(&c, &cri, handler, "stats", &[work.clone()]);
+    let (pod, ids) = start_pod(&c, &cri, handler, "stats", std::slice::from_ref(&work));
     let logs = c.pod_log_dir("stats");
     wait_for(
         "the busy loop",
