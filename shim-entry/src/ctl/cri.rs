@@ -52,6 +52,10 @@ pub struct RunPodArgs {
     /// Give up (and remove the pod) when CMD runs longer than this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// Print to stderr how long RunPodSandbox, CreateContainer and StartContainer took
+    /// (`timings: ... first_running_ms=N`, as soon as the container runs) and the whole run.
+    #[arg(long)]
+    pub timings: bool,
     /// The command and its arguments, after `--`.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
@@ -149,13 +153,23 @@ impl LogFollower {
     }
 }
 
+/// Milliseconds since `t`.
+fn ms(t: Instant) -> u128 {
+    t.elapsed().as_millis()
+}
+
 fn run_pod(cri: &CriClient, a: &RunPodArgs) -> Result<i32, CriCmdError> {
+    let t0 = Instant::now();
     let logs = LogDir::create(&a.name)?;
     let pod_cfg = pod_config(&a.name, &format!("joeyctl-{}", std::process::id()), &logs.0);
     let pod = cri.run_pod(&pod_cfg, &a.runtime)?;
-    let r = run_in_pod(cri, a, &pod, &pod_cfg, &logs.0);
+    let run_pod_ms = ms(t0);
+    let r = run_in_pod(cri, a, &pod, &pod_cfg, &logs.0, (t0, run_pod_ms));
     // The pod goes whatever happened to the container.
     let stopped = cri.stop_pod(&pod).and_then(|()| cri.remove_pod(&pod));
+    if a.timings {
+        eprintln!("timings: runtime={} total_ms={}", a.runtime, ms(t0));
+    }
     let code = r?;
     stopped?;
     Ok(code)
@@ -167,11 +181,23 @@ fn run_in_pod(
     pod: &str,
     pod_cfg: &api::PodSandboxConfig,
     logs: &Path,
+    (t0, run_pod_ms): (Instant, u128),
 ) -> Result<i32, CriCmdError> {
     let argv: Vec<&str> = a.command.iter().map(String::as_str).collect();
     let cfg = container_config("main", &a.image, &argv);
+    let t1 = Instant::now();
     let id = cri.create_container(pod, &cfg, pod_cfg)?;
+    let create_ms = ms(t1);
+    let t2 = Instant::now();
     cri.start_container(&id)?;
+    if a.timings {
+        eprintln!(
+            "timings: runtime={} run_pod_sandbox_ms={run_pod_ms} create_container_ms={create_ms} start_container_ms={} first_running_ms={}",
+            a.runtime,
+            ms(t2),
+            ms(t0)
+        );
+    }
     let mut follow = LogFollower {
         path: logs.join(&cfg.log_path),
         done: 0,
