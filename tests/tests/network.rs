@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use joey_tests::containerd::{sigkill, Containerd, IMAGE, RUNTIME, RUN_TIMEOUT};
 use joey_tests::netns::{veth, NetNs};
-use joey_tests::{processes_mentioning, stderr_of, wait_for, wait_output, Env};
+use joey_tests::{builtin_host_support, processes_mentioning, stderr_of, wait_for, wait_output, Backend, Env};
 
 /// How long the peer keeps trying to reach a server inside the VM (it boots under TCG).
 const REACH_TIMEOUT: Duration = Duration::from_secs(150);
@@ -213,6 +213,33 @@ fn joeyctl_run_with_netns_has_the_network() {
     net.assert_untouched();
 }
 
+/// The same on the built-in VMM (its in-process virtio-net) where the host's KVM runs Linux
+/// guests (the nested test host here: scripts/nested-builtin-tests.sh); elsewhere joey must
+/// refuse the backend before it touches the pod netns.
+#[test]
+fn builtin_vmm_carries_the_pod_network() {
+    let env = Env::with_backend(Backend::Builtin);
+    let net = PodNet::new();
+    let netns = net.pod.path().to_str().unwrap().to_string();
+    match builtin_host_support() {
+        Ok(why) => {
+            eprintln!("builtin network: running ({why})");
+            let mut cmd = env.command(&["--netns", &netns], &["sh", "-c", GUEST_SCRIPT]);
+            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            let child = cmd.spawn().expect("joeyctl run");
+            exercise(&net, move || wait_output(child, RUN_TIMEOUT));
+        }
+        Err(reason) => {
+            println!("builtin network not run: {reason}");
+            let o = env.run_with(&["--netns", &netns], &["true"], None);
+            assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+            assert!(stderr_of(&o).contains(&reason), "{}", stderr_of(&o));
+        }
+    }
+    env.assert_no_leaks();
+    net.assert_untouched();
+}
+
 #[test]
 fn joeyctl_refuses_its_own_netns_and_a_missing_one() {
     let env = Env::new();
@@ -231,6 +258,28 @@ fn joeyctl_refuses_its_own_netns_and_a_missing_one() {
         stderr_of(&o)
     );
     env.assert_no_leaks();
+}
+
+/// A pod whose second interface cannot be plumbed (a tap refuses eth1's MTU of 65535): the
+/// start fails naming the interface and the step, after the first interface was plumbed; what
+/// was made is unwound, nothing is left in the pod netns or on the host.
+#[test]
+fn a_failure_at_the_second_interface_fails_the_start_and_unwinds() {
+    let env = Env::new();
+    let net = PodNet::new();
+    net.pod.ip(&["link", "set", "eth1", "mtu", "65535"]);
+    let o = env.run_with(&["--netns", net.pod.path().to_str().unwrap()], &["true"], None);
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains(&format!(
+            "joeyctl: error: network namespace {}: interface tap1_joey: set mtu and up failed",
+            net.pod.path().display()
+        )),
+        "{err}"
+    );
+    env.assert_no_leaks();
+    net.assert_untouched();
 }
 
 /// The VM's network comes from Debian's CNI plugins (`bridge` + `host-local`), run as containerd's

@@ -655,7 +655,7 @@ mod tests {
         );
         assert_eq!(
             c.cmdline,
-            "console=ttyS0 reboot=k panic=-1 quiet foo=1 joey.agent_port=1024"
+            "console=ttyS0 reboot=k panic=-1 quiet no_timer_check foo=1 joey.agent_port=1024"
         );
         assert_eq!(c.virtio_fs, None);
         let mut device = ShareFsDevice {

@@ -522,7 +522,7 @@ mod tests {
         assert!(a.contains("path=/run/joey/t/vhost-vsock.sock"));
         assert!(a.contains("-no-reboot"));
         assert!(
-            a.contains("-append console=ttyS0 reboot=t panic=-1 quiet foo=1 joey.agent_port=2048 "),
+            a.contains("-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check foo=1 joey.agent_port=2048 "),
             "{a}"
         );
         assert!(!a.contains("vhost-user-fs-device"));
@@ -546,6 +546,38 @@ mod tests {
         // QEMU cannot serve the directory itself.
         s.share_fs.as_mut().unwrap().transport = ShareFsTransport::InProcess;
         assert!(matches!(qemu_args(&s, &paths), Err(HypervisorError::Device(_))));
+    }
+
+    #[test]
+    fn args_attach_one_vhost_user_net_device_per_interface() {
+        use joey_vmm_core::devices::net::{MacAddr, NetAttachment, NetConfig, Tap};
+        // A tap in a namespace of its own (the thread's), so the host's is untouched.
+        let tap = std::thread::spawn(|| {
+            // SAFETY: unshare(2) only changes this short-lived thread's namespaces.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            Tap::open("tap0_joey").unwrap()
+        })
+        .join()
+        .unwrap();
+        let tap = Arc::new(tap);
+        let mut s = spec();
+        s.net = [(0x02, 1500), (0x06, 9000)]
+            .into_iter()
+            .map(|(m, mtu)| NetAttachment {
+                config: NetConfig {
+                    mac: MacAddr([m, 0, 0, 0, 0, 1]),
+                    mtu,
+                },
+                tap: tap.clone(),
+            })
+            .collect();
+        let a = qemu_args(&s, &VmPaths::new(&s.state_dir)).unwrap().join(" ");
+        for i in 0..2 {
+            assert!(a.contains(&format!("-chardev socket,id=net{i},path=/run/joey/t/net{i}.sock")), "{a}");
+            assert!(a.contains(&format!("-netdev vhost-user,id=n{i},chardev=net{i}")), "{a}");
+        }
+        assert!(a.contains("-device virtio-net-device,netdev=n0,mac=02:00:00:00:00:01,host_mtu=1500"), "{a}");
+        assert!(a.contains("-device virtio-net-device,netdev=n1,mac=06:00:00:00:00:01,host_mtu=9000"), "{a}");
     }
 
     #[test]

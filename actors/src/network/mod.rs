@@ -784,6 +784,29 @@ mod tests {
         assert_redirect(&pod, "tap0_joey", "eth0");
         assert_redirect(&pod, "eth1", "tap1_joey");
         assert_redirect(&pod, "tap1_joey", "eth1");
+        // The VM's devices: the interfaces' MACs and MTUs on their taps, in order.
+        let att = net.attachments().unwrap();
+        let got: Vec<(MacAddr, u16, &str)> = att
+            .iter()
+            .map(|a| (a.config.mac, a.config.mtu, a.tap.name()))
+            .collect();
+        let i = &net.info.interfaces;
+        assert_eq!(
+            got,
+            [
+                (i[0].mac, 1500, "tap0_joey"),
+                (i[1].mac, 1400, "tap1_joey")
+            ]
+        );
+        // An MTU the device cannot offer is refused, naming the interface.
+        let mut info = net.info.clone();
+        info.interfaces[1].mtu = 70_000;
+        let taps = net.taps.iter().map(|t| t.try_clone().unwrap()).collect();
+        let e = PodNetwork { info, taps }.attachments().unwrap_err();
+        assert!(
+            matches!(&e, NetworkError::Device { interface, source: NetError::Mtu(65535), .. } if interface == "eth1"),
+            "{e}"
+        );
         // A second setup is refused while ready.
         let e = set_up(&actor, pod.path()).await.unwrap_err();
         assert!(matches!(e, NetworkError::State(_)), "{e}");
