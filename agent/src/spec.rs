@@ -136,6 +136,11 @@ pub struct ContainerConfig {
     pub sysctl: Vec<(String, String)>,
     pub new_net_ns: bool,
     pub new_cgroup_ns: bool,
+    /// False when the spec gives the uts namespace a path (a CRI pod's): the container stays in
+    /// the guest's UTS namespace, which is the pod's.
+    pub new_uts_ns: bool,
+    /// False when the spec gives the ipc namespace a path (a CRI pod's): the guest's, the pod's.
+    pub new_ipc_ns: bool,
     pub resources: Option<LinuxResources>,
     pub seccomp: Option<Filter>,
 }
@@ -487,6 +492,8 @@ pub fn from_flat(f: FlatContainer) -> ContainerConfig {
         sysctl: Vec::new(),
         new_net_ns: false,
         new_cgroup_ns: false,
+        new_uts_ns: true,
+        new_ipc_ns: true,
         resources: None,
         seccomp: None,
     }
@@ -506,13 +513,14 @@ pub fn from_oci_json(id: &str, json: &str, shared_dir: &str) -> Result<Container
 
     let linux = spec.linux().clone().unwrap_or_default();
     let (mut new_net, mut new_cgroup) = (false, false);
+    let (mut new_uts, mut new_ipc) = (true, true);
     for ns in linux.namespaces().as_deref().unwrap_or_default() {
         match ns.typ() {
             // Always new, whatever the path says (docs/agent.md).
-            LinuxNamespaceType::Mount
-            | LinuxNamespaceType::Pid
-            | LinuxNamespaceType::Uts
-            | LinuxNamespaceType::Ipc => {}
+            LinuxNamespaceType::Mount | LinuxNamespaceType::Pid => {}
+            // New unless a path (a CRI pod's) says the guest's own, which is the pod's.
+            LinuxNamespaceType::Uts => new_uts = ns.path().is_none(),
+            LinuxNamespaceType::Ipc => new_ipc = ns.path().is_none(),
             // With a path (a CRI pod's namespace): the guest's own, which is the pod's.
             LinuxNamespaceType::Network => new_net = ns.path().is_none(),
             LinuxNamespaceType::Cgroup => new_cgroup = ns.path().is_none(),
@@ -577,6 +585,8 @@ pub fn from_oci_json(id: &str, json: &str, shared_dir: &str) -> Result<Container
         sysctl: sysctl.into_iter().collect(),
         new_net_ns: new_net,
         new_cgroup_ns: new_cgroup,
+        new_uts_ns: new_uts,
+        new_ipc_ns: new_ipc,
         resources,
         seccomp,
     })
@@ -704,7 +714,7 @@ mod tests {
         assert_eq!(c.mounts.len(), 3);
         assert_eq!(c.mounts[2].destination, "/etc/hosts");
         assert!(c.dev_nodes);
-        assert!(c.new_net_ns && c.new_cgroup_ns);
+        assert!(c.new_net_ns && c.new_cgroup_ns && c.new_uts_ns && c.new_ipc_ns);
         assert_eq!(c.masked_paths, vec!["/proc/kcore"]);
         assert_eq!(c.readonly_paths, vec!["/proc/sys"]);
         assert_eq!(c.sysctl, vec![("kernel.shmmax".into(), "4096".into()), ("net.ipv4.ip_forward".into(), "1".into())]);
@@ -716,6 +726,12 @@ mod tests {
         assert!(e.to_string().starts_with("invalid sysctl \"net.ipv4.ip_forward\""), "{e}");
         let e = from_oci_json("c1", &spec(r#""sysctl":{"vm.swappiness":"1"}"#, ""), SHARED).unwrap_err();
         assert!(matches!(e, SpecError::InvalidSysctl { .. }));
+        // A pod's IPC and UTS namespaces (paths) are the guest's; without an entry: new.
+        let pod = r#""namespaces":[{"type":"ipc","path":"/proc/1/ns/ipc"},{"type":"uts","path":"/proc/1/ns/uts"}]"#;
+        let c = from_oci_json("c1", &spec(pod, ""), SHARED).unwrap();
+        assert!(!c.new_ipc_ns && !c.new_uts_ns);
+        let c = from_oci_json("c1", &spec(r#""namespaces":[{"type":"pid"}]"#, ""), SHARED).unwrap();
+        assert!(c.new_ipc_ns && c.new_uts_ns);
         // No /dev mount: a tmpfs /dev comes first.
         let c = from_oci_json("c1", &spec("", ""), SHARED).unwrap();
         assert_eq!(c.mounts[0].destination, "/dev");

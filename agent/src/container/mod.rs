@@ -14,7 +14,7 @@
 //!    forking, so the container's first process is pid 1 of its namespace and the agent's other
 //!    threads keep theirs;
 //! 2. it joins its cgroup (writes `0` to the group's `cgroup.procs`, opened before the fork),
-//!    then `unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC [| CLONE_NEWNET | CLONE_NEWCGROUP])`
+//!    then `unshare(CLONE_NEWNS [| CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP])`
 //!    (with a new net namespace, `lo` is brought up), every mount made private;
 //! 3. a tmpfs on [`STAGE_DIR`] (private to the container's mount namespace), the shared rootfs
 //!    bind-mounted at `STAGE_DIR/root`, then the spec's mounts in order (mountpoints created as
@@ -202,12 +202,16 @@ pub fn spawn(
     cgroup_root: Option<&Path>,
 ) -> Result<Started, ContainerError> {
     validate_id(&c.id)?;
-    let hostname = if c.hostname.is_empty() {
+    // A new UTS namespace is named after the container unless the spec names it; a shared one
+    // (a CRI pod's) keeps its name unless the spec gives one.
+    let hostname = if c.hostname.is_empty() && c.new_uts_ns {
         c.id.clone()
     } else {
         c.hostname.clone()
     };
-    validate_hostname(&hostname)?;
+    if !hostname.is_empty() {
+        validate_hostname(&hostname)?;
+    }
     validate_rootfs(&c.root, shared_dir)?;
     let p = &c.process;
     let ProcessArgs { program, env, cwd } = ProcessArgs::check(p)?;

@@ -122,7 +122,13 @@ pub(super) fn plan(
             Op::WriteFd(fd, b"0"),
         );
     }
-    let mut ns = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    let mut ns = libc::CLONE_NEWNS;
+    if c.new_uts_ns {
+        ns |= libc::CLONE_NEWUTS;
+    }
+    if c.new_ipc_ns {
+        ns |= libc::CLONE_NEWIPC;
+    }
     if c.new_net_ns {
         ns |= libc::CLONE_NEWNET;
     }
@@ -273,11 +279,14 @@ pub(super) fn plan(
             )?,
         );
     }
-    push(
-        &mut steps,
-        format!("set hostname {hostname}"),
-        Op::Sethostname(cstr(hostname)?),
-    );
+    // Empty: a pod's shared UTS namespace whose hostname the pod (its sandbox container) set.
+    if !hostname.is_empty() {
+        push(
+            &mut steps,
+            format!("set hostname {hostname}"),
+            Op::Sethostname(cstr(hostname)?),
+        );
+    }
     for m in &layout.detach {
         push(
             &mut steps,

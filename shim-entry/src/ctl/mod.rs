@@ -1,5 +1,6 @@
 //! joeyctl subcommands.
 
+pub mod cri;
 pub mod run;
 
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ pub enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run a pod through a CRI runtime (containerd's CRI plugin), as kubelet would (docs/cri.md).
+    Cri(cri::CriArgs),
     /// Say what the host's KVM is and which hypervisor/accelerator joey would pick, and why.
     HostCheck {
         #[arg(long)]
@@ -67,6 +70,7 @@ pub fn main() -> i32 {
     };
     match cli.cmd {
         Cmd::Run(args) => run::run(args),
+        Cmd::Cri(args) => cri::run(args),
         Cmd::Config { config } => match load_config(config.as_deref()) {
             Ok((c, origin)) => {
                 println!("# effective joey configuration (from {origin})");

@@ -8,6 +8,9 @@ use serde_json::Value;
 
 /// The OCI annotation CRI puts on every container of a pod.
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// The OCI annotation CRI puts on a pod's containers: `sandbox` (the pause container) or
+/// `container`.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -126,12 +129,19 @@ pub fn translate(spec: &ContainerSpec, container_id: &str) -> Result<GuestSpec, 
     }
     if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
         linux.remove("cgroupsPath");
+        // The pod's IPC and UTS namespaces are the guest's (one VM per pod): the sandbox
+        // container's (which CRI creates new) and those an app container joins by path.
+        let pod_sandbox = spec.annotations.iter().any(|(k, v)| k == CRI_CONTAINER_TYPE && v == "sandbox");
         if let Some(ns) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
             for n in ns.iter_mut() {
                 if let Some(n) = n.as_object_mut() {
+                    let ty = n.get("type").and_then(Value::as_str).unwrap_or("");
+                    let pod_ipc_uts = matches!(ty, "ipc" | "uts") && (pod_sandbox || n.contains_key("path"));
                     // A network namespace path (the pod's) means the guest's namespace there.
-                    if n.get("type").and_then(Value::as_str) == Some("network") && n.contains_key("path") {
+                    if ty == "network" && n.contains_key("path") {
                         n.insert("path".into(), Value::String("/proc/1/ns/net".into()));
+                    } else if pod_ipc_uts {
+                        n.insert("path".into(), Value::String(format!("/proc/1/ns/{ty}")));
                     } else {
                         n.remove("path");
                     }
@@ -337,6 +347,41 @@ mod tests {
         assert_eq!(v["linux"]["maskedPaths"], serde_json::json!(["/proc/kcore"]));
         assert_eq!(v["process"]["rlimits"][0]["type"], "RLIMIT_NOFILE");
         assert_eq!(v["process"]["capabilities"]["bounding"], serde_json::json!(["CAP_KILL"]));
+    }
+
+    /// A CRI pod's IPC and UTS namespaces are the guest's: the sandbox container's (new in its
+    /// spec) and an app container's (a path to the pause process's); elsewhere paths go.
+    #[test]
+    fn translate_maps_pod_ipc_and_uts_to_the_guest() {
+        let ns = |annotations: &str, namespaces: &str| {
+            let json = format!(
+                r#"{{"ociVersion": "1.0.2", "process": {{"user": {{"uid": 0, "gid": 0}}, "args": ["sh"], "cwd": "/"}},
+                "root": {{"path": "rootfs"}}, "annotations": {{{annotations}}},
+                "linux": {{"namespaces": {namespaces}}}}}"#
+            );
+            let spec = parse(json.as_bytes(), "config.json").expect("valid");
+            let v: Value = serde_json::from_str(&translate(&spec, "c1").expect("translate").json).unwrap();
+            v["linux"]["namespaces"].clone()
+        };
+        let sandbox = ns(
+            r#""io.kubernetes.cri.container-type": "sandbox""#,
+            r#"[{"type": "ipc"}, {"type": "uts"}, {"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}]"#,
+        );
+        assert_eq!(
+            sandbox,
+            serde_json::json!([{"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "uts", "path": "/proc/1/ns/uts"},
+                {"type": "pid"}, {"type": "network", "path": "/proc/1/ns/net"}])
+        );
+        let app = ns(
+            r#""io.kubernetes.cri.container-type": "container""#,
+            r#"[{"type": "ipc", "path": "/proc/42/ns/ipc"}, {"type": "uts", "path": "/proc/42/ns/uts"}, {"type": "pid"}]"#,
+        );
+        assert_eq!(
+            app,
+            serde_json::json!([{"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "uts", "path": "/proc/1/ns/uts"}, {"type": "pid"}])
+        );
+        let plain = ns("", r#"[{"type": "ipc"}, {"type": "uts"}, {"type": "pid", "path": "/proc/42/ns/pid"}]"#);
+        assert_eq!(plain, serde_json::json!([{"type": "ipc"}, {"type": "uts"}, {"type": "pid"}]));
     }
 
     #[test]
