@@ -44,12 +44,17 @@ for v in timeout boot_timeout mem cpus; do
 done
 command -v "$QEMU" >/dev/null || die "$QEMU not found (scripts/deps.sh installs qemu-system-x86)"
 
-# The L1 kernel (cached by input hash; a build takes ~6 min on 2 cores).
-if ! kdir=$(bash "$repo/guest/build-kernel.sh" "$repo/guest/l1/kernel.fragment" 2>"${TMPDIR:-/tmp}/nested-kernel-build.log" | tail -n 1); then
-  tail -n 30 "${TMPDIR:-/tmp}/nested-kernel-build.log" >&2
+# The L1 kernel (cached by input hash; a build takes ~6 min on 2 cores: its steps are shown).
+klog=$(mktemp "${TMPDIR:-/tmp}/nested-kernel-build.XXXXXX") || die "mktemp failed"
+bash "$repo/guest/build-kernel.sh" "$repo/guest/l1/kernel.fragment" 2>&1 >"$klog.out" | tee "$klog" |
+  grep --line-buffered -E '^build-kernel: (unpacking|compiling|built)' | sed -u 's/^build-kernel/nested-host: L1 kernel/' >&2
+if [ "${PIPESTATUS[0]}" != 0 ]; then
+  tail -n 30 "$klog" >&2
+  rm -f "$klog" "$klog.out"
   die "building the L1 kernel failed"
 fi
-rm -f "${TMPDIR:-/tmp}/nested-kernel-build.log"
+kdir=$(tail -n 1 "$klog.out")
+rm -f "$klog" "$klog.out"
 # The KVM probe, built once per source (gcc; < 1 s).
 probe_key=$( { gcc --version | head -n 1; cat "$repo/guest/l1/kvm-probe.c"; } | sha256sum | cut -c1-16)
 probe="$cache/l1/$probe_key/kvm-probe"

@@ -65,6 +65,7 @@ vport() {
 stage2() {
   . "$io/env"
   ip link set lo up
+  hostname nested-l1
   # The KVM sanity check: a tiny KVM_RUN that must finish within 20 s.
   "$L1_PROBE" run > /tmp/kvm-probe.out 2>&1 &
   p=$!
