@@ -18,6 +18,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 # on the built-in VMM).
 TESTS=(
   "walking_skeleton|builtin_suite|builtin suite: running"
+  "containers|builtin_suite|builtin suite: running"
 )
 
 in_l1() {
