@@ -102,16 +102,19 @@ macro_rules! scenarios {
                 scenario::$name($crate::Backend::Qemu)
             }
         )*
-        const SCENARIOS: &[(&str, fn($crate::Backend))] = &[$((stringify!($name), scenario::$name)),*];
+        const SCENARIOS: &[$crate::Scenario] = &[$((stringify!($name), scenario::$name)),*];
     };
 }
+
+/// A named scenario: a test body to run on a [`Backend`].
+pub type Scenario = (&'static str, fn(Backend));
 
 /// Runs every scenario again on the built-in VMM where the host's KVM runs Linux guests (first
 /// printing `builtin suite: running (<why>)` to stderr: the nested test host's step checks for
 /// it, see scripts/nested-builtin-tests.sh), failing with the names of the scenarios that failed.
 /// Elsewhere joey must refuse `hypervisor.kind = "builtin"` with exit 2 and the reason its host
 /// detection gives.
-pub fn run_builtin_suite(scenarios: &[(&str, fn(Backend))]) {
+pub fn run_builtin_suite(scenarios: &[Scenario]) {
     match builtin_host_support() {
         Ok(why) => {
             eprintln!("builtin suite: running ({why})");
