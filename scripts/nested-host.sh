@@ -153,7 +153,12 @@ boot() {
   kill -KILL "$qpid" 2>/dev/null
   wait "$qpid" 2>/dev/null
   qpid=
-  # The drains end once QEMU, their only writer, is gone.
+  # The drains end once QEMU, their only writer, is gone; one that QEMU never opened still waits
+  # for a writer: open and close each FIFO read-write (never blocks) to give it its EOF.
+  local f fd
+  for f in "$io/out" "$io/err"; do
+    [ -p "$f" ] && exec {fd}<>"$f" && exec {fd}>&-
+  done
   for p in "${catpids[@]}"; do wait "$p" 2>/dev/null; done
   catpids=()
   rm -f "$io/out" "$io/err"
