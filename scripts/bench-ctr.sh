@@ -8,46 +8,11 @@
 # target sets them), Debian's containerd, runc, busybox-static.
 set -euo pipefail
 N=${N:-10}
-: "${JOEY_SHIM:?}" "${JOEY_KERNEL:?}" "${JOEY_INITRD:?}"
 root=$(cd "$(dirname "$0")/.." && pwd)
-shim_dir=$(cd "$(dirname "$JOEY_SHIM")" && pwd)
-[ -x "$shim_dir/containerd-shim-joey-v2" ] || { echo "bench-ctr: $shim_dir/containerd-shim-joey-v2 missing (make build)" >&2; exit 1; }
 tmp=$(mktemp -d /tmp/joey-bench-ctr.XXXXXX)
-ctd_pid=""
-cleanup() {
-  if [ -n "$ctd_pid" ]; then kill "$ctd_pid" 2>/dev/null || true; wait "$ctd_pid" 2>/dev/null || true; fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-cat > "$tmp/containerd.toml" <<EOT
-version = 2
-root = "$tmp/root"
-state = "$tmp/state"
-[grpc]
-  address = "$tmp/c.sock"
-[ttrpc]
-  address = "$tmp/c.sock.ttrpc"
-EOT
-cat > "$tmp/joey.toml" <<EOT
-[hypervisor]
-kind = "qemu"
-kernel = "$JOEY_KERNEL"
-initrd = "$JOEY_INITRD"
-[runtime]
-state_dir = "$tmp/joey-state"
-EOT
-JOEY_CONFIG="$tmp/joey.toml" PATH="$shim_dir:$PATH" containerd --config "$tmp/containerd.toml" > "$tmp/containerd.log" 2>&1 &
-ctd_pid=$!
-ctr=(ctr -a "$tmp/c.sock")
-for _ in $(seq 200); do "${ctr[@]}" version >/dev/null 2>&1 && break; sleep 0.1; done
-"${ctr[@]}" version >/dev/null 2>&1 || { echo "bench-ctr: containerd did not start:" >&2; cat "$tmp/containerd.log" >&2; exit 1; }
-image=docker.io/library/busybox:local
-bash "$root/scripts/make-busybox-image.sh" "$tmp/busybox.tar" >/dev/null
-# The manifest's ref.name names the image. No --index-name: with it ctr 1.6 fails before unpacking.
-"${ctr[@]}" image import "$tmp/busybox.tar" >/dev/null
-"${ctr[@]}" image ls -q | grep -qx "$image" || { echo "bench-ctr: image import failed" >&2; exit 1; }
-
-median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.1f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+trap 'stop_containerd; rm -rf "$tmp"' EXIT
+# shellcheck source=lib-containerd.sh
+source "$root/scripts/lib-containerd.sh"
 # run_ms RUNTIME ID EXPECTED_STDOUT ARGV...: prints the wall-clock ms; fails on a wrong stdout or exit.
 run_ms() {
   local rt=$1 id=$2 want=$3; shift 3

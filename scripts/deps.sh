@@ -15,7 +15,7 @@ if [ "$(printf '%s\n%s\n' "$need" "${have%%-*}" | sort -V | head -n1)" != "$need
 fi
 PKGS=(qemu-system-x86 linux-source-6.1 bc flex bison libelf-dev libssl-dev
       cpio gzip xz-utils make gcc busybox-static prometheus
-      containerd runc bsdutils iproute2)  # bsdutils: script(1), a terminal for `ctr run -t` in tests; iproute2: ip/tc for the network test fixtures
+      containerd runc bsdutils iproute2 containernetworking-plugins python3)  # bsdutils: script(1), a terminal for `ctr run -t` in tests; iproute2: ip/tc for the network test fixtures; CNI plugins for the CNI network tests; python3: the peer side of scripts/bench-net.sh
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -258,6 +258,13 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Configures the guest's network (interfaces matched by MAC, addresses, routes,
+    /// neighbours); the agent checks everything first and names what it refuses.
+    pub async fn configure_network(&self, req: &agent::ConfigureNetworkRequest) -> Result<(), AgentError> {
+        rpc!(self, "ConfigureNetwork", configure_network(ctx(self.rpc_timeout), req))?;
+        Ok(())
+    }
+
     /// Starts a container; returns the guest pid of its first process.
     pub async fn create_container(&self, req: agent::CreateContainerRequest) -> Result<u32, AgentError> {
         Ok(rpc!(self, "CreateContainer", create_container(ctx(self.rpc_timeout), &req))?.pid)

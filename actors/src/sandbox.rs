@@ -16,6 +16,7 @@ use crate::hypervisor::{
     self, host, Accelerator, BackendKind, HypervisorActor, HypervisorError, StartVm, StopVm, VmExit, VmSpec,
 };
 use crate::lifecycle::{InvalidTransition, SandboxState};
+use crate::network::{NetworkActor, NetworkError, NetworkInfo, SetupNetwork, TeardownNetwork};
 use crate::sharefs::{SetupShareFs, ShareFsActor, ShareFsError, ShareRootfs, StopShareFs, Unshare, VolumeShare};
 
 /// Guest context id given to every sandbox's vsock device (each device is private to its VM).
@@ -32,6 +33,8 @@ pub enum SandboxError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     ShareFs(#[from] ShareFsError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     #[error("the VM {exit} unexpectedly{details}")]
     VmDied { exit: VmExit, details: String },
     #[error(transparent)]
@@ -55,6 +58,9 @@ impl SandboxError {
             SandboxError::BadInput(_)
                 | SandboxError::Annotation(_)
                 | SandboxError::Hypervisor(HypervisorError::QemuNotFound(_))
+                | SandboxError::Network(
+                    NetworkError::NetnsOpen { .. } | NetworkError::OwnNetns { .. } | NetworkError::Device { .. }
+                )
         ) || matches!(self, SandboxError::Hypervisor(h) if h.is_bad_input())
     }
 }
@@ -82,6 +88,8 @@ pub struct SandboxStarted {
     /// How long the metrics endpoint waits for this actor (`metrics.reply_timeout()` of the
     /// sandbox's config): pass it to [`serve_metrics`].
     pub metrics_reply_timeout: Duration,
+    /// The pod network carried into the VM (`None`: no network namespace was given).
+    pub network: Option<NetworkInfo>,
 }
 
 /// What a stopped sandbox reports.
@@ -91,9 +99,15 @@ pub struct SandboxStopped {
     pub method: Option<hypervisor::qemu::StopMethod>,
 }
 
-#[derive(Message)]
+/// Boots the VM. With `netns` (the pod's network namespace: the `network` namespace path of the
+/// sandbox container's OCI spec), the Network actor carries that namespace's interfaces into the
+/// VM and the agent configures them before any container starts; without it the guest has only
+/// its loopback.
+#[derive(Message, Debug, Default)]
 #[rtype(result = "Result<SandboxStarted, SandboxError>")]
-pub struct StartSandbox;
+pub struct StartSandbox {
+    pub netns: Option<PathBuf>,
+}
 
 #[derive(Message)]
 #[rtype(result = "Result<SandboxStopped, SandboxError>")]
@@ -185,6 +199,8 @@ pub struct SandboxActor {
     metrics: std::sync::Arc<joey_observability::SandboxMetrics>,
     /// Created by StartSandbox; owns the virtio-fs device and the shared dir.
     sharefs: Option<Addr<ShareFsActor>>,
+    /// Created by StartSandbox when a network namespace was given; owns the taps and filters.
+    network: Option<Addr<NetworkActor>>,
 }
 
 /// What an agent call needs: the client, the VM exit watch (to fail fast with VmDied) and the
@@ -209,6 +225,7 @@ impl SandboxActor {
                 joey_observability::SandboxMetrics::new().expect("joey metric definitions are valid"),
             ),
             sharefs: None,
+            network: None,
         }
     }
 
@@ -332,6 +349,8 @@ fn prepare(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result<Pre
         guest_cid: GUEST_CID,
         // Filled in with the ShareFs actor's reply.
         share_fs: None,
+        // Filled in from the Network actor's reply.
+        net: Vec::new(),
     };
     Ok(Prepared {
         spec,
@@ -385,7 +404,7 @@ impl Handler<ApplyAnnotations> for SandboxActor {
 impl Handler<StartSandbox> for SandboxActor {
     type Result = AtomicResponse<Self, Result<SandboxStarted, SandboxError>>;
 
-    fn handle(&mut self, _: StartSandbox, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: StartSandbox, _ctx: &mut Context<Self>) -> Self::Result {
         if let Err(e) = self.state.transition(SandboxState::Starting) {
             return AtomicResponse::new(Box::pin(fut::ready(Err(e.into()))));
         }
@@ -398,7 +417,7 @@ impl Handler<StartSandbox> for SandboxActor {
         // Host probing, file checks and the state dir: blocking, on the blocking pool.
         let prep = async move { blocking(move || prepare(&cfg, &origin, &id, &dir)).await? };
         AtomicResponse::new(Box::pin(prep.into_actor(self).then(|prep, act, _| match prep {
-            Ok(p) => act.boot(p),
+            Ok(p) => act.boot(p, msg.netns),
             Err(e) => {
                 // Nothing was started (and no state dir of ours made).
                 let _ = act.state.transition(SandboxState::Stopping);
@@ -410,9 +429,13 @@ impl Handler<StartSandbox> for SandboxActor {
 }
 
 impl SandboxActor {
-    /// StartSandbox after [`prepare`]: ShareFs, the VM, the agent; on failure everything started
-    /// is torn down.
-    fn boot(&mut self, prepared: Prepared) -> ResponseActFuture<Self, Result<SandboxStarted, SandboxError>> {
+    /// StartSandbox after [`prepare`]: the pod network, ShareFs, the VM, the agent (which then
+    /// configures the network); on failure everything started is torn down.
+    fn boot(
+        &mut self,
+        prepared: Prepared,
+        netns: Option<PathBuf>,
+    ) -> ResponseActFuture<Self, Result<SandboxStarted, SandboxError>> {
         let Prepared {
             mut spec,
             backend,
@@ -427,7 +450,17 @@ impl SandboxActor {
         let state_dir = self.state_dir.clone();
         let sharefs = ShareFsActor::new(self.state_dir.clone()).start();
         self.sharefs = Some(sharefs.clone());
+        let network = netns.map(|ns| (NetworkActor::new().start(), ns));
+        self.network = network.as_ref().map(|(n, _)| n.clone());
         let fut = async move {
+            // The taps exist before the VMM starts: its virtio-net devices serve them.
+            let pod = match network {
+                Some((n, netns)) => Some(n.send(SetupNetwork { netns }).await??),
+                None => None,
+            };
+            if let Some(p) = &pod {
+                spec.net = p.attachments()?;
+            }
             // The virtio-fs device must be listening before the VMM starts.
             // The built-in VMM serves the shared dir itself; QEMU gets our vhost-user device.
             let device = sharefs
@@ -446,11 +479,22 @@ impl SandboxActor {
             .await?;
             let ready = t0.elapsed();
             let version = agent.version().await?;
-            Ok((agent, vm, ready, version))
+            let info = pod.map(|p| p.info);
+            if let Some(info) = info.as_ref().filter(|i| !i.is_empty()) {
+                // Before any container starts (they share the guest's network namespace).
+                let req = info.to_request();
+                guarded(
+                    vm.exit.clone(),
+                    Some(vm.console_log.clone()),
+                    agent.configure_network(&req),
+                )
+                .await?;
+            }
+            Ok((agent, vm, ready, version, info))
         };
         Box::pin(fut.into_actor(self).then(move |res, act, ctx| {
             let out = match res {
-                Ok((agent, vm, ready, version)) => {
+                Ok((agent, vm, ready, version, network)) => {
                     // Mark the sandbox failed as soon as the VM process goes away on its own.
                     let mut exit = vm.exit.clone();
                     ctx.spawn(
@@ -490,6 +534,7 @@ impl SandboxActor {
                             vm_pid: vm.pid,
                             state_dir: state_dir.clone(),
                             metrics_reply_timeout: act.config.metrics.reply_timeout(),
+                            network,
                         }),
                         Err(e) => Err(e.into()),
                     }
@@ -500,13 +545,19 @@ impl SandboxActor {
                 // Tear down whatever was started; the caller gets the original error.
                 let _ = act.state.transition(SandboxState::Failed);
                 let _ = act.state.transition(SandboxState::Stopping);
-                Some((act.hypervisor.clone(), act.state_dir.clone(), act.sharefs.take()))
+                Some((
+                    act.hypervisor.clone(),
+                    act.state_dir.clone(),
+                    act.sharefs.take(),
+                    act.network.take(),
+                ))
             } else {
                 None
             };
             async move {
-                if let Some((hv, dir, sharefs)) = cleanup {
+                if let Some((hv, dir, sharefs, network)) = cleanup {
                     let _ = hv.send(StopVm { grace: Duration::ZERO }).await;
+                    stop_network(network).await;
                     if stop_sharefs(sharefs).await {
                         remove_state_dir(dir).await;
                     }
@@ -545,6 +596,7 @@ impl Handler<StopSandbox> for SandboxActor {
         let hv = self.hypervisor.clone();
         let dir = self.state_dir.clone();
         let sharefs = self.sharefs.take();
+        let network = self.network.take();
         let grace = Duration::from_millis(self.config.runtime.shutdown_timeout_ms);
         let rpc_timeout = Duration::from_millis(self.config.agent.rpc_timeout_ms);
         let fut = async move {
@@ -562,6 +614,8 @@ impl Handler<StopSandbox> for SandboxActor {
                 r => r.map(|r| Some(r.method)),
             });
             let method = teardown_reply("stopping the VM", report).flatten();
+            // The VM's devices are gone: the taps can go.
+            stop_network(network).await;
             if stop_sharefs(sharefs).await {
                 remove_state_dir(dir).await;
             } else {
@@ -705,6 +759,15 @@ impl Handler<UnshareContainer> for SandboxActor {
 
 /// Stops the ShareFs actor (after the VM). True when nothing of it is left, so that the state dir
 /// may be removed recursively (never while a container rootfs may still be bind-mounted in it).
+/// Removes the pod network's taps and filters (after the VM stopped) and stops the actor;
+/// failures are logged (what is left is named; `delete` retries after a crash).
+async fn stop_network(network: Option<Addr<NetworkActor>>) {
+    if let Some(n) = network {
+        // The actor stops once this, its last address, is dropped.
+        let _ = teardown_reply("removing the pod network", n.send(TeardownNetwork).await);
+    }
+}
+
 async fn stop_sharefs(sharefs: Option<Addr<ShareFsActor>>) -> bool {
     let Some(sharefs) = sharefs else { return true };
     teardown_reply("stopping sharefs", sharefs.send(StopShareFs).await).is_some()

@@ -220,6 +220,11 @@ pub fn setup_pid1() {
     if let Err(e) = raise_nofile() {
         agent_log!("{e}");
     }
+    // The guest's network namespace is the pod's: its containers share it and reach each other
+    // on localhost.
+    if let Err(e) = crate::steps::run_op(&crate::steps::Op::LoopbackUp) {
+        agent_log!("bring up lo: {e}");
+    }
     // Runs before any thread exists, so changing the environment is sound.
     std::env::set_var("PATH", DEFAULT_PATH);
     if std::env::var_os("HOME").is_none() {

@@ -28,6 +28,7 @@ use std::str::FromStr;
 
 use futures::TryStreamExt;
 use joey_agent_protocol::agent::{ConfigureNetworkRequest, NetInterface, NetNeighbor, NetRoute};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::packet_route::AddressFamily;
@@ -634,11 +635,14 @@ pub async fn apply(handle: &Handle, plan: &NetworkPlan, bound: &Bound) -> Result
                 .map_err(netlink(iface(&i.name), "set MTU"))?;
         }
         for a in &i.addresses {
-            handle
-                .address()
-                .add(l.index, a.addr, a.prefix)
-                .replace()
-                .execute()
+            let mut req = handle.address().add(l.index, a.addr, a.prefix).replace();
+            // The pod's addresses were checked for uniqueness where CNI made them: no duplicate
+            // address detection, so an IPv6 address is usable at once (not "tentative").
+            let msg = req.message_mut();
+            msg.header.flags |= AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            req.execute()
                 .await
                 .map_err(|source| NetworkError::Netlink {
                     what: format!("interface {:?} address {a}", i.name),

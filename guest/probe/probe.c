@@ -24,9 +24,14 @@
  *   probe.fs_tag=S         expected virtio-fs mount tag (optional)
  *   probe.fs_file=NAME     file in the root of the shared directory the probe looks up
  *   probe.fs_size=N        its expected size in bytes
+ *   probe.netN_mac=HEX     the N-th virtio-net device's expected MAC (12 hex digits)
+ *   probe.netN_mtu=N       its expected MTU
  *
  * virtio-blk: reads sector 0, GET_ID, writes sector 1 with blk_pattern() and reads it back
  * (read-only disks: the write must fail with IOERR), reads past the end (IOERR).
+ * virtio-net: checks MAC, link status and MTU, sends one frame (ethertype 0x88b5, payload
+ * "joey-probe-netN") before posting any rx buffer, waits, then posts rx buffers and expects
+ * the host's answer (to its MAC, the payload upper-cased), which had to wait in the tap.
  * virtio-fs: FUSE_INIT (7.31) on the request queue, then FUSE_LOOKUP of probe.fs_file in the
  * root (nodeid 1), checking the attr size.
  */
@@ -686,6 +691,129 @@ static void check_blk(u64 base, u64 i) {
     else ok(name);
 }
 
+/* ---- virtio-net ---- */
+#define NET_F_MTU (1u << 3)
+#define NET_F_MAC (1u << 5)
+#define NET_F_STATUS (1u << 16)
+#define NET_S_LINK_UP 1
+#define NET_HDR 12
+#define NET_RX_BUFS 4
+#define NET_RX_LEN 2048
+#define NET_ETHERTYPE 0x88b5
+#define NET_FRAME_LEN 60
+#define NET_PAYLOAD_OFF 14
+/* How long the probe spins before posting rx buffers (the answer arrives meanwhile). */
+#define NET_DELAY_SPINS 2000000UL
+
+static void net_post_rx(struct vq *q, u64 bufs, u16 id) {
+    struct buf b = {bufs + (u64)id * NET_RX_LEN, NET_RX_LEN, 1};
+    vq_add(q, id, &b, 1);
+}
+
+static void check_net(u64 base, u64 i) {
+    char name[32], key[40], payload[24];
+    struct vq q[2]; /* rx, tx */
+    u32 feat = 0;
+    u64 want;
+    const char *e = virtio_init(base, NET_F_MTU | NET_F_MAC | NET_F_STATUS, &feat, q, 2);
+    nm(name, "net", i, "_init");
+    if (e) {
+        fail(name, e);
+        fail_end();
+        return;
+    }
+    u8 mac[6];
+    for (int j = 0; j < 6; j++) mac[j] = rd8(base + VM_CONFIG + j);
+    u32 status = rd8(base + VM_CONFIG + 6) | (u32)rd8(base + VM_CONFIG + 7) << 8;
+    u32 mtu = rd8(base + VM_CONFIG + 10) | (u32)rd8(base + VM_CONFIG + 11) << 8;
+    u64 got_mac = 0;
+    for (int j = 0; j < 6; j++) got_mac = got_mac << 8 | mac[j];
+    if ((feat & (NET_F_MTU | NET_F_MAC | NET_F_STATUS)) != (NET_F_MTU | NET_F_MAC | NET_F_STATUS)) {
+        fail_hex(name, "features ", feat);
+        return;
+    }
+    if (!(status & NET_S_LINK_UP)) {
+        fail_hex(name, "link down, status ", status);
+        return;
+    }
+    if (parse_u64(param(nm(key, "probe.net", i, "_mac")), 16, &want) && want != got_mac) {
+        fail_hex(name, "mac ", got_mac);
+        return;
+    }
+    if (parse_u64(param(nm(key, "probe.net", i, "_mtu")), 10, &want) && want != mtu) {
+        fail_hex(name, "mtu ", mtu);
+        return;
+    }
+    /* rx: NET_RX_BUFS * NET_RX_LEN bytes = two consecutive pool pages. */
+    u64 tx = alloc_page(), rx = alloc_page(), rx_hi = alloc_page();
+    if (!tx || !rx || !rx_hi) {
+        fail(name, "out of probe memory");
+        fail_end();
+        return;
+    }
+    ok(name);
+
+    /* A broadcast frame from our MAC, with no offloads (the header is all zero). */
+    nm(payload, "joey-probe-net", i, "");
+    u32 plen = 0;
+    while (payload[plen]) plen++;
+    memset((void *)(uintptr_t)tx, 0, NET_HDR + NET_FRAME_LEN);
+    u64 f = tx + NET_HDR;
+    for (int j = 0; j < 6; j++) {
+        *(volatile u8 *)(uintptr_t)(f + j) = 0xff;
+        *(volatile u8 *)(uintptr_t)(f + 6 + j) = mac[j];
+    }
+    *(volatile u8 *)(uintptr_t)(f + 12) = NET_ETHERTYPE >> 8;
+    *(volatile u8 *)(uintptr_t)(f + 13) = NET_ETHERTYPE & 0xff;
+    memcpy((void *)(uintptr_t)(f + NET_PAYLOAD_OFF), payload, plen);
+    struct buf b = {tx, NET_HDR + NET_FRAME_LEN, 0};
+    vq_add(&q[1], 0, &b, 1);
+    vq_notify(&q[1]);
+    u32 id, len;
+    nm(name, "net", i, "_tx");
+    if (!vq_wait_used(&q[1], &id, &len)) {
+        fail(name, "tx queue did not return the frame");
+        fail_end();
+        return;
+    }
+    ok(name);
+
+    /* No rx buffer yet: the answer must wait (in the tap), not be dropped. */
+    for (u64 s = 0; s < NET_DELAY_SPINS; s++) __asm__ volatile("pause");
+    for (u16 j = 0; j < NET_RX_BUFS; j++) net_post_rx(&q[0], rx, j);
+    vq_notify(&q[0]);
+    nm(name, "net", i, "_rx");
+    for (int tries = 0; tries < 16; tries++) {
+        if (!vq_wait_used(&q[0], &id, &len)) {
+            fail(name, "no frame arrived");
+            fail_end();
+            return;
+        }
+        if (id >= NET_RX_BUFS) {
+            fail_hex(name, "used id ", id);
+            return;
+        }
+        u64 r = rx + (u64)id * NET_RX_LEN + NET_HDR;
+        int match = len >= NET_HDR + NET_PAYLOAD_OFF + plen && rd8(r + 12) == (NET_ETHERTYPE >> 8) &&
+                    rd8(r + 13) == (NET_ETHERTYPE & 0xff);
+        for (int j = 0; match && j < 6; j++) match = rd8(r + j) == mac[j];
+        for (u32 j = 0; match && j < plen; j++) {
+            char c = payload[j];
+            if (c >= 'a' && c <= 'z') c = (char)(c - 'a' + 'A');
+            match = rd8(r + NET_PAYLOAD_OFF + j) == (u8)c;
+        }
+        if (match) {
+            ok(name);
+            return;
+        }
+        /* Something else (the host's own traffic): give the buffer back and keep waiting. */
+        net_post_rx(&q[0], rx, (u16)id);
+        vq_notify(&q[0]);
+    }
+    fail(name, "no answer among 16 frames");
+    fail_end();
+}
+
 /* ---- virtio-vsock ---- */
 #define VSOCK_HDR 44
 #define VSOCK_OP_REQUEST 1
@@ -981,7 +1109,7 @@ static int parse_mmio_dev(const char *s, u64 *size, u64 *base, u64 *irq) {
 static void check_virtio_mmio(void) {
     static const char key[] = "virtio_mmio.device=";
     char name[32], pkey[40];
-    u64 ndev = 0, nblk = 0, nvsock = 0, nfs = 0;
+    u64 ndev = 0, nblk = 0, nvsock = 0, nfs = 0, nnet = 0;
     for (const char *p = cmdline; *p;) {
         while (is_space(*p)) p++;
         const char *k = key, *q = p;
@@ -1002,7 +1130,10 @@ static void check_virtio_mmio(void) {
                 fail_hex(name, "version ", rd32(base + VM_VERSION));
             } else {
                 u32 id = rd32(base + VM_DEVICE_ID);
-                if (id == 2) {
+                if (id == 1) {
+                    ok(name);
+                    check_net(base, nnet++);
+                } else if (id == 2) {
                     ok(name);
                     check_blk(base, nblk++);
                 } else if (id == 19) {
@@ -1023,6 +1154,12 @@ static void check_virtio_mmio(void) {
     for (u64 i = nblk; i < 8; i++) {
         if (param(nm(pkey, "probe.blk", i, "_sum"))) {
             fail(nm(name, "blk", i, ""), "expected by the command line but not found");
+            fail_end();
+        }
+    }
+    for (u64 i = nnet; i < 8; i++) {
+        if (param(nm(pkey, "probe.net", i, "_mac"))) {
+            fail(nm(name, "net", i, ""), "expected by the command line but not found");
             fail_end();
         }
     }

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod containerd;
+pub mod netns;
 
 fn required_env(name: &str) -> PathBuf {
     match std::env::var_os(name) {

@@ -58,6 +58,7 @@ fn one_run(probe: &Path, dir: &Path, i: usize) -> (f64, f64, u64) {
         serial_log: log.clone(),
         vsock: None,
         virtio_fs: None,
+        net_devices: Vec::new(),
         block_devices: Vec::new(),
     };
     let rss0 = rss_kib("self");

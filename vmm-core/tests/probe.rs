@@ -80,6 +80,7 @@ fn start_probe_mem(vcpus: u8, memory_mib: u32, cmdline: &str, initrd: Option<&[u
         serial_log: log.clone(),
         vsock: None,
         virtio_fs: None,
+        net_devices: Vec::new(),
         block_devices: Vec::new(),
     };
     let t = Instant::now();
@@ -316,6 +317,7 @@ fn stop_before_start_and_drop_without_stop() {
         serial_log: dir.path().join("s.log"),
         vsock: None,
         virtio_fs: None,
+        net_devices: Vec::new(),
         block_devices: Vec::new(),
     };
     let mut vmm = Vmm::create(cfg).unwrap();
@@ -347,6 +349,7 @@ fn malformed_kernel_is_a_typed_error() {
         serial_log: dir.path().join("s.log"),
         vsock: None,
         virtio_fs: None,
+        net_devices: Vec::new(),
         block_devices: Vec::new(),
     };
     let err = Vmm::create(cfg).unwrap_err();

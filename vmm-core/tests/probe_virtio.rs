@@ -116,6 +116,7 @@ fn start(
         serial_log: log.clone(),
         vsock,
         virtio_fs: fs,
+        net_devices: Vec::new(),
         block_devices: blk,
     };
     let mut vmm = Vmm::create(cfg).expect("creating the probe VM");

@@ -29,6 +29,7 @@ fn create(kernel: PathBuf, dir: &Path) -> Vmm {
         serial_log: dir.join("serial.log"),
         vsock: None,
         virtio_fs: None,
+        net_devices: Vec::new(),
         block_devices: Vec::new(),
     })
     .expect("creating a VM with the real kernel")

@@ -116,6 +116,7 @@ pub fn vm_config(spec: &VmSpec, paths: &BuiltinPaths) -> Result<VmConfig, Builti
                 }
             },
         },
+        net_devices: spec.net.clone(),
         block_devices: Vec::new(),
     })
 }
@@ -147,8 +148,7 @@ impl BridgedVm for Vmm {
             vsock: self.vsock_metrics().cloned(),
             fs: self.fs_metrics().cloned(),
             blk: self.all_block_metrics().to_vec(),
-            // Pod networks are not attached to sandboxes yet (issue 10).
-            net: Vec::new(),
+            net: self.all_net_metrics().to_vec(),
             vcpus: Some(self.vcpu_metrics().clone()),
         }
     }
@@ -641,6 +641,7 @@ mod tests {
             accel: Accelerator::Kvm,
             guest_cid: 3,
             share_fs: None,
+            net: Vec::new(),
         };
         let c = vm_config(&spec, &BuiltinPaths::new(&spec.state_dir)).unwrap();
         assert_eq!(c.vcpus, 2);
@@ -654,7 +655,7 @@ mod tests {
         );
         assert_eq!(
             c.cmdline,
-            "console=ttyS0 reboot=k panic=-1 quiet foo=1 joey.agent_port=1024"
+            "console=ttyS0 reboot=k panic=-1 quiet no_timer_check foo=1 joey.agent_port=1024"
         );
         assert_eq!(c.virtio_fs, None);
         let mut device = ShareFsDevice {

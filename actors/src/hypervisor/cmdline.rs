@@ -2,10 +2,11 @@
 //!
 //! joey's own part: the serial console, how the guest reboots (which decides how a reboot ends
 //! the VM: see [`Reboot`]), `panic=-1` (a panic reboots at once, so a dying guest always ends
-//! the VM), `quiet`, then the user's `hypervisor.kernel_params`, then the agent's vsock port
-//! (`joey.agent_port=<N>`, read by the agent from `/proc/cmdline`; last, so that the configured
-//! `agent.vsock_port` wins over a stray copy in the extra parameters). The built-in VMM appends
-//! its virtio-mmio devices itself, QEMU does so too (`acpi=off`).
+//! the VM), `quiet`, `no_timer_check` (see [`KernelCmdline::new`]), then the user's
+//! `hypervisor.kernel_params`, then the agent's vsock port (`joey.agent_port=<N>`, read by the
+//! agent from `/proc/cmdline`; last, so that the configured `agent.vsock_port` wins over a
+//! stray copy in the extra parameters). The built-in VMM appends its virtio-mmio devices
+//! itself, QEMU does so too (`acpi=off`).
 
 use std::fmt;
 
@@ -36,7 +37,7 @@ pub struct KernelCmdline {
 }
 
 impl KernelCmdline {
-    /// joey's base parameters: `console=ttyS0 reboot=<r> panic=-1 quiet`.
+    /// joey's base parameters: `console=ttyS0 reboot=<r> panic=-1 quiet no_timer_check`.
     pub fn new(reboot: Reboot) -> Self {
         KernelCmdline {
             params: vec![
@@ -44,6 +45,10 @@ impl KernelCmdline {
                 format!("reboot={}", reboot.param()),
                 "panic=-1".into(),
                 "quiet".into(),
+                // The IO-APIC timer check waits for timer interrupts within a fixed window,
+                // which a slow (TCG, loaded host) vCPU can miss: the guest then panics ("IO-APIC
+                // + timer doesn't work!"). A VM's timer is known to work.
+                "no_timer_check".into(),
             ],
         }
     }
@@ -83,11 +88,11 @@ mod tests {
     fn base_parameters_per_reboot_method() {
         assert_eq!(
             KernelCmdline::new(Reboot::TripleFault).to_string(),
-            "console=ttyS0 reboot=t panic=-1 quiet"
+            "console=ttyS0 reboot=t panic=-1 quiet no_timer_check"
         );
         assert_eq!(
             KernelCmdline::new(Reboot::Keyboard).to_string(),
-            "console=ttyS0 reboot=k panic=-1 quiet"
+            "console=ttyS0 reboot=k panic=-1 quiet no_timer_check"
         );
     }
 
@@ -98,7 +103,7 @@ mod tests {
             .agent_port(2048);
         assert_eq!(
             c.to_string(),
-            "console=ttyS0 reboot=k panic=-1 quiet foo=1 bar joey.agent_port=2048"
+            "console=ttyS0 reboot=k panic=-1 quiet no_timer_check foo=1 bar joey.agent_port=2048"
         );
         // Blank extras add nothing; the configured port comes after a user-supplied one.
         let c = KernelCmdline::new(Reboot::TripleFault)
@@ -107,7 +112,7 @@ mod tests {
             .agent_port(1024);
         assert_eq!(
             c.to_string(),
-            "console=ttyS0 reboot=t panic=-1 quiet joey.agent_port=9 joey.agent_port=1024"
+            "console=ttyS0 reboot=t panic=-1 quiet no_timer_check joey.agent_port=9 joey.agent_port=1024"
         );
     }
 }

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use crate::lifecycle::{InvalidTransition, StateMachine as _, VmState};
 use crate::resource::BoxFuture;
 use crate::sharefs::ShareFsDevice;
+use joey_vmm_core::devices::net::NetAttachment;
 
 /// Accelerator used for guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +127,9 @@ pub struct VmSpec {
     pub guest_cid: u64,
     /// The ShareFs actor's virtio-fs device (`None`: no shared directory).
     pub share_fs: Option<ShareFsDevice>,
+    /// One virtio-net device per pod interface, in the Network actor's order (its taps): QEMU
+    /// gets joey's vhost-user device, the built-in VMM serves them in-process.
+    pub net: Vec<NetAttachment>,
 }
 
 #[derive(Debug, thiserror::Error)]

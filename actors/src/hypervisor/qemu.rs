@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use joey_vmm_core::devices::fs::FsMetrics;
+use joey_vmm_core::devices::net::{NetMetrics, VhostUserNetHandle, VhostUserNetServer};
 use joey_vmm_core::devices::vsock::{VhostUserVsockHandle, VhostUserVsockServer, VsockConfig, VsockMetrics};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -35,6 +36,12 @@ impl VmPaths {
             vhost_vsock_sock: state_dir.join("vhost-vsock.sock"),
             vsock_uds: state_dir.join("vsock.sock"),
         }
+    }
+
+    /// The vhost-user socket of the `index`-th virtio-net device.
+    pub fn net_sock(&self, index: usize) -> PathBuf {
+        let dir = self.qmp_sock.parent().unwrap_or(Path::new("."));
+        dir.join(format!("net{index}.sock"))
     }
 }
 
@@ -106,6 +113,22 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Result<Vec<String>, Hypervis
         push(&["-chardev", &format!("socket,id=fs0,path={}", socket.display())]);
         push(&["-device", &format!("vhost-user-fs-device,chardev=fs0,tag={}", fs.tag)]);
     }
+    for (i, net) in spec.net.iter().enumerate() {
+        // virtio-net served by our vhost-user backend on the pod interface's tap; QEMU keeps the
+        // control queue and tells the guest the MAC and MTU.
+        push(&[
+            "-chardev",
+            &format!("socket,id=net{i},path={}", paths.net_sock(i).display()),
+        ]);
+        push(&["-netdev", &format!("vhost-user,id=n{i},chardev=net{i}")]);
+        push(&[
+            "-device",
+            &format!(
+                "virtio-net-device,netdev=n{i},mac={},host_mtu={}",
+                net.config.mac, net.config.mtu
+            ),
+        ]);
+    }
     push(&["-device", "virtio-rng-device"]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.qmp_sock.display())]);
     Ok(a)
@@ -122,6 +145,10 @@ pub struct QemuVm {
     vsock_metrics: Arc<VsockMetrics>,
     /// The counters of the ShareFs actor's vhost-user virtio-fs device (from the spec).
     fs_metrics: Option<Arc<FsMetrics>>,
+    /// The virtio-net device threads (taken out when the VM is stopped on purpose).
+    net: Vec<VhostUserNetHandle>,
+    /// Their counters, in device order.
+    net_metrics: Vec<Arc<NetMetrics>>,
     pub started_at: Instant,
 }
 
@@ -172,17 +199,34 @@ fn spawn_device_watchdog(
 }
 
 impl QemuVm {
-    /// Starts the vsock device thread, then QEMU, on the blocking pool (binding sockets,
-    /// creating the log, spawning the thread and the process all block).
+    /// Starts the device threads on the blocking pool (binding sockets, creating the log and
+    /// spawning threads block), then QEMU from the calling task's thread: QEMU gets
+    /// `PR_SET_PDEATHSIG`, which fires when the *thread* that forked it exits, so it must not be
+    /// a blocking-pool thread (those exit after 10 s idle, which killed QEMU mid-run).
     pub async fn start(spec: VmSpec) -> Result<QemuVm, HypervisorError> {
-        tokio::task::spawn_blocking(move || Self::launch(&spec))
+        let accel = spec.accel;
+        let launch = tokio::task::spawn_blocking(move || Launch::prepare(&spec))
             .await
-            .map_err(|e| HypervisorError::Task(e.to_string()))?
+            .map_err(|e| HypervisorError::Task(e.to_string()))??;
+        launch.spawn(accel)
     }
+}
 
-    /// Blocking part of [`QemuVm::start`] (runs inside the runtime's context: the exit watcher
-    /// and the device watchdog are tokio tasks).
-    fn launch(spec: &VmSpec) -> Result<QemuVm, HypervisorError> {
+/// A QEMU ready to spawn: its command line and the device threads it will connect to.
+struct Launch {
+    binary: PathBuf,
+    cmd: std::process::Command,
+    paths: VmPaths,
+    vsock: VhostUserVsockHandle,
+    vsock_metrics: Arc<VsockMetrics>,
+    fs_metrics: Option<Arc<FsMetrics>>,
+    net: Vec<VhostUserNetHandle>,
+    net_metrics: Vec<Arc<NetMetrics>>,
+}
+
+impl Launch {
+    /// Blocking part of [`QemuVm::start`]: the device threads, the log, the command.
+    fn prepare(spec: &VmSpec) -> Result<Launch, HypervisorError> {
         let binary = resolve_binary(&spec.qemu_binary)?;
         let paths = VmPaths::new(&spec.state_dir);
         let args = qemu_args(spec, &paths)?;
@@ -200,6 +244,9 @@ impl QemuVm {
         .map_err(|e| HypervisorError::Device(e.to_string()))?;
         let vsock = server.spawn().map_err(|e| HypervisorError::Device(e.to_string()))?;
         let vsock_metrics = vsock.metrics().clone();
+        // On an error below, dropping the handles stops the device threads and removes sockets.
+        let net = spawn_net_devices(spec, &paths)?;
+        let net_metrics = net.iter().map(|n| n.metrics().clone()).collect();
 
         let log = std::fs::File::create(&paths.qemu_log).map_err(|e| HypervisorError::Io {
             what: format!("create {}", paths.qemu_log.display()),
@@ -226,20 +273,39 @@ impl QemuVm {
                 Ok(())
             });
         }
+        Ok(Launch {
+            binary,
+            cmd,
+            paths,
+            vsock,
+            vsock_metrics,
+            fs_metrics,
+            net,
+            net_metrics,
+        })
+    }
+
+    /// Spawns QEMU from this (long-lived runtime) thread; the exit watcher and the device
+    /// watchdog are tokio tasks. On failure the device threads stop and their sockets go
+    /// (dropping their handles; no join).
+    fn spawn(self, accel: Accelerator) -> Result<QemuVm, HypervisorError> {
+        let Launch {
+            binary,
+            cmd,
+            paths,
+            vsock,
+            vsock_metrics,
+            fs_metrics,
+            net,
+            net_metrics,
+        } = self;
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(true);
         let started_at = Instant::now();
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                // Dropping the handle stops the device thread and removes its sockets (no join).
-                drop(vsock);
-                return Err(HypervisorError::Spawn {
-                    binary: binary.display().to_string(),
-                    source: e,
-                });
-            }
-        };
+        let mut child = cmd.spawn().map_err(|e| HypervisorError::Spawn {
+            binary: binary.display().to_string(),
+            source: e,
+        })?;
         let pid = child.id().unwrap_or(0);
         let (tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
@@ -250,7 +316,7 @@ impl QemuVm {
             };
             let _ = tx.send(Some(exit));
         });
-        tracing::info!(pid, accel = %spec.accel, "qemu started");
+        tracing::info!(pid, %accel, "qemu started");
         let vsock = Arc::new(Mutex::new(Some(vsock)));
         spawn_device_watchdog(pid, vsock.clone(), exit_rx.clone());
         Ok(QemuVm {
@@ -260,10 +326,14 @@ impl QemuVm {
             vsock,
             vsock_metrics,
             fs_metrics,
+            net,
+            net_metrics,
             started_at,
         })
     }
+}
 
+impl QemuVm {
     /// The counters of the devices this backend serves in-process (vsock) and of the ShareFs
     /// actor's virtio-fs device it was given in the spec. QEMU has no vCPU exit counters.
     pub fn counter_sources(&self) -> super::counters::VmCounterSources {
@@ -271,8 +341,7 @@ impl QemuVm {
             vsock: Some(self.vsock_metrics.clone()),
             fs: self.fs_metrics.clone(),
             blk: Vec::new(),
-            // Pod networks are not attached to sandboxes yet (issue 10).
-            net: Vec::new(),
+            net: self.net_metrics.clone(),
             vcpus: None,
         }
     }
@@ -310,7 +379,12 @@ impl QemuVm {
         let (method, exit) = stop_in_steps(self.exit_rx.clone(), grace, vec![quit, kill]).await;
         // Joining the device thread blocks (bounded by its timeout): keep it off the async runtime.
         let vsock = self.take_vsock();
-        let _ = tokio::task::spawn_blocking(move || Self::stop_vsock(vsock)).await;
+        let net = std::mem::take(&mut self.net);
+        let _ = tokio::task::spawn_blocking(move || {
+            Self::stop_vsock(vsock);
+            stop_net_devices(net);
+        })
+        .await;
         match exit {
             Some(e) => Ok((method, e)),
             None => Err(HypervisorError::StopTimeout(self.pid)),
@@ -346,6 +420,34 @@ impl Drop for QemuVm {
         }
         if let Some(v) = self.take_vsock() {
             v.stop();
+        }
+        for n in &self.net {
+            n.stop();
+        }
+    }
+}
+
+/// Binds and starts one vhost-user virtio-net device per pod interface of the spec (before QEMU
+/// connects to their sockets).
+fn spawn_net_devices(spec: &VmSpec, paths: &VmPaths) -> Result<Vec<VhostUserNetHandle>, HypervisorError> {
+    let device = |i: usize, e: &dyn std::fmt::Display| HypervisorError::Device(format!("virtio-net device {i}: {e}"));
+    let mut handles = Vec::with_capacity(spec.net.len());
+    for (i, net) in spec.net.iter().enumerate() {
+        let tap = net.device_tap().map_err(|e| device(i, &e))?;
+        let server = VhostUserNetServer::bind(&paths.net_sock(i), net.config, tap).map_err(|e| device(i, &e))?;
+        handles.push(server.spawn().map_err(|e| device(i, &e))?);
+    }
+    Ok(handles)
+}
+
+/// Stops the virtio-net device threads and joins each within a bound (blocking).
+fn stop_net_devices(net: Vec<VhostUserNetHandle>) {
+    for n in &net {
+        n.stop();
+    }
+    for (i, n) in net.into_iter().enumerate() {
+        if let Err(e) = n.join_timeout(Duration::from_secs(3)) {
+            tracing::warn!(error = %e, device = i, "virtio-net device thread ended with an error or did not end in time");
         }
     }
 }
@@ -402,6 +504,7 @@ mod tests {
             accel: Accelerator::Tcg,
             guest_cid: 3,
             share_fs: None,
+            net: Vec::new(),
         }
     }
 
@@ -419,7 +522,7 @@ mod tests {
         assert!(a.contains("path=/run/joey/t/vhost-vsock.sock"));
         assert!(a.contains("-no-reboot"));
         assert!(
-            a.contains("-append console=ttyS0 reboot=t panic=-1 quiet foo=1 joey.agent_port=2048 "),
+            a.contains("-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check foo=1 joey.agent_port=2048 "),
             "{a}"
         );
         assert!(!a.contains("vhost-user-fs-device"));
@@ -443,6 +546,38 @@ mod tests {
         // QEMU cannot serve the directory itself.
         s.share_fs.as_mut().unwrap().transport = ShareFsTransport::InProcess;
         assert!(matches!(qemu_args(&s, &paths), Err(HypervisorError::Device(_))));
+    }
+
+    #[test]
+    fn args_attach_one_vhost_user_net_device_per_interface() {
+        use joey_vmm_core::devices::net::{MacAddr, NetAttachment, NetConfig, Tap};
+        // A tap in a namespace of its own (the thread's), so the host's is untouched.
+        let tap = std::thread::spawn(|| {
+            // SAFETY: unshare(2) only changes this short-lived thread's namespaces.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            Tap::open("tap0_joey").unwrap()
+        })
+        .join()
+        .unwrap();
+        let tap = Arc::new(tap);
+        let mut s = spec();
+        s.net = [(0x02, 1500), (0x06, 9000)]
+            .into_iter()
+            .map(|(m, mtu)| NetAttachment {
+                config: NetConfig {
+                    mac: MacAddr([m, 0, 0, 0, 0, 1]),
+                    mtu,
+                },
+                tap: tap.clone(),
+            })
+            .collect();
+        let a = qemu_args(&s, &VmPaths::new(&s.state_dir)).unwrap().join(" ");
+        for i in 0..2 {
+            assert!(a.contains(&format!("-chardev socket,id=net{i},path=/run/joey/t/net{i}.sock")), "{a}");
+            assert!(a.contains(&format!("-netdev vhost-user,id=n{i},chardev=net{i}")), "{a}");
+        }
+        assert!(a.contains("-device virtio-net-device,netdev=n0,mac=02:00:00:00:00:01,host_mtu=1500"), "{a}");
+        assert!(a.contains("-device virtio-net-device,netdev=n1,mac=06:00:00:00:00:01,host_mtu=9000"), "{a}");
     }
 
     #[test]

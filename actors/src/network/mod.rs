@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use joey_agent_protocol::agent;
-use joey_vmm_core::devices::net::{MacAddr, Tap, TapError};
+use joey_vmm_core::devices::net::{MacAddr, NetAttachment, NetConfig, NetError, Tap, TapError};
 
 use crate::lifecycle::InvalidTransition;
 use crate::resource::{ResourceError, ResourceStack, Undo};
@@ -165,6 +165,36 @@ pub struct PodNetwork {
     pub taps: Vec<Tap>,
 }
 
+impl PodNetwork {
+    /// The VM's virtio-net devices, one per interface in order: the interface's MAC and MTU on
+    /// its tap. An interface whose MTU or MAC the device cannot offer is refused by name.
+    pub fn attachments(&self) -> Result<Vec<NetAttachment>, NetworkError> {
+        self.info
+            .interfaces
+            .iter()
+            .zip(&self.taps)
+            .map(|(iface, tap)| {
+                let device = |source| NetworkError::Device {
+                    netns: self.info.netns.clone(),
+                    interface: iface.name.clone(),
+                    source,
+                };
+                // Linux MTUs fit in 16 bits; anything larger is out of the device's range too.
+                let mtu = u16::try_from(iface.mtu).unwrap_or(u16::MAX);
+                let config = NetConfig {
+                    mac: iface.mac,
+                    mtu,
+                };
+                config.validate().map_err(device)?;
+                Ok(NetAttachment {
+                    config,
+                    tap: std::sync::Arc::new(tap.try_clone().map_err(|e| device(e.into()))?),
+                })
+            })
+            .collect()
+    }
+}
+
 /// Where a setup fails on purpose (tests of the unwinding): right after `step` of the
 /// `interface`-th interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +259,13 @@ pub enum NetworkError {
         netns: PathBuf,
         interface: String,
         source: TapError,
+    },
+    /// The interface cannot become a virtio-net device (MTU or MAC out of its range).
+    #[error("network namespace {}: interface {interface}: {source}", .netns.display())]
+    Device {
+        netns: PathBuf,
+        interface: String,
+        source: NetError,
     },
     /// A [`FailPoint`] was reached (tests).
     #[error("network namespace {}: interface {interface}: injected failure after {step:?}", .netns.display())]
@@ -747,6 +784,29 @@ mod tests {
         assert_redirect(&pod, "tap0_joey", "eth0");
         assert_redirect(&pod, "eth1", "tap1_joey");
         assert_redirect(&pod, "tap1_joey", "eth1");
+        // The VM's devices: the interfaces' MACs and MTUs on their taps, in order.
+        let att = net.attachments().unwrap();
+        let got: Vec<(MacAddr, u16, &str)> = att
+            .iter()
+            .map(|a| (a.config.mac, a.config.mtu, a.tap.name()))
+            .collect();
+        let i = &net.info.interfaces;
+        assert_eq!(
+            got,
+            [
+                (i[0].mac, 1500, "tap0_joey"),
+                (i[1].mac, 1400, "tap1_joey")
+            ]
+        );
+        // An MTU the device cannot offer is refused, naming the interface.
+        let mut info = net.info.clone();
+        info.interfaces[1].mtu = 70_000;
+        let taps = net.taps.iter().map(|t| t.try_clone().unwrap()).collect();
+        let e = PodNetwork { info, taps }.attachments().unwrap_err();
+        assert!(
+            matches!(&e, NetworkError::Device { interface, source: NetError::Mtu(65535), .. } if interface == "eth1"),
+            "{e}"
+        );
         // A second setup is refused while ready.
         let e = set_up(&actor, pod.path()).await.unwrap_err();
         assert!(matches!(e, NetworkError::State(_)), "{e}");
@@ -860,7 +920,9 @@ mod tests {
     async fn leftovers_of_a_crash_are_removed() {
         let (pod, _peer) = pod_fixture();
         pod.tc("qdisc add dev other0 ingress");
-        pod.tc("filter add dev other0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev eth1");
+        pod.tc(
+            "filter add dev other0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev eth1",
+        );
         let before = pod.snapshot();
         for keep_taps_open in [false, true] {
             let mut res = ResourceStack::default();

@@ -37,6 +37,11 @@ pub struct RunArgs {
     /// With --rootfs: the container's hostname (default: the sandbox id).
     #[arg(long, requires = "rootfs")]
     pub hostname: Option<String>,
+    /// Carry this network namespace's interfaces (e.g. `/var/run/netns/NAME`, made by CNI or
+    /// `ip netns add` + veth) into the VM: the guest gets their MACs, addresses, MTUs and routes.
+    /// Without it the guest has only its loopback.
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<PathBuf>,
     /// The command and its arguments, after `--`.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
@@ -139,7 +144,9 @@ async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -
     tokio::pin!(signalled);
 
     // Boot. StartSandbox is atomic in the actor; a signal meanwhile is honoured right after.
-    let start = sb.send(StartSandbox);
+    let start = sb.send(StartSandbox {
+        netns: args.netns.clone(),
+    });
     let started: SandboxStarted = tokio::select! {
         r = start => match r {
             Ok(Ok(s)) => s,

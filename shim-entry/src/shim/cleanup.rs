@@ -8,7 +8,9 @@ use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
 
-use super::mounts;
+use joey_actors::network::{netlink, NetworkError};
+
+use super::{mounts, spec};
 
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
@@ -22,6 +24,8 @@ pub enum CleanupError {
     MountsLeft(String),
     #[error("remove {path}: {source}")]
     Remove { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 /// Pids (not ours) whose command line mentions `needle` (the sandbox state dir: QEMU's sockets).
@@ -104,6 +108,9 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
         std::thread::sleep(Duration::from_millis(50));
     }
     remove_dead_socket(bundle);
+    if super::grouping_id(bundle, id) == id {
+        remove_network_leftovers(bundle)?;
+    }
     let rootfs = bundle.join("rootfs");
     mounts::unmount_below(&rootfs)?;
     if state.exists() {
@@ -116,6 +123,28 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
         })?;
     }
     Ok(killed_response())
+}
+
+/// Removes the taps and filters a dead shim left in the pod's network namespace (the sandbox
+/// container's `network` namespace path; the VM that used them is gone). A netns that no
+/// longer exists took them with it; joey's own netns is never plumbed.
+fn remove_network_leftovers(bundle: &Path) -> Result<(), CleanupError> {
+    let Some(netns) = spec::load(bundle).ok().and_then(|s| s.network_namespace()) else {
+        return Ok(());
+    };
+    match netlink::in_netns(&netns, "removing leftovers", |nl| async move {
+        netlink::remove_leftovers(&nl).await
+    }) {
+        Ok(removed) => {
+            if !removed.is_empty() {
+                tracing::info!(netns = %netns.display(), ?removed, "removed a dead sandbox's network leftovers");
+            }
+            Ok(())
+        }
+        Err(NetworkError::NetnsOpen { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(NetworkError::OwnNetns { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

@@ -64,9 +64,15 @@ impl Inner {
         }
     }
 
-    /// Boots the VM (first container), serves its metrics and starts the OOM watch.
-    async fn start_sandbox(&self, sb: &Addr<SandboxActor>, slot: &mut SandboxSlot) -> Result<(), TaskError> {
-        let started = match tokio::time::timeout(START_SANDBOX_TIMEOUT, sb.send(StartSandbox)).await {
+    /// Boots the VM (first container) with the pod network of `netns`, serves its metrics and
+    /// starts the OOM watch.
+    async fn start_sandbox(
+        &self,
+        sb: &Addr<SandboxActor>,
+        slot: &mut SandboxSlot,
+        netns: Option<PathBuf>,
+    ) -> Result<(), TaskError> {
+        let started = match tokio::time::timeout(START_SANDBOX_TIMEOUT, sb.send(StartSandbox { netns })).await {
             Ok(Ok(Ok(s))) => s,
             Ok(Ok(Err(e))) => return Err(TaskError::Sandbox(e)),
             Ok(Err(e)) => return Err(e.into()),
@@ -144,7 +150,9 @@ impl Inner {
             resources.add(Box::new(r)).await?;
         }
         if !slot.running {
-            if let Err(e) = self.start_sandbox(&sb, &mut slot).await {
+            // The first container's network namespace is the pod's (CRI's sandbox container,
+            // or `ctr run --with-ns network:<path>`).
+            if let Err(e) = self.start_sandbox(&sb, &mut slot, spec.network_namespace()).await {
                 self.stop_sandbox(&mut slot).await;
                 resources.cleanup_all().await;
                 return Err(e);

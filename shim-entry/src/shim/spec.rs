@@ -38,6 +38,22 @@ pub struct ContainerSpec {
     pub path: String,
 }
 
+impl ContainerSpec {
+    /// The `path` of the spec's `network` namespace: the pod's network namespace (CNI's, or
+    /// `ctr run --with-ns network:<path>`), whose interfaces the sandbox carries into its VM.
+    pub fn network_namespace(&self) -> Option<PathBuf> {
+        self.raw
+            .pointer("/linux/namespaces")?
+            .as_array()?
+            .iter()
+            .find(|n| n.get("type").and_then(Value::as_str) == Some("network"))?
+            .get("path")?
+            .as_str()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    }
+}
+
 /// The spec as the guest needs it, and the host sources to share for its bind mounts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GuestSpec {

@@ -30,6 +30,7 @@ pub use crate::devices::blk::BlockConfig;
 use crate::devices::blk::BlockMetrics;
 pub use crate::devices::fs::VirtioFsConfig;
 use crate::devices::legacy::{serial::IrqTrigger, LogSink, RateLimit, SerialDevice, I8042};
+pub use crate::devices::net::NetAttachment;
 pub use crate::devices::vsock::VsockConfig;
 use crate::vstate::metrics::VcpuMetrics;
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
@@ -61,8 +62,10 @@ pub struct VmConfig {
     /// In-process virtio-vsock device (hybrid vsock on the host side).
     pub vsock: Option<VsockConfig>,
     /// In-process virtio-fs device (a host directory shared under a mount tag); it sits after
-    /// the vsock device and before the block devices.
+    /// the vsock device and before the network and block devices.
     pub virtio_fs: Option<VirtioFsConfig>,
+    /// In-process virtio-net devices, in order (the pod's interfaces), after virtio-fs.
+    pub net_devices: Vec<NetAttachment>,
     /// virtio-blk devices, in order (`joey-blk<N>` serials).
     pub block_devices: Vec<BlockConfig>,
 }
@@ -191,6 +194,7 @@ impl Vmm {
         let pending = virtio::create_devices(
             cfg.vsock.as_ref(),
             cfg.virtio_fs.as_ref(),
+            &cfg.net_devices,
             &cfg.block_devices,
         )?;
         let cmdline = pending.extend_cmdline(&cfg.cmdline);
@@ -316,6 +320,11 @@ impl Vmm {
     /// Counters of the in-process vsock device, if the VM has one.
     pub fn vsock_metrics(&self) -> Option<&Arc<crate::devices::vsock::VsockMetrics>> {
         self.virtio.vsock_metrics()
+    }
+
+    /// Counters of every virtio-net device, in order.
+    pub fn all_net_metrics(&self) -> &[Arc<crate::devices::net::NetMetrics>] {
+        self.virtio.all_net_metrics()
     }
 
     /// Counters of the in-process virtio-fs device, if the VM has one.
@@ -487,6 +496,7 @@ mod tests {
             serial_log: "/dev/null".into(),
             vsock: None,
             virtio_fs: None,
+            net_devices: Vec::new(),
             block_devices: Vec::new(),
         };
         assert!(matches!(

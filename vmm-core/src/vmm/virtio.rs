@@ -15,6 +15,7 @@ use crate::boot::layout::{
 };
 use crate::devices::blk::{Block, BlockConfig, BlockError, BlockMetrics};
 use crate::devices::fs::{FsMetrics, VirtioFs, VirtioFsConfig, VirtioFsError};
+use crate::devices::net::{NetAttachment, NetError, NetMetrics, VirtioNet};
 use crate::devices::virtio::event_loop::{self, EventLoopError, EventLoopHandle, SharedTransport};
 use crate::devices::virtio::metrics::TransportMetrics;
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
@@ -33,6 +34,12 @@ pub enum VirtioDevicesError {
     Vsock(#[from] VsockDeviceError),
     #[error("virtio-fs device: {0}")]
     Fs(#[from] VirtioFsError),
+    #[error("network device {index}: {source}")]
+    Net {
+        index: usize,
+        #[source]
+        source: NetError,
+    },
     #[error("block device {index}: {source}")]
     Block {
         index: usize,
@@ -63,7 +70,7 @@ pub enum VirtioDevicesError {
 /// Where a virtio-mmio device sits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmioDeviceInfo {
-    /// Virtio device id (2 = block, 19 = vsock, 26 = fs).
+    /// Virtio device id (1 = net, 2 = block, 19 = vsock, 26 = fs).
     pub device_type: u32,
     /// Guest physical base of its register window.
     pub base: u64,
@@ -100,22 +107,26 @@ pub struct PendingDevices {
     devices: Vec<Box<dyn VirtioDevice>>,
     infos: Vec<MmioDeviceInfo>,
     block_metrics: Vec<Arc<BlockMetrics>>,
+    net_metrics: Vec<Arc<NetMetrics>>,
     vsock_metrics: Option<Arc<VsockMetrics>>,
     fs_metrics: Option<Arc<FsMetrics>>,
 }
 
-/// Creates the configured devices: vsock first, then virtio-fs, then block devices in order.
+/// Creates the configured devices: vsock first, then virtio-fs, then network devices, then
+/// block devices, each kind in order.
 pub fn create_devices(
     vsock: Option<&VsockConfig>,
     fs: Option<&VirtioFsConfig>,
+    nets: &[NetAttachment],
     blocks: &[BlockConfig],
 ) -> Result<PendingDevices, VirtioDevicesError> {
-    let n = usize::from(vsock.is_some()) + usize::from(fs.is_some()) + blocks.len();
+    let n = usize::from(vsock.is_some()) + usize::from(fs.is_some()) + nets.len() + blocks.len();
     if n > MAX_VIRTIO_DEVICES {
         return Err(VirtioDevicesError::TooManyDevices(n));
     }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(n);
     let mut block_metrics = Vec::new();
+    let mut net_metrics = Vec::new();
     let mut vsock_metrics = None;
     let mut fs_metrics = None;
     if let Some(cfg) = vsock {
@@ -127,6 +138,14 @@ pub fn create_devices(
         let f = VirtioFs::new(cfg)?;
         fs_metrics = Some(f.metrics().clone());
         devices.push(Box::new(f));
+    }
+    for (index, net) in nets.iter().enumerate() {
+        let d = net
+            .device_tap()
+            .and_then(|tap| VirtioNet::new(net.config, tap))
+            .map_err(|source| VirtioDevicesError::Net { index, source })?;
+        net_metrics.push(d.metrics().clone());
+        devices.push(Box::new(d));
     }
     for (index, cfg) in blocks.iter().enumerate() {
         let b = Block::new(cfg, &format!("joey-blk{index}"))
@@ -143,6 +162,7 @@ pub fn create_devices(
         devices,
         infos,
         block_metrics,
+        net_metrics,
         vsock_metrics,
         fs_metrics,
     })
@@ -185,6 +205,7 @@ impl PendingDevices {
             infos: self.infos,
             transports,
             block_metrics: self.block_metrics,
+            net_metrics: self.net_metrics,
             vsock_metrics: self.vsock_metrics,
             fs_metrics: self.fs_metrics,
             event_loop: None,
@@ -220,6 +241,7 @@ pub struct VirtioDevices {
     infos: Vec<MmioDeviceInfo>,
     transports: Vec<SharedTransport>,
     block_metrics: Vec<Arc<BlockMetrics>>,
+    net_metrics: Vec<Arc<NetMetrics>>,
     vsock_metrics: Option<Arc<VsockMetrics>>,
     fs_metrics: Option<Arc<FsMetrics>>,
     event_loop: Option<EventLoopHandle>,
@@ -258,6 +280,11 @@ impl VirtioDevices {
     /// Counters of every block device, in order.
     pub fn all_block_metrics(&self) -> &[Arc<BlockMetrics>] {
         &self.block_metrics
+    }
+
+    /// Counters of every network device, in order.
+    pub fn all_net_metrics(&self) -> &[Arc<NetMetrics>] {
+        &self.net_metrics
     }
 
     /// Transport counters of the `index`-th device.
@@ -320,7 +347,7 @@ mod tests {
             path: disk,
             read_only: false,
         };
-        let p = create_devices(Some(&vsock), None, &[blk.clone(), blk]).unwrap();
+        let p = create_devices(Some(&vsock), None, &[], &[blk.clone(), blk]).unwrap();
         let types: Vec<u32> = p.infos().iter().map(|i| i.device_type).collect();
         assert_eq!(types, vec![19, 2, 2]);
         assert_eq!(
@@ -332,6 +359,7 @@ mod tests {
             create_devices(
                 None,
                 None,
+                &[],
                 &[BlockConfig {
                     path: dir.path().join("missing"),
                     read_only: true
@@ -347,8 +375,47 @@ mod tests {
             MAX_VIRTIO_DEVICES + 1
         ];
         assert!(matches!(
-            create_devices(None, None, &many),
+            create_devices(None, None, &[], &many),
             Err(VirtioDevicesError::TooManyDevices(20))
+        ));
+    }
+
+    #[test]
+    fn net_devices_sit_between_fs_and_blk() {
+        use crate::devices::net::tap::tests::test_tap;
+        use crate::devices::net::{MacAddr, NetConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d.img");
+        std::fs::write(&disk, [0u8; 1024]).unwrap();
+        let blk = BlockConfig {
+            path: disk,
+            read_only: true,
+        };
+        let t = test_tap();
+        let net = |mtu| NetAttachment {
+            config: NetConfig {
+                mac: MacAddr([0x02, 0, 0, 0, 0, 1]),
+                mtu,
+            },
+            tap: Arc::new(t.tap.try_clone().unwrap()),
+        };
+        let p = create_devices(
+            None,
+            None,
+            &[net(1500), net(9000)],
+            std::slice::from_ref(&blk),
+        )
+        .unwrap();
+        let types: Vec<u32> = p.infos().iter().map(|i| i.device_type).collect();
+        assert_eq!(types, vec![1, 1, 2]);
+        assert_eq!(p.net_metrics.len(), 2);
+        // A bad device config names the device.
+        assert!(matches!(
+            create_devices(None, None, &[net(1500), net(10)], &[]),
+            Err(VirtioDevicesError::Net {
+                index: 1,
+                source: NetError::Mtu(10)
+            })
         ));
     }
 
@@ -370,11 +437,11 @@ mod tests {
             path: disk,
             read_only: false,
         };
-        let p = create_devices(Some(&vsock), Some(&fs), std::slice::from_ref(&blk)).unwrap();
+        let p = create_devices(Some(&vsock), Some(&fs), &[], std::slice::from_ref(&blk)).unwrap();
         let types: Vec<(u32, u32)> = p.infos().iter().map(|i| (i.device_type, i.irq)).collect();
         assert_eq!(types, vec![(19, 5), (26, 6), (2, 7)]);
         assert!(p.fs_metrics.is_some());
-        let p = create_devices(None, Some(&fs), &[]).unwrap();
+        let p = create_devices(None, Some(&fs), &[], &[]).unwrap();
         assert_eq!(
             p.extend_cmdline("x"),
             "x virtio_mmio.device=4K@0xd0000000:5"
@@ -384,7 +451,7 @@ mod tests {
             ..fs.clone()
         };
         assert!(matches!(
-            create_devices(None, Some(&bad), &[]),
+            create_devices(None, Some(&bad), &[], &[]),
             Err(VirtioDevicesError::Fs(VirtioFsError::EmptyTag))
         ));
         let missing = VirtioFsConfig {
@@ -392,7 +459,7 @@ mod tests {
             ..fs
         };
         assert!(matches!(
-            create_devices(None, Some(&missing), &[]),
+            create_devices(None, Some(&missing), &[], &[]),
             Err(VirtioDevicesError::Fs(VirtioFsError::SharedDir(_)))
         ));
     }

@@ -531,7 +531,7 @@ pub(crate) mod tests {
 
     fn setup() -> (TestTap, NetQueues, GuestMemoryMmap<()>) {
         let t = test_tap();
-        let q = NetQueues::new(t.tap.try_clone()).unwrap();
+        let q = NetQueues::new(t.tap.try_clone().unwrap()).unwrap();
         (t, q, mem())
     }
 

@@ -27,6 +27,7 @@ pub mod virtio;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 pub use device::{NetQueueError, NetQueues};
 pub use metrics::{NetMetrics, NetSnapshot};
@@ -97,6 +98,33 @@ impl NetConfig {
         Ok(())
     }
 }
+
+/// A virtio-net device to attach to a VM: its config and its tap. The tap's owner (the Network
+/// actor's caller) keeps it open for the VM's lifetime; the device serves a duplicate of its fd
+/// ([`NetAttachment::device_tap`]).
+#[derive(Clone, Debug)]
+pub struct NetAttachment {
+    /// MAC and MTU the guest sees.
+    pub config: NetConfig,
+    /// The tap in the pod's network namespace.
+    pub tap: Arc<Tap>,
+}
+
+impl NetAttachment {
+    /// The device's own handle on the tap.
+    pub fn device_tap(&self) -> Result<Tap, NetError> {
+        Ok(self.tap.try_clone()?)
+    }
+}
+
+impl PartialEq for NetAttachment {
+    /// Same config on the same tap interface.
+    fn eq(&self, other: &Self) -> bool {
+        self.config == other.config && self.tap.name() == other.tap.name()
+    }
+}
+
+impl Eq for NetAttachment {}
 
 /// Errors of the virtio-net device stack.
 #[derive(Debug, thiserror::Error)]

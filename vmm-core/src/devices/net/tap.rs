@@ -65,6 +65,14 @@ pub enum TapError {
         /// The OS error.
         source: io::Error,
     },
+    /// Duplicating the tap's fd failed.
+    #[error("tap {name}: cannot duplicate its fd: {source}")]
+    Dup {
+        /// The tap.
+        name: String,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The kernel took only part of a frame.
     #[error("tap {name}: short write ({written} of {len} bytes)")]
     ShortWrite {
@@ -212,14 +220,17 @@ impl Tap {
     }
 }
 
-#[cfg(test)]
 impl Tap {
-    /// A second handle on the same tap queue.
-    pub(crate) fn try_clone(&self) -> Tap {
-        Tap {
-            file: self.file.try_clone().unwrap(),
+    /// A second handle on the same tap queue (a duplicate of its fd): a device takes one while
+    /// its owner keeps the other.
+    pub fn try_clone(&self) -> Result<Tap, TapError> {
+        Ok(Tap {
+            file: self.file.try_clone().map_err(|source| TapError::Dup {
+                name: self.name.clone(),
+                source,
+            })?,
             name: self.name.clone(),
-        }
+        })
     }
 }
 

@@ -35,9 +35,8 @@ use super::tap::Tap;
 use super::virtio::{config_space, AVAIL_FEATURES, CONFIG_LEN};
 use super::{NetConfig, NetError};
 use crate::devices::vhost_user_server::{
-    backend_plumbing, ensure_free, process_vring, signal_used, ExitEvents, GuestMemory, ServedBackend,
-    ServerHandle,
-    VhostUserServer,
+    backend_plumbing, ensure_free, process_vring, signal_used, ExitEvents, GuestMemory,
+    ServedBackend, ServerHandle, VhostUserServer,
 };
 
 /// Name of the serving thread.
@@ -134,8 +133,6 @@ impl NetBackend {
 impl VhostUserBackendMut for NetBackend {
     backend_plumbing!(NAME);
 
-
-
     fn features(&self) -> u64 {
         AVAIL_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
@@ -146,7 +143,6 @@ impl VhostUserBackendMut for NetBackend {
         VhostUserProtocolFeatures::MQ
     }
 
-
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let (offset, size) = (offset as usize, size as usize);
         match offset.checked_add(size) {
@@ -154,8 +150,6 @@ impl VhostUserBackendMut for NetBackend {
             _ => Vec::new(),
         }
     }
-
-
 
     fn handle_event(
         &mut self,
@@ -340,7 +334,7 @@ mod tests {
     #[test]
     fn backend_features_config_and_events() {
         let t = test_tap();
-        let b = NetBackend::new(cfg(), t.tap.try_clone()).unwrap();
+        let b = NetBackend::new(cfg(), t.tap.try_clone().unwrap()).unwrap();
         assert_eq!(b.num_queues(), 2);
         assert_eq!(b.max_queue_size(), 1024);
         let f = b.features();
@@ -367,7 +361,7 @@ mod tests {
         let t = test_tap();
         let m = mem();
         let atomic = GuestMemoryAtomic::new(m.clone());
-        let mut b = NetBackend::new(cfg(), t.tap.try_clone()).unwrap();
+        let mut b = NetBackend::new(cfg(), t.tap.try_clone().unwrap()).unwrap();
         let f = test_frame(100, 3);
         t.send(&f);
 
@@ -426,7 +420,7 @@ mod tests {
         let t = test_tap();
         let m = mem();
         let atomic = GuestMemoryAtomic::new(m.clone());
-        let mut b = NetBackend::new(cfg(), t.tap.try_clone()).unwrap();
+        let mut b = NetBackend::new(cfg(), t.tap.try_clone().unwrap()).unwrap();
         b.update_memory(atomic.clone()).unwrap();
         let rxq = MockSplitQueue::create(&m, GuestAddress(0x8_0000), QSIZE);
         let (vrings, calls) = mock_vrings(&atomic, NUM_QUEUES, &[(RX_QUEUE, &rxq)], QSIZE);
@@ -463,15 +457,15 @@ mod tests {
         let sock = dir.path().join("net.sock");
         let bad = NetConfig { mtu: 0, ..cfg() };
         assert!(matches!(
-            VhostUserNetServer::bind(&sock, bad, t.tap.try_clone()),
+            VhostUserNetServer::bind(&sock, bad, t.tap.try_clone().unwrap()),
             Err(NetError::Mtu(0))
         ));
         assert!(!sock.exists(), "socket left behind");
-        let server = VhostUserNetServer::bind(&sock, cfg(), t.tap.try_clone()).unwrap();
+        let server = VhostUserNetServer::bind(&sock, cfg(), t.tap.try_clone().unwrap()).unwrap();
         assert_eq!(server.socket_path(), sock);
         assert_eq!(server.config(), &cfg());
         assert!(matches!(
-            VhostUserNetServer::bind(&sock, cfg(), t.tap.try_clone()),
+            VhostUserNetServer::bind(&sock, cfg(), t.tap.try_clone().unwrap()),
             Err(NetError::VhostUser(VhostUserError::PathExists(_)))
         ));
         let backend = backend_socket_path(&sock);

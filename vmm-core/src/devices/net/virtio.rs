@@ -186,7 +186,7 @@ mod tests {
     #[test]
     fn config_space_and_features() {
         let t = test_tap();
-        let net = VirtioNet::new(cfg(), t.tap.try_clone()).unwrap();
+        let net = VirtioNet::new(cfg(), t.tap.try_clone().unwrap()).unwrap();
         assert_eq!(net.device_type(), 1);
         assert_eq!(net.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
         assert_eq!(
@@ -206,7 +206,7 @@ mod tests {
         // A bad config is refused before anything is set up.
         let bad = NetConfig { mtu: 10, ..cfg() };
         assert!(matches!(
-            VirtioNet::new(bad, t.tap.try_clone()),
+            VirtioNet::new(bad, t.tap.try_clone().unwrap()),
             Err(NetError::Mtu(10))
         ));
     }
@@ -216,7 +216,7 @@ mod tests {
     #[test]
     fn device_interface_end_to_end() {
         let t = test_tap();
-        let mut net = VirtioNet::new(cfg(), t.tap.try_clone()).unwrap();
+        let mut net = VirtioNet::new(cfg(), t.tap.try_clone().unwrap()).unwrap();
         let fd = net.event_fd().unwrap();
         let m = mem();
         let rxq = MockSplitQueue::create(&m, GuestAddress(0), QSIZE);
@@ -291,7 +291,7 @@ mod tests {
             }
         };
         let t = test_tap();
-        let net = VirtioNet::new(cfg(), t.tap.try_clone()).unwrap();
+        let net = VirtioNet::new(cfg(), t.tap.try_clone().unwrap()).unwrap();
         let metrics = net.metrics().clone();
         let m = mem();
         let mut tr = MmioTransport::new(Box::new(net), m.clone()).unwrap();
