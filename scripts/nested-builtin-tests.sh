@@ -19,6 +19,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 TESTS=(
   "walking_skeleton|builtin_suite|builtin suite: running"
   "containers|builtin_suite|builtin suite: running"
+  "network|builtin_vmm_carries_the_pod_network|builtin network: running"
 )
 
 in_l1() {

@@ -44,17 +44,32 @@ for v in timeout boot_timeout mem cpus; do
 done
 command -v "$QEMU" >/dev/null || die "$QEMU not found (scripts/deps.sh installs qemu-system-x86)"
 
+io=$(mktemp -d "${TMPDIR:-/tmp}/joey-nested.XXXXXX") || die "mktemp failed"
+log=${NESTED_LOG:-$io/console.log}
+qpid=
+tailpid=
+catpids=()
+cleanup() {
+  [ -n "$qpid" ] && kill -KILL "$qpid" 2>/dev/null && wait "$qpid" 2>/dev/null
+  [ -n "$tailpid" ] && kill "$tailpid" 2>/dev/null && wait "$tailpid" 2>/dev/null
+  for p in "${catpids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  rm -rf "$io"
+}
+trap cleanup EXIT
+exec 3<&0
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
 # The L1 kernel (cached by input hash; a build takes ~6 min on 2 cores: its steps are shown).
-klog=$(mktemp "${TMPDIR:-/tmp}/nested-kernel-build.XXXXXX") || die "mktemp failed"
+klog=$io/kernel-build.log
 bash "$repo/guest/build-kernel.sh" "$repo/guest/l1/kernel.fragment" 2>&1 >"$klog.out" | tee "$klog" |
   grep --line-buffered -E '^build-kernel: (unpacking|compiling|built)' | sed -u 's/^build-kernel/nested-host: L1 kernel/' >&2
 if [ "${PIPESTATUS[0]}" != 0 ]; then
   tail -n 30 "$klog" >&2
-  rm -f "$klog" "$klog.out"
   die "building the L1 kernel failed"
 fi
 kdir=$(tail -n 1 "$klog.out")
-rm -f "$klog" "$klog.out"
 # The KVM probe, built once per source (gcc; < 1 s).
 probe_key=$( { gcc --version | head -n 1; cat "$repo/guest/l1/kvm-probe.c"; } | sha256sum | cut -c1-16)
 probe="$cache/l1/$probe_key/kvm-probe"
@@ -69,23 +84,6 @@ fi
 # jiffies clocksource (4 ms resolution) and its KVM to an unstable guest clock.
 tsc_khz=$("$probe" tsc-khz) && [[ $tsc_khz =~ ^[1-9][0-9]*$ ]] || die "cannot measure the host's TSC rate"
 
-io=$(mktemp -d "${TMPDIR:-/tmp}/joey-nested.XXXXXX") || die "mktemp failed"
-log=${NESTED_LOG:-$io.console.log}
-qpid=
-tailpid=
-catpids=()
-cleanup() {
-  [ -n "$qpid" ] && kill -KILL "$qpid" 2>/dev/null && wait "$qpid" 2>/dev/null
-  [ -n "$tailpid" ] && kill "$tailpid" 2>/dev/null && wait "$tailpid" 2>/dev/null
-  for p in "${catpids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  rm -rf "$io"
-  [ -n "${NESTED_LOG:-}" ] || rm -f "$log"
-}
-trap cleanup EXIT
-exec 3<&0
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'exit 129' HUP
 
 # What L1's init reads: the probe, and CMD with this environment and directory.
 printf 'L1_PROBE=%q\n' "$probe" > "$io/env"
