@@ -12,7 +12,7 @@ AGENT_BIN := target/$(AGENT_TARGET)/release/joey-agent
 JOEYCTL := target/release/joeyctl
 INSTALL_GUEST_DIR ?= /usr/share/joey/guest
 
-.PHONY: all deps build agent kernel initrd guest install-guest run test unit-test integration-test bench clean
+.PHONY: all deps build agent kernel initrd guest l1-kernel nested-host install-guest run test unit-test integration-test bench clean
 
 all: build guest
 
@@ -43,6 +43,16 @@ initrd: agent
 	d=$$(bash guest/build-initrd.sh $(AGENT_BIN)) && ln -sfn $$d/initrd.img $(GUEST_DIR)/initrd.img
 
 guest: kernel initrd
+
+# The nested test host (scripts/nested-host.sh, docs/testing.md): its L1 kernel, and a shell in it.
+L1_DIR := build/l1
+l1-kernel: deps
+	mkdir -p $(L1_DIR)
+	$(call say,L1 kernel of the nested test host: guest/kernel.fragment + guest/l1/kernel.fragment (cached by input hash; ~6 min to build; log: $(L1_DIR)/kernel-build.log))
+	@d=$$(bash guest/build-kernel.sh guest/l1/kernel.fragment 2>$(L1_DIR)/kernel-build.log) || { tail -n 30 $(L1_DIR)/kernel-build.log; exit 1; }; ln -sfn $$d/vmlinux $(L1_DIR)/vmlinux
+
+nested-host: build guest l1-kernel
+	bash scripts/nested-host.sh
 
 install-guest: guest
 	$(call say,install guest image to $(INSTALL_GUEST_DIR))

@@ -92,6 +92,58 @@ pub fn builtin_host_support() -> Result<String, String> {
     }
 }
 
+/// Declares a test file's scenarios (functions of its `mod scenario`, each taking the
+/// [`Backend`] to run on): one `#[test]` each on QEMU, named as the scenario, and the table
+/// `SCENARIOS` for [`run_builtin_suite`].
+#[macro_export]
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                scenario::$name($crate::Backend::Qemu)
+            }
+        )*
+        const SCENARIOS: &[$crate::Scenario] = &[$((stringify!($name), scenario::$name)),*];
+    };
+}
+
+/// A named scenario: a test body to run on a [`Backend`].
+pub type Scenario = (&'static str, fn(Backend));
+
+/// Runs every scenario again on the built-in VMM where the host's KVM runs Linux guests (first
+/// printing `builtin suite: running (<why>)` to stderr: the nested test host's step checks for
+/// it, see scripts/nested-builtin-tests.sh), failing with the names of the scenarios that failed.
+/// Elsewhere joey must refuse `hypervisor.kind = "builtin"` with exit 2 and the reason its host
+/// detection gives.
+pub fn run_builtin_suite(scenarios: &[Scenario]) {
+    match builtin_host_support() {
+        Ok(why) => {
+            eprintln!("builtin suite: running ({why})");
+            let mut failed = Vec::new();
+            for (name, f) in scenarios {
+                eprintln!("builtin suite: {name}");
+                if std::panic::catch_unwind(|| f(Backend::Builtin)).is_err() {
+                    failed.push(*name);
+                }
+            }
+            assert!(failed.is_empty(), "builtin suite: failed scenarios: {failed:?}");
+        }
+        Err(reason) => {
+            println!("builtin suite not run: {reason}");
+            let env = Env::with_backend(Backend::Builtin);
+            let o = env.run(&["true"], None);
+            let err = stderr_of(&o);
+            assert_eq!(o.status.code(), Some(2), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.starts_with("joeyctl: error: "), "{err}");
+            assert!(err.contains("hypervisor.kind = \"builtin\""), "{err}");
+            assert!(err.contains(&reason), "reason {reason:?} not in {err}");
+            assert!(o.stdout.is_empty());
+        }
+    }
+}
+
 /// One isolated test environment: its own config file and state directory.
 pub struct Env {
     pub dir: tempfile::TempDir,

@@ -13,19 +13,6 @@ use std::time::{Duration, Instant};
 
 use joey_tests::*;
 
-/// Declares the scenarios: one `#[test]` each on QEMU, and the table `builtin_suite` runs.
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                scenario::$name(Backend::Qemu)
-            }
-        )*
-        const SCENARIOS: &[(&str, fn(Backend))] = &[$((stringify!($name), scenario::$name)),*];
-    };
-}
-
 scenarios!(
     stdout_stderr_and_exit_code_are_exact,
     sigkilled_process_gives_137,
@@ -42,34 +29,10 @@ scenarios!(
 );
 
 /// The whole suite on the built-in VMM where the host's KVM runs Linux guests; elsewhere, joey
-/// must refuse `hypervisor.kind = "builtin"` with exit 2 and the host detection's reason.
+/// must refuse `hypervisor.kind = "builtin"` (see [`run_builtin_suite`]).
 #[test]
 fn builtin_suite() {
-    match builtin_host_support() {
-        Ok(why) => {
-            eprintln!("builtin suite: running ({why})");
-            let mut failed = Vec::new();
-            for (name, f) in SCENARIOS {
-                eprintln!("builtin suite: {name}");
-                if std::panic::catch_unwind(|| f(Backend::Builtin)).is_err() {
-                    failed.push(*name);
-                }
-            }
-            assert!(failed.is_empty(), "builtin suite: failed scenarios: {failed:?}");
-        }
-        Err(reason) => {
-            println!("builtin suite not run: {reason}");
-            let env = Env::with_backend(Backend::Builtin);
-            let o = env.run(&["true"], None);
-            let err = stderr_of(&o);
-            assert_eq!(o.status.code(), Some(2), "{err}");
-            assert_eq!(err.lines().count(), 1, "{err}");
-            assert!(err.starts_with("joeyctl: error: "), "{err}");
-            assert!(err.contains("hypervisor.kind = \"builtin\""), "{err}");
-            assert!(err.contains(&reason), "reason {reason:?} not in {err}");
-            assert!(o.stdout.is_empty());
-        }
-    }
+    run_builtin_suite(SCENARIOS);
 }
 
 mod scenario {

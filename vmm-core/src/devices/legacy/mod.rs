@@ -1,5 +1,6 @@
 //! Legacy PC devices of the built-in VMM: 8250 serial (COM1) and the i8042
-//! controller (only its CPU-reset command).
+//! controller (no keyboard or mouse: it answers the guest driver's probe and takes its
+//! CPU-reset command).
 
 pub mod capped_log;
 pub mod i8042;
