@@ -88,6 +88,8 @@ bench: build guest
 	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/cri-bench.sh
 	$(CARGO) bench -p joey-vmm-core --bench probe_boot
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	  bash scripts/nested-bench.sh
 
 clean:
 	$(CARGO) clean
