@@ -8,7 +8,7 @@
 # Boots L1 (kernel: guest/build-kernel.sh guest/l1/kernel.fragment, cached) with the host's root
 # shared read-only over virtio-9p under a tmpfs overlay (so every host path, the work tree,
 # target/release and build/guest included, is the same in L1 and writable there; writes stay in
-# L1), fresh tmpfs /tmp and /run, and runs CMD as root in L1 with cwd = this directory and this
+# L1; /tmp too, so a work tree under /tmp works), a fresh tmpfs /run, and runs CMD as root in L1 with cwd = this directory and this
 # environment. CMD's stdout and stderr come out here as its own; the exit status is CMD's. Without
 # CMD: an interactive shell on the console (exit ends L1; ^A x kills it).
 # Before CMD, L1 checks that KVM_RUN works (guest/l1/kvm-probe.c); if that hangs, or L1 does not

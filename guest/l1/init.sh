@@ -3,8 +3,8 @@
 # The kernel mounted the host's root read-only over virtio-9p (tag "hostroot") and runs this
 # script from it with the host's /bin/sh. It:
 #   stage 1  mounts the host-side exchange directory (9p tag "joeyio"), puts a writable root in
-#            place (overlay: the host root under a tmpfs), fresh /proc /sys /dev /tmp /run, and
-#            pivots into it;
+#            place (overlay: the host root under a tmpfs; /tmp is the host's through it), fresh
+#            /proc /sys /dev /run, and pivots into it;
 #   stage 2  runs the KVM sanity check (kvm-probe under a deadline; on a hang or failure it says so
 #            in the exchange directory and reboots, and the host boots L1 once more), then runs the
 #            command (joeyio/cmd.sh, bash) with stdout/stderr on the virtio-serial ports
@@ -42,7 +42,8 @@ stage1() {
   mount -t proc proc "$new/proc"
   mount -t sysfs sysfs "$new/sys"
   mount -t cgroup2 cgroup2 "$new/sys/fs/cgroup" 2>/dev/null
-  mount -t tmpfs -o mode=1777 tmpfs "$new/tmp"
+  # /tmp stays the host's (through the overlay, writable): a work tree under /tmp (CI clones
+  # there) must be visible in L1.
   mkdir -p "$new/dev/pts" "$new/dev/shm"
   mount -t devpts -o newinstance,ptmxmode=0666 devpts "$new/dev/pts"
   mount -t tmpfs -o mode=1777 tmpfs "$new/dev/shm"
