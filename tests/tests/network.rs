@@ -6,7 +6,7 @@
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpListener;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use joey_tests::containerd::{sigkill, Containerd, IMAGE, RUNTIME, RUN_TIMEOUT};
@@ -171,26 +171,28 @@ fn exercise(net: &PodNet, run: impl FnOnce() -> Output + Send + 'static) {
     assert_eq!(server.join().unwrap(), ["c2p-eth0", "c2p-eth1", "c2p-route"]);
 }
 
+/// `ctr run <mode> --runtime joey --with-ns network:<netns> IMAGE id argv...` (`mode`: `--rm`
+/// or `-d`).
+fn ctr_run_in(c: &Containerd, mode: &str, netns: &NetNs, id: &str, argv: &[&str]) -> Command {
+    let ns = format!("network:{}", netns.path().display());
+    let mut args = vec!["run", mode, "--runtime", RUNTIME, "--with-ns", &ns, IMAGE, id];
+    args.extend_from_slice(argv);
+    c.ctr(&args)
+}
+
+/// `joeyctl run --netns <netns> -- sh -c GUEST_SCRIPT` in `env`, its output piped.
+fn spawn_guest_script(env: &Env, netns: &NetNs) -> Child {
+    let mut cmd = env.command(&["--netns", netns.path().to_str().unwrap()], &["sh", "-c", GUEST_SCRIPT]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.spawn().expect("joeyctl run")
+}
+
 #[test]
 fn ctr_run_with_the_pod_netns_has_its_network_both_ways() {
     let c = Containerd::start();
     c.import_busybox();
     let net = PodNet::new();
-    let ns = format!("network:{}", net.pod.path().display());
-    let child = c
-        .ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            "--with-ns",
-            &ns,
-            IMAGE,
-            "net1",
-            "sh",
-            "-c",
-            GUEST_SCRIPT,
-        ])
+    let child = ctr_run_in(&c, "--rm", &net.pod, "net1", &["sh", "-c", GUEST_SCRIPT])
         .spawn()
         .expect("ctr run");
     exercise(&net, move || wait_output(child, RUN_TIMEOUT));
@@ -202,12 +204,7 @@ fn ctr_run_with_the_pod_netns_has_its_network_both_ways() {
 fn joeyctl_run_with_netns_has_the_network() {
     let env = Env::new();
     let net = PodNet::new();
-    let mut cmd = env.command(
-        &["--netns", net.pod.path().to_str().unwrap()],
-        &["sh", "-c", GUEST_SCRIPT],
-    );
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().expect("joeyctl run");
+    let child = spawn_guest_script(&env, &net.pod);
     exercise(&net, move || wait_output(child, RUN_TIMEOUT));
     env.assert_no_leaks();
     net.assert_untouched();
@@ -224,9 +221,7 @@ fn builtin_vmm_carries_the_pod_network() {
     match builtin_host_support() {
         Ok(why) => {
             eprintln!("builtin network: running ({why})");
-            let mut cmd = env.command(&["--netns", &netns], &["sh", "-c", GUEST_SCRIPT]);
-            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-            let child = cmd.spawn().expect("joeyctl run");
+            let child = spawn_guest_script(&env, &net.pod);
             exercise(&net, move || wait_output(child, RUN_TIMEOUT));
         }
         Err(reason) => {
@@ -329,23 +324,9 @@ fn cni_bridge_network_reaches_the_container() {
     let mac = pod.mac("eth0");
 
     let server = serve_lines(&host, "10.202.0.1:7000", 1);
-    let ns = format!("network:{}", pod.path().display());
     let script = "echo \"eth0 $(cat /sys/class/net/eth0/address) $(cat /sys/class/net/eth0/mtu)\"; \
                   ip route | sed 's/ *$//'; echo c2h | nc 10.202.0.1 7000; echo \"h2c: $(echo served | nc -l -p 7777)\"";
-    let child = c
-        .ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            "--with-ns",
-            &ns,
-            IMAGE,
-            "cni1",
-            "sh",
-            "-c",
-            script,
-        ])
+    let child = ctr_run_in(&c, "--rm", &pod, "cni1", &["sh", "-c", script])
         .spawn()
         .expect("ctr run");
     let back = send_line(&host, "10.202.0.2:7777", "h2c");
@@ -379,19 +360,12 @@ fn killed_shim_leaves_nothing_in_the_pod_netns() {
     let c = Containerd::start();
     c.import_busybox();
     let net = PodNet::new();
-    let ns = format!("network:{}", net.pod.path().display());
-    let o = c.ctr_out(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--with-ns",
-        &ns,
-        IMAGE,
-        "netk",
-        "sleep",
-        "300",
-    ]);
+    let o = wait_output(
+        ctr_run_in(&c, "-d", &net.pod, "netk", &["sleep", "300"])
+            .spawn()
+            .expect("ctr run -d"),
+        RUN_TIMEOUT,
+    );
     assert!(o.status.success(), "ctr run -d: {}\n{}", stderr_of(&o), c.log());
     c.wait_task_status("netk", "RUNNING", RUN_TIMEOUT);
     // Plumbed while it runs.

@@ -106,6 +106,26 @@ fn answer(sock: OwnedFd) -> std::thread::JoinHandle<Vec<u8>> {
     })
 }
 
+/// Starts the probe guest (1 vCPU, serial to `log`) with `params` and these net devices.
+fn start_probe(log: &std::path::Path, params: &str, net_devices: Vec<NetAttachment>) -> Vmm {
+    let cfg = VmConfig {
+        vcpus: 1,
+        memory_mib: MEM_MIB,
+        kernel: probe_elf("probe-net").to_path_buf(),
+        initrd: None,
+        cmdline: format!("probe.mem_mib={MEM_MIB} probe.cpus=1 {params}"),
+        serial_log: log.to_path_buf(),
+        serial_log_max_bytes: 0,
+        vsock: None,
+        virtio_fs: None,
+        net_devices,
+        block_devices: Vec::new(),
+    };
+    let mut vmm = Vmm::create(cfg).expect("creating the probe VM");
+    vmm.start().expect("starting the probe VM");
+    vmm
+}
+
 #[test]
 fn probe_virtio_net_sends_and_receives_a_frame_that_waited_for_rx_buffers() {
     require_kvm();
@@ -120,21 +140,7 @@ fn probe_virtio_net_sends_and_receives_a_frame_that_waited_for_rx_buffers() {
         },
         tap: Arc::new(tap),
     };
-    let cfg = VmConfig {
-        vcpus: 1,
-        memory_mib: MEM_MIB,
-        kernel: probe_elf("probe-net").to_path_buf(),
-        initrd: None,
-        cmdline: format!("probe.mem_mib={MEM_MIB} probe.cpus=1 probe.net0_mac=0242ac110002 probe.net0_mtu=1400"),
-        serial_log: log.clone(),
-        serial_log_max_bytes: 0,
-        vsock: None,
-        virtio_fs: None,
-        net_devices: vec![net],
-        block_devices: Vec::new(),
-    };
-    let mut vmm = Vmm::create(cfg).expect("creating the probe VM");
-    vmm.start().expect("starting the probe VM");
+    let mut vmm = start_probe(&log, "probe.net0_mac=0242ac110002 probe.net0_mtu=1400", vec![net]);
     let ev = vmm.wait_event(EVENT_TIMEOUT);
     let serial = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
     eprintln!("{serial}");
@@ -160,21 +166,7 @@ fn probe_reports_a_missing_net_device() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
-    let cfg = VmConfig {
-        vcpus: 1,
-        memory_mib: MEM_MIB,
-        kernel: probe_elf("probe-net").to_path_buf(),
-        initrd: None,
-        cmdline: format!("probe.mem_mib={MEM_MIB} probe.cpus=1 probe.net0_mac=0242ac110002"),
-        serial_log: log.clone(),
-        serial_log_max_bytes: 0,
-        vsock: None,
-        virtio_fs: None,
-        net_devices: Vec::new(),
-        block_devices: Vec::new(),
-    };
-    let mut vmm = Vmm::create(cfg).expect("creating the probe VM");
-    vmm.start().expect("starting the probe VM");
+    let mut vmm = start_probe(&log, "probe.net0_mac=0242ac110002", Vec::new());
     let ev = vmm.wait_event(EVENT_TIMEOUT);
     vmm.stop().unwrap();
     let serial = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();

@@ -280,7 +280,6 @@ impl QemuVm {
 
 /// A QEMU ready to spawn: its command line and the device threads it will connect to.
 struct Launch {
-    binary: PathBuf,
     cmd: std::process::Command,
     paths: VmPaths,
     vsock: VhostUserVsockHandle,
@@ -353,7 +352,6 @@ impl Launch {
             });
         }
         Ok(Launch {
-            binary,
             cmd,
             paths,
             vsock,
@@ -369,31 +367,16 @@ impl Launch {
     /// watchdog are tokio tasks. On failure the device threads stop and their sockets go
     /// (dropping their handles; no join).
     fn spawn(self, accel: Accelerator) -> Result<QemuVm, HypervisorError> {
-        let Launch {
-            binary,
-            cmd,
-            paths,
-            vsock,
-            vsock_metrics,
-            fs_metrics,
-            net,
-            net_metrics,
-            console,
-        } = self;
-        let mut cmd = tokio::process::Command::from(cmd);
+        let binary = self.cmd.get_program().to_string_lossy().into_owned();
+        let mut cmd = tokio::process::Command::from(self.cmd);
         cmd.kill_on_drop(true);
         let started_at = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| HypervisorError::Spawn {
-            binary: binary.display().to_string(),
-            source: e,
-        })?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|source| HypervisorError::Spawn { binary, source })?;
         let pid = child.id().unwrap_or(0);
         // Only QEMU holds the console pipe's write end now: its exit is the pump's EOF.
-        let ConsolePump {
-            write,
-            dropped: console_dropped,
-            done,
-        } = console;
+        let ConsolePump { write, dropped, done } = self.console;
         drop(write);
         let (tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
@@ -407,18 +390,18 @@ impl Launch {
             let _ = tx.send(Some(exit));
         });
         tracing::info!(pid, %accel, "qemu started");
-        let vsock = Arc::new(Mutex::new(Some(vsock)));
+        let vsock = Arc::new(Mutex::new(Some(self.vsock)));
         spawn_device_watchdog(pid, vsock.clone(), exit_rx.clone());
         Ok(QemuVm {
             pid,
-            paths,
+            paths: self.paths,
             exit_rx,
             vsock,
-            vsock_metrics,
-            fs_metrics,
-            net,
-            net_metrics,
-            console_dropped,
+            vsock_metrics: self.vsock_metrics,
+            fs_metrics: self.fs_metrics,
+            net: self.net,
+            net_metrics: self.net_metrics,
+            console_dropped: dropped,
             started_at,
         })
     }

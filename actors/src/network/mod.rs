@@ -372,8 +372,16 @@ pub struct SetupNetwork {
 pub struct TeardownNetwork;
 
 /// Removes what a joey that could not tear down (a crashed shim) left in the netns at `netns`
-/// (see [`netlink::remove_leftovers`]): for the delete path, when the sandbox is gone. Any state;
-/// returns what was removed.
+/// (see [`netlink::remove_leftovers`]): for the delete path, when the sandbox is gone. Returns
+/// what was removed. Blocking (a thread enters the netns): [`RemoveLeftovers`] runs it on the
+/// blocking pool; the shim's `delete`, which has no actor, calls it directly.
+pub fn remove_leftovers_in(netns: &Path) -> Result<Vec<String>, NetworkError> {
+    netlink::in_netns(netns, "removing leftovers", |nl| async move {
+        netlink::remove_leftovers(&nl).await
+    })
+}
+
+/// [`remove_leftovers_in`] as a message. Any state.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<String>, NetworkError>")]
 pub struct RemoveLeftovers {
@@ -521,13 +529,9 @@ impl Handler<RemoveLeftovers> for NetworkActor {
 
     fn handle(&mut self, m: RemoveLeftovers, _: &mut Context<Self>) -> Self::Result {
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                netlink::in_netns(&m.netns, "removing leftovers", |nl| async move {
-                    netlink::remove_leftovers(&nl).await
-                })
-            })
-            .await
-            .map_err(|e| ResourceError::Task(e.to_string()))?
+            tokio::task::spawn_blocking(move || remove_leftovers_in(&m.netns))
+                .await
+                .map_err(|e| ResourceError::Task(e.to_string()))?
         })
     }
 }

@@ -8,7 +8,7 @@ use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
 
-use joey_actors::network::{netlink, NetworkError};
+use joey_actors::network::{self, NetworkError};
 
 use super::{mounts, spec};
 
@@ -97,7 +97,9 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
         return Ok(killed_response());
     }
     let (config, _) = joey_config::Config::load(None).map_err(|e| CleanupError::Config(e.to_string()))?;
-    let state: PathBuf = config.runtime.state_dir.join(super::grouping_id(bundle, id));
+    let spec = spec::load(bundle).ok();
+    let group = super::group_of(spec.as_ref(), id);
+    let state: PathBuf = config.runtime.state_dir.join(&group);
     let needle = format!("{}/", state.display());
     let pids = pids_mentioning(&needle);
     for &pid in &pids {
@@ -108,8 +110,10 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
         std::thread::sleep(Duration::from_millis(50));
     }
     remove_dead_socket(bundle);
-    if super::grouping_id(bundle, id) == id {
-        remove_network_leftovers(bundle)?;
+    // Only the sandbox's own container names the pod's netns (app containers of a CRI pod
+    // have /proc/<pid>/ns/net paths).
+    if let Some(netns) = spec.as_ref().filter(|_| group == id).and_then(|s| s.network_namespace()) {
+        remove_network_leftovers(&netns)?;
     }
     let rootfs = bundle.join("rootfs");
     mounts::unmount_below(&rootfs)?;
@@ -128,13 +132,8 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
 /// Removes the taps and filters a dead shim left in the pod's network namespace (the sandbox
 /// container's `network` namespace path; the VM that used them is gone). A netns that no
 /// longer exists took them with it; joey's own netns is never plumbed.
-fn remove_network_leftovers(bundle: &Path) -> Result<(), CleanupError> {
-    let Some(netns) = spec::load(bundle).ok().and_then(|s| s.network_namespace()) else {
-        return Ok(());
-    };
-    match netlink::in_netns(&netns, "removing leftovers", |nl| async move {
-        netlink::remove_leftovers(&nl).await
-    }) {
+fn remove_network_leftovers(netns: &Path) -> Result<(), CleanupError> {
+    match network::remove_leftovers_in(netns) {
         Ok(removed) => {
             if !removed.is_empty() {
                 tracing::info!(netns = %netns.display(), ?removed, "removed a dead sandbox's network leftovers");

@@ -38,9 +38,12 @@ pub enum ShimError {
 /// dir): the CRI sandbox id from the bundle's annotations when it is a valid id
 /// ([`joey_agent_protocol::is_valid_container_id`]), else the container id.
 pub fn grouping_id(bundle: &Path, id: &str) -> String {
-    spec::load(bundle)
-        .ok()
-        .and_then(|s| s.sandbox_id)
+    group_of(spec::load(bundle).ok().as_ref(), id)
+}
+
+/// [`grouping_id`] of an already loaded spec (`None`: unreadable).
+pub fn group_of(spec: Option<&spec::ContainerSpec>, id: &str) -> String {
+    spec.and_then(|s| s.sandbox_id.clone())
         .filter(|s| joey_agent_protocol::is_valid_container_id(s))
         .unwrap_or_else(|| id.to_string())
 }
