@@ -14,13 +14,14 @@ if [ "$(printf '%s\n%s\n' "$need" "${have%%-*}" | sort -V | head -n1)" != "$need
   exit 1
 fi
 PKGS=(qemu-system-x86 linux-source-6.1 bc flex bison libelf-dev libssl-dev
-      cpio gzip xz-utils make gcc busybox-static prometheus
+      cpio gzip xz-utils file make gcc busybox-static prometheus
       containerd runc bsdutils iproute2
       containernetworking-plugins protobuf-compiler python3)
 # bsdutils: script(1), a terminal for `ctr run -t` in tests; iproute2: ip/tc for the network test
 # fixtures; containernetworking-plugins: CNI plugins (/usr/lib/cni) for the CNI network tests and
 # the private CRI containerd (scripts/cri-containerd.sh); protobuf-compiler: protoc, which the
-# k8s-cri crate needs to build; python3: the peer side of scripts/bench-net.sh.
+# k8s-cri crate needs to build; python3: the peer side of scripts/bench-net.sh; file: the
+# initramfs build checks what it packs (guest/build-initrd.sh).
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
