@@ -12,7 +12,7 @@ AGENT_BIN := target/$(AGENT_TARGET)/release/joey-agent
 JOEYCTL := target/release/joeyctl
 INSTALL_GUEST_DIR ?= /usr/share/joey/guest
 
-.PHONY: all deps build agent kernel initrd guest l1-kernel nested-host install-guest run test unit-test integration-test bench clean
+.PHONY: all deps build agent kernel initrd guest l1-kernel nested-host install-guest run test unit-test integration-test fault bench clean
 
 all: build guest
 
@@ -77,6 +77,11 @@ integration-test: build guest
 test: build guest
 	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/test.sh
+
+# The fault-injection matrix (docs/faults.md): one table row per fault class, PASS/FAIL.
+fault: build guest
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	  bash scripts/fault.sh
 
 bench: build guest
 	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \

@@ -41,6 +41,16 @@ pub enum Cmd {
     },
 }
 
+/// Reports a failure on one stderr line, `joeyctl: error: <what>`: the lines of a multi-line
+/// error (a dead VM's last console lines) are joined with " | ".
+pub(crate) fn print_error(what: impl std::fmt::Display) {
+    eprintln!("joeyctl: error: {}", one_line(&what.to_string()));
+}
+
+fn one_line(text: &str) -> String {
+    text.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" | ")
+}
+
 fn load_config(p: Option<&std::path::Path>) -> Result<(joey_config::Config, String), i32> {
     match joey_config::Config::load(p) {
         Ok((c, origin)) => Ok((
@@ -102,5 +112,19 @@ pub fn main() -> i32 {
             }
             0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_fold_into_one_line() {
+        assert_eq!(
+            one_line("the VM killed by signal 9 unexpectedly; last console lines:\njoey-agent: started\r\n\njoey-agent: ready\n"),
+            "the VM killed by signal 9 unexpectedly; last console lines: | joey-agent: started | joey-agent: ready"
+        );
+        assert_eq!(one_line("plain"), "plain");
     }
 }

@@ -105,7 +105,7 @@ fn spawn_stdin_reader() -> tokio::sync::mpsc::Receiver<Option<Vec<u8>>> {
 
 
 fn report_error(e: &SandboxError) -> i32 {
-    eprintln!("joeyctl: error: {e}");
+    super::print_error(e);
     if e.is_bad_input() {
         EXIT_BAD_INPUT
     } else {
@@ -151,7 +151,7 @@ async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -
         r = start => match r {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return report_error(&e),
-            Err(e) => { eprintln!("joeyctl: error: {e}"); return EXIT_RUNTIME; }
+            Err(e) => { super::print_error(e); return EXIT_RUNTIME; }
         },
         code = &mut signalled => {
             let _ = sb.send(StopSandbox).await;
@@ -180,11 +180,11 @@ async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -
     let teardown = match &stopped {
         Ok(Ok(s)) => s.teardown,
         Ok(Err(e)) => {
-            eprintln!("joeyctl: error: teardown: {e}");
+            super::print_error(format_args!("teardown: {e}"));
             Duration::ZERO
         }
         Err(e) => {
-            eprintln!("joeyctl: error: teardown: {e}");
+            super::print_error(format_args!("teardown: {e}"));
             Duration::ZERO
         }
     };
@@ -239,7 +239,7 @@ async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>, target: Target)
     match started {
         Ok(Ok(_pid)) => {}
         Ok(Err(e)) => {
-            eprintln!("joeyctl: error: {e}");
+            super::print_error(&e);
             let code = match &e {
                 SandboxError::Agent(AgentError::Rpc { code: RpcCode::NotFound, .. }) => EXIT_NOT_FOUND,
                 SandboxError::Agent(AgentError::Rpc {
@@ -251,7 +251,7 @@ async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>, target: Target)
             return Outcome::Failed(code);
         }
         Err(e) => {
-            eprintln!("joeyctl: error: {e}");
+            super::print_error(e);
             return Outcome::Failed(EXIT_RUNTIME);
         }
     }
@@ -292,18 +292,18 @@ async fn run_process(sb: &Addr<SandboxActor>, argv: Vec<String>, target: Target)
     stdin_task.abort();
     for r in [o1, o2] {
         if let Err(e) = r {
-            eprintln!("joeyctl: error: output stream: {e}");
+            super::print_error(format_args!("output stream: {e}"));
             return Outcome::Failed(EXIT_RUNTIME);
         }
     }
     match waited {
         Ok(Ok(w)) => Outcome::Exited(w.status),
         Ok(Err(e)) => {
-            eprintln!("joeyctl: error: {e}");
+            super::print_error(e);
             Outcome::Failed(EXIT_RUNTIME)
         }
         Err(e) => {
-            eprintln!("joeyctl: error: {e}");
+            super::print_error(e);
             Outcome::Failed(EXIT_RUNTIME)
         }
     }

@@ -28,6 +28,11 @@ const START_SANDBOX_TIMEOUT: Duration = Duration::from_secs(180);
 /// Tearing the VM down.
 const STOP_SANDBOX_TIMEOUT: Duration = Duration::from_secs(60);
 /// Retry bounds of the OOM long poll after an error.
+/// How long a shim stays without any container, and with no Create or Delete in flight, before
+/// it exits on its own (see [`Inner::exit_when_idle`]).
+pub(super) const IDLE_EXIT: Duration = Duration::from_secs(10);
+/// How often that is checked.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 const OOM_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const OOM_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -263,6 +268,32 @@ impl Inner {
         drop(slot);
         self.events.flush().await;
         self.exit.signal();
+    }
+}
+
+impl Inner {
+    /// Exits the shim, as Shutdown would, once it has held no container for [`IDLE_EXIT`] with
+    /// no Create or Delete in flight. containerd sends Shutdown right after the last Delete (or
+    /// a failed Create); when it is restarted in between, that Shutdown never comes and the
+    /// restarted containerd does not know the shim, which would otherwise live forever.
+    pub(super) async fn exit_when_idle(self: std::sync::Arc<Self>) {
+        let mut idle_since = Some(std::time::Instant::now());
+        loop {
+            tokio::time::sleep(IDLE_CHECK).await;
+            // A held lock is a Create, Delete or Shutdown in flight: not idle.
+            let busy = self.life.try_lock().is_err();
+            if busy || !self.containers.is_empty() {
+                idle_since = None;
+                continue;
+            }
+            let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= IDLE_EXIT {
+                tracing::warn!(idle = ?IDLE_EXIT, "no container and no Shutdown from containerd: exiting");
+                // Exits only if still no container (the check is repeated under the lock).
+                self.shutdown().await;
+                idle_since = None;
+            }
+        }
     }
 }
 

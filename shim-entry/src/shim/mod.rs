@@ -100,6 +100,12 @@ fn init_logging(level: &str) {
             let _ = builder.with_writer(std::io::sink).try_init();
         }
     }
+    // The shim's stderr goes nowhere: a panic is logged too (the fault harness looks for it).
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!("shim panicked: {info}");
+        default_hook(info);
+    }));
 }
 
 pub struct JoeyShim {

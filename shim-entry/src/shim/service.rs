@@ -232,7 +232,7 @@ impl JoeyTask {
             Err(e) => (None, Some(e)),
         };
         let events = Events::start(publisher, namespace.clone(), metrics.clone());
-        JoeyTask {
+        let task = JoeyTask {
             inner: Arc::new(Inner {
                 sandbox,
                 config_error,
@@ -244,7 +244,9 @@ impl JoeyTask {
                 life: tokio::sync::Mutex::new(SandboxSlot::default()),
                 containers: Registry::default(),
             }),
-        }
+        };
+        tokio::spawn(task.inner.clone().exit_when_idle());
+        task
     }
 }
 
@@ -254,6 +256,16 @@ impl Inner {
             .clone()
             .ok_or_else(|| TaskError::Config(self.config_error.clone().unwrap_or_default()))
     }
+}
+
+/// Runs a Create or Delete to its end even when containerd drops the request (its connection
+/// closed: containerd restarted meanwhile). Half a Create — the VM booted, no container recorded —
+/// or half a Delete would leave a VM that nothing owns and a shim that never exits; a finished
+/// one is a task the restarted containerd lists, and can delete.
+async fn to_completion<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, TaskError>> + Send + 'static,
+) -> Result<T, TaskError> {
+    tokio::spawn(f).await.unwrap_or_else(|e| Err(TaskError::Internal(format!("request task: {e}"))))
 }
 
 fn reply<T>(r: Result<T, TaskError>, what: &str) -> ttrpc::Result<T> {
@@ -272,7 +284,8 @@ impl Task for JoeyTask {
     async fn create(&self, _: &TtrpcContext, req: api::CreateTaskRequest) -> ttrpc::Result<api::CreateTaskResponse> {
         let _t = self.inner.metrics.time("Create");
         tracing::info!(id = %req.id, bundle = %req.bundle, "Create");
-        reply(self.inner.create(req).await, "Create")
+        let inner = self.inner.clone();
+        reply(to_completion(async move { inner.create(req).await }).await, "Create")
     }
 
     async fn start(&self, _: &TtrpcContext, req: api::StartRequest) -> ttrpc::Result<api::StartResponse> {
@@ -287,7 +300,8 @@ impl Task for JoeyTask {
 
     async fn delete(&self, _: &TtrpcContext, req: api::DeleteRequest) -> ttrpc::Result<api::DeleteResponse> {
         let _t = self.inner.metrics.time("Delete");
-        reply(self.inner.delete(req).await, "Delete")
+        let inner = self.inner.clone();
+        reply(to_completion(async move { inner.delete(req).await }).await, "Delete")
     }
 
     async fn state(&self, _: &TtrpcContext, req: api::StateRequest) -> ttrpc::Result<api::StateResponse> {
