@@ -11,6 +11,7 @@ mod log;
 mod cgroup;
 mod container;
 mod exec;
+mod failpoints;
 mod init;
 mod metrics;
 mod network;
@@ -250,6 +251,9 @@ fn main() {
     let cmdline = pid1
         .then(|| std::fs::read_to_string("/proc/cmdline"))
         .and_then(|r| r.map_err(|e| agent_log!("reading /proc/cmdline: {e}")).ok());
+    if let Some(c) = &cmdline {
+        failpoints::setup(c);
+    }
     let result = run(listen_addr(&opts, cmdline.as_deref()), pid1);
     if let Err(e) = &result {
         agent_log!("fatal: {e}");

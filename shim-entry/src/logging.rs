@@ -29,7 +29,18 @@ pub fn at_least<'a>(level: &'a str, floor: &'a str) -> &'a str {
 
 /// The filter for a process: `$JOEY_LOG` when it is set and valid, else `level`.
 pub fn filter(level: &str) -> EnvFilter {
-    EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(level))
+    EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(directives(level)))
+}
+
+/// The filter directives for `level`: ttrpc's own records only at debug and trace. It logs its
+/// side of failures joey reports itself, as errors (a request that timed out and whose reply
+/// came late: "ERROR The request has returned"), which would break `joeyctl`'s one error line.
+fn directives(level: &str) -> String {
+    if rank(level) >= rank("debug") {
+        level.to_string()
+    } else {
+        format!("{level},ttrpc=off")
+    }
 }
 
 /// Logs to stderr (joeyctl, joey-monitor) at `level` (see [`filter`]).
@@ -54,6 +65,15 @@ mod tests {
         assert_eq!(at_least("debug", "info"), "debug");
         assert_eq!(at_least("trace", "debug"), "trace");
         assert_eq!(at_least("info", "info"), "info");
+    }
+
+    #[test]
+    fn ttrpc_records_only_when_debugging() {
+        assert_eq!(directives("error"), "error,ttrpc=off");
+        assert_eq!(directives("warn"), "warn,ttrpc=off");
+        assert_eq!(directives("info"), "info,ttrpc=off");
+        assert_eq!(directives("debug"), "debug");
+        assert_eq!(directives("trace"), "trace");
     }
 
     #[test]

@@ -137,12 +137,10 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Result<std::process::Exit
     }
 }
 
-/// `joeyctl run --config <env's> [extra...] -- argv...` logging errors only (`JOEY_LOG=error`): on
-/// a runtime failure its stderr must then be exactly one line.
+/// `joeyctl run --config <env's> [extra...] -- argv...` (the env logs errors only: on a runtime
+/// failure joeyctl's stderr must then be exactly one line).
 fn joeyctl(env: &Env, extra: &[&str], argv: &[&str]) -> Command {
-    let mut c = env.command(extra, argv);
-    c.env("JOEY_LOG", "error");
-    c
+    env.command(extra, argv)
 }
 
 /// `joeyctl run -- sh -c SCRIPT` in `env`, returning once it printed `started`.
@@ -182,18 +180,67 @@ fn joeyctl_output(f: &mut Fixture, mut c: Command, bound: Duration) -> Result<Ou
     Ok(o)
 }
 
+/// The initramfs whose agent has failpoints (`JOEY_FP_INITRD`, built by scripts/fault.sh).
+fn failpoint_initrd() -> Result<PathBuf, String> {
+    let p = PathBuf::from(std::env::var_os("JOEY_FP_INITRD").ok_or(
+        "JOEY_FP_INITRD is not set: scripts/fault.sh builds the failpoint agent's initramfs",
+    )?);
+    if !p.is_file() {
+        return Err(format!("JOEY_FP_INITRD={} does not exist", p.display()));
+    }
+    Ok(p)
+}
+
+/// `[hypervisor]` lines booting the failpoint agent with `joey.failpoints=<points>`.
+fn failpoint_lines(points: &str) -> Result<String, String> {
+    Ok(format!(
+        "initrd = \"{}\"\nkernel_params = \"joey.failpoints={points}\"\n",
+        failpoint_initrd()?.display()
+    ))
+}
+
 impl Fixture {
     /// A `joeyctl` environment with `extra` config lines, in this row's scope.
     fn env(&mut self, extra: &str) -> Env {
+        let initrd = if extra.contains("initrd = ") {
+            String::new()
+        } else {
+            "initrd = \"{i}\"\n".into()
+        };
         let env = Env::with_config(|k, i| {
             format!(
-                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\n{extra}",
+                "[hypervisor]\nkernel = \"{}\"\n{}{extra}",
                 k.display(),
-                i.display()
+                initrd.replace("{i}", &i.display().to_string())
             )
         });
+        // `runtime.log_level = "error"`: the warnings logged on the way to a failure stay out of
+        // stderr, which must then be the one error line.
+        let text = std::fs::read_to_string(&env.config).expect("read config");
+        let text = text.replacen("[runtime]\n", "[runtime]\nlog_level = \"error\"\n", 1);
+        std::fs::write(&env.config, text).expect("write config");
         self.scope.dirs.push(env.dir.path().to_path_buf());
         env
+    }
+
+    /// Runs `f` while the shim's joey config boots the failpoint agent with `points`.
+    fn with_shim_failpoints<T>(
+        &mut self,
+        points: &str,
+        f: impl FnOnce(&mut Fixture) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let cfg = self.c.dir.path().join("joey.toml");
+        let good = std::fs::read_to_string(&cfg).map_err(|e| e.to_string())?;
+        let initrd_line = good
+            .lines()
+            .find(|l| l.starts_with("initrd = "))
+            .ok_or("no initrd line")?
+            .to_string();
+        let bad = good.replacen(&format!("{initrd_line}\n"), &failpoint_lines(points)?, 1);
+        std::fs::write(&cfg, bad).map_err(|e| e.to_string())?;
+        let r = f(self);
+        std::fs::write(&cfg, good).map_err(|e| e.to_string())?;
+        r
     }
 
     /// A container id of this row, in its scope.
@@ -642,6 +689,26 @@ const CLASSES: &[Class] = &[
         run: rows::guest_oom,
     },
     Class {
+        name: "agent-crash/joeyctl",
+        injection: "agent aborts (PID 1) at ExecProcess",
+        run: rows::agent_crash_joeyctl,
+    },
+    Class {
+        name: "agent-crash/shim-exec",
+        injection: "agent aborts at an exec into a task",
+        run: rows::agent_crash_shim_exec,
+    },
+    Class {
+        name: "agent-hang/exec",
+        injection: "ExecProcess never answers",
+        run: rows::agent_hang_exec,
+    },
+    Class {
+        name: "agent-error/create-container",
+        injection: "CreateContainer fails in the agent",
+        run: rows::agent_error_create_container,
+    },
+    Class {
         name: "console-flood",
         injection: "`yes > /dev/ttyS0` in the guest, 8 s",
         run: rows::console_flood,
@@ -870,6 +937,95 @@ mod rows {
         )?;
         check_events(&events, &id, &["/tasks/oom"], 137)?;
         Ok("exit 137; TaskOOM, then TaskExit 137 once, in order".into())
+    }
+
+    pub fn agent_crash_joeyctl(f: &mut Fixture) -> RowResult {
+        let env = f.env(&failpoint_lines("exec_process=return(crash)")?);
+        let mut c = joeyctl(&env, &[], &["true"]);
+        c.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut child = c.spawn().map_err(|e| e.to_string())?;
+        // PID 1 died: the guest kernel panics (`panic=-1` reboots it) and QEMU exits.
+        expect_125(&mut child, Instant::now(), RUN_TIMEOUT, "unexpectedly")
+    }
+
+    pub fn agent_crash_shim_exec(f: &mut Fixture) -> RowResult {
+        let id = f.id("fx");
+        f.with_shim_failpoints("exec_process=return(crash)", |f| {
+            let events = f.c.events();
+            f.run_detached(&id, &[], &["sleep", "300"])?;
+            let t0 = Instant::now();
+            let o = f.c.ctr_out_within(
+                &["task", "exec", "--exec-id", "x1", &id, "true"],
+                RUN_TIMEOUT,
+            )?;
+            if o.status.success() {
+                return Err("the exec succeeded".into());
+            }
+            let status = events.exit_status(&id, REPORT_BOUND).ok_or("no TaskExit")?;
+            let took = t0.elapsed();
+            let o2 = f.c.ctr_out_within(&["task", "delete", &id], REPORT_BOUND)?;
+            if !o2.status.success() {
+                return Err(format!("ctr task delete: {}", stderr_of(&o2)));
+            }
+            let _ = f.c.ctr_out_within(&["container", "rm", &id], REPORT_BOUND);
+            wait_for(
+                "TaskDelete",
+                Duration::from_secs(10),
+                Duration::from_millis(50),
+                || {
+                    events
+                        .about(&id)
+                        .iter()
+                        .any(|e| e.topic == "/tasks/delete")
+                        .then_some(())
+                },
+            )?;
+            check_events(&events, &id, &[], 255)?;
+            Ok(format!(
+                "exec fails ({}); TaskExit {status} once in {:.1}s, in order; deleted",
+                stderr_of(&o)
+                    .trim_end()
+                    .chars()
+                    .take(60)
+                    .collect::<String>(),
+                took.as_secs_f64()
+            ))
+        })
+    }
+
+    pub fn agent_hang_exec(f: &mut Fixture) -> RowResult {
+        let extra = format!(
+            "{}[agent]\nrpc_timeout_ms = 3000\n",
+            failpoint_lines("exec_process=return(hang)")?
+        );
+        let env = f.env(&extra);
+        let mut c = joeyctl(&env, &[], &["true"]);
+        c.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut child = c.spawn().map_err(|e| e.to_string())?;
+        expect_125(&mut child, Instant::now(), RUN_TIMEOUT, "ExecProcess")
+    }
+
+    pub fn agent_error_create_container(f: &mut Fixture) -> RowResult {
+        let id = f.id("fa");
+        f.with_shim_failpoints("create_container=return(error)", |f| {
+            let o = f.c.ctr_out_within(
+                &["run", "--rm", "--runtime", RUNTIME, IMAGE, &id, "true"],
+                RUN_TIMEOUT,
+            )?;
+            let err = stderr_of(&o);
+            f.remove(&id);
+            if o.status.success() || !err.contains("failpoint agent::create_container") {
+                return Err(format!("ctr run: {:?} {err}", o.status));
+            }
+            Ok(format!(
+                "Start fails: {}",
+                err.trim_end().chars().take(110).collect::<String>()
+            ))
+        })
     }
 
     pub fn console_flood(f: &mut Fixture) -> RowResult {
@@ -1133,14 +1289,18 @@ mod rows {
         f.c.restart();
         let o = wait_output(ctr, RUN_TIMEOUT);
         booting?;
+        // Settled: the shim's Create ended with a task containerd lists, or the shim is gone
+        // (the dying containerd deleted the half-made task; the shim exited when idle).
         let status = wait_for(
             "a settled task state",
-            Duration::from_secs(60),
+            RUN_TIMEOUT,
             Duration::from_millis(200),
             || match f.c.task_status(&id) {
                 Some(s) if s == "RUNNING" || s == "CREATED" || s == "STOPPED" => Some(s),
-                None => Some("no task".into()),
-                Some(_) => None,
+                _ if f.c.shim_pids("containerd-shim-joey-v2", &id).is_empty() => {
+                    Some("no task, shim exited".into())
+                }
+                _ => None,
             },
         )?;
         f.remove(&id);

@@ -271,6 +271,7 @@ macro_rules! agent_service {
         impl agent_ttrpc::AgentService for Agent {
             $(
                 async fn $rpc(&self, _ctx: &TtrpcContext, req: $req) -> ttrpc::Result<$resp> {
+                    crate::failpoints::inject(stringify!($rpc)).await?;
                     Ok(self.$method(req).await?)
                 }
             )*
