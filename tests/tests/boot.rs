@@ -162,3 +162,48 @@ fn bad_input_is_named_with_exit_2() {
         "joeyctl boot: error: --vcpus 0: must be 1..=32\n"
     );
 }
+
+/// The guest kernel's boot shortcuts (guest/patches/, actors' cmdline) are in effect: APIC timer
+/// calibration is skipped because the VMM told the rate (`apic_timer_hz`), the LAPIC timer
+/// still ticks, freed init memory is not poisoned, no legacy ptys exist, the TSC rate came from
+/// the host, and the initrd is an uncompressed cpio.
+#[test]
+fn the_guest_kernel_takes_its_boot_shortcuts() {
+    let env = joey_tests::Env::with_config(|k, i| {
+        format!(
+            "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nkernel_params = \"apic=verbose\"\n",
+            k.display(),
+            i.display()
+        )
+    });
+    let script = "dmesg; grep -c LOC /proc/interrupts; ls /dev | grep -c '^pty' ; \
+                  cat /sys/devices/system/clockevents/clockevent0/current_device";
+    let o = env.run(&["sh", "-c", script], None);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    // 1 GHz / HZ (250 in the guest's config).
+    assert!(
+        out.contains("lapic timer already calibrated 4000000\n"),
+        "{out}"
+    );
+    assert!(!out.contains("calibrating APIC timer"), "{out}");
+    assert!(!out.contains("verify APIC timer"), "{out}");
+    assert!(out.contains("tsc: Detected "), "{out}");
+    assert!(!out.contains("Fast TSC calibration using PIT"), "{out}");
+    assert!(
+        out.contains("Command line: ") && out.contains(" noreplace-smp "),
+        "{out}"
+    );
+    let tail: Vec<&str> = out.lines().rev().take(3).collect();
+    assert_eq!(
+        tail,
+        ["lapic", "0", "1"],
+        "LAPIC clockevent, no /dev/pty*, one LOC line:\n{out}"
+    );
+    let initrd = std::fs::read(std::env::var("JOEY_INITRD").unwrap()).unwrap();
+    assert_eq!(
+        &initrd[..6],
+        b"070701",
+        "the initrd is an uncompressed newc cpio"
+    );
+}
