@@ -9,6 +9,8 @@ export JOEY_CACHE
 GUEST_DIR := build/guest
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/joey-agent
+# Extra cargo arguments for the agent (scripts/fault.sh: --features failpoints).
+AGENT_FEATURES ?=
 # The kernel QEMU boots: the ELF vmlinux through its PVH entry (faster than the bzImage).
 GUEST_KERNEL := $(GUEST_DIR)/vmlinux
 JOEYCTL := target/release/joeyctl
@@ -31,7 +33,7 @@ build: deps
 
 agent: deps
 	$(call say,agent: static joey-agent for the guest)
-	RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" $(CARGO) build --release -p joey-agent --target $(AGENT_TARGET)
+	RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" $(CARGO) build --release -p joey-agent --target $(AGENT_TARGET) $(AGENT_FEATURES)
 
 kernel: deps
 	mkdir -p $(GUEST_DIR)
@@ -82,7 +84,7 @@ test: build guest
 
 # The fault-injection matrix (docs/faults.md): one table row per fault class, PASS/FAIL.
 fault: build guest
-	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/fault.sh
 
 bench: build guest

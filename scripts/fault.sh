@@ -7,7 +7,7 @@
 #
 # The agent rows boot a second initramfs whose agent has failpoints (built here with the
 # `failpoints` cargo feature; release builds carry none). It is built in the same target dir (the
-# dependencies are shared), copied to build/failpoints/, and the release agent is linked back.
+# dependencies are shared), copied to build/failpoints/, and the release agent is built back.
 set -euo pipefail
 : "${JOEYCTL:?}" "${JOEY_SHIM:?}" "${JOEY_KERNEL:?}" "${JOEY_INITRD:?}"
 CARGO=${CARGO:-cargo}
@@ -18,9 +18,8 @@ agent=target/$triple/release/joey-agent
 fp_dir=build/failpoints
 mkdir -p "$fp_dir"
 echo "==> fault: the failpoint agent (joey-agent --features failpoints) and its initramfs"
-build_agent() {
-  RUSTFLAGS="-C target-feature=+crt-static" "$CARGO" build --release -q -p joey-agent --target "$triple" "$@"
-}
+# The Makefile's agent target (its RUSTFLAGS; a different set would rebuild every dependency).
+build_agent() { make -s --no-print-directory agent AGENT_FEATURES="$*" >/dev/null; }
 build_agent --features failpoints
 cp "$agent" "$fp_dir/joey-agent"
 build_agent

@@ -689,6 +689,11 @@ const CLASSES: &[Class] = &[
         run: rows::guest_oom,
     },
     Class {
+        name: "guest-panic/sysrq",
+        injection: "`echo c > /proc/sysrq-trigger` in the guest",
+        run: rows::guest_panic_sysrq,
+    },
+    Class {
         name: "agent-crash/joeyctl",
         injection: "agent aborts (PID 1) at ExecProcess",
         run: rows::agent_crash_joeyctl,
@@ -826,6 +831,42 @@ mod rows {
         Ok(())
     }
 
+    /// The VM of task `id` died at `t0`: its TaskExit must come (within [`REPORT_BOUND`]) with
+    /// status 255, the task and container must delete, and the task events must be in order.
+    /// Returns "TaskExit <status> once in <secs>, in order; deleted".
+    fn dead_task_deletes(
+        f: &Fixture,
+        events: &joey_tests::containerd::Events,
+        id: &str,
+        t0: Instant,
+    ) -> RowResult {
+        let status = events.exit_status(id, REPORT_BOUND).ok_or("no TaskExit")?;
+        let took = t0.elapsed();
+        for args in [["task", "delete", id], ["container", "rm", id]] {
+            let o = f.c.ctr_out_within(&args, REPORT_BOUND)?;
+            if !o.status.success() {
+                return Err(format!("ctr {} {}: {}", args[0], args[1], stderr_of(&o)));
+            }
+        }
+        wait_for(
+            "TaskDelete",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                events
+                    .about(id)
+                    .iter()
+                    .any(|e| e.topic == "/tasks/delete")
+                    .then_some(())
+            },
+        )?;
+        check_events(events, id, &[], 255)?;
+        Ok(format!(
+            "TaskExit {status} once in {:.1}s, in order; deleted",
+            took.as_secs_f64()
+        ))
+    }
+
     pub fn vmm_sigkill_shim(f: &mut Fixture) -> RowResult {
         let id = f.id("fq");
         let events = f.c.events();
@@ -837,34 +878,7 @@ mod rows {
         }
         let t0 = Instant::now();
         kill(q[0], libc::SIGKILL);
-        let status = events.exit_status(&id, REPORT_BOUND).ok_or("no TaskExit")?;
-        let took = t0.elapsed();
-        let o = f.c.ctr_out_within(&["task", "delete", &id], REPORT_BOUND)?;
-        if !o.status.success() {
-            return Err(format!("ctr task delete: {}", stderr_of(&o)));
-        }
-        let o =
-            f.c.ctr_out_within(&["container", "rm", &id], REPORT_BOUND)?;
-        if !o.status.success() {
-            return Err(format!("ctr container rm: {}", stderr_of(&o)));
-        }
-        wait_for(
-            "TaskDelete",
-            Duration::from_secs(10),
-            Duration::from_millis(50),
-            || {
-                events
-                    .about(&id)
-                    .iter()
-                    .any(|e| e.topic == "/tasks/delete")
-                    .then_some(())
-            },
-        )?;
-        check_events(&events, &id, &[], 255)?;
-        Ok(format!(
-            "TaskExit {status} once in {:.1}s, in order; deleted",
-            took.as_secs_f64()
-        ))
+        dead_task_deletes(f, &events, &id, t0)
     }
 
     pub fn vmm_frozen_at_boot(f: &mut Fixture) -> RowResult {
@@ -939,6 +953,14 @@ mod rows {
         Ok("exit 137; TaskOOM, then TaskExit 137 once, in order".into())
     }
 
+    pub fn guest_panic_sysrq(f: &mut Fixture) -> RowResult {
+        let env = f.env("");
+        let script = "echo started; sleep 1; echo c > /proc/sysrq-trigger; sleep 300";
+        let (mut child, _out) = start_script(&env, &[], script)?;
+        // The guest kernel panics (`panic=-1` reboots it, QEMU's `-no-reboot` ends the VM).
+        expect_125(&mut child, Instant::now(), REPORT_BOUND, "unexpectedly")
+    }
+
     pub fn agent_crash_joeyctl(f: &mut Fixture) -> RowResult {
         let env = f.env(&failpoint_lines("exec_process=return(crash)")?);
         let mut c = joeyctl(&env, &[], &["true"]);
@@ -963,34 +985,11 @@ mod rows {
             if o.status.success() {
                 return Err("the exec succeeded".into());
             }
-            let status = events.exit_status(&id, REPORT_BOUND).ok_or("no TaskExit")?;
-            let took = t0.elapsed();
-            let o2 = f.c.ctr_out_within(&["task", "delete", &id], REPORT_BOUND)?;
-            if !o2.status.success() {
-                return Err(format!("ctr task delete: {}", stderr_of(&o2)));
-            }
-            let _ = f.c.ctr_out_within(&["container", "rm", &id], REPORT_BOUND);
-            wait_for(
-                "TaskDelete",
-                Duration::from_secs(10),
-                Duration::from_millis(50),
-                || {
-                    events
-                        .about(&id)
-                        .iter()
-                        .any(|e| e.topic == "/tasks/delete")
-                        .then_some(())
-                },
-            )?;
-            check_events(&events, &id, &[], 255)?;
+            let deleted = dead_task_deletes(f, &events, &id, t0)?;
+            let err = stderr_of(&o);
             Ok(format!(
-                "exec fails ({}); TaskExit {status} once in {:.1}s, in order; deleted",
-                stderr_of(&o)
-                    .trim_end()
-                    .chars()
-                    .take(60)
-                    .collect::<String>(),
-                took.as_secs_f64()
+                "exec fails ({}); {deleted}",
+                err.trim_end().chars().take(60).collect::<String>()
             ))
         })
     }
@@ -1186,6 +1185,10 @@ mod rows {
             || !err.contains("FailedPrecondition") && !err.contains("failed precondition")
         {
             return Err(format!("ctr run: {:?} {err}", o.status));
+        }
+        // Regression: the reason was prefixed twice ("joey config: joey config: ...").
+        if err.matches("joey config: ").count() != 1 {
+            return Err(format!("the error does not name the config once: {err}"));
         }
         Ok(format!(
             "Create FAILED_PRECONDITION: {}",

@@ -40,7 +40,8 @@ const ACTOR_TIMEOUT: Duration = Duration::from_secs(2 * AGENT_CALL_TIMEOUT.as_se
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
-    #[error("joey config: {0}")]
+    /// Why the joey config did not load (`ShimError::Config`'s text, which names it).
+    #[error("{0}")]
     Config(String),
     #[error("container {0} not found in this shim")]
     NotFound(String),
