@@ -110,4 +110,15 @@ mod tests {
             .contains("exec_process"));
         assert!(parse("joey.failpoints==return").is_err());
     }
+
+    #[cfg(feature = "failpoints")]
+    #[tokio::test]
+    async fn return_error_fails_the_rpc_and_off_lets_it_through() {
+        assert!(inject("test_rpc").await.is_ok());
+        fail::cfg("agent::test_rpc", "return(error)").unwrap();
+        let e = inject("test_rpc").await.unwrap_err();
+        assert_eq!(e.to_string(), "internal error: failpoint agent::test_rpc");
+        fail::cfg("agent::test_rpc", "off").unwrap();
+        assert!(inject("test_rpc").await.is_ok());
+    }
 }
