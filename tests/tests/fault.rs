@@ -719,6 +719,11 @@ const CLASSES: &[Class] = &[
         run: rows::console_flood,
     },
     Class {
+        name: "output-flood/shim",
+        injection: "a task writes `yes` to stdout, 8 s",
+        run: rows::output_flood_shim,
+    },
+    Class {
         name: "enospc/state-dir",
         injection: "state dir on a full tmpfs, inodes 2..",
         run: rows::enospc_state_dir,
@@ -1064,6 +1069,52 @@ mod rows {
         }
         Ok(format!(
             "exit 0; console.log <= {max_log} B (cap 64 KiB); RSS {rss0}->{rss1} KiB"
+        ))
+    }
+
+    /// A detached task floods its stdout (the shim pumps it out of the guest and discards it,
+    /// as `ctr run -d` gives no stdout): the shim's memory must not grow with the output.
+    pub fn output_flood_shim(f: &mut Fixture) -> RowResult {
+        let id = f.id("fl");
+        f.run_detached(
+            &id,
+            &[],
+            &[
+                "yes",
+                "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz",
+            ],
+        )?;
+        let shims = f.c.shim_pids("containerd-shim-joey-v2", &id);
+        let shim = *shims.first().ok_or("no shim")?;
+        // Past the start-up allocations; then 8 s of flood.
+        let t0 = Instant::now();
+        wait_for(
+            "1 s of flood",
+            Duration::from_secs(2),
+            Duration::from_millis(100),
+            || (t0.elapsed() >= Duration::from_secs(1)).then_some(()),
+        )?;
+        let rss0 = vm_rss_kib(shim).ok_or("no shim RSS")?;
+        let mut rss1 = rss0;
+        wait_for(
+            "8 s of flood",
+            Duration::from_secs(9),
+            Duration::from_millis(200),
+            || {
+                rss1 = rss1.max(vm_rss_kib(shim).unwrap_or(0));
+                (t0.elapsed() >= Duration::from_secs(9)).then_some(())
+            },
+        )?;
+        let running = f.c.task_status(&id);
+        f.remove(&id);
+        if running.as_deref() != Some("RUNNING") {
+            return Err(format!("the flooding task is {running:?}, not RUNNING"));
+        }
+        if rss1 > rss0 + 16 * 1024 {
+            return Err(format!("shim RSS grew from {rss0} to {rss1} KiB"));
+        }
+        Ok(format!(
+            "task RUNNING throughout; shim RSS {rss0}->{rss1} KiB (max); removed"
         ))
     }
 
