@@ -1163,7 +1163,15 @@ mod rows {
                         .collect()
                 })
                 .unwrap_or_default();
-            let _ = Command::new("umount").arg(&st).output();
+            // The tmpfs must go (a busy one is detached, and the row fails saying so).
+            let u = Command::new("umount")
+                .arg(&st)
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !u.status.success() {
+                let _ = Command::new("umount").args(["-l", &st]).output();
+                return Err(format!("umount {st}: {}", stderr_of(&u)));
+            }
             let o = res?;
             if leftover != ["filler"] {
                 return Err(format!(
