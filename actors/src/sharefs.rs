@@ -346,6 +346,13 @@ pub struct SetupShareFs {
     pub vhost_user: bool,
 }
 
+/// Uses the shared dir that already exists in the state dir, whose device another process
+/// serves (a VM leased from `joey-pool`, docs/pool.md, which owns both): only the shares made
+/// afterwards are this actor's to release.
+#[derive(Message)]
+#[rtype(result = "Result<(), ShareFsError>")]
+pub struct AdoptSharedDir;
+
 /// Shares a container's host rootfs dir; replies with its guest path.
 #[derive(Message)]
 #[rtype(result = "Result<String, ShareFsError>")]
@@ -459,6 +466,23 @@ impl Handler<SetupShareFs> for ShareFsActor {
                     Ok(device)
                 }),
         ))
+    }
+}
+
+impl Handler<AdoptSharedDir> for ShareFsActor {
+    type Result = Result<(), ShareFsError>;
+
+    fn handle(&mut self, _: AdoptSharedDir, _: &mut Context<Self>) -> Self::Result {
+        self.state.expect(ShareFsState::Created)?;
+        let shared = self.shared_dir();
+        if !shared.is_dir() {
+            return Err(ShareFsError::Io {
+                what: format!("adopt shared dir {}", shared.display()),
+                source: io::ErrorKind::NotFound.into(),
+            });
+        }
+        self.state.transition(ShareFsState::Ready)?;
+        Ok(())
     }
 }
 
