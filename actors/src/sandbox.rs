@@ -368,6 +368,13 @@ async fn try_lease(cfg: &Config, p: &Prepared, netns: bool) -> LeaseOutcome {
 /// Picks the backend for the host (its KVM, the files and binaries that backend needs), then
 /// creates the state dir. Blocking.
 pub fn prepare(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result<Prepared, SandboxError> {
+    let p = plan(cfg, origin, id, state_dir)?;
+    make_state_dir(state_dir)?;
+    Ok(p)
+}
+
+/// What [`prepare`] decides (backend, VM spec), without creating anything. Blocking.
+pub fn plan(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result<Prepared, SandboxError> {
     let flavor = host::detect_kvm(&host::HostPaths::default());
     let hypervisor::BackendSelection {
         backend,
@@ -375,7 +382,6 @@ pub fn prepare(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result
         accel,
         kernel,
     } = hypervisor::select_backend(cfg, origin, &flavor)?;
-    make_state_dir(state_dir)?;
     tracing::info!(sandbox = %id, %backend, reason = %backend_reason, "hypervisor backend chosen");
     tracing::info!(sandbox = %id, accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
     let spec = VmSpec {

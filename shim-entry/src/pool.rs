@@ -26,7 +26,7 @@ use joey_actors::hypervisor::{
     host, select_backend, BackendKind, HypervisorActor, HypervisorError, StartVm, StopVm, VmExit,
     VmStarted,
 };
-use joey_actors::sandbox::{prepare, SandboxError};
+use joey_actors::sandbox::{plan, prepare, SandboxError};
 use joey_actors::sharefs::{SetupShareFs, ShareFsActor, ShareFsError, StopShareFs};
 use joey_actors::{AgentClient, AgentError};
 use joey_config::Config;
@@ -73,6 +73,10 @@ pub enum Cmd {
     /// Print the running pool's counts (`ready=N booting=N leased=N size=N`); exit 1 when no
     /// pool runs.
     Status,
+    /// Lease a VM of the config's shape as a sandbox would, print `vm_id=.. dir=.. pid=..` and
+    /// hold the lease until stdin closes or a SIGTERM/SIGINT (for operators and tests); exit 1
+    /// when no VM was leased (the reason on stderr).
+    Lease,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -294,11 +298,24 @@ pub struct PoolActor {
     /// A boot runs (or waits out its backoff).
     booting: bool,
     leased: u32,
+    /// VMs being removed in the background (a boot that ended after shutdown began, a ready
+    /// VM that died).
+    removing: u32,
     stopping: bool,
     failures: u32,
 }
 
 impl PoolActor {
+    /// Removes a VM on the actor's context, counted in `removing` until it is gone.
+    fn remove_later(&mut self, vm: PoolVm, ctx: &mut Context<Self>) {
+        self.removing += 1;
+        ctx.spawn(
+            vm.remove(Duration::ZERO)
+                .into_actor(self)
+                .map(|(), act, _| act.removing -= 1),
+        );
+    }
+
     pub fn new(cfg: Config, origin: String, vms: PathBuf) -> Self {
         let size = cfg.pool.size as usize;
         PoolActor {
@@ -309,6 +326,7 @@ impl PoolActor {
             ready: VecDeque::new(),
             booting: false,
             leased: 0,
+            removing: 0,
             stopping: false,
             failures: 0,
         }
@@ -322,9 +340,9 @@ impl PoolActor {
         self.booting = true;
         let fut = boot_vm(self.cfg.clone(), self.origin.clone(), self.vms.clone());
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| match res {
-            Ok(vm) if act.stopping => {
+                        Ok(vm) if act.stopping => {
                 act.booting = false;
-                actix::spawn(vm.remove(Duration::ZERO));
+                act.remove_later(vm, ctx);
             }
             Ok(vm) => {
                 act.booting = false;
@@ -375,10 +393,19 @@ struct Released;
 #[rtype(result = "()")]
 struct Shutdown;
 
-/// (ready, booting, leased, size).
+/// The counts.
 #[derive(Message)]
-#[rtype(result = "(u32, u32, u32, u32)")]
+#[rtype(result = "Counts")]
 struct GetStatus;
+
+#[derive(Debug, Clone, Copy)]
+struct Counts {
+    ready: u32,
+    booting: u32,
+    leased: u32,
+    removing: u32,
+    size: u32,
+}
 
 impl Handler<TakeVm> for PoolActor {
     type Result = Result<PoolVm, String>;
@@ -392,7 +419,7 @@ impl Handler<TakeVm> for PoolActor {
                 None => break Err(format!("no VM ready, {} booting", u32::from(self.booting))),
                 Some(vm) if vm.exited() => {
                     tracing::warn!(vm = %vm.vm_id, "a ready pool VM ended; removing it");
-                    actix::spawn(vm.remove(Duration::ZERO));
+                    self.remove_later(vm, ctx);
                 }
                 Some(vm) if vm.shape != m.shape => {
                     self.ready.push_front(vm);
@@ -435,13 +462,13 @@ impl Handler<GetStatus> for PoolActor {
     type Result = MessageResult<GetStatus>;
 
     fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
-        let ready = self.ready.iter().filter(|v| !v.exited()).count() as u32;
-        MessageResult((
-            ready,
-            u32::from(self.booting),
-            self.leased,
-            self.size as u32,
-        ))
+        MessageResult(Counts {
+            ready: self.ready.iter().filter(|v| !v.exited()).count() as u32,
+            booting: u32::from(self.booting),
+            leased: self.leased,
+            removing: self.removing,
+            size: self.size as u32,
+        })
     }
 }
 
@@ -462,12 +489,12 @@ async fn serve_conn(stream: UnixStream, pool: Addr<PoolActor>, shutdown: watch::
     let shape = match first {
         Request::Lease { shape } => shape,
         Request::Status => {
-            if let Ok((ready, booting, leased, size)) = pool.send(GetStatus).await {
+            if let Ok(c) = pool.send(GetStatus).await {
                 let reply = Reply::Status {
-                    ready,
-                    booting,
-                    leased,
-                    size,
+                    ready: c.ready,
+                    booting: c.booting,
+                    leased: c.leased,
+                    size: c.size,
                 };
                 let _ = pooled::write_msg(&mut w, &reply).await;
             }
@@ -727,14 +754,12 @@ async fn serve(cfg: Config, origin: String) -> Result<(), PoolServerError> {
     // Leases end with their connections; a boot in flight ends within the agent's timeout.
     let deadline = Instant::now() + deadline_for_boot + Duration::from_secs(30);
     loop {
-        let (ready, booting, leased, _) = pool.send(GetStatus).await?;
-        if ready + booting + leased == 0 {
+        let c = pool.send(GetStatus).await?;
+        if c.ready + c.booting + c.leased + c.removing == 0 {
             break;
         }
         if Instant::now() > deadline {
-            return Err(PoolServerError::Leftovers(format!(
-                "{ready} ready, {booting} booting and {leased} leased VMs"
-            )));
+            return Err(PoolServerError::Leftovers(format!("VMs ({c:?})")));
         }
         tokio::time::sleep(SHUTDOWN_POLL).await;
     }
@@ -781,6 +806,52 @@ async fn print_status(cfg: &Config) -> i32 {
     }
 }
 
+/// `joey-pool lease`.
+async fn hold_lease(cfg: Config, origin: String) -> i32 {
+    let c = cfg.clone();
+    let scratch = cfg.runtime.state_dir.join("lease");
+    let shape = match blocking(move || plan(&c, &origin, "lease", &scratch)).await {
+        Ok(Ok(p)) => Shape::of(&p.spec),
+        Ok(Err(e)) => {
+            eprintln!("joey-pool: error: {e}");
+            return EXIT_BAD_INPUT;
+        }
+        Err(e) => {
+            eprintln!("joey-pool: error: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let lease = match pooled::lease(&cfg.runtime.state_dir, shape, REQUEST_TIMEOUT).await {
+        pooled::LeaseOutcome::Leased(l) => l,
+        pooled::LeaseOutcome::Cold(why) => {
+            eprintln!("joey-pool: no VM leased: {why}");
+            return EXIT_FAILURE;
+        }
+    };
+    println!(
+        "vm_id={} dir={} pid={}",
+        lease.vm.vm_id,
+        lease.vm.dir.display(),
+        lease.vm.pid
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let stdin_closed = async {
+        use tokio::io::AsyncReadExt as _;
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 256];
+        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    let mut exit = lease.exit_watch();
+    tokio::select! {
+        _ = stdin_closed => {}
+        _ = crate::signals::first_termination_signal(false) => {}
+        _ = exit.wait_for(|v| v.is_some()) => eprintln!("joey-pool: the leased VM ended"),
+    }
+    drop(lease);
+    0
+}
+
 /// Parses arguments and runs; returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -812,6 +883,7 @@ pub fn main() -> i32 {
     let sys = actix::System::new();
     match cli.cmd {
         Some(Cmd::Status) => sys.block_on(print_status(&cfg)),
+        Some(Cmd::Lease) => sys.block_on(hold_lease(cfg, origin)),
         None => match sys.block_on(serve(cfg, origin)) {
             Ok(()) => 0,
             Err(e) => {
