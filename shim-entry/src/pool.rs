@@ -931,6 +931,13 @@ mod tests {
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        // Until it has exec'd, the child's command line is still ours.
+        let needle = format!("{}/", vm.display());
+        let t0 = Instant::now();
+        while !pids_mentioning(&needle).contains(&(child.id() as i32)) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the stand-in never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(clean_orphans(d.path()).unwrap(), 1);
         use std::os::unix::process::ExitStatusExt as _;
         assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
