@@ -255,17 +255,26 @@ async fn boot_vm(cfg: Config, origin: String, vms: PathBuf) -> Result<PoolVm, Po
             let e = exit.borrow().clone();
             e.unwrap_or(VmExit::WaitFailed("exit watch closed".into()))
         };
+        // While it boots the VM yields to the leased ones (this host's cores are few).
+        renice(started.pid, BOOT_NICE);
         let a = &cfg.agent;
-        tokio::select! {
-            // The connection closes when the client is dropped: the lessee makes its own.
-            r = AgentClient::connect_ready(
+        let rpc_timeout = Duration::from_millis(a.rpc_timeout_ms);
+        let ready = async {
+            let agent = AgentClient::connect_ready(
                 &started.vsock_uds,
                 a.vsock_port,
                 Duration::from_millis(a.ready_timeout_ms),
-                Duration::from_millis(a.rpc_timeout_ms),
-            ) => { r?; }
+                rpc_timeout,
+            )
+            .await?;
+            warm_up(&agent, rpc_timeout).await
+            // The connection closes when the client is dropped: the lessee makes its own.
+        };
+        tokio::select! {
+            r = ready => r?,
             e = died => return Err(PoolServerError::Died(e)),
         }
+        renice(started.pid, 0);
         Ok::<_, PoolServerError>(started)
     }
     .await;
@@ -286,6 +295,48 @@ async fn boot_vm(cfg: Config, origin: String, vms: PathBuf) -> Result<PoolVm, Po
             Err(e)
         }
     }
+}
+
+/// The nice value of a booting VM's QEMU.
+const BOOT_NICE: i32 = 10;
+/// The exec id of the warm-up command.
+const WARM_UP_EXEC_ID: &str = "joey-pool-warm-up";
+
+/// Sets the nice value of every thread of `pid` (best effort: nice is per thread on Linux).
+fn renice(pid: u32, nice: i32) {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for tid in rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<libc::id_t>().ok())
+    {
+        // SAFETY: setpriority(2) on a thread of our own child; it changes no memory.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+            tracing::debug!(pid, tid, nice, "setpriority failed");
+        }
+    }
+}
+
+/// Runs `true` in the guest once and waits for it: under TCG the guest's fork/exec/exit paths
+/// are translated on their first run, which then happens here rather than in the lessee's
+/// first command. The command is the pool's own; nothing of any sandbox is involved.
+async fn warm_up(agent: &AgentClient, timeout: Duration) -> Result<(), PoolServerError> {
+    let req = joey_agent_protocol::agent::ExecProcessRequest {
+        exec_id: WARM_UP_EXEC_ID.into(),
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
+    agent.exec(req).await?;
+    tokio::time::timeout(timeout, agent.wait(WARM_UP_EXEC_ID))
+        .await
+        .map_err(|_| {
+            PoolServerError::Agent(AgentError::NotReady(
+                timeout,
+                "warm-up command did not end".into(),
+            ))
+        })??;
+    Ok(())
 }
 
 /// The Pool actor: the ready VMs, the boot in flight and the lease count.
@@ -935,7 +986,10 @@ mod tests {
         let needle = format!("{}/", vm.display());
         let t0 = Instant::now();
         while !pids_mentioning(&needle).contains(&(child.id() as i32)) {
-            assert!(t0.elapsed() < Duration::from_secs(10), "the stand-in never started");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the stand-in never started"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(clean_orphans(d.path()).unwrap(), 1);
