@@ -367,6 +367,26 @@ impl PoolActor {
         );
     }
 
+    /// Removes and replaces a ready VM that ends on its own (a leased one is its lease's).
+    fn watch_ready(&mut self, vm: &PoolVm, ctx: &mut Context<Self>) {
+        let (vm_id, mut exit) = (vm.vm_id.clone(), vm.started.exit.clone());
+        ctx.spawn(
+            async move {
+                let _ = exit.wait_for(|v| v.is_some()).await;
+            }
+            .into_actor(self)
+            .map(move |(), act, ctx| {
+                if let Some(i) = act.ready.iter().position(|v| v.vm_id == vm_id) {
+                    if let Some(vm) = act.ready.remove(i) {
+                        tracing::warn!(vm = %vm_id, "a ready pool VM ended; replacing it");
+                        act.remove_later(vm, ctx);
+                        act.refill(ctx);
+                    }
+                }
+            }),
+        );
+    }
+
     pub fn new(cfg: Config, origin: String, vms: PathBuf) -> Self {
         let size = cfg.pool.size as usize;
         PoolActor {
@@ -398,6 +418,7 @@ impl PoolActor {
             Ok(vm) => {
                 act.booting = false;
                 act.failures = 0;
+                act.watch_ready(&vm, ctx);
                 act.ready.push_back(vm);
                 act.refill(ctx);
             }
@@ -905,15 +926,9 @@ async fn hold_lease(cfg: Config, origin: String) -> i32 {
 
 /// Parses arguments and runs; returns the process exit code.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match crate::ctl::parse_args() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
-                _ => EXIT_BAD_INPUT,
-            };
-        }
+        Err(code) => return code,
     };
     let (cfg, origin) = match joey_config::Config::load(cli.config.as_deref()) {
         Ok((c, o)) => (

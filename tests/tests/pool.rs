@@ -167,6 +167,21 @@ fn assert_all_gone(env: &Env) {
     assert!(m.is_empty(), "leaked mounts: {m:?}");
 }
 
+/// A pool of `size` in a new environment, once it is full.
+fn full_pool(size: u32) -> (Env, Pool) {
+    let env = pool_env(size);
+    let pool = Pool::start(&env);
+    wait_ready(&env, size, size);
+    (env, pool)
+}
+
+/// SIGTERM: the pool exits 0 and nothing of the environment is left.
+fn stop_cleanly(pool: Pool, env: &Env) {
+    let out = pool.terminate();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert_all_gone(env);
+}
+
 /// A VM leased by `joey-pool lease` (a lessee process of its own): (child, vm dir, QEMU pid).
 fn lease(env: &Env) -> (Child, PathBuf, i32) {
     let mut c = pool_cmd(env, &["lease"])
@@ -190,9 +205,7 @@ fn lease(env: &Env) -> (Child, PathBuf, i32) {
 
 #[test]
 fn pooled_runs_are_fast_refilled_never_reused_and_sigterm_leaves_nothing() {
-    let env = pool_env(1);
-    let pool = Pool::start(&env);
-    wait_ready(&env, 1, 1);
+    let (env, pool) = full_pool(1);
     let first = vm_dirs(&env);
     assert_eq!(first.len(), 1);
 
@@ -204,8 +217,11 @@ fn pooled_runs_are_fast_refilled_never_reused_and_sigterm_leaves_nothing() {
     assert_eq!(src, "pool");
     assert_eq!(first[0].file_name().unwrap().to_string_lossy(), vm1);
     eprintln!("pooled lease -> agent ready: {} ms", ready_ms(&o));
-    // Used once: its directory is gone (and the joeyctl run left nothing of its own).
-    assert!(!first[0].exists());
+    // Used once: the pool removes it once the lease ended (and the run left nothing of its own).
+    wait_for("the used VM removed", Duration::from_secs(30), Duration::from_millis(50), || {
+        (!first[0].exists()).then_some(())
+    })
+    .unwrap();
 
     // The pool refills with a new VM, and the next run gets that one.
     wait_ready(&env, 1, 1);
@@ -219,10 +235,8 @@ fn pooled_runs_are_fast_refilled_never_reused_and_sigterm_leaves_nothing() {
     eprintln!("pooled lease -> agent ready: {} ms", ready_ms(&o));
 
     // SIGTERM (while a refill may be booting): every VM stopped, nothing left.
-    let out = pool.terminate();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    stop_cleanly(pool, &env);
     assert!(status(&env).is_none());
-    assert_all_gone(&env);
 }
 
 #[test]
@@ -252,16 +266,12 @@ fn absent_or_empty_pool_boots_cold_and_a_dead_lessees_vm_is_removed() {
     wait_vm_gone(&dir, qemu);
     assert!(mounts_mentioning(&dir).is_empty());
 
-    let out = pool.terminate();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
-    assert_all_gone(&env);
+    stop_cleanly(pool, &env);
 }
 
 #[test]
 fn a_killed_pools_orphans_are_cleaned_by_the_next_start() {
-    let env = pool_env(1);
-    let pool = Pool::start(&env);
-    wait_ready(&env, 1, 1);
+    let (env, pool) = full_pool(1);
     // A lessee that shared a directory into its VM, as a sandbox does.
     let (mut lessee, dir, qemu) = lease(&env);
     let share = dir.join("shared/c1");
@@ -291,16 +301,12 @@ fn a_killed_pools_orphans_are_cleaned_by_the_next_start() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr_of(&o).contains("another joey-pool runs"), "{}", stderr_of(&o));
 
-    let out = pool.terminate();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
-    assert_all_gone(&env);
+    stop_cleanly(pool, &env);
 }
 
 #[test]
 fn sandboxes_in_pooled_vms_see_only_their_own_files() {
-    let env = pool_env(2);
-    let pool = Pool::start(&env);
-    wait_ready(&env, 2, 2);
+    let (env, pool) = full_pool(2);
     let roots: Vec<tempfile::TempDir> = ["alpha", "beta"]
         .iter()
         .map(|name| {
@@ -351,9 +357,7 @@ fn sandboxes_in_pooled_vms_see_only_their_own_files() {
         assert_eq!(String::from_utf8_lossy(&o.stdout), want);
         assert_eq!(source_of(o).0, "pool");
     }
-    let out = pool.terminate();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
-    assert_all_gone(&env);
+    stop_cleanly(pool, &env);
     for r in &roots {
         assert!(mounts_mentioning(r.path()).is_empty());
     }

@@ -63,14 +63,17 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Shape {
+    // The machine.
     pub vcpus: u32,
     pub memory_mib: u32,
+    pub accel: String,
+    pub qemu_binary: PathBuf,
+    // What it boots.
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub kernel_params: String,
     pub agent_port: u32,
-    pub qemu_binary: PathBuf,
-    pub accel: String,
+    // How its console is kept.
     pub console_log_max_bytes: u64,
 }
 
@@ -79,12 +82,12 @@ impl Shape {
         Shape {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
+            accel: spec.accel.to_string(),
+            qemu_binary: spec.qemu_binary.clone(),
             kernel: spec.kernel.clone(),
             initrd: spec.initrd.clone(),
             kernel_params: spec.kernel_params.clone(),
             agent_port: spec.agent_port,
-            qemu_binary: spec.qemu_binary.clone(),
-            accel: spec.accel.to_string(),
             console_log_max_bytes: spec.console_log_max_bytes,
         }
     }
