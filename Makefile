@@ -9,6 +9,8 @@ export JOEY_CACHE
 GUEST_DIR := build/guest
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/joey-agent
+# The kernel QEMU boots: the ELF vmlinux through its PVH entry (faster than the bzImage).
+GUEST_KERNEL := $(GUEST_DIR)/vmlinux
 JOEYCTL := target/release/joeyctl
 INSTALL_GUEST_DIR ?= /usr/share/joey/guest
 
@@ -29,7 +31,7 @@ build: deps
 
 agent: deps
 	$(call say,agent: static joey-agent for the guest)
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p joey-agent --target $(AGENT_TARGET)
+	RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" $(CARGO) build --release -p joey-agent --target $(AGENT_TARGET)
 
 kernel: deps
 	mkdir -p $(GUEST_DIR)
@@ -71,24 +73,24 @@ unit-test: deps
 	$(CARGO) test --release --workspace --exclude joey-tests
 
 integration-test: build guest
-	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  $(CARGO) test --release -p joey-tests -- --test-threads=2
 
 test: build guest
-	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/test.sh
 
 bench: build guest
-	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_MONITOR=$(CURDIR)/target/release/joey-monitor JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/bench.sh
-	JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/bench-ctr.sh
-	JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/bench-net.sh
-	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/cri-bench.sh
 	$(CARGO) bench -p joey-vmm-core --bench probe_boot
-	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_KERNEL=$(CURDIR)/$(GUEST_DIR)/bzImage JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/nested-bench.sh
 
 clean:

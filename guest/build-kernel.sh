@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Builds the joey guest kernel from Debian's linux-source-6.1 with tinyconfig + guest/kernel.fragment.
+# Builds the joey guest kernel from Debian's linux-source-6.1 with tinyconfig + guest/kernel.fragment,
+# after applying guest/patches/*.patch (in name order) to the sources.
 #   build-kernel.sh [EXTRA.fragment...]
 # Extra fragments are merged on top, in order (guest/l1/kernel.fragment makes the nested test
 # host's L1 kernel: scripts/nested-host.sh). The result is cached outside the git tree, keyed by a
-# hash of its inputs (sources version, every fragment, this script):
+# hash of its inputs (sources version, every fragment, every patch, this script):
 #   $JOEY_CACHE/kernel/<hash>/{bzImage,vmlinux,config}
 # Prints the path of the cache directory on stdout (last line).
 set -euo pipefail
@@ -17,7 +18,9 @@ for f in "$@"; do
   [ -f "$f" ] || { echo "build-kernel: no fragment $f" >&2; exit 1; }
   fragments+=("$(realpath "$f")")
 done
-key=$( { echo "$srcver"; cat "${fragments[@]}" "$here/build-kernel.sh"; } | sha256sum | cut -c1-16)
+patches=("$here"/patches/*.patch)
+[ -e "${patches[0]}" ] || patches=()
+key=$( { echo "$srcver"; cat "${fragments[@]}" "${patches[@]}" "$here/build-kernel.sh"; } | sha256sum | cut -c1-16)
 out="$cache/kernel/$key"
 if [ -f "$out/bzImage" ] && [ -f "$out/vmlinux" ]; then
   echo "build-kernel: cached $out" >&2
@@ -28,6 +31,10 @@ rm -rf "$work"; mkdir -p "$work"
 echo "build-kernel: unpacking $src_tar ($srcver)" >&2
 tar -C "$work" -xf "$src_tar"
 cd "$work/linux-source-6.1"
+for p in "${patches[@]}"; do
+  echo "build-kernel: applying $(basename "$p")" >&2
+  patch -p1 --forward --batch --quiet < "$p" >&2 || { echo "build-kernel: patch $(basename "$p") does not apply to $srcver" >&2; exit 1; }
+done
 make -s tinyconfig >&2
 scripts/kconfig/merge_config.sh -m .config "${fragments[@]}" >&2
 make -s olddefconfig >&2

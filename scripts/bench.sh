@@ -54,3 +54,17 @@ mq=$(printf '%s\n' "${qemu[@]}" | median)
 echo "joey bench: joeyctl_run_true_ms      median=$mw all=[${whole[*]}]"
 echo "joey bench: bare_qemu_boot_reboot_ms median=$mq all=[${qemu[*]}] (same kernel, busybox /init that reboots)"
 echo "joey bench: ratio joeyctl_run_true / bare_qemu_boot = $(awk -v a="$mw" -v b="$mq" 'BEGIN {printf "%.2f", a/b}')"
+# The built-in VMM alone (`joeyctl boot`, like `firecracker --no-api --config-file`): the probe
+# guest (guest/probe/) under this host's KVM, whole process (wall clock, peak RSS from --timings).
+probe=$(bash "$(dirname "$0")/../guest/probe/build.sh")/probe.elf
+bw=(); brss=()
+for i in $(seq "$N"); do
+  t0=$(date +%s%N)
+  err=$("$JOEYCTL" boot --kernel "$probe" --cmdline "probe.mem_mib=128 probe.cpus=1" --timings 2>&1 >/dev/null) \
+    || { echo "bench: joeyctl boot of the probe failed: $err" >&2; exit 1; }
+  t1=$(date +%s%N)
+  bw+=($(( (t1 - t0) / 1000000 )))
+  brss+=($(sed -nE 's/.*peak RSS ([0-9]+) KiB.*/\1/p' <<<"$err"))
+done
+echo "joey bench: joeyctl_boot_probe_ms     median=$(printf '%s\n' "${bw[@]}" | median) all=[${bw[*]}] (built-in VMM, probe guest, 1 vCPU, 128 MiB)"
+echo "joey bench: joeyctl_boot_probe_rss_kib median=$(printf '%s\n' "${brss[@]}" | median) all=[${brss[*]}]"

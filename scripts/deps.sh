@@ -14,7 +14,7 @@ if [ "$(printf '%s\n%s\n' "$need" "${have%%-*}" | sort -V | head -n1)" != "$need
   exit 1
 fi
 PKGS=(qemu-system-x86 linux-source-6.1 bc flex bison libelf-dev libssl-dev
-      cpio gzip xz-utils file make gcc busybox-static prometheus
+      cpio gzip xz-utils file make gcc binutils patch busybox-static prometheus
       containerd runc bsdutils iproute2
       containernetworking-plugins protobuf-compiler python3)
 # bsdutils: script(1), a terminal for `ctr run -t` in tests; iproute2: ip/tc for the network test

@@ -140,16 +140,18 @@ fn nproc_inherited(s: &str) -> String {
         .collect()
 }
 
-/// Masked paths that only exist on the host: the OCI spec masks /proc/acpi and /proc/keys, which
-/// runc finds on the host kernel, while the guest kernel has neither (no ACPI, no KEYS), so the
-/// agent has nothing to mask there. Their mount points are dropped from both lists.
-const HOST_ONLY_MASKS: [&str; 2] = ["/proc/acpi", "/proc/keys"];
+/// Masked paths that exist on only one of the two kernels: the OCI spec masks /proc/acpi and
+/// /proc/keys, which runc finds on the host kernel, while the guest kernel has neither (no ACPI,
+/// no KEYS), so the agent has nothing to mask there; it masks /proc/sysrq-trigger, which the
+/// guest kernel has (MAGIC_SYSRQ, for the fault harness) and this host's kernel may lack. Their
+/// mount points are dropped from both lists.
+const ONE_KERNEL_MASKS: [&str; 3] = ["/proc/acpi", "/proc/keys", "/proc/sysrq-trigger"];
 
-/// [`mount_point_column`] without [`HOST_ONLY_MASKS`].
+/// [`mount_point_column`] without [`ONE_KERNEL_MASKS`].
 fn mount_points_in_guest_kernel(s: &str) -> String {
     mount_point_column(s)
         .lines()
-        .filter(|l| !HOST_ONLY_MASKS.contains(l))
+        .filter(|l| !ONE_KERNEL_MASKS.contains(l))
         .map(|l| format!("{l}\n"))
         .collect()
 }

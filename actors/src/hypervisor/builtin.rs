@@ -95,7 +95,7 @@ pub fn vm_config(spec: &VmSpec, paths: &BuiltinPaths) -> Result<VmConfig, Builti
         memory_mib: spec.memory_mib,
         kernel: spec.kernel.clone(),
         initrd: Some(spec.initrd.clone()),
-        cmdline: cmdline::for_spec(spec, Reboot::Keyboard),
+        cmdline: cmdline::for_spec(spec, Reboot::Keyboard, None),
         serial_log: paths.console_log.clone(),
         serial_log_max_bytes: spec.console_log_max_bytes,
         vsock: Some(VsockConfig {
@@ -660,7 +660,7 @@ mod tests {
         );
         assert_eq!(
             c.cmdline,
-            "console=ttyS0 reboot=k panic=-1 quiet no_timer_check foo=1 joey.agent_port=1024"
+            "console=ttyS0 reboot=k panic=-1 quiet no_timer_check apic_timer_hz=1000000000 foo=1 joey.agent_port=1024"
         );
         assert_eq!(c.virtio_fs, None);
         let mut device = ShareFsDevice {

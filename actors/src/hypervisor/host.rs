@@ -189,6 +189,22 @@ pub fn choose_accel(
     }
 }
 
+/// The host's TSC rate in kHz, from the first `cpu MHz` line of `/proc/cpuinfo` (on a host
+/// without frequency scaling, such as a VM, that is the rate the kernel calibrated its TSC to;
+/// measured here: 2599.998 MHz there vs 2600003 kHz against CLOCK_MONOTONIC_RAW). `None` when
+/// it is not there: the guest then calibrates its TSC itself.
+pub fn host_tsc_khz() -> Option<u64> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| tsc_khz_from_cpuinfo(&text))
+}
+
+fn tsc_khz_from_cpuinfo(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split_once(':')?.1.trim().parse().ok()?;
+    (mhz.is_finite() && mhz >= 1.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,5 +314,14 @@ mod tests {
         assert!(choose_accel(BackendKind::Builtin, joey_config::Accel::Auto, &KvmFlavor::Pvm).is_err());
         let c = choose_accel(BackendKind::Qemu, joey_config::Accel::Auto, &KvmFlavor::Pvm).unwrap();
         assert_eq!(c.accel, Accelerator::Tcg);
+    }
+
+    #[test]
+    fn tsc_rate_from_cpuinfo() {
+        let text = "processor\t: 0\nmodel name\t: AMD EPYC\ncpu MHz\t\t: 2599.998\ncache size\t: 512 KB\n\nprocessor\t: 1\ncpu MHz\t\t: 1800.000\n";
+        assert_eq!(tsc_khz_from_cpuinfo(text), Some(2_599_998));
+        assert_eq!(tsc_khz_from_cpuinfo("processor\t: 0\n"), None);
+        assert_eq!(tsc_khz_from_cpuinfo("cpu MHz\t: fast\n"), None);
+        assert_eq!(tsc_khz_from_cpuinfo("cpu MHz\t: 0.000\n"), None);
     }
 }

@@ -118,7 +118,8 @@ pub struct VmSpec {
     pub state_dir: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
-    /// The kernel the backend boots (`bzImage` for QEMU, ELF `vmlinux` for the built-in VMM).
+    /// The kernel the backend boots (ELF `vmlinux` through PVH or a bzImage for QEMU, ELF
+    /// `vmlinux` for the built-in VMM).
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     /// `hypervisor.kernel_params` (appended to joey's own, see [`cmdline`]).

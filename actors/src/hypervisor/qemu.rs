@@ -75,9 +75,11 @@ pub fn resolve_binary(bin: &Path) -> Result<PathBuf, HypervisorError> {
 }
 
 /// Builds QEMU's argument list (without the binary). `reboot=t`: a guest reboot is a triple
-/// fault, which makes QEMU (`-no-reboot`) exit.
-pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Result<Vec<String>, HypervisorError> {
-    let cmdline = cmdline::for_spec(spec, Reboot::TripleFault);
+/// fault, which makes QEMU (`-no-reboot`) exit. `tsc_khz`: the host's TSC rate, which a TCG
+/// guest sees (see [`super::host::host_tsc_khz`]); ignored with KVM, whose guests get kvmclock.
+pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, tsc_khz: Option<u64>) -> Result<Vec<String>, HypervisorError> {
+    let tsc_khz = tsc_khz.filter(|_| spec.accel == Accelerator::Tcg);
+    let cmdline = cmdline::for_spec(spec, Reboot::TripleFault, tsc_khz);
     let (accel, cpu) = match spec.accel {
         Accelerator::Kvm => ("kvm", "host"),
         Accelerator::Tcg => ("tcg", "max"),
@@ -295,7 +297,7 @@ impl Launch {
     fn prepare(spec: &VmSpec) -> Result<Launch, HypervisorError> {
         let binary = resolve_binary(&spec.qemu_binary)?;
         let paths = VmPaths::new(&spec.state_dir);
-        let args = qemu_args(spec, &paths)?;
+        let args = qemu_args(spec, &paths, super::host::host_tsc_khz())?;
         let fs_metrics = spec.share_fs.as_ref().and_then(|fs| match &fs.transport {
             ShareFsTransport::VhostUser { metrics, .. } => Some(metrics.clone()),
             ShareFsTransport::InProcess => None,
@@ -587,7 +589,7 @@ mod tests {
     #[test]
     fn args_have_the_vhost_user_requirements() {
         let s = spec();
-        let a = qemu_args(&s, &VmPaths::new(&s.state_dir)).unwrap().join(" ");
+        let a = qemu_args(&s, &VmPaths::new(&s.state_dir), Some(2_600_003)).unwrap().join(" ");
         assert!(a.contains("acpi=off"));
         assert!(a.contains("rtc=on"), "the guest stalls ~1 s without an RTC");
         assert!(a.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
@@ -598,7 +600,10 @@ mod tests {
         assert!(a.contains("path=/run/joey/t/vhost-vsock.sock"));
         assert!(a.contains("-no-reboot"));
         assert!(
-            a.contains("-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check foo=1 joey.agent_port=2048 "),
+            a.contains(
+                "-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check apic_timer_hz=1000000000 \
+                 tsc_early_khz=2600003 foo=1 joey.agent_port=2048 "
+            ),
             "{a}"
         );
         assert!(!a.contains("vhost-user-fs-device"));
@@ -616,12 +621,12 @@ mod tests {
             },
         });
         let paths = VmPaths::new(&s.state_dir);
-        let a = qemu_args(&s, &paths).unwrap().join(" ");
+        let a = qemu_args(&s, &paths, None).unwrap().join(" ");
         assert!(a.contains("-chardev socket,id=fs0,path=/run/joey/t/vhost-fs.sock"));
         assert!(a.contains("-device vhost-user-fs-device,chardev=fs0,tag=joeyfs"));
         // QEMU cannot serve the directory itself.
         s.share_fs.as_mut().unwrap().transport = ShareFsTransport::InProcess;
-        assert!(matches!(qemu_args(&s, &paths), Err(HypervisorError::Device(_))));
+        assert!(matches!(qemu_args(&s, &paths, None), Err(HypervisorError::Device(_))));
     }
 
     #[test]
@@ -647,7 +652,7 @@ mod tests {
                 tap: tap.clone(),
             })
             .collect();
-        let a = qemu_args(&s, &VmPaths::new(&s.state_dir)).unwrap().join(" ");
+        let a = qemu_args(&s, &VmPaths::new(&s.state_dir), None).unwrap().join(" ");
         for i in 0..2 {
             assert!(a.contains(&format!("-chardev socket,id=net{i},path=/run/joey/t/net{i}.sock")), "{a}");
             assert!(a.contains(&format!("-netdev vhost-user,id=n{i},chardev=net{i}")), "{a}");

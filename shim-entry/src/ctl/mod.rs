@@ -1,5 +1,6 @@
 //! joeyctl subcommands.
 
+pub mod boot;
 pub mod cri;
 pub mod run;
 
@@ -32,6 +33,9 @@ pub enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Boot a kernel on the built-in VMM alone (no agent, no sandbox), guest serial on stdout;
+    /// exit 0 when the guest resets or powers off.
+    Boot(boot::BootArgs),
     /// Run a pod through a CRI runtime (containerd's CRI plugin), as kubelet would (docs/cri.md).
     Cri(cri::CriArgs),
     /// Say what the host's KVM is and which hypervisor/accelerator joey would pick, and why.
@@ -77,6 +81,7 @@ pub fn main() -> i32 {
     match cli.cmd {
         Cmd::Run(args) => run::run(args),
         Cmd::Cri(args) => cri::run(args),
+        Cmd::Boot(args) => boot::run(args),
         Cmd::Config { config } => match load_config(config.as_deref()) {
             Ok((c, origin)) => {
                 println!("# effective joey configuration (from {origin})");
