@@ -695,6 +695,33 @@ mod tests {
         assert!(!shared.exists());
     }
 
+    /// A leased VM's shared dir (the pool's): adopted as it is, only the shares are released.
+    /// Needs CAP_SYS_ADMIN (mounts).
+    #[test]
+    fn an_adopted_shared_dir_stays_with_its_owner() {
+        actix::System::new().block_on(async {
+            let d = tempfile::tempdir().unwrap();
+            let a = ShareFsActor::new(d.path().to_path_buf()).start();
+            // No shared dir yet: refused, nothing changes.
+            let e = a.send(AdoptSharedDir).await.unwrap().unwrap_err();
+            assert!(matches!(e, ShareFsError::Io { .. }), "{e}");
+            assert_eq!(a.send(GetShareFsState).await.unwrap(), ShareFsState::Created);
+            let (shared, host) = shared_and_host(d.path());
+            a.send(AdoptSharedDir).await.unwrap().unwrap();
+            let share = ShareRootfs {
+                container_id: "c1".into(),
+                host_path: host,
+                read_only: false,
+                volumes: Vec::new(),
+            };
+            assert_eq!(mounting(a.send(share).await.unwrap()), guest_rootfs_path("c1"));
+            assert!(shared.join("c1/rootfs").is_dir());
+            a.send(StopShareFs).await.unwrap().unwrap();
+            assert!(shared.is_dir() && !shared.join("c1").exists());
+            assert_no_mounts_under(d.path());
+        });
+    }
+
     /// Needs CAP_SYS_ADMIN (mounts).
     #[tokio::test]
     async fn share_and_release_bind_mounts() {
