@@ -362,3 +362,32 @@ fn sandboxes_in_pooled_vms_see_only_their_own_files() {
         assert!(mounts_mentioning(r.path()).is_empty());
     }
 }
+
+#[test]
+fn the_shim_leases_from_the_pool() {
+    let ctd = joey_tests::containerd::Containerd::start();
+    // The shim reads the config at each start: the pool section applies to the next task.
+    let config = ctd.dir.path().join("joey.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[pool]\nsize = 1\n");
+    std::fs::write(&config, text).unwrap();
+    let env = Env {
+        dir: tempfile::tempdir().unwrap(),
+        config,
+        state_dir: ctd.dir.path().join("joey-state"),
+    };
+    ctd.import_busybox();
+    let pool = Pool::start(&env);
+    wait_ready(&env, 1, 1);
+    let ready = vm_dirs(&env);
+    let o = ctd.run("pooled", &["echo", "hi"]);
+    assert!(o.status.success(), "{}\n{}", stderr_of(&o), ctd.log());
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
+    // The shim leased the ready VM: used once, then removed by the pool.
+    wait_for("the leased VM removed", Duration::from_secs(30), Duration::from_millis(50), || {
+        (!ready[0].exists()).then_some(())
+    })
+    .unwrap();
+    stop_cleanly(pool, &env);
+    ctd.assert_clean(&["pooled"]);
+}
