@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use joey_tests::containerd::{IMAGE, RUNTIME};
 use joey_tests::*;
 
 /// The `joey-pool` binary: `$JOEY_POOL`, else next to `$JOEYCTL`.
@@ -82,7 +83,9 @@ impl Drop for Pool {
 
 /// `joey-pool status` output (`None`: no pool answers).
 fn status(env: &Env) -> Option<String> {
-    let o = pool_cmd(env, &["status"]).output().expect("joey-pool status");
+    let o = pool_cmd(env, &["status"])
+        .output()
+        .expect("joey-pool status");
     o.status
         .success()
         .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
@@ -91,9 +94,12 @@ fn status(env: &Env) -> Option<String> {
 /// Waits until the pool has `ready` VMs ready and none booting.
 fn wait_ready(env: &Env, ready: u32, size: u32) {
     let want = format!("ready={ready} booting=0 leased=0 size={size}");
-    let r = wait_for(&want, Duration::from_secs(120), Duration::from_millis(100), || {
-        status(env).filter(|s| *s == want)
-    });
+    let r = wait_for(
+        &want,
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || status(env).filter(|s| *s == want),
+    );
     r.unwrap_or_else(|e| panic!("{e}; last status {:?}", status(env)));
 }
 
@@ -133,7 +139,10 @@ fn pid_alive(pid: i32) -> bool {
 fn mounts_mentioning(needle: &Path) -> Vec<String> {
     let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     let n = needle.display().to_string();
-    mi.lines().filter(|l| l.contains(&n)).map(str::to_string).collect()
+    mi.lines()
+        .filter(|l| l.contains(&n))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Waits until `dir` is gone and `pid` has exited (a released or orphaned VM).
@@ -151,10 +160,17 @@ fn wait_vm_gone(dir: &Path, pid: i32) {
 /// of its own (the pool's directory aside).
 fn run(env: &Env, extra: &[&str], argv: &[&str]) -> Output {
     let mut c = env.command(extra, argv);
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let o = wait_output(c.spawn().expect("spawn joeyctl"), Duration::from_secs(120));
     let own: Vec<PathBuf> = std::fs::read_dir(&env.state_dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| !p.ends_with(".pool")).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| !p.ends_with(".pool"))
+                .collect()
+        })
         .unwrap_or_default();
     assert!(own.is_empty(), "leaked sandbox state: {own:?}");
     o
@@ -200,7 +216,11 @@ fn lease(env: &Env) -> (Child, PathBuf, i32) {
             .unwrap_or_else(|| panic!("no {k} in {line:?}"))
             .to_string()
     };
-    (c, PathBuf::from(field("dir=")), field("pid=").parse().expect("pid"))
+    (
+        c,
+        PathBuf::from(field("dir=")),
+        field("pid=").parse().expect("pid"),
+    )
 }
 
 #[test]
@@ -209,7 +229,11 @@ fn pooled_runs_are_fast_refilled_never_reused_and_sigterm_leaves_nothing() {
     let first = vm_dirs(&env);
     assert_eq!(first.len(), 1);
 
-    let o = run(&env, &["--timings"], &["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    let o = run(
+        &env,
+        &["--timings"],
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+    );
     assert_eq!(o.status.code(), Some(3), "{}", stderr_of(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
     assert!(stderr_of(&o).starts_with("err\n"), "{}", stderr_of(&o));
@@ -218,9 +242,12 @@ fn pooled_runs_are_fast_refilled_never_reused_and_sigterm_leaves_nothing() {
     assert_eq!(first[0].file_name().unwrap().to_string_lossy(), vm1);
     eprintln!("pooled lease -> agent ready: {} ms", ready_ms(&o));
     // Used once: the pool removes it once the lease ended (and the run left nothing of its own).
-    wait_for("the used VM removed", Duration::from_secs(30), Duration::from_millis(50), || {
-        (!first[0].exists()).then_some(())
-    })
+    wait_for(
+        "the used VM removed",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || (!first[0].exists()).then_some(()),
+    )
     .unwrap();
 
     // The pool refills with a new VM, and the next run gets that one.
@@ -246,7 +273,10 @@ fn absent_or_empty_pool_boots_cold_and_a_dead_lessees_vm_is_removed() {
     let o = run(&env, &["--timings"], &["echo", "cold"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "cold\n");
-    assert_eq!(source_of(&o), ("cold".to_string(), "no pool runs".to_string()));
+    assert_eq!(
+        source_of(&o),
+        ("cold".to_string(), "no pool runs".to_string())
+    );
 
     // The only VM is leased by another lessee: the pool is empty while it refills.
     let pool = Pool::start(&env);
@@ -277,13 +307,21 @@ fn a_killed_pools_orphans_are_cleaned_by_the_next_start() {
     let share = dir.join("shared/c1");
     std::fs::create_dir(&share).unwrap();
     let src = tempfile::tempdir().unwrap();
-    let st = Command::new("mount").arg("--bind").arg(src.path()).arg(&share).status().unwrap();
+    let st = Command::new("mount")
+        .arg("--bind")
+        .arg(src.path())
+        .arg(&share)
+        .status()
+        .unwrap();
     assert!(st.success());
     pool.kill();
     // The kernel kills QEMU with its parent; the directory and the mounts stay behind.
-    wait_for("orphaned QEMU gone", Duration::from_secs(10), Duration::from_millis(50), || {
-        (!pid_alive(qemu)).then_some(())
-    })
+    wait_for(
+        "orphaned QEMU gone",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || (!pid_alive(qemu)).then_some(()),
+    )
     .unwrap();
     assert!(dir.exists());
     assert!(!mounts_mentioning(&dir).is_empty());
@@ -299,7 +337,11 @@ fn a_killed_pools_orphans_are_cleaned_by_the_next_start() {
     // And a second pool on the same state dir is refused while this one runs.
     let o = pool_cmd(&env, &[]).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr_of(&o).contains("another joey-pool runs"), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("another joey-pool runs"),
+        "{}",
+        stderr_of(&o)
+    );
 
     stop_cleanly(pool, &env);
 }
@@ -310,7 +352,10 @@ fn sandboxes_in_pooled_vms_see_only_their_own_files() {
     let roots: Vec<tempfile::TempDir> = ["alpha", "beta"]
         .iter()
         .map(|name| {
-            let d = tempfile::Builder::new().prefix("joey-pool-rootfs-").tempdir().unwrap();
+            let d = tempfile::Builder::new()
+                .prefix("joey-pool-rootfs-")
+                .tempdir()
+                .unwrap();
             std::fs::create_dir(d.path().join("bin")).unwrap();
             std::fs::copy("/bin/busybox", d.path().join("bin/busybox")).unwrap();
             for a in ["sh", "cat", "ls", "sleep"] {
@@ -326,25 +371,37 @@ fn sandboxes_in_pooled_vms_see_only_their_own_files() {
         .iter()
         .map(|r| {
             let root = r.path().display().to_string();
-            env.command(&["--timings", "--rootfs", &root], &["sh", "-c", "ls / | grep only; sleep 4"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+            env.command(
+                &["--timings", "--rootfs", &root],
+                &["sh", "-c", "ls / | grep only; sleep 4"],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
         })
         .collect();
-    let shared = wait_for("both shares in place", Duration::from_secs(60), Duration::from_millis(50), || {
-        let per_vm: Vec<Vec<String>> = vm_dirs(&env)
-            .iter()
-            .map(|d| {
-                std::fs::read_dir(d.join("shared"))
-                    .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-                    .unwrap_or_default()
-            })
-            .filter(|v: &Vec<String>| !v.is_empty())
-            .collect();
-        (per_vm.len() == 2).then_some(per_vm)
-    })
+    let shared = wait_for(
+        "both shares in place",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || {
+            let per_vm: Vec<Vec<String>> = vm_dirs(&env)
+                .iter()
+                .map(|d| {
+                    std::fs::read_dir(d.join("shared"))
+                        .map(|rd| {
+                            rd.flatten()
+                                .map(|e| e.file_name().to_string_lossy().into_owned())
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                })
+                .filter(|v: &Vec<String>| !v.is_empty())
+                .collect();
+            (per_vm.len() == 2).then_some(per_vm)
+        },
+    )
     .unwrap();
     assert!(shared.iter().all(|v| v.len() == 1), "{shared:?}");
     assert_ne!(shared[0], shared[1]);
@@ -384,10 +441,56 @@ fn the_shim_leases_from_the_pool() {
     assert!(o.status.success(), "{}\n{}", stderr_of(&o), ctd.log());
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
     // The shim leased the ready VM: used once, then removed by the pool.
-    wait_for("the leased VM removed", Duration::from_secs(30), Duration::from_millis(50), || {
-        (!ready[0].exists()).then_some(())
-    })
+    wait_for(
+        "the leased VM removed",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || (!ready[0].exists()).then_some(()),
+    )
     .unwrap();
+
+    // A detached task in the refilled VM: its sandbox's metrics say where the VM came from.
+    wait_ready(&env, 1, 1);
+    let o = ctd.ctr_out(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "detached",
+        "sleep",
+        "300",
+    ]);
+    assert!(o.status.success(), "ctr run -d: {}", stderr_of(&o));
+    let sock = ctd.metrics_socket("detached");
+    let body = wait_for(
+        "the sandbox's metrics",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let (status, body) = sock
+                .exists()
+                .then(|| get_unix(&sock, "/metrics", Duration::from_secs(5)))?;
+            (status == 200).then_some(body)
+        },
+    )
+    .unwrap();
+    let src = |s: &str| {
+        value(
+            &body,
+            "joey_sandbox_starts_total",
+            &[&format!("source=\"{s}\"")],
+        )
+    };
+    assert_eq!((src("pool"), src("cold")), (Some(1.0), None), "{body}");
+    for args in [
+        &["task", "kill", "-s", "SIGKILL", "detached"][..],
+        &["task", "rm", "-f", "detached"],
+        &["container", "rm", "detached"],
+    ] {
+        let o = ctd.ctr_out(args);
+        assert!(o.status.success(), "ctr {args:?}: {}", stderr_of(&o));
+    }
     stop_cleanly(pool, &env);
-    ctd.assert_clean(&["pooled"]);
+    ctd.assert_clean(&["pooled", "detached"]);
 }
