@@ -73,8 +73,23 @@ impl Pool {
 }
 
 impl Drop for Pool {
+    /// After a failed test: SIGTERM, so that the pool removes its VMs (a SIGKILL would leave
+    /// their mounts behind); SIGKILL only if it has not exited within a minute.
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on our own child, not reaped yet.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let gone = wait_for(
+            "joey-pool exit",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || c.try_wait().ok().flatten(),
+        );
+        if gone.is_err() {
             let _ = c.kill();
             let _ = c.wait();
         }
