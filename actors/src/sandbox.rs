@@ -12,12 +12,14 @@ use joey_config::Config;
 use tokio::sync::watch;
 
 use crate::agent_client::{AgentClient, AgentError, RpcCode};
+use crate::hypervisor::pooled::{self, LeaseOutcome};
 use crate::hypervisor::{
-    self, host, Accelerator, BackendKind, HypervisorActor, HypervisorError, StartVm, StopVm, VmExit, VmSpec,
+    self, host, Accelerator, AdoptLease, BackendKind, HypervisorActor, HypervisorError, ReleaseVm, StartVm, StopVm,
+    VmExit, VmSpec,
 };
 use crate::lifecycle::{InvalidTransition, SandboxState};
 use crate::network::{NetworkActor, NetworkError, NetworkInfo, SetupNetwork, TeardownNetwork};
-use crate::sharefs::{SetupShareFs, ShareFsActor, ShareFsError, ShareRootfs, StopShareFs, Unshare, VolumeShare};
+use crate::sharefs::{AdoptSharedDir, SetupShareFs, ShareFsActor, ShareFsError, ShareRootfs, StopShareFs, Unshare, VolumeShare};
 
 /// Guest context id given to every sandbox's vsock device (each device is private to its VM).
 pub const GUEST_CID: u64 = 3;
@@ -90,7 +92,32 @@ pub struct SandboxStarted {
     pub metrics_reply_timeout: Duration,
     /// The pod network carried into the VM (`None`: no network namespace was given).
     pub network: Option<NetworkInfo>,
+    /// Where the VM came from (a pooled VM's `vm_start_to_agent_ready` is lease -> ready).
+    pub source: VmSource,
+    /// Pool: the leased VM's id; cold: why no pooled VM was used.
+    pub source_detail: String,
 }
+
+/// Where a sandbox's VM came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmSource {
+    /// Leased, already booted, from `joey-pool` (docs/pool.md).
+    Pool,
+    /// Booted for this sandbox.
+    Cold,
+}
+
+impl std::fmt::Display for VmSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmSource::Pool => "pool",
+            VmSource::Cold => "cold",
+        })
+    }
+}
+
+/// How long a sandbox waits for the pool's answer before it boots cold.
+const LEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a stopped sandbox reports.
 #[derive(Debug, Clone)]
@@ -315,16 +342,39 @@ async fn remove_state_dir(dir: PathBuf) {
 }
 
 /// What StartSandbox decided before anything runs.
-struct Prepared {
-    spec: VmSpec,
-    backend: BackendKind,
-    backend_reason: String,
-    accel: host::AccelChoice,
+pub struct Prepared {
+    pub spec: VmSpec,
+    pub backend: BackendKind,
+    pub backend_reason: String,
+    pub accel: host::AccelChoice,
+}
+
+/// Asks the pool for a VM like `p`'s when the config has a pool (`pool.size` > 0) and the
+/// sandbox can use one: a QEMU VM without a pod network (a pooled VM has no network device and
+/// microvm cannot hotplug one, docs/pool.md).
+async fn try_lease(cfg: &Config, p: &Prepared, netns: bool) -> LeaseOutcome {
+    if cfg.pool.size == 0 {
+        return LeaseOutcome::Cold("pool.size is 0".into());
+    }
+    if netns {
+        return LeaseOutcome::Cold("the sandbox has a pod network".into());
+    }
+    if p.backend != BackendKind::Qemu {
+        return LeaseOutcome::Cold(format!("the pool runs QEMU VMs, this sandbox runs on {}", p.backend));
+    }
+    pooled::lease(&cfg.runtime.state_dir, pooled::Shape::of(&p.spec), LEASE_TIMEOUT).await
 }
 
 /// Picks the backend for the host (its KVM, the files and binaries that backend needs), then
 /// creates the state dir. Blocking.
-fn prepare(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result<Prepared, SandboxError> {
+pub fn prepare(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result<Prepared, SandboxError> {
+    let p = plan(cfg, origin, id, state_dir)?;
+    make_state_dir(state_dir)?;
+    Ok(p)
+}
+
+/// What [`prepare`] decides (backend, VM spec), without creating anything. Blocking.
+pub fn plan(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result<Prepared, SandboxError> {
     let flavor = host::detect_kvm(&host::HostPaths::default());
     let hypervisor::BackendSelection {
         backend,
@@ -332,7 +382,6 @@ fn prepare(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result<Pre
         accel,
         kernel,
     } = hypervisor::select_backend(cfg, origin, &flavor)?;
-    make_state_dir(state_dir)?;
     tracing::info!(sandbox = %id, %backend, reason = %backend_reason, "hypervisor backend chosen");
     tracing::info!(sandbox = %id, accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
     let spec = VmSpec {
@@ -416,9 +465,18 @@ impl Handler<StartSandbox> for SandboxActor {
             self.state_dir.clone(),
         );
         // Host probing, file checks and the state dir: blocking, on the blocking pool.
-        let prep = async move { blocking(move || prepare(&cfg, &origin, &id, &dir)).await? };
+        let netns = msg.netns.is_some();
+        let prep = async move {
+            let p = blocking({
+                let cfg = cfg.clone();
+                move || prepare(&cfg, &origin, &id, &dir)
+            })
+            .await??;
+            let lease = try_lease(&cfg, &p, netns).await;
+            Ok::<_, SandboxError>((p, lease))
+        };
         AtomicResponse::new(Box::pin(prep.into_actor(self).then(|prep, act, _| match prep {
-            Ok(p) => act.boot(p, msg.netns),
+            Ok((p, lease)) => act.boot(p, msg.netns, lease),
             Err(e) => {
                 // Nothing was started (and no state dir of ours made).
                 let _ = act.state.transition(SandboxState::Stopping);
@@ -436,6 +494,7 @@ impl SandboxActor {
         &mut self,
         prepared: Prepared,
         netns: Option<PathBuf>,
+        lease: LeaseOutcome,
     ) -> ResponseActFuture<Self, Result<SandboxStarted, SandboxError>> {
         let Prepared {
             mut spec,
@@ -449,7 +508,18 @@ impl SandboxActor {
         let rpc_timeout = Duration::from_millis(self.config.agent.rpc_timeout_ms);
         let id = self.id.clone();
         let state_dir = self.state_dir.clone();
-        let sharefs = ShareFsActor::new(self.state_dir.clone()).start();
+        let (lease, source_detail) = match lease {
+            LeaseOutcome::Leased(l) => {
+                let detail = l.vm.vm_id.clone();
+                (Some(l), detail)
+            }
+            LeaseOutcome::Cold(why) => (None, why),
+        };
+        let source = if lease.is_some() { VmSource::Pool } else { VmSource::Cold };
+        tracing::info!(sandbox = %self.id, %source, detail = %source_detail, "VM source chosen");
+        // A leased VM's shared dir is in its own (the pool's) directory: the shares go there.
+        let share_root = lease.as_ref().map_or_else(|| self.state_dir.clone(), |l| l.vm.dir.clone());
+        let sharefs = ShareFsActor::new(share_root).start();
         self.sharefs = Some(sharefs.clone());
         let network = netns.map(|ns| (NetworkActor::new().start(), ns));
         self.network = network.as_ref().map(|(n, _)| n.clone());
@@ -462,16 +532,25 @@ impl SandboxActor {
             if let Some(p) = &pod {
                 spec.net = p.attachments()?;
             }
-            // The virtio-fs device must be listening before the VMM starts.
-            // The built-in VMM serves the shared dir itself; QEMU gets our vhost-user device.
-            let device = sharefs
-                .send(SetupShareFs {
-                    vhost_user: backend == BackendKind::Qemu,
-                })
-                .await??;
-            spec.share_fs = Some(device);
-            let t0 = Instant::now();
-            let vm = hv.send(StartVm { spec, backend }).await??;
+            let (t0, vm) = match lease {
+                // The pool runs the VM and serves its devices.
+                Some(lease) => {
+                    sharefs.send(AdoptSharedDir).await??;
+                    (lease.requested_at, hv.send(AdoptLease { lease }).await??)
+                }
+                None => {
+                    // The virtio-fs device must be listening before the VMM starts.
+                    // The built-in VMM serves the shared dir itself; QEMU gets our vhost-user device.
+                    let device = sharefs
+                        .send(SetupShareFs {
+                            vhost_user: backend == BackendKind::Qemu,
+                        })
+                        .await??;
+                    spec.share_fs = Some(device);
+                    let t0 = Instant::now();
+                    (t0, hv.send(StartVm { spec, backend }).await??)
+                }
+            };
             let agent = guarded(
                 vm.exit.clone(),
                 Some(vm.console_log.clone()),
@@ -517,6 +596,7 @@ impl SandboxActor {
                         memory_bytes: u64::from(act.config.hypervisor.memory_mib) << 20,
                         start_duration: ready,
                         vmm_pid: (vm.pid != std::process::id()).then_some(vm.pid),
+                        source: source.to_string(),
                     });
                     let agent = agent.with_rpc_metrics(act.metrics.agent_rpc_histogram());
                     act.agent = Some(agent);
@@ -536,6 +616,8 @@ impl SandboxActor {
                             state_dir: state_dir.clone(),
                             metrics_reply_timeout: act.config.metrics.reply_timeout(),
                             network,
+                            source,
+                            source_detail: source_detail.clone(),
                         }),
                         Err(e) => Err(e.into()),
                     }
@@ -559,7 +641,9 @@ impl SandboxActor {
                 if let Some((hv, dir, sharefs, network)) = cleanup {
                     let _ = hv.send(StopVm { grace: Duration::ZERO }).await;
                     stop_network(network).await;
-                    if stop_sharefs(sharefs).await {
+                    let unshared = stop_sharefs(sharefs).await;
+                    let _ = hv.send(ReleaseVm).await;
+                    if unshared {
                         remove_state_dir(dir).await;
                     }
                 }
@@ -619,7 +703,10 @@ impl Handler<StopSandbox> for SandboxActor {
             let method = teardown_reply("stopping the VM", report).flatten();
             // The VM's devices are gone: the taps can go.
             stop_network(network).await;
-            if stop_sharefs(sharefs).await {
+            let unshared = stop_sharefs(sharefs).await;
+            // A leased VM goes back to the pool (which removes it) once our shares are out of it.
+            let _ = hv.send(ReleaseVm).await;
+            if unshared {
                 remove_state_dir(dir).await;
             } else {
                 tracing::warn!(dir = %dir.display(), "sharefs cleanup incomplete; keeping the state dir");

@@ -346,6 +346,13 @@ pub struct SetupShareFs {
     pub vhost_user: bool,
 }
 
+/// Uses the shared dir that already exists in the state dir, whose device another process
+/// serves (a VM leased from `joey-pool`, docs/pool.md, which owns both): only the shares made
+/// afterwards are this actor's to release.
+#[derive(Message)]
+#[rtype(result = "Result<(), ShareFsError>")]
+pub struct AdoptSharedDir;
+
 /// Shares a container's host rootfs dir; replies with its guest path.
 #[derive(Message)]
 #[rtype(result = "Result<String, ShareFsError>")]
@@ -459,6 +466,23 @@ impl Handler<SetupShareFs> for ShareFsActor {
                     Ok(device)
                 }),
         ))
+    }
+}
+
+impl Handler<AdoptSharedDir> for ShareFsActor {
+    type Result = Result<(), ShareFsError>;
+
+    fn handle(&mut self, _: AdoptSharedDir, _: &mut Context<Self>) -> Self::Result {
+        self.state.expect(ShareFsState::Created)?;
+        let shared = self.shared_dir();
+        if !shared.is_dir() {
+            return Err(ShareFsError::Io {
+                what: format!("adopt shared dir {}", shared.display()),
+                source: io::ErrorKind::NotFound.into(),
+            });
+        }
+        self.state.transition(ShareFsState::Ready)?;
+        Ok(())
     }
 }
 
@@ -669,6 +693,33 @@ mod tests {
         assert!(shared.is_dir() && !sock.exists());
         assert!(res.cleanup_all().await.is_empty());
         assert!(!shared.exists());
+    }
+
+    /// A leased VM's shared dir (the pool's): adopted as it is, only the shares are released.
+    /// Needs CAP_SYS_ADMIN (mounts).
+    #[test]
+    fn an_adopted_shared_dir_stays_with_its_owner() {
+        actix::System::new().block_on(async {
+            let d = tempfile::tempdir().unwrap();
+            let a = ShareFsActor::new(d.path().to_path_buf()).start();
+            // No shared dir yet: refused, nothing changes.
+            let e = a.send(AdoptSharedDir).await.unwrap().unwrap_err();
+            assert!(matches!(e, ShareFsError::Io { .. }), "{e}");
+            assert_eq!(a.send(GetShareFsState).await.unwrap(), ShareFsState::Created);
+            let (shared, host) = shared_and_host(d.path());
+            a.send(AdoptSharedDir).await.unwrap().unwrap();
+            let share = ShareRootfs {
+                container_id: "c1".into(),
+                host_path: host,
+                read_only: false,
+                volumes: Vec::new(),
+            };
+            assert_eq!(mounting(a.send(share).await.unwrap()), guest_rootfs_path("c1"));
+            assert!(shared.join("c1/rootfs").is_dir());
+            a.send(StopShareFs).await.unwrap().unwrap();
+            assert!(shared.is_dir() && !shared.join("c1").exists());
+            assert_no_mounts_under(d.path());
+        });
     }
 
     /// Needs CAP_SYS_ADMIN (mounts).

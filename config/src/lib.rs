@@ -39,6 +39,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub runtime: RuntimeConfig,
     pub metrics: MetricsConfig,
+    pub pool: PoolConfig,
 }
 
 /// Which VMM runs the sandbox microVM.
@@ -259,6 +260,19 @@ impl MetricsConfig {
     }
 }
 
+/// Most VMs `pool.size` may keep booted.
+pub const MAX_POOL_SIZE: u32 = 64;
+
+/// `[pool]`: the warm VM pool kept by `joey-pool` and leased by joeyctl and the shim
+/// (docs/pool.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// VMs kept booted (agent answered) per VM shape; 0: no pool (joeyctl and the shim always
+    /// boot cold, `joey-pool` refuses to start).
+    pub size: u32,
+}
+
 /// Checks a metrics timeout: in 1..=[`MAX_METRICS_TIMEOUT_MS`]; the message names no key.
 pub fn check_metrics_timeout_ms(ms: u64) -> Result<(), String> {
     if ms == 0 || ms > MAX_METRICS_TIMEOUT_MS {
@@ -360,6 +374,7 @@ impl Config {
     /// - `runtime.log_level` one of error|warn|info|debug|trace
     /// - `metrics.agent_timeout_ms`, `metrics.monitor_scrape_timeout_ms` in 1..=60000
     /// - `metrics.monitor_listen` an IP address and port
+    /// - `pool.size` in 0..=[`MAX_POOL_SIZE`]
     /// - `runtime.enable_annotations` only scalar keys that are not paths
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: String| ConfigError::Invalid {
@@ -443,6 +458,12 @@ impl Config {
         }
         m.monitor_listen_addr()
             .map_err(|msg| invalid("metrics.monitor_listen", msg))?;
+        if self.pool.size > MAX_POOL_SIZE {
+            return Err(invalid(
+                "pool.size",
+                format!("{} is out of range (valid: 0..={MAX_POOL_SIZE})", self.pool.size),
+            ));
+        }
         if !r.enable_annotations.is_empty() {
             let defaults = toml::Value::try_from(Config::default())
                 .map_err(|e| invalid("runtime.enable_annotations", e.to_string()))?;
@@ -588,6 +609,9 @@ enable_annotations = ["hypervisor.memory_mib"]
 agent_timeout_ms = 250
 monitor_scrape_timeout_ms = 2000
 monitor_listen = "[::1]:9100"
+
+[pool]
+size = 2
 "#;
 
     fn write_tmp(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -631,6 +655,7 @@ monitor_listen = "[::1]:9100"
                 monitor_scrape_timeout_ms: 2_000,
                 monitor_listen: "[::1]:9100".into(),
             },
+            pool: PoolConfig { size: 2 },
         }
     }
 
@@ -862,6 +887,22 @@ monitor_listen = "[::1]:9100"
         }
         // Case matters.
         assert!(Config::from_toml_str("[hypervisor]\nkind = \"QEMU\"\n", "<string>").is_err());
+    }
+
+    #[test]
+    fn pool_keys_are_checked() {
+        assert_eq!(Config::default().pool.size, 0, "the pool is off by default");
+        let c = Config::from_toml_str("[pool]\nsize = 64\n", "<string>").unwrap();
+        assert_eq!(c.pool.size, MAX_POOL_SIZE);
+        let e = Config::from_toml_str("[pool]\nsize = 65\n", "/etc/joey/config.toml").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/etc/joey/config.toml: invalid value for `pool.size`: 65 is out of range (valid: 0..=64)"
+        );
+        let e = Config::from_toml_str("[pool]\nsize = -1\n", "<string>").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        let e = Config::from_toml_str("[pool]\nsizes = 3\n", "<string>").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }) && e.to_string().contains("sizes"), "{e}");
     }
 
     fn invalid_key(toml: &str) -> String {

@@ -100,6 +100,9 @@ pub struct VmFacts {
     pub start_duration: Duration,
     /// The VMM process when it is not this process (QEMU).
     pub vmm_pid: Option<u32>,
+    /// Where the VM came from: `pool` (leased from joey-pool) or `cold` (booted for this
+    /// sandbox).
+    pub source: String,
 }
 
 /// The metrics of one sandbox. Shared (`Arc`) between the actor, the agent client and the
@@ -120,6 +123,7 @@ pub struct SandboxMetrics {
     hypervisor: IntGaugeVec,
     vmm_cpu: Counter,
     vmm_rss: IntGauge,
+    starts: IntCounterVec,
     /// (last shim CPU seconds, last VMM CPU seconds) folded into the counters.
     last_cpu: Mutex<(f64, f64)>,
     vmm_pid: Mutex<Option<u32>>,
@@ -241,6 +245,16 @@ impl SandboxMetrics {
                     "Resident memory of the VMM process when it is a separate process (QEMU).",
                 )?,
             )?,
+            starts: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "joey_sandbox_starts_total",
+                        "Sandbox VMs started, by source: pool (leased from joey-pool) or cold (booted).",
+                    ),
+                    &["source"],
+                )?,
+            )?,
             registry: r,
             last_cpu: Mutex::new((0.0, 0.0)),
             vmm_pid: Mutex::new(None),
@@ -268,6 +282,7 @@ impl SandboxMetrics {
         self.accel.with_label_values(&[f.accel.as_str()]).set(1);
         self.hypervisor.reset();
         self.hypervisor.with_label_values(&[f.hypervisor.as_str()]).set(1);
+        self.starts.with_label_values(&[f.source.as_str()]).inc();
         if let Ok(mut p) = self.vmm_pid.lock() {
             *p = f.vmm_pid;
         }
@@ -511,6 +526,7 @@ pub const SANDBOX_METRIC_NAMES: &[&str] = &[
     "joey_hypervisor_info",
     "joey_hypervisor_process_cpu_seconds_total",
     "joey_hypervisor_process_resident_memory_bytes",
+    "joey_sandbox_starts_total",
     "joey_hypervisor_device_bytes_total",
     "joey_hypervisor_device_operations_total",
     "joey_hypervisor_device_errors_total",
@@ -625,6 +641,7 @@ mod tests {
             memory_bytes: 256 << 20,
             start_duration: Duration::from_millis(1500),
             vmm_pid: Some(std::process::id()),
+            source: "pool".into(),
         });
         m.agent_rpc_histogram().with_label_values(&["Check"]).observe(0.001);
         m.refresh_processes();
@@ -639,6 +656,7 @@ mod tests {
         assert!(text.contains("joey_guest_memory_used_bytes 58720256"), "{text}");
         assert!(text.contains("joey_guest_cpu_seconds_total{mode=\"user\"} 1.5"), "{text}");
         assert!(text.contains("joey_hypervisor_vm_start_duration_seconds 1.5"), "{text}");
+        assert!(text.contains("joey_sandbox_starts_total{source=\"pool\"} 1"), "{text}");
         let lines: Vec<&str> = text.lines().collect();
         for want in [
             "joey_hypervisor_device_bytes_total{device=\"vsock\",direction=\"to_guest\"} 1000",

@@ -17,6 +17,7 @@ pub mod builtin;
 pub mod cmdline;
 pub mod counters;
 pub mod host;
+pub mod pooled;
 pub mod qemu;
 
 use std::fmt;
@@ -66,7 +67,8 @@ impl fmt::Display for BackendKind {
 }
 
 /// How the VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum VmExit {
     /// The QEMU process exited with a code.
     Exited(i32),
@@ -95,7 +97,8 @@ impl fmt::Display for VmExit {
 }
 
 /// How a stop ended the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StopMethod {
     /// The guest ended the VM itself (agent DestroySandbox) or had already ended it.
     GuestExit,
@@ -154,6 +157,8 @@ pub enum HypervisorError {
     StopTimeout(u32),
     #[error(transparent)]
     Builtin(#[from] builtin::BuiltinError),
+    #[error(transparent)]
+    Pool(#[from] pooled::PoolError),
     #[error("no VM is running")]
     NotRunning,
     #[error("starting the VM: blocking task failed: {0}")]
@@ -240,6 +245,20 @@ pub struct StartVm {
     pub backend: BackendKind,
 }
 
+/// Takes over a VM leased from `joey-pool` ([`pooled::Lease`]): the actor then stops it
+/// through the pool and holds the lease until [`ReleaseVm`].
+#[derive(Message)]
+#[rtype(result = "Result<VmStarted, HypervisorError>")]
+pub struct AdoptLease {
+    pub lease: pooled::Lease,
+}
+
+/// Gives a leased VM back to the pool (which removes it): after [`StopVm`] and after the
+/// sandbox's shares in the VM's shared dir are gone. Nothing to do for other VMs.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReleaseVm;
+
 /// Stops the VM (after `grace` for the guest to power off by itself).
 #[derive(Message)]
 #[rtype(result = "Result<StopReport, HypervisorError>")]
@@ -324,13 +343,17 @@ pub fn tail(path: &Path, n: usize) -> String {
 enum Vm {
     Qemu(qemu::QemuVm),
     Builtin(builtin::BuiltinVm),
+    /// Leased from `joey-pool`, which runs it.
+    Pooled(pooled::Lease),
 }
 
 impl Vm {
-    async fn stop(self, grace: Duration) -> Result<(StopMethod, VmExit), HypervisorError> {
+    /// Stops the VM; a lease comes back (the VM's files stay until it is dropped).
+    async fn stop(self, grace: Duration) -> (Result<(StopMethod, VmExit), HypervisorError>, Option<pooled::Lease>) {
         match self {
-            Vm::Qemu(vm) => vm.stop(grace).await,
-            Vm::Builtin(vm) => Ok(vm.stop(grace).await?),
+            Vm::Qemu(vm) => (vm.stop(grace).await, None),
+            Vm::Builtin(vm) => (vm.stop(grace).await.map_err(Into::into), None),
+            Vm::Pooled(mut lease) => (lease.stop(grace).await.map_err(Into::into), Some(lease)),
         }
     }
 }
@@ -339,6 +362,8 @@ impl Vm {
 pub struct HypervisorActor {
     vm: Option<Vm>,
     state: VmState,
+    /// A stopped leased VM, kept until [`ReleaseVm`].
+    stopped_lease: Option<pooled::Lease>,
 }
 
 impl HypervisorActor {
@@ -346,6 +371,7 @@ impl HypervisorActor {
         HypervisorActor {
             vm: None,
             state: VmState::NotStarted,
+            stopped_lease: None,
         }
     }
 
@@ -354,6 +380,8 @@ impl HypervisorActor {
         match self.vm.as_ref()? {
             Vm::Qemu(vm) => Some(vm.counter_sources()),
             Vm::Builtin(vm) => Some(vm.counter_sources()),
+            // The pool serves the devices: their counters are in its process.
+            Vm::Pooled(_) => Some(counters::VmCounterSources::default()),
         }
     }
 
@@ -446,19 +474,55 @@ impl Handler<StopVm> for HypervisorActor {
         }
         let fut = async move {
             match vm {
-                Some(vm) => vm
-                    .stop(msg.grace)
-                    .await
-                    .map(|(method, exit)| StopReport { method, exit }),
-                None => Err(HypervisorError::NotRunning),
+                Some(vm) => {
+                    let (res, lease) = vm.stop(msg.grace).await;
+                    (res.map(|(method, exit)| StopReport { method, exit }), lease)
+                }
+                None => (Err(HypervisorError::NotRunning), None),
             }
         };
-        Box::pin(fut.into_actor(self).map(|res, act, _ctx| {
+        Box::pin(fut.into_actor(self).map(|(res, lease), act, _ctx| {
+            if lease.is_some() {
+                act.stopped_lease = lease;
+            }
             if res.is_ok() {
                 let _ = act.state.transition(VmState::Exited);
             }
             res
         }))
+    }
+}
+
+impl Handler<AdoptLease> for HypervisorActor {
+    type Result = Result<VmStarted, HypervisorError>;
+
+    fn handle(&mut self, msg: AdoptLease, _ctx: &mut Context<Self>) -> Self::Result {
+        self.state.transition(VmState::Running)?;
+        let l = &msg.lease;
+        let started = VmStarted {
+            pid: l.vm.pid,
+            vsock_uds: l.vm.vsock_uds.clone(),
+            console_log: l.vm.console_log.clone(),
+            vmm_log: Some(l.vm.qemu_log.clone()),
+            exit: l.exit_watch(),
+        };
+        self.vm = Some(Vm::Pooled(msg.lease));
+        Ok(started)
+    }
+}
+
+impl Handler<ReleaseVm> for HypervisorActor {
+    type Result = ();
+
+    fn handle(&mut self, _: ReleaseVm, _ctx: &mut Context<Self>) {
+        if let Some(l) = self.stopped_lease.take() {
+            tracing::info!(vm = %l.vm.vm_id, "leased VM given back to the pool");
+        }
+        if matches!(self.vm, Some(Vm::Pooled(_))) {
+            // Never stopped: the pool stops it once the lease is dropped.
+            self.vm = None;
+            let _ = self.state.transition(VmState::Exited);
+        }
     }
 }
 

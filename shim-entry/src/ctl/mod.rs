@@ -70,17 +70,23 @@ fn load_config(p: Option<&std::path::Path>) -> Result<(joey_config::Config, Stri
     }
 }
 
+/// Parses the command line; `Err` is the exit code after clap printed help, the version (0)
+/// or the usage error ([`EXIT_BAD_INPUT`]).
+pub fn parse_args<C: Parser>() -> Result<C, i32> {
+    C::try_parse().map_err(|e| {
+        let _ = e.print();
+        match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+            _ => EXIT_BAD_INPUT,
+        }
+    })
+}
+
 /// Parses arguments and runs the subcommand; returns the process exit code.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match parse_args() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
-                _ => EXIT_BAD_INPUT,
-            };
-        }
+        Err(code) => return code,
     };
     match cli.cmd {
         Cmd::Run(args) => run::run(args),

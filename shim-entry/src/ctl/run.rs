@@ -199,6 +199,7 @@ async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -
         );
         eprintln!("joey timings: hypervisor reason: {}", started.backend_reason);
         eprintln!("joey timings: accel reason: {}", started.accel_reason);
+        eprintln!("joey timings: vm source={} ({})", started.source, started.source_detail);
     }
     match outcome {
         Outcome::Exited(c) | Outcome::Interrupted(c) | Outcome::Failed(c) => c,
