@@ -28,8 +28,8 @@ say = @echo "==> $(1)"
 KERNEL_LOG := $(GUEST_DIR)/kernel-build.log
 
 build: deps
-	$(call say,workspace: cargo build --release (joeyctl, joey-monitor, containerd-shim-joey-v2))
-	$(CARGO) build --release --bin joeyctl --bin joey-monitor --bin containerd-shim-joey-v2
+	$(call say,workspace: cargo build --release (joeyctl, joey-monitor, joey-pool, containerd-shim-joey-v2))
+	$(CARGO) build --release --bin joeyctl --bin joey-monitor --bin joey-pool --bin containerd-shim-joey-v2
 
 agent: deps
 	$(call say,agent: static joey-agent for the guest)
@@ -96,6 +96,10 @@ bench: build guest
 	  bash scripts/bench-net.sh
 	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/cri-bench.sh
+	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	  bash scripts/bench-pool.sh
+	JOEY_SHIM=$(CURDIR)/target/release/containerd-shim-joey-v2 JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
+	  bash scripts/bench-density.sh
 	$(CARGO) bench -p joey-vmm-core --bench probe_boot
 	JOEYCTL=$(CURDIR)/$(JOEYCTL) JOEY_KERNEL=$(CURDIR)/$(GUEST_KERNEL) JOEY_INITRD=$(CURDIR)/$(GUEST_DIR)/initrd.img \
 	  bash scripts/nested-bench.sh
