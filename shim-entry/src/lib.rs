@@ -3,5 +3,6 @@
 
 pub mod ctl;
 pub mod logging;
+pub mod security;
 pub mod signals;
 pub mod shim;

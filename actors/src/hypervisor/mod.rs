@@ -85,6 +85,9 @@ impl fmt::Display for VmExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             VmExit::Exited(c) => write!(f, "exited with code {c}"),
+            VmExit::Signaled(s) if *s == libc::SIGSYS => {
+                write!(f, "killed by signal {s} (SIGSYS: a system call its seccomp filter forbids)")
+            }
             VmExit::Signaled(s) => write!(f, "killed by signal {s}"),
             VmExit::WaitFailed(e) => write!(f, "wait failed: {e}"),
             VmExit::GuestStopped(why) => write!(f, "stopped ({why})"),

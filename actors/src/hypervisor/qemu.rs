@@ -10,6 +10,7 @@ use joey_vmm_core::devices::fs::FsMetrics;
 use joey_vmm_core::devices::legacy::capped_log::CappedLog;
 use joey_vmm_core::devices::net::{NetMetrics, VhostUserNetHandle, VhostUserNetServer};
 use joey_vmm_core::devices::vsock::{VhostUserVsockHandle, VhostUserVsockServer, VsockConfig, VsockMetrics};
+use joey_vmm_core::seccomp;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -136,6 +137,13 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Result<Vec<String>, Hypervis
     Ok(a)
 }
 
+/// QEMU's own seccomp filter (with seccomp on): obsolete calls, privilege changes, new
+/// processes and resource-control calls (scheduler, affinity, memory policy) are refused.
+pub const SANDBOX_ARGS: [&str; 2] = [
+    "-sandbox",
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+];
+
 /// QEMU's fd for the console pipe.
 const CONSOLE_FD: i32 = 3;
 /// How long QEMU's exit waits for the console pump to write the last output to the log.
@@ -165,6 +173,7 @@ impl ConsolePump {
         std::thread::Builder::new()
             .name("joey-console".into())
             .spawn(move || {
+                joey_vmm_core::seccomp::apply_or_log(joey_vmm_core::seccomp::ThreadClass::Console);
                 let mut read = std::fs::File::from(read);
                 let mut buf = [0u8; 8192];
                 let mut failed = false;
@@ -295,7 +304,13 @@ impl Launch {
     fn prepare(spec: &VmSpec) -> Result<Launch, HypervisorError> {
         let binary = resolve_binary(&spec.qemu_binary)?;
         let paths = VmPaths::new(&spec.state_dir);
-        let args = qemu_args(spec, &paths)?;
+        let mut args = qemu_args(spec, &paths)?;
+        // With seccomp on (`security.seccomp`), QEMU inherits the runtime thread's filter, adds
+        // the io_uring refusal between fork and exec, and its own `-sandbox` (docs/security.md).
+        let child_filter = seccomp::qemu_child_filter().map_err(|e| HypervisorError::Device(e.to_string()))?;
+        if child_filter.is_some() {
+            args.extend(SANDBOX_ARGS.iter().map(|s| s.to_string()));
+        }
         let fs_metrics = spec.share_fs.as_ref().and_then(|fs| match &fs.transport {
             ShareFsTransport::VhostUser { metrics, .. } => Some(metrics.clone()),
             ShareFsTransport::InProcess => None,
@@ -331,12 +346,16 @@ impl Launch {
             .stderr(Stdio::from(log2))
             // Own process group: a Ctrl-C on the terminal reaches joeyctl, which tears the VM down.
             .process_group(0);
-        // SAFETY: the closure only calls async-signal-safe prctl(2) between fork and exec.
+        // SAFETY: the closure only makes async-signal-safe system calls (prctl(2), seccomp(2) with
+        // a filter compiled before the fork, fcntl(2), dup2(2)) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 // QEMU must not outlive the runtime process, even if it is SIGKILLed.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(f) = &child_filter {
+                    seccomp::apply_in_child(f)?;
                 }
                 // The console pipe on CONSOLE_FD, without close-on-exec (dup2 onto itself
                 // would keep the flag, so clear it explicitly then).
