@@ -43,7 +43,8 @@ pub enum ThreadClass {
     /// The async runtime (actix/tokio, blocking pool) and every other thread of the process
     /// that has no class of its own; also what QEMU inherits.
     Runtime,
-    /// A vCPU thread of the built-in VMM (`vcpuN`).
+    /// A vCPU thread of the built-in VMM (`vcpuN`): `KVM_RUN`, and the device registers it
+    /// emulates in place.
     Vcpu,
     /// An in-process device event loop of the built-in VMM (`joey-virtio`, the VMM thread's
     /// devices) and the virtio-net tap relays.
@@ -93,7 +94,9 @@ impl ThreadClass {
                 v.extend_from_slice(RUNTIME);
                 v.extend_from_slice(QEMU_CHILD);
             }
-            ThreadClass::Vcpu => v.extend([KVM, CONSOLE_LOG].concat()),
+            // A vCPU thread runs device code in place on register accesses (activate, reset,
+            // notify, the serial into its capped log): the device class's calls plus KVM's.
+            ThreadClass::Vcpu => v.extend([KVM, CONSOLE_LOG, EVENTS, VSOCK_HOST, NET, BLK, FS].concat()),
             ThreadClass::Device => v.extend([EVENTS, VSOCK_HOST, NET, BLK, FS].concat()),
             ThreadClass::VhostUser => v.extend([EVENTS, VHOST_PROTOCOL, VSOCK_HOST, NET].concat()),
             ThreadClass::VhostUserFs => v.extend([EVENTS, VHOST_PROTOCOL, FS].concat()),

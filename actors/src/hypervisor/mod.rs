@@ -18,6 +18,7 @@ pub mod cmdline;
 pub mod counters;
 pub mod host;
 pub mod qemu;
+pub mod sandbox_cgroup;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

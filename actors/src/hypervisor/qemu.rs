@@ -16,6 +16,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::cmdline::{self, Reboot};
+use super::sandbox_cgroup::{Limits, SandboxCgroup};
 use super::{stop_in_steps, Accelerator, HypervisorError, StopStep, VmExit, VmSpec};
 use crate::sharefs::ShareFsTransport;
 
@@ -135,6 +136,13 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Result<Vec<String>, Hypervis
     push(&["-device", "virtio-rng-device"]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.qmp_sock.display())]);
     Ok(a)
+}
+
+/// Removes QEMU's sandbox cgroup after its exit (blocking).
+fn remove_cgroup(cg: &SandboxCgroup) {
+    if let Err(e) = cg.remove() {
+        tracing::warn!(error = %e, "removing the sandbox cgroup failed");
+    }
 }
 
 /// QEMU's own seccomp filter (with seccomp on): obsolete calls, privilege changes, new
@@ -290,6 +298,8 @@ impl QemuVm {
 /// A QEMU ready to spawn: its command line and the device threads it will connect to.
 struct Launch {
     cmd: std::process::Command,
+    /// QEMU's sandbox cgroup (removed once QEMU has exited).
+    cgroup: Option<Arc<SandboxCgroup>>,
     paths: VmPaths,
     vsock: VhostUserVsockHandle,
     vsock_metrics: Arc<VsockMetrics>,
@@ -331,6 +341,17 @@ impl Launch {
         let console = ConsolePump::start(&paths.console_log, spec.console_log_max_bytes)?;
         let console_fd = std::os::fd::AsRawFd::as_raw_fd(&console.write);
 
+        // The sandbox cgroup (last: nothing below fails and would leave it). A host without the
+        // memory and pids controllers runs QEMU without it, and says so.
+        let limits = Limits::for_size(spec.memory_mib, spec.vcpus);
+        let cgroup = match SandboxCgroup::create(&spec.id, limits) {
+            Ok(cg) => Some(Arc::new(cg)),
+            Err(e) => {
+                tracing::warn!(error = %e, "QEMU runs without its sandbox cgroup");
+                None
+            }
+        };
+        let join = cgroup.clone();
         let log = std::fs::File::create(&paths.qemu_log).map_err(|e| HypervisorError::Io {
             what: format!("create {}", paths.qemu_log.display()),
             source: e,
@@ -346,13 +367,17 @@ impl Launch {
             .stderr(Stdio::from(log2))
             // Own process group: a Ctrl-C on the terminal reaches joeyctl, which tears the VM down.
             .process_group(0);
-        // SAFETY: the closure only makes async-signal-safe system calls (prctl(2), seccomp(2) with
-        // a filter compiled before the fork, fcntl(2), dup2(2)) between fork and exec.
+        // SAFETY: the closure only makes async-signal-safe system calls (prctl(2), open(2),
+        // write(2) and close(2) of paths made before the fork, seccomp(2) with a filter compiled
+        // before the fork, fcntl(2), dup2(2)) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 // QEMU must not outlive the runtime process, even if it is SIGKILLed.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(cg) = &join {
+                    cg.join_in_child()?;
                 }
                 if let Some(f) = &child_filter {
                     seccomp::apply_in_child(f)?;
@@ -372,6 +397,7 @@ impl Launch {
         }
         Ok(Launch {
             cmd,
+            cgroup,
             paths,
             vsock,
             vsock_metrics,
@@ -390,9 +416,16 @@ impl Launch {
         let mut cmd = tokio::process::Command::from(self.cmd);
         cmd.kill_on_drop(true);
         let started_at = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| HypervisorError::Spawn { binary, source })?;
+        let cgroup = self.cgroup;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(source) => {
+                if let Some(cg) = cgroup {
+                    tokio::task::spawn_blocking(move || remove_cgroup(&cg));
+                }
+                return Err(HypervisorError::Spawn { binary, source });
+            }
+        };
         let pid = child.id().unwrap_or(0);
         // Only QEMU holds the console pipe's write end now: its exit is the pump's EOF.
         let ConsolePump { write, dropped, done } = self.console;
@@ -404,6 +437,9 @@ impl Launch {
                 Ok(s) => VmExit::from_status(s),
                 Err(e) => VmExit::WaitFailed(e.to_string()),
             };
+            if let Some(cg) = cgroup {
+                let _ = tokio::task::spawn_blocking(move || remove_cgroup(&cg)).await;
+            }
             // The console log is complete before anyone reads its tail for the exit report.
             let _ = tokio::time::timeout(CONSOLE_DRAIN, done).await;
             let _ = tx.send(Some(exit));
