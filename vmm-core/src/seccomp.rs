@@ -18,6 +18,7 @@
 //! failed. The lists were collected with `scripts/seccomp-trace.sh` (strace per thread).
 //! Without [`init`] (unit tests, seccomp off) [`apply`] does nothing.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -96,7 +97,9 @@ impl ThreadClass {
             }
             // A vCPU thread runs device code in place on register accesses (activate, reset,
             // notify, the serial into its capped log): the device class's calls plus KVM's.
-            ThreadClass::Vcpu => v.extend([KVM, CONSOLE_LOG, EVENTS, VSOCK_HOST, NET, BLK, FS].concat()),
+            ThreadClass::Vcpu => {
+                v.extend([KVM, CONSOLE_LOG, EVENTS, VSOCK_HOST, NET, BLK, FS].concat())
+            }
             ThreadClass::Device => v.extend([EVENTS, VSOCK_HOST, NET, BLK, FS].concat()),
             ThreadClass::VhostUser => v.extend([EVENTS, VHOST_PROTOCOL, VSOCK_HOST, NET].concat()),
             ThreadClass::VhostUserFs => v.extend([EVENTS, VHOST_PROTOCOL, FS].concat()),
@@ -154,18 +157,22 @@ pub fn compile(class: ThreadClass, action: Action) -> Result<BpfProgram, Seccomp
         .map(|nr| (nr, Vec::new()))
         .collect();
     // Every thread may open files read-only (glibc reads /sys/devices/system/cpu/online when a
-    // thread first allocates); only the classes with `openat` in their list may write or create.
-    if let std::collections::btree_map::Entry::Vacant(e) = rules.entry(libc::SYS_openat) {
-        let flags = libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC;
-        let read_only = SeccompCondition::new(
-            2,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::MaskedEq(flags as u64),
-            0,
-        )
-        .and_then(|c| SeccompRule::new(vec![c]))
-        .map_err(|source| SeccompError::Compile { class, source })?;
-        e.insert(vec![read_only]);
+    // thread first allocates) and name itself; only the classes with `openat` (`prctl`) in their
+    // list may write or create files (use other prctl options).
+    let cond = |arg, op, value| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(|source| SeccompError::Compile { class, source })
+    };
+    if let Entry::Vacant(e) = rules.entry(libc::SYS_openat) {
+        let flags = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
+        e.insert(vec![cond(2, SeccompCmpOp::MaskedEq(flags), 0)?]);
+    }
+    if let Entry::Vacant(e) = rules.entry(libc::SYS_prctl) {
+        e.insert(vec![
+            cond(0, SeccompCmpOp::Eq, libc::PR_SET_NAME as u64)?,
+            cond(0, SeccompCmpOp::Eq, libc::PR_GET_NAME as u64)?,
+        ]);
     }
     let mismatch = match action {
         Action::Kill => SeccompAction::KillProcess,
@@ -355,7 +362,7 @@ fn install_sigsys_handler() -> Result<(), SeccompError> {
 // ---------------------------------------------------------------------------------------------
 
 /// What every thread needs: memory, locks, time, signals, its own start and end (the thread
-/// names it sets), file metadata (std's reads ask for the size first), logging (a formatted line goes to stderr or to the log writer's queue).
+/// names it sets: `prctl(PR_SET_NAME)`, added by [`compile`]), file metadata (std's reads ask for the size first), logging (a formatted line goes to stderr or to the log writer's queue).
 const BASE: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_clock_gettime,
@@ -376,7 +383,6 @@ const BASE: &[i64] = &[
     libc::SYS_munmap,
     libc::SYS_nanosleep,
     libc::SYS_newfstatat,
-    libc::SYS_prctl,
     libc::SYS_read,
     libc::SYS_restart_syscall,
     libc::SYS_rseq,
@@ -545,6 +551,7 @@ const RUNTIME: &[i64] = &[
     libc::SYS_pidfd_send_signal,
     libc::SYS_pipe,
     libc::SYS_pipe2,
+    libc::SYS_prctl,
     libc::SYS_prlimit64,
     libc::SYS_readlink,
     libc::SYS_recvmmsg,
@@ -691,7 +698,7 @@ mod tests {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            stdout.contains(&format!("trapped: EPERM 2 {}", libc::SYS_mkdir)),
+            stdout.contains(&format!("trapped: EPERM 3 {}", libc::SYS_mkdir)),
             "{stdout}"
         );
         assert!(
@@ -723,6 +730,16 @@ mod tests {
             std::fs::read_to_string("/proc/self/status").unwrap();
             let c = std::fs::File::create(&created).unwrap_err();
             assert_eq!(c.raw_os_error(), Some(libc::EPERM));
+            // Naming itself is allowed; any other prctl option is not.
+            // SAFETY: prctl(2) with a NUL-terminated name, then a plain integer option.
+            unsafe {
+                assert_eq!(libc::prctl(libc::PR_SET_NAME, c"console-test".as_ptr()), 0);
+                assert_eq!(libc::prctl(libc::PR_SET_DUMPABLE, 0), -1);
+            }
+            assert_eq!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EPERM)
+            );
             mkdir(&bad).unwrap_err()
         })
         .join()
