@@ -341,6 +341,14 @@ impl Launch {
         let console = ConsolePump::start(&paths.console_log, spec.console_log_max_bytes)?;
         let console_fd = std::os::fd::AsRawFd::as_raw_fd(&console.write);
 
+        let log = std::fs::File::create(&paths.qemu_log).map_err(|e| HypervisorError::Io {
+            what: format!("create {}", paths.qemu_log.display()),
+            source: e,
+        })?;
+        let log2 = log.try_clone().map_err(|e| HypervisorError::Io {
+            what: "dup qemu log fd".into(),
+            source: e,
+        })?;
         // The sandbox cgroup (last: nothing below fails and would leave it). A host without the
         // memory and pids controllers runs QEMU without it, and says so.
         let limits = Limits::for_size(spec.memory_mib, spec.vcpus);
@@ -352,14 +360,6 @@ impl Launch {
             }
         };
         let join = cgroup.clone();
-        let log = std::fs::File::create(&paths.qemu_log).map_err(|e| HypervisorError::Io {
-            what: format!("create {}", paths.qemu_log.display()),
-            source: e,
-        })?;
-        let log2 = log.try_clone().map_err(|e| HypervisorError::Io {
-            what: "dup qemu log fd".into(),
-            source: e,
-        })?;
         let mut cmd = std::process::Command::new(&binary);
         cmd.args(args)
             .stdin(Stdio::null())
