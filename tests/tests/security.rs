@@ -247,3 +247,59 @@ fn shim_and_its_qemu_run_under_seccomp() {
     c.assert_clean(&["s1"]);
     assert_cgroup_removed("s1");
 }
+
+/// The shim of a running sandbox is SIGKILLed (its QEMU dies with it): containerd runs the
+/// shim's `delete`, which removes the sandbox cgroup too.
+#[test]
+fn a_killed_shims_sandbox_cgroup_is_removed_by_delete() {
+    let c = Containerd::start();
+    c.import_busybox();
+    let o = c.ctr_out(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "k1",
+        "sleep",
+        "300",
+    ]);
+    assert!(
+        o.status.success(),
+        "ctr run -d: {}\ncontainerd log:\n{}",
+        stderr_of(&o),
+        c.log()
+    );
+    c.wait_task_status("k1", "RUNNING", Duration::from_secs(60));
+    assert!(
+        cgroup_dirs("k1").iter().all(|d| d.is_dir()),
+        "{:?}",
+        cgroup_dirs("k1")
+    );
+    let shims = c.shim_pids("containerd-shim-joey-v2", "k1");
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    sigkill(shims[0]);
+    let gone = wait_for(
+        "k1 no longer RUNNING",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || (c.task_status("k1").as_deref() != Some("RUNNING")).then_some(()),
+    );
+    assert!(gone.is_ok(), "{gone:?}\ncontainerd log:\n{}", c.log());
+    let o = c.ctr_out(&["task", "delete", "--force", "k1"]);
+    assert!(
+        o.status.success() || stderr_of(&o).contains("not found"),
+        "ctr task delete --force: {}\ncontainerd log:\n{}",
+        stderr_of(&o),
+        c.log()
+    );
+    let o = c.ctr_out(&["container", "rm", "k1"]);
+    assert!(
+        o.status.success(),
+        "ctr container rm: {}\ncontainerd log:\n{}",
+        stderr_of(&o),
+        c.log()
+    );
+    c.assert_clean(&["k1"]);
+    assert_cgroup_removed("k1");
+}

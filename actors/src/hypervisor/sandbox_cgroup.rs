@@ -9,6 +9,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Where the host's cgroup file systems are mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -210,13 +211,39 @@ impl SandboxCgroup {
     }
 }
 
-/// Removes sandbox `id`'s cgroup if one was left (after a crash of its runtime; its QEMU is
-/// gone). Nothing to do on a host without the hierarchies.
-pub fn remove_leftover(id: &str) -> Result<(), CgroupError> {
-    match detect(Path::new(CGROUP_ROOT)) {
-        Ok(layout) => dirs_of(&layout, id).iter().try_for_each(|d| rmdir(d)),
-        Err(_) => Ok(()),
+/// Removes sandbox `id`'s cgroup if one was left (after a crash of its runtime): whatever still
+/// runs in it (a QEMU still exiting after its runtime died) is SIGKILLed, and the removal is
+/// tried again until `timeout`. Nothing to do on a host without the hierarchies.
+pub fn remove_leftover(id: &str, timeout: Duration) -> Result<(), CgroupError> {
+    let Ok(layout) = detect(Path::new(CGROUP_ROOT)) else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + timeout;
+    for dir in dirs_of(&layout, id) {
+        loop {
+            match rmdir(&dir) {
+                Err(CgroupError::Io { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                {
+                    let procs =
+                        std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs
+                        .lines()
+                        .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+                    {
+                        // SAFETY: kill(2); the pid is a process of the dead sandbox's cgroup.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => {
+                    other?;
+                    break;
+                }
+            }
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -110,10 +110,6 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
         std::thread::sleep(Duration::from_millis(50));
     }
     remove_dead_socket(bundle);
-    // The dead sandbox's cgroup (its QEMU is gone now; docs/security.md).
-    if let Err(e) = joey_actors::hypervisor::sandbox_cgroup::remove_leftover(&group) {
-        tracing::warn!(error = %e, "removing the sandbox cgroup failed");
-    }
     // Only the sandbox's own container names the pod's netns (app containers of a CRI pod
     // have /proc/<pid>/ns/net paths).
     if let Some(netns) = spec.as_ref().filter(|_| group == id).and_then(|s| s.network_namespace()) {
@@ -129,6 +125,10 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
             path: state.display().to_string(),
             source: e,
         })?;
+    }
+    // The dead sandbox's cgroup, once its QEMU has finished exiting (docs/security.md).
+    if let Err(e) = joey_actors::hypervisor::sandbox_cgroup::remove_leftover(&group, KILL_WAIT) {
+        tracing::warn!(error = %e, "removing the sandbox cgroup failed");
     }
     Ok(killed_response())
 }
