@@ -195,31 +195,28 @@ fn joeyctl_and_its_qemu_run_under_seccomp() {
     assert_cgroup_removed(&id);
 }
 
-#[test]
-fn shim_and_its_qemu_run_under_seccomp() {
+/// A private containerd running sandbox `id` (`sleep 300`, detached); its shim's pid.
+fn start_sandbox(id: &str) -> (Containerd, i32) {
     let c = Containerd::start();
     c.import_busybox();
-    let o = c.ctr_out(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "s1",
-        "sleep",
-        "300",
-    ]);
+    let o = c.ctr_out(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "300"]);
     assert!(
         o.status.success(),
         "ctr run -d: {}\ncontainerd log:\n{}",
         stderr_of(&o),
         c.log()
     );
-    c.wait_task_status("s1", "RUNNING", Duration::from_secs(60));
-
-    let shims = c.shim_pids("containerd-shim-joey-v2", "s1");
+    c.wait_task_status(id, "RUNNING", Duration::from_secs(60));
+    let shims = c.shim_pids("containerd-shim-joey-v2", id);
     assert_eq!(shims.len(), 1, "{shims:?}");
-    assert_runtime_confined(shims[0], "shim");
+    (c, shims[0])
+}
+
+#[test]
+fn shim_and_its_qemu_run_under_seccomp() {
+    let (c, shim) = start_sandbox("s1");
+
+    assert_runtime_confined(shim, "shim");
     let state = c.dir.path().join("joey-state").join("s1");
     let qemu: Vec<(i32, String)> = processes_mentioning(&format!("{}/", state.display()))
         .into_iter()
@@ -252,33 +249,13 @@ fn shim_and_its_qemu_run_under_seccomp() {
 /// shim's `delete`, which removes the sandbox cgroup too.
 #[test]
 fn a_killed_shims_sandbox_cgroup_is_removed_by_delete() {
-    let c = Containerd::start();
-    c.import_busybox();
-    let o = c.ctr_out(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "k1",
-        "sleep",
-        "300",
-    ]);
-    assert!(
-        o.status.success(),
-        "ctr run -d: {}\ncontainerd log:\n{}",
-        stderr_of(&o),
-        c.log()
-    );
-    c.wait_task_status("k1", "RUNNING", Duration::from_secs(60));
+    let (c, shim) = start_sandbox("k1");
     assert!(
         cgroup_dirs("k1").iter().all(|d| d.is_dir()),
         "{:?}",
         cgroup_dirs("k1")
     );
-    let shims = c.shim_pids("containerd-shim-joey-v2", "k1");
-    assert_eq!(shims.len(), 1, "{shims:?}");
-    sigkill(shims[0]);
+    sigkill(shim);
     let gone = wait_for(
         "k1 no longer RUNNING",
         Duration::from_secs(30),

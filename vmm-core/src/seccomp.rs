@@ -467,7 +467,9 @@ const BLK: &[i64] = &[
 ];
 
 /// virtio-fs: fuse-backend-rs's passthrough file system over the shared directory (every
-/// FUSE operation it implements; credentials are switched per request with setres[ug]id).
+/// FUSE operation it implements; credentials are switched per request with setres[ug]id; the
+/// in-process device gives its thread a private umask with `unshare(CLONE_FS)` at the first
+/// request).
 const FS: &[i64] = &[
     libc::SYS_copy_file_range,
     libc::SYS_dup,
@@ -519,6 +521,7 @@ const FS: &[i64] = &[
     libc::SYS_statx,
     libc::SYS_symlinkat,
     libc::SYS_umask,
+    libc::SYS_unshare,
     libc::SYS_unlinkat,
     libc::SYS_utimensat,
 ];
