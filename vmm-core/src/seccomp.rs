@@ -94,6 +94,7 @@ impl ThreadClass {
                 }
                 v.extend_from_slice(RUNTIME);
                 v.extend_from_slice(QEMU_CHILD);
+                v.extend_from_slice(SPAWNED);
             }
             // A vCPU thread runs device code in place on register accesses (activate, reset,
             // notify, the serial into its capped log): the device class's calls plus KVM's.
@@ -575,6 +576,24 @@ const RUNTIME: &[i64] = &[
     libc::SYS_unshare,
     libc::SYS_wait4,
     libc::SYS_waitid,
+];
+
+/// What the other processes the runtime spawns need beyond the lists above (they inherit the
+/// runtime filter too): containerd's `binary://` loggers, typically a shell and `cat`.
+const SPAWNED: &[i64] = &[
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_fadvise64,
+    libc::SYS_getgroups,
+    libc::SYS_getpgrp,
+    libc::SYS_getresgid,
+    libc::SYS_getresuid,
+    libc::SYS_getrusage,
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_setitimer,
+    libc::SYS_times,
+    libc::SYS_vfork,
 ];
 
 /// What QEMU calls beyond the runtime's list (it inherits the runtime filter; see the module
