@@ -315,11 +315,13 @@ async fn vm_died(exit: Option<VmExit>, console: Option<PathBuf>) -> SandboxError
         Some(p) => blocking(move || hypervisor::tail(&p, 5)).await.unwrap_or_default(),
         None => String::new(),
     };
-    let details = if tail.trim().is_empty() {
-        String::new()
-    } else {
-        format!("; last console lines:\n{tail}")
+    let mut details = match joey_vmm_core::seccomp::violations() {
+        (0, _) => String::new(),
+        (n, last) => format!("; {n} seccomp violation(s) trapped in the runtime, the last: syscall {}", last.unwrap_or(-1)),
     };
+    if !tail.trim().is_empty() {
+        details.push_str(&format!("; last console lines:\n{tail}"));
+    }
     SandboxError::VmDied { exit, details }
 }
 

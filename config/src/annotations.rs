@@ -24,6 +24,9 @@ pub const NEVER_OVERRIDABLE: &[&str] = &[
     "runtime.enable_annotations",
 ];
 
+/// Keys of the host's confinement (docs/security.md): never overridable by a pod either.
+pub const CONFINEMENT_KEYS: &[&str] = &["security.seccomp"];
+
 /// The default of `runtime.enable_annotations`: the sandbox's size.
 pub fn default_enabled() -> Vec<String> {
     vec!["hypervisor.vcpus".to_string(), "hypervisor.memory_mib".to_string()]
@@ -34,6 +37,8 @@ pub fn default_enabled() -> Vec<String> {
 pub enum AnnotationError {
     #[error("annotation {annotation}: `{key}` names a path and is never overridable")]
     PathKey { annotation: String, key: String },
+    #[error("annotation {annotation}: `{key}` is the host's confinement and is never overridable")]
+    Confinement { annotation: String, key: String },
     #[error("annotation {annotation}: `{key}` is not a joey config key")]
     UnknownKey { annotation: String, key: String },
     #[error("annotation {annotation}: `{key}` is not listed in runtime.enable_annotations")]
@@ -44,7 +49,7 @@ pub enum AnnotationError {
 
 /// Checks one entry of `runtime.enable_annotations`: a known scalar key that may be overridden.
 pub(crate) fn check_enabled_key(defaults: &toml::Value, key: &str) -> Result<(), String> {
-    if NEVER_OVERRIDABLE.contains(&key) {
+    if NEVER_OVERRIDABLE.contains(&key) || CONFINEMENT_KEYS.contains(&key) {
         return Err(format!("`{key}` is never overridable by annotations"));
     }
     match lookup(defaults, key) {
@@ -111,6 +116,9 @@ impl Config {
             let annotation = name.to_string();
             if NEVER_OVERRIDABLE.contains(key) {
                 return Err(AnnotationError::PathKey { annotation, key: key.to_string() });
+            }
+            if CONFINEMENT_KEYS.contains(key) {
+                return Err(AnnotationError::Confinement { annotation, key: key.to_string() });
             }
             let Some(slot) = lookup_mut(&mut tree, key).filter(|v| !v.is_table() && !v.is_array()) else {
                 return Err(AnnotationError::UnknownKey { annotation, key: key.to_string() });
@@ -189,6 +197,19 @@ mod tests {
                 format!("annotation {name}: `{key}` names a path and is never overridable")
             );
         }
+    }
+
+    #[test]
+    fn confinement_keys_are_never_overridable() {
+        let mut c = Config::default();
+        c.runtime.enable_annotations.push("security.seccomp".into());
+        let e = apply(&c, &[("io.joey.config.security.seccomp", "off")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "annotation io.joey.config.security.seccomp: `security.seccomp` is the host's confinement and is never overridable"
+        );
+        let e = Config::from_toml_str("[runtime]\nenable_annotations = [\"security.seccomp\"]\n", "<string>").unwrap_err();
+        assert!(e.to_string().contains("`security.seccomp` is never overridable by annotations"), "{e}");
     }
 
     #[test]

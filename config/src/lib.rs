@@ -40,6 +40,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub metrics: MetricsConfig,
     pub pool: PoolConfig,
+    pub security: SecurityConfig,
 }
 
 /// Which VMM runs the sandbox microVM.
@@ -271,6 +272,37 @@ pub struct PoolConfig {
     /// VMs kept booted (agent answered) per VM shape; 0: no pool (joeyctl and the shim always
     /// boot cold, `joey-pool` refuses to start).
     pub size: u32,
+}
+
+/// `security.seccomp`: what a system call outside a thread's seccomp allowlist does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// The process dies of SIGSYS (`SECCOMP_RET_KILL_PROCESS`).
+    #[default]
+    Kill,
+    /// SIGSYS to the thread: the call is logged, counted and fails with EPERM.
+    Trap,
+    /// No filters (debugging only).
+    Off,
+}
+
+impl fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SeccompMode::Kill => "kill",
+            SeccompMode::Trap => "trap",
+            SeccompMode::Off => "off",
+        })
+    }
+}
+
+/// `[security]`: host-side confinement of the runtime and QEMU (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Seccomp filters on every thread of the shim and `joeyctl run` (and so of QEMU).
+    pub seccomp: SeccompMode,
 }
 
 /// Checks a metrics timeout: in 1..=[`MAX_METRICS_TIMEOUT_MS`]; the message names no key.
@@ -612,6 +644,9 @@ monitor_listen = "[::1]:9100"
 
 [pool]
 size = 2
+
+[security]
+seccomp = "trap"
 "#;
 
     fn write_tmp(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -656,6 +691,9 @@ size = 2
                 monitor_listen: "[::1]:9100".into(),
             },
             pool: PoolConfig { size: 2 },
+            security: SecurityConfig {
+                seccomp: SeccompMode::Trap,
+            },
         }
     }
 
@@ -710,6 +748,21 @@ size = 2
         assert_eq!(p.hypervisor.vcpus, 2);
         assert_eq!(p.hypervisor.memory_mib, 256);
         assert_eq!(p.agent, AgentConfig::default());
+    }
+
+    #[test]
+    fn security_seccomp_modes() {
+        assert_eq!(Config::default().security.seccomp, SeccompMode::Kill);
+        for (text, mode) in [("kill", SeccompMode::Kill), ("trap", SeccompMode::Trap), ("off", SeccompMode::Off)] {
+            let c = Config::from_toml_str(&format!("[security]\nseccomp = \"{text}\"\n"), "<string>").unwrap();
+            assert_eq!(c.security.seccomp, mode);
+            assert_eq!(mode.to_string(), text);
+        }
+        let e = Config::from_toml_str("[security]\nseccomp = \"log\"\n", "<string>").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        assert!(e.to_string().contains("unknown variant `log`"), "{e}");
+        let e = Config::from_toml_str("[security]\nsecomp = \"off\"\n", "<string>").unwrap_err();
+        assert!(e.to_string().contains("secomp"), "{e}");
     }
 
     #[test]

@@ -4,5 +4,6 @@
 pub mod ctl;
 pub mod logging;
 pub mod pool;
+pub mod security;
 pub mod signals;
 pub mod shim;

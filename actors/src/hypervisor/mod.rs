@@ -19,6 +19,7 @@ pub mod counters;
 pub mod host;
 pub mod pooled;
 pub mod qemu;
+pub mod sandbox_cgroup;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -87,6 +88,9 @@ impl fmt::Display for VmExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             VmExit::Exited(c) => write!(f, "exited with code {c}"),
+            VmExit::Signaled(s) if *s == libc::SIGSYS => {
+                write!(f, "killed by signal {s} (SIGSYS: a system call its seccomp filter forbids)")
+            }
             VmExit::Signaled(s) => write!(f, "killed by signal {s}"),
             VmExit::WaitFailed(e) => write!(f, "wait failed: {e}"),
             VmExit::GuestStopped(why) => write!(f, "stopped ({why})"),

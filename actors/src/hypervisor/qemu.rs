@@ -10,11 +10,13 @@ use joey_vmm_core::devices::fs::FsMetrics;
 use joey_vmm_core::devices::legacy::capped_log::CappedLog;
 use joey_vmm_core::devices::net::{NetMetrics, VhostUserNetHandle, VhostUserNetServer};
 use joey_vmm_core::devices::vsock::{VhostUserVsockHandle, VhostUserVsockServer, VsockConfig, VsockMetrics};
+use joey_vmm_core::seccomp;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::cmdline::{self, Reboot};
+use super::sandbox_cgroup::{Limits, SandboxCgroup};
 use super::{stop_in_steps, Accelerator, HypervisorError, StopStep, VmExit, VmSpec};
 use crate::sharefs::ShareFsTransport;
 
@@ -138,6 +140,20 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, tsc_khz: Option<u64>) -> Result
     Ok(a)
 }
 
+/// Removes QEMU's sandbox cgroup after its exit (blocking).
+fn remove_cgroup(cg: &SandboxCgroup) {
+    if let Err(e) = cg.remove() {
+        tracing::warn!(error = %e, "removing the sandbox cgroup failed");
+    }
+}
+
+/// QEMU's own seccomp filter (with seccomp on): obsolete calls, privilege changes, new
+/// processes and resource-control calls (scheduler, affinity, memory policy) are refused.
+pub const SANDBOX_ARGS: [&str; 2] = [
+    "-sandbox",
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+];
+
 /// QEMU's fd for the console pipe.
 const CONSOLE_FD: i32 = 3;
 /// How long QEMU's exit waits for the console pump to write the last output to the log.
@@ -167,6 +183,7 @@ impl ConsolePump {
         std::thread::Builder::new()
             .name("joey-console".into())
             .spawn(move || {
+                joey_vmm_core::seccomp::apply_or_log(joey_vmm_core::seccomp::ThreadClass::Console);
                 let mut read = std::fs::File::from(read);
                 let mut buf = [0u8; 8192];
                 let mut failed = false;
@@ -283,6 +300,8 @@ impl QemuVm {
 /// A QEMU ready to spawn: its command line and the device threads it will connect to.
 struct Launch {
     cmd: std::process::Command,
+    /// QEMU's sandbox cgroup (removed once QEMU has exited).
+    cgroup: Option<Arc<SandboxCgroup>>,
     paths: VmPaths,
     vsock: VhostUserVsockHandle,
     vsock_metrics: Arc<VsockMetrics>,
@@ -297,7 +316,13 @@ impl Launch {
     fn prepare(spec: &VmSpec) -> Result<Launch, HypervisorError> {
         let binary = resolve_binary(&spec.qemu_binary)?;
         let paths = VmPaths::new(&spec.state_dir);
-        let args = qemu_args(spec, &paths, super::host::host_tsc_khz())?;
+        let mut args = qemu_args(spec, &paths, super::host::host_tsc_khz())?;
+        // With seccomp on (`security.seccomp`), QEMU inherits the runtime thread's filter, adds
+        // the io_uring refusal between fork and exec, and its own `-sandbox` (docs/security.md).
+        let child_filter = seccomp::qemu_child_filter().map_err(|e| HypervisorError::Device(e.to_string()))?;
+        if child_filter.is_some() {
+            args.extend(SANDBOX_ARGS.iter().map(|s| s.to_string()));
+        }
         let fs_metrics = spec.share_fs.as_ref().and_then(|fs| match &fs.transport {
             ShareFsTransport::VhostUser { metrics, .. } => Some(metrics.clone()),
             ShareFsTransport::InProcess => None,
@@ -326,6 +351,17 @@ impl Launch {
             what: "dup qemu log fd".into(),
             source: e,
         })?;
+        // The sandbox cgroup (last: nothing below fails and would leave it). A host without the
+        // memory and pids controllers runs QEMU without it, and says so.
+        let limits = Limits::for_size(spec.memory_mib, spec.vcpus);
+        let cgroup = match SandboxCgroup::create(&spec.id, limits) {
+            Ok(cg) => Some(Arc::new(cg)),
+            Err(e) => {
+                tracing::warn!(error = %e, "QEMU runs without its sandbox cgroup");
+                None
+            }
+        };
+        let join = cgroup.clone();
         let mut cmd = std::process::Command::new(&binary);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -333,12 +369,20 @@ impl Launch {
             .stderr(Stdio::from(log2))
             // Own process group: a Ctrl-C on the terminal reaches joeyctl, which tears the VM down.
             .process_group(0);
-        // SAFETY: the closure only calls async-signal-safe prctl(2) between fork and exec.
+        // SAFETY: the closure only makes async-signal-safe system calls (prctl(2), open(2),
+        // write(2) and close(2) of paths made before the fork, seccomp(2) with a filter compiled
+        // before the fork, fcntl(2), dup2(2)) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 // QEMU must not outlive the runtime process, even if it is SIGKILLed.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(cg) = &join {
+                    cg.join_in_child()?;
+                }
+                if let Some(f) = &child_filter {
+                    seccomp::apply_in_child(f)?;
                 }
                 // The console pipe on CONSOLE_FD, without close-on-exec (dup2 onto itself
                 // would keep the flag, so clear it explicitly then).
@@ -355,6 +399,7 @@ impl Launch {
         }
         Ok(Launch {
             cmd,
+            cgroup,
             paths,
             vsock,
             vsock_metrics,
@@ -373,9 +418,16 @@ impl Launch {
         let mut cmd = tokio::process::Command::from(self.cmd);
         cmd.kill_on_drop(true);
         let started_at = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| HypervisorError::Spawn { binary, source })?;
+        let cgroup = self.cgroup;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(source) => {
+                if let Some(cg) = cgroup {
+                    tokio::task::spawn_blocking(move || remove_cgroup(&cg));
+                }
+                return Err(HypervisorError::Spawn { binary, source });
+            }
+        };
         let pid = child.id().unwrap_or(0);
         // Only QEMU holds the console pipe's write end now: its exit is the pump's EOF.
         let ConsolePump { write, dropped, done } = self.console;
@@ -387,6 +439,9 @@ impl Launch {
                 Ok(s) => VmExit::from_status(s),
                 Err(e) => VmExit::WaitFailed(e.to_string()),
             };
+            if let Some(cg) = cgroup {
+                let _ = tokio::task::spawn_blocking(move || remove_cgroup(&cg)).await;
+            }
             // The console log is complete before anyone reads its tail for the exit report.
             let _ = tokio::time::timeout(CONSOLE_DRAIN, done).await;
             let _ = tx.send(Some(exit));

@@ -71,6 +71,11 @@ pub fn run(args: RunArgs) -> i32 {
     };
     let level = config.runtime.log_level.as_str();
     crate::logging::init_stderr(if args.verbose { crate::logging::at_least(level, "info") } else { level });
+    // Before any other thread: they all inherit the runtime filter.
+    if let Err(e) = crate::security::install_seccomp(config.security.seccomp) {
+        eprintln!("joeyctl: error: {e}");
+        return super::EXIT_RUNTIME;
+    }
     let sys = actix::System::new();
     let code = sys.block_on(run_async(args, config, origin));
     let _ = std::io::stdout().flush();

@@ -126,6 +126,10 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
             source: e,
         })?;
     }
+    // The dead sandbox's cgroup, once its QEMU has finished exiting (docs/security.md).
+    if let Err(e) = joey_actors::hypervisor::sandbox_cgroup::remove_leftover(&group, KILL_WAIT) {
+        tracing::warn!(error = %e, "removing the sandbox cgroup failed");
+    }
     Ok(killed_response())
 }
 

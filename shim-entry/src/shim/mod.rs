@@ -32,6 +32,8 @@ pub const RUNTIME_ID: &str = "io.containerd.joey.v2";
 pub enum ShimError {
     #[error("joey config: {0}")]
     Config(String),
+    #[error(transparent)]
+    Seccomp(#[from] joey_vmm_core::seccomp::SeccompError),
 }
 
 /// The shim's sandbox id (which shim a container joins, and the name of the sandbox's state
@@ -160,6 +162,13 @@ impl Shim for JoeyShim {
         let loaded = load_config();
         let level = loaded.as_ref().map_or("info", |(c, _)| c.runtime.log_level.as_str());
         init_logging(if self.debug { crate::logging::at_least(level, "debug") } else { level });
+        // Seccomp on every thread of the serving shim (TSYNC: the runtime's threads exist
+        // already), before the sandbox starts; without it, no sandbox (fail closed).
+        let mode = loaded.as_ref().map_or(Default::default(), |(c, _)| c.security.seccomp);
+        let loaded = match crate::security::install_seccomp(mode) {
+            Ok(_) => loaded,
+            Err(e) => Err(ShimError::Seccomp(e)),
+        };
         // The sandbox (and its state dir) is named after the pod: the grouping id of the first
         // container, which every container of the pod shares (and `delete` finds again).
         let (id, bundle) = (self.id.clone(), if self.bundle.is_empty() { ".".into() } else { self.bundle.clone() });

@@ -83,6 +83,9 @@ pub enum VhostUserError {
     /// The vhost-user daemon failed.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
+    /// The serving thread's seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// Registering a host event fd with the vring worker failed.
     #[error("cannot register host event fd with the vring worker: {0}")]
     RegisterListener(#[source] io::Error),
@@ -109,6 +112,8 @@ pub trait ServedBackend: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> +
     const NAME: &'static str;
     /// Name of the serving thread; the daemon's request thread is named `<THREAD_NAME>-req`.
     const THREAD_NAME: &'static str;
+    /// The seccomp class of the serving thread and of every thread it spawns.
+    const SECCOMP: crate::seccomp::ThreadClass = crate::seccomp::ThreadClass::VhostUser;
 
     /// The exit events handed out by the backend's `exit_event` (see [`ExitEvents`]).
     fn exit_events(&self) -> &ExitEvents;
@@ -371,6 +376,7 @@ impl<B: ServedBackend> VhostUserServer<B> {
         } = self;
         // Before any thread is spawned from here: they all inherit what it sets up.
         backend.prepare_serving_thread()?;
+        crate::seccomp::apply(B::SECCOMP)?;
         let host_events = backend.host_events();
         let backend = Arc::new(RwLock::new(backend));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());

@@ -328,6 +328,7 @@ impl Vcpu {
     }
 
     fn run_loop(mut self) {
+        crate::seccomp::apply_or_log(crate::seccomp::ThreadClass::Vcpu);
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|c| c.set(run_ptr));
         // Threads inherit the creator's signal mask; the kick must get through.

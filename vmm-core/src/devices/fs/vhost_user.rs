@@ -124,6 +124,7 @@ impl VhostUserBackendMut for FsBackend {
 impl ServedBackend for FsBackend {
     const NAME: &'static str = NAME;
     const THREAD_NAME: &'static str = SERVER_THREAD_NAME;
+    const SECCOMP: crate::seccomp::ThreadClass = crate::seccomp::ThreadClass::VhostUserFs;
 
     fn exit_events(&self) -> &ExitEvents {
         &self.exit_events

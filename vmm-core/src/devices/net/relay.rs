@@ -180,6 +180,7 @@ impl Relay {
     }
 
     fn run(self, stop: &EventFd) -> Result<(), RelayError> {
+        crate::seccomp::apply_or_log(crate::seccomp::ThreadClass::VhostUser);
         let Relay {
             listener, backend, ..
         } = self;

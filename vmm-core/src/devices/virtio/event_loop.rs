@@ -138,6 +138,7 @@ pub fn spawn(devices: Vec<SharedTransport>) -> Result<EventLoopHandle, EventLoop
 }
 
 fn run(epoll: Epoll, devices: Vec<SharedTransport>, exit: EventFd, cmds: Receiver<LoopCommand>) {
+    crate::seccomp::apply_or_log(crate::seccomp::ThreadClass::Device);
     let mut events = vec![EpollEvent::default(); EVENTS_PER_WAIT];
     loop {
         let n = match epoll.wait(POLL_TIMEOUT_MS, &mut events[..]) {

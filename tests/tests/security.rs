@@ -1,0 +1,282 @@
+//! Host-side confinement (docs/security.md): every thread of a running sandbox's shim, of
+//! `joeyctl run` and of their QEMU runs under a seccomp filter (`Seccomp: 2`), the device
+//! threads under their class's filter stacked on the runtime's, and QEMU with its own
+//! `-sandbox`, in its sandbox's cgroup with the limits of the sandbox's size. Needs `JOEY_SHIM`, `JOEYCTL`, `JOEY_KERNEL`, `JOEY_INITRD`, containerd, runc.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use joey_tests::containerd::*;
+use joey_tests::*;
+
+/// QEMU's `-sandbox` argument (actors/src/hypervisor/qemu.rs).
+const QEMU_SANDBOX: &str =
+    "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// One thread of a process: name, `Seccomp:` mode, `Seccomp_filters:` count.
+#[derive(Debug)]
+struct Task {
+    comm: String,
+    mode: u32,
+    filters: u32,
+}
+
+fn tasks(pid: i32) -> Vec<Task> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let t = t.expect("task").path();
+        // A thread that ended meanwhile is skipped.
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("status")),
+        ) else {
+            continue;
+        };
+        let field = |name: &str| -> u32 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {status}"))
+        };
+        v.push(Task {
+            comm: comm.trim().to_string(),
+            mode: field("Seccomp:"),
+            filters: field("Seccomp_filters:"),
+        });
+    }
+    v
+}
+
+/// Every thread of `pid` is in filter mode; the named device threads carry their class's filter
+/// on top of the runtime's (two filters), the runtime threads one.
+fn assert_runtime_confined(pid: i32, what: &str) {
+    let ts = tasks(pid);
+    assert!(
+        ts.iter().all(|t| t.mode == 2),
+        "{what}: a thread without a seccomp filter: {ts:?}"
+    );
+    for class_thread in [
+        "joey-vsock",
+        "joey-vsock-req",
+        "joey-fs",
+        "joey-fs-req",
+        "vring_worker",
+        "joey-console",
+    ] {
+        let of: Vec<&Task> = ts.iter().filter(|t| t.comm == class_thread).collect();
+        assert!(!of.is_empty(), "{what}: no {class_thread} thread: {ts:?}");
+        assert!(
+            of.iter().all(|t| t.filters == 2),
+            "{what}: {class_thread} without its own filter: {ts:?}"
+        );
+    }
+    let runtime: Vec<&Task> = ts
+        .iter()
+        .filter(|t| {
+            t.comm == "tokio-rt-worker"
+                || t.comm.starts_with("joeyctl")
+                || t.comm.starts_with("containerd-shim")
+        })
+        .collect();
+    assert!(!runtime.is_empty(), "{what}: no runtime thread: {ts:?}");
+    assert!(
+        runtime.iter().all(|t| t.filters == 1),
+        "{what}: runtime threads: {ts:?}"
+    );
+}
+
+/// QEMU: every thread filtered, by the runtime's filter, the io_uring refusal and its own
+/// `-sandbox` (three or more filters), and started with `-sandbox`.
+fn assert_qemu_confined(pid: i32, cmdline: &str) {
+    assert!(
+        cmdline.contains(QEMU_SANDBOX),
+        "QEMU without -sandbox: {cmdline}"
+    );
+    let ts = tasks(pid);
+    assert!(!ts.is_empty());
+    assert!(
+        ts.iter().all(|t| t.mode == 2 && t.filters >= 3),
+        "QEMU threads: {ts:?}"
+    );
+}
+
+/// The sandbox cgroup's directories of sandbox `id` on this host (cgroup v2: one; v1: memory
+/// and pids), as actors/src/hypervisor/sandbox_cgroup.rs makes them.
+fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        vec![root.join("joey").join(id)]
+    } else {
+        vec![
+            root.join("memory/joey").join(id),
+            root.join("pids/joey").join(id),
+        ]
+    }
+}
+
+/// QEMU is in its sandbox's cgroup (`joey/<id>` for memory and pids) with the limits of a
+/// default-sized sandbox (256 MiB, 1 vCPU): 256 + 512 MiB of memory, 130 tasks. Returns the id.
+fn assert_in_sandbox_cgroup(qemu: i32) -> String {
+    let groups = std::fs::read_to_string(format!("/proc/{qemu}/cgroup")).expect("cgroup");
+    let ids: Vec<&str> = groups
+        .lines()
+        .filter_map(|l| l.split_once("/joey/").map(|(_, id)| id))
+        .collect();
+    assert!(
+        !ids.is_empty() && ids.iter().all(|i| *i == ids[0]),
+        "QEMU's cgroups: {groups}"
+    );
+    let dirs = cgroup_dirs(ids[0]);
+    assert_eq!(ids.len(), dirs.len(), "QEMU's cgroups: {groups}");
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .trim()
+            .to_string()
+    };
+    let (memory, pids) = if dirs.len() == 1 {
+        (
+            read(dirs[0].join("memory.max")),
+            read(dirs[0].join("pids.max")),
+        )
+    } else {
+        (
+            read(dirs[0].join("memory.limit_in_bytes")),
+            read(dirs[1].join("pids.max")),
+        )
+    };
+    assert_eq!(memory, (768u64 << 20).to_string());
+    assert_eq!(pids, "130");
+    ids[0].to_string()
+}
+
+/// The sandbox cgroup of `id` is gone (removed once QEMU exited).
+fn assert_cgroup_removed(id: &str) {
+    let left = wait_for(
+        "the sandbox cgroup's removal",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || cgroup_dirs(id).iter().all(|d| !d.exists()).then_some(()),
+    );
+    assert!(left.is_ok(), "{left:?}: {:?}", cgroup_dirs(id));
+}
+
+#[test]
+fn joeyctl_and_its_qemu_run_under_seccomp() {
+    let env = Env::new();
+    let mut c = env.command(&[], &["sh", "-c", "echo started; sleep 100"]);
+    c.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let mut child = c.spawn().expect("spawn joeyctl");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line, "started\n");
+
+    assert_runtime_confined(child.id() as i32, "joeyctl");
+    let qemu: Vec<(i32, String)> = env
+        .processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system"))
+        .collect();
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    assert_qemu_confined(qemu[0].0, &qemu[0].1);
+    let id = assert_in_sandbox_cgroup(qemu[0].0);
+
+    // SAFETY: SIGINT to our own child: joeyctl tears the VM down.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = wait_output(child, Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(130), "stderr: {}", stderr_of(&o));
+    env.assert_no_leaks();
+    assert_cgroup_removed(&id);
+}
+
+/// A private containerd running sandbox `id` (`sleep 300`, detached); its shim's pid.
+fn start_sandbox(id: &str) -> (Containerd, i32) {
+    let c = Containerd::start();
+    c.import_busybox();
+    let o = c.ctr_out(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "300"]);
+    assert!(
+        o.status.success(),
+        "ctr run -d: {}\ncontainerd log:\n{}",
+        stderr_of(&o),
+        c.log()
+    );
+    c.wait_task_status(id, "RUNNING", Duration::from_secs(60));
+    let shims = c.shim_pids("containerd-shim-joey-v2", id);
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    (c, shims[0])
+}
+
+#[test]
+fn shim_and_its_qemu_run_under_seccomp() {
+    let (c, shim) = start_sandbox("s1");
+
+    assert_runtime_confined(shim, "shim");
+    let state = c.dir.path().join("joey-state").join("s1");
+    let qemu: Vec<(i32, String)> = processes_mentioning(&format!("{}/", state.display()))
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system"))
+        .collect();
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    assert_qemu_confined(qemu[0].0, &qemu[0].1);
+    assert_eq!(assert_in_sandbox_cgroup(qemu[0].0), "s1");
+
+    let k = c.ctr_out(&["task", "kill", "-s", "SIGKILL", "s1"]);
+    assert!(k.status.success(), "ctr task kill: {}", stderr_of(&k));
+    c.wait_task_status("s1", "STOPPED", Duration::from_secs(30));
+    for args in [
+        &["task", "delete", "s1"][..],
+        &["container", "rm", "s1"][..],
+    ] {
+        let o = c.ctr_out(args);
+        assert!(
+            o.status.success(),
+            "ctr {args:?}: {}\ncontainerd log:\n{}",
+            stderr_of(&o),
+            c.log()
+        );
+    }
+    c.assert_clean(&["s1"]);
+    assert_cgroup_removed("s1");
+}
+
+/// The shim of a running sandbox is SIGKILLed (its QEMU dies with it): containerd runs the
+/// shim's `delete`, which removes the sandbox cgroup too.
+#[test]
+fn a_killed_shims_sandbox_cgroup_is_removed_by_delete() {
+    let (c, shim) = start_sandbox("k1");
+    assert!(
+        cgroup_dirs("k1").iter().all(|d| d.is_dir()),
+        "{:?}",
+        cgroup_dirs("k1")
+    );
+    sigkill(shim);
+    let gone = wait_for(
+        "k1 no longer RUNNING",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || (c.task_status("k1").as_deref() != Some("RUNNING")).then_some(()),
+    );
+    assert!(gone.is_ok(), "{gone:?}\ncontainerd log:\n{}", c.log());
+    let o = c.ctr_out(&["task", "delete", "--force", "k1"]);
+    assert!(
+        o.status.success() || stderr_of(&o).contains("not found"),
+        "ctr task delete --force: {}\ncontainerd log:\n{}",
+        stderr_of(&o),
+        c.log()
+    );
+    let o = c.ctr_out(&["container", "rm", "k1"]);
+    assert!(
+        o.status.success(),
+        "ctr container rm: {}\ncontainerd log:\n{}",
+        stderr_of(&o),
+        c.log()
+    );
+    c.assert_clean(&["k1"]);
+    assert_cgroup_removed("k1");
+}
