@@ -452,6 +452,7 @@ impl SandboxActor {
         let sharefs = ShareFsActor::new(self.state_dir.clone()).start();
         self.sharefs = Some(sharefs.clone());
         let network = netns.map(|ns| (NetworkActor::new().start(), ns));
+        let net_limits = crate::network::net_rate_limits(&self.config.hypervisor.rate_limits);
         self.network = network.as_ref().map(|(n, _)| n.clone());
         let fut = async move {
             // The taps exist before the VMM starts: its virtio-net devices serve them.
@@ -460,7 +461,7 @@ impl SandboxActor {
                 None => None,
             };
             if let Some(p) = &pod {
-                spec.net = p.attachments()?;
+                spec.net = p.attachments(net_limits)?;
             }
             // The virtio-fs device must be listening before the VMM starts.
             // The built-in VMM serves the shared dir itself; QEMU gets our vhost-user device.
