@@ -363,6 +363,33 @@ impl RateLimiter {
         Ok(false)
     }
 
+    /// Charges one operation and `bytes` for work already done (e.g. a packet whose size was
+    /// known only once it was built), into debt if need be. If a bucket is left without a
+    /// token the limiter blocks until its timer fires; `Err` only if the timer cannot be armed.
+    pub fn charge(&mut self, bytes: u64) -> Result<(), RateLimiterError> {
+        if self.timer.is_none() {
+            return Ok(());
+        }
+        let now = self.now_ns();
+        let mut wait = 0u64;
+        for (b, n) in [(&mut self.bandwidth, bytes), (&mut self.ops, 1)] {
+            if let Some(b) = b {
+                b.refill(now);
+                b.take(n);
+                wait = wait.max(b.wait_ns(1));
+            }
+        }
+        if wait > 0 && !self.blocked {
+            if let Some(t) = &self.timer {
+                t.arm(Duration::from_nanos(wait))
+                    .map_err(RateLimiterError::Timer)?;
+            }
+            self.blocked = true;
+            self.throttled += 1;
+        }
+        Ok(())
+    }
+
     /// Handles the timer fd's readiness: if the timer fired, the limiter is open again (the
     /// caller retries its queue). Returns whether it fired.
     pub fn event_handler(&mut self) -> Result<bool, RateLimiterError> {
