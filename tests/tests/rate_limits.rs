@@ -135,14 +135,14 @@ fn limited_sandbox_moves_data_at_its_limit() {
     drop((r, s));
 
     let o = runner.join().expect("runner");
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout:\n{out}\nstderr:\n{}",
-        o.status,
-        stderr_of(&o)
+    let want = format!("received {BYTES}\n");
+    let got_out = String::from_utf8_lossy(&o.stdout);
+    let err = stderr_of(&o);
+    assert_eq!(
+        (o.status.code(), got_out.as_ref()),
+        (Some(0), want.as_str()),
+        "{err}"
     );
-    assert_eq!(out, format!("received {BYTES}\n"));
     assert_eq!((tx_bytes, got.trim()), (BYTES, BYTES.to_string().as_str()));
     let (tx, rx) = (
         share_of_limit(tx_bytes, tx_time),

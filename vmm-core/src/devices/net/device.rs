@@ -178,7 +178,8 @@ pub fn rx_header() -> [u8; VNET_HDR_LEN] {
 }
 
 /// Gathers the readable descriptors of a tx chain into `buf`; returns the chain's length.
-fn gather_tx<M>(
+/// Public for the fuzz targets (`fuzz/`).
+pub fn gather_tx<M>(
     mem: &M::Target,
     chain: DescriptorChain<M>,
     buf: &mut [u8],
@@ -213,8 +214,8 @@ where
 }
 
 /// Copies `data` (header + frame) into the writable descriptors of an rx chain after checking
-/// the whole chain; returns the used length.
-fn scatter_rx<M>(
+/// the whole chain; returns the used length. Public for the fuzz targets (`fuzz/`).
+pub fn scatter_rx<M>(
     mem: &M::Target,
     chain: DescriptorChain<M>,
     data: &[u8],
@@ -567,41 +568,6 @@ impl NetQueues {
         }
         self.set_tap_polled(!blocked)?;
         Ok(pass)
-    }
-}
-
-/// Entry points for the fuzz targets (`fuzz/`): a tx or rx chain handled without a tap.
-#[doc(hidden)]
-pub mod fuzz_api {
-    use super::*;
-
-    /// Gathers a tx chain into `buf` as [`NetQueues::process_tx`] does; returns its length.
-    pub fn tx_chain<M>(
-        mem: &M::Target,
-        chain: DescriptorChain<M>,
-        buf: &mut [u8],
-    ) -> Result<usize, NetQueueError>
-    where
-        M: std::ops::Deref,
-        M::Target: GuestMemory,
-    {
-        gather_tx(mem, chain, buf)
-    }
-
-    /// Delivers `frame` (truncated to [`MAX_FRAME_LEN`]) into an rx chain as
-    /// [`NetQueues::process_rx`] does; returns the used length.
-    pub fn rx_chain<M>(
-        mem: &M::Target,
-        chain: DescriptorChain<M>,
-        frame: &[u8],
-    ) -> Result<u32, NetQueueError>
-    where
-        M: std::ops::Deref,
-        M::Target: GuestMemory,
-    {
-        let mut data = rx_header().to_vec();
-        data.extend_from_slice(&frame[..frame.len().min(MAX_FRAME_LEN)]);
-        scatter_rx(mem, chain, &data)
     }
 }
 
