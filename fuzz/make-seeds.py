@@ -2,6 +2,7 @@
 """Writes the seed corpus of every fuzz target under fuzz/seeds/<target>/ (committed; rerun
 after changing an input layout). Layouts: see fuzz/src/lib.rs (a queue: descriptors, avail
 ring, then guest memory bytes at DATA_BASE) and each target's doc comment."""
+import json
 import os
 import struct
 
@@ -173,3 +174,15 @@ write("agent_request", "network", b"\x0d\x0a\x08\x0a\x04eth0\x12\x00")
 
 # Rate limiter: rate, burst, refill time, then (time step, tokens) pairs.
 write("rate_limiter", "steps", struct.pack("<QQI", 1000, 100, 100) + b"".join(struct.pack("<IQ", 1_000_000 * i, 50 * i) for i in range(8)))
+
+# OCI spec (oci_spec, FUZZ_FEATURES=shim): containerd 1.6's default spec with a bind mount and a
+# network namespace, and an exec process spec.
+with open(os.path.join(HERE, "..", "agent", "src", "testdata", "containerd-1.6-default-spec.json")) as f:
+    default_spec = f.read()
+write("oci_spec", "containerd_default", default_spec.encode())
+spec = json.loads(default_spec)
+spec["mounts"].append({"destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind", "ro"]})
+spec.setdefault("linux", {}).setdefault("namespaces", []).append({"type": "network", "path": "/var/run/netns/x"})
+spec["annotations"] = {"io.kubernetes.cri.sandbox-id": "abc", "io.joey.config.hypervisor.memory_mib": "512"}
+write("oci_spec", "bind_netns_annotations", json.dumps(spec).encode())
+write("oci_spec", "process", json.dumps({"args": ["sh", "-c", "echo hi"], "cwd": "/", "env": ["A=b"], "terminal": False, "user": {"uid": 0, "gid": 0}}).encode())
