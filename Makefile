@@ -16,7 +16,7 @@ GUEST_KERNEL := $(GUEST_DIR)/vmlinux
 JOEYCTL := target/release/joeyctl
 INSTALL_GUEST_DIR ?= /usr/share/joey/guest
 
-.PHONY: all deps build agent kernel initrd guest l1-kernel nested-host install-guest run test unit-test integration-test fault bench clean
+.PHONY: all deps build agent kernel initrd guest l1-kernel nested-host install-guest run test unit-test integration-test fault bench fuzz clean
 
 all: build guest
 
@@ -70,6 +70,13 @@ run: build install-guest
 	$(JOEYCTL) run --timings -- uname -a
 	$(call say,demo: ctr run --runtime io.containerd.joey.v2 on a private containerd)
 	bash scripts/demo-ctr.sh
+
+# Every cargo-fuzz target of fuzz/ for FUZZ_SECONDS each (CI-sized by default; e.g.
+# `make fuzz FUZZ_SECONDS=600` for a long local run).
+FUZZ_SECONDS ?= 20
+fuzz: deps
+	$(call say,fuzz: every target of fuzz/ for $(FUZZ_SECONDS) s (libFuzzer + ASAN))
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh
 
 unit-test: deps
 	$(CARGO) test --release --workspace --exclude joey-tests

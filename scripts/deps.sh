@@ -16,12 +16,13 @@ fi
 PKGS=(qemu-system-x86 linux-source-6.1 bc flex bison libelf-dev libssl-dev
       cpio gzip xz-utils file make gcc binutils patch busybox-static prometheus
       containerd runc bsdutils iproute2
-      containernetworking-plugins protobuf-compiler python3)
+      containernetworking-plugins protobuf-compiler python3 g++)
 # bsdutils: script(1), a terminal for `ctr run -t` in tests; iproute2: ip/tc for the network test
 # fixtures; containernetworking-plugins: CNI plugins (/usr/lib/cni) for the CNI network tests and
 # the private CRI containerd (scripts/cri-containerd.sh); protobuf-compiler: protoc, which the
 # k8s-cri crate needs to build; python3: the peer side of scripts/bench-net.sh; file: the
-# initramfs build checks what it packs (guest/build-initrd.sh).
+# initramfs build checks what it packs (guest/build-initrd.sh); g++: libFuzzer (C++), built by
+# the fuzz targets' libfuzzer-sys (scripts/fuzz.sh).
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

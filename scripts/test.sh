@@ -21,6 +21,8 @@ step bash scripts/fault.sh
 # The built-in VMM on a real Linux guest: inside the nested test host (L1 with kvm_amd under
 # QEMU-TCG; its kernel is built on first use, ~6 min, then cached), as this host's KVM is PVM-type.
 step bash scripts/nested-builtin-tests.sh
+# Every fuzz target of fuzz/ for a short, bounded time (a crash fails the step).
+step bash scripts/fuzz.sh
 sum() { grep -E '^test result:' "$log" | sed -E "s/.* ([0-9]+) $1.*/\1/" | awk '{s+=$1} END {print s+0}'; }
 passed=$(sum passed)
 failed=$(sum failed)

@@ -524,6 +524,7 @@ impl SandboxActor {
         let sharefs = ShareFsActor::new(share_root).start();
         self.sharefs = Some(sharefs.clone());
         let network = netns.map(|ns| (NetworkActor::new().start(), ns));
+        let net_limits = crate::network::net_rate_limits(&self.config.hypervisor.rate_limits);
         self.network = network.as_ref().map(|(n, _)| n.clone());
         let fut = async move {
             // The taps exist before the VMM starts: its virtio-net devices serve them.
@@ -532,7 +533,7 @@ impl SandboxActor {
                 None => None,
             };
             if let Some(p) = &pod {
-                spec.net = p.attachments()?;
+                spec.net = p.attachments(net_limits)?;
             }
             let (t0, vm) = match lease {
                 // The pool runs the VM and serves its devices.

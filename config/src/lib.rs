@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize, Serializer};
 
 mod annotations;
 pub use annotations::{AnnotationError, ANNOTATION_PREFIX, NEVER_OVERRIDABLE};
+pub mod rate_limits;
+pub use rate_limits::{LimitConfig, RateLimitsConfig, RxTxLimits};
 
 /// Config file read when neither `--config` nor `$JOEY_CONFIG` is given (if it exists).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/joey/config.toml";
@@ -102,6 +104,8 @@ pub struct HypervisorConfig {
     /// Cap of the guest console log on the host, in KiB; the newest output is kept (0:
     /// unlimited).
     pub console_log_max_kib: u32,
+    /// Device rate limits (`[hypervisor.rate_limits]`).
+    pub rate_limits: RateLimitsConfig,
     pub qemu: QemuConfig,
     pub builtin: BuiltinConfig,
 }
@@ -118,6 +122,7 @@ impl Default for HypervisorConfig {
             initrd: PathBuf::from("/usr/share/joey/guest/initrd.img"),
             kernel_params: String::new(),
             console_log_max_kib: 1024,
+            rate_limits: RateLimitsConfig::default(),
             qemu: QemuConfig::default(),
             builtin: BuiltinConfig::default(),
         }
@@ -396,6 +401,7 @@ impl Config {
     /// - `hypervisor.vcpus` in 1..=64
     /// - `hypervisor.memory_mib` in 64..=65536
     /// - `hypervisor.console_log_max_kib` 0 (unlimited) or 4..=1048576
+    /// - `hypervisor.rate_limits.*`: see [`RateLimitsConfig::check`]
     /// - `hypervisor.kernel`, `hypervisor.initrd`, `hypervisor.qemu.binary`,
     ///   `hypervisor.builtin.kernel` not empty
     /// - `agent.vsock_port` in 1024..=4294967294 (below 1024 is privileged,
@@ -436,6 +442,9 @@ impl Config {
                 ),
             ));
         }
+        h.rate_limits
+            .check()
+            .map_err(|(key, msg)| invalid(&key, msg))?;
         for (key, p) in [
             ("hypervisor.kernel", &h.kernel),
             ("hypervisor.initrd", &h.initrd),
@@ -619,6 +628,10 @@ kernel = "/opt/joey/vmlinuz"
 initrd = "/opt/joey/initrd.img"
 kernel_params = "console=ttyS0 quiet"
 
+[hypervisor.rate_limits.net.tx]
+bandwidth_bytes_per_s = 1048576
+ops_per_s = 10000
+
 [hypervisor.qemu]
 binary = "/usr/bin/qemu-system-x86_64"
 accel = "kvm"
@@ -666,6 +679,16 @@ seccomp = "trap"
                 initrd: "/opt/joey/initrd.img".into(),
                 kernel_params: "console=ttyS0 quiet".into(),
                 console_log_max_kib: 1024,
+                rate_limits: RateLimitsConfig {
+                    net: RxTxLimits {
+                        tx: LimitConfig {
+                            bandwidth_bytes_per_s: 1_048_576,
+                            ops_per_s: 10_000,
+                            ..LimitConfig::default()
+                        },
+                        ..RxTxLimits::default()
+                    },
+                },
                 qemu: QemuConfig {
                     binary: "/usr/bin/qemu-system-x86_64".into(),
                     accel: Accel::Kvm,
@@ -763,6 +786,41 @@ seccomp = "trap"
         assert!(e.to_string().contains("unknown variant `log`"), "{e}");
         let e = Config::from_toml_str("[security]\nsecomp = \"off\"\n", "<string>").unwrap_err();
         assert!(e.to_string().contains("secomp"), "{e}");
+    }
+
+    #[test]
+    fn rate_limits_parse_validate_and_annotate() {
+        let c = Config::from_toml_str(
+            "[hypervisor.rate_limits.net.rx]\nbandwidth_bytes_per_s = 2000000\nrefill_time_ms = 50\n",
+            "<string>",
+        )
+        .unwrap();
+        assert_eq!(c.hypervisor.rate_limits.net.rx.bandwidth_bytes_per_s, 2_000_000);
+        assert_eq!(c.hypervisor.rate_limits.net.rx.refill_time_ms, 50);
+        assert_eq!(c.hypervisor.rate_limits.net.tx, LimitConfig::default());
+        let e = Config::from_toml_str("[hypervisor.rate_limits.net.rx]\nbandwith = 1\n", "<string>")
+            .unwrap_err();
+        assert!(e.to_string().contains("bandwith"), "{e}");
+        let e = Config::from_toml_str("[hypervisor.rate_limits.blk]\n", "<string>").unwrap_err();
+        assert!(e.to_string().contains("blk"), "{e}");
+        let e = Config::from_toml_str(
+            "[hypervisor.rate_limits.net.tx]\nops_per_s = 1\n",
+            "<string>",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "<string>: invalid value for `hypervisor.rate_limits.net.tx.ops_per_s`: 1/s over \
+             refill_time_ms = 100 is less than one token (0: unlimited)"
+        );
+        // Per pod, through an enabled annotation.
+        let key = "hypervisor.rate_limits.net.tx.bandwidth_bytes_per_s";
+        let mut base = Config::default();
+        base.runtime.enable_annotations.push(key.to_string());
+        base.validate("<defaults>").unwrap();
+        let annotation = format!("{ANNOTATION_PREFIX}{key}");
+        let c = base.with_annotations([(annotation.as_str(), "500000")]).unwrap();
+        assert_eq!(c.hypervisor.rate_limits.net.tx.bandwidth_bytes_per_s, 500_000);
     }
 
     #[test]

@@ -112,6 +112,7 @@ fn guest_negotiates_and_moves_frames_both_ways() {
     let cfg = NetConfig {
         mac: MAC.parse::<MacAddr>().unwrap(),
         mtu: MTU,
+        limits: Default::default(),
     };
     let handle = VhostUserNetServer::bind(&sock, cfg, tap)
         .unwrap()

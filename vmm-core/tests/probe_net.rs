@@ -137,6 +137,7 @@ fn probe_virtio_net_sends_and_receives_a_frame_that_waited_for_rx_buffers() {
         config: NetConfig {
             mac: MacAddr(GUEST_MAC),
             mtu: 1400,
+            limits: Default::default(),
         },
         tap: Arc::new(tap),
     };

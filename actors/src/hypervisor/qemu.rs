@@ -703,6 +703,7 @@ mod tests {
                 config: NetConfig {
                     mac: MacAddr([m, 0, 0, 0, 0, 1]),
                     mtu,
+                    limits: Default::default(),
                 },
                 tap: tap.clone(),
             })

@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use joey_agent_protocol::agent;
-use joey_vmm_core::devices::net::{MacAddr, NetAttachment, NetConfig, NetError, Tap, TapError};
+use joey_vmm_core::devices::net::{MacAddr, NetAttachment, NetConfig, NetError, NetRateLimits, Tap, TapError};
+use joey_vmm_core::rate_limiter::{BucketConfig, LimiterConfig};
 
 use crate::lifecycle::InvalidTransition;
 use crate::resource::{ResourceError, ResourceStack, Undo};
@@ -167,8 +168,9 @@ pub struct PodNetwork {
 
 impl PodNetwork {
     /// The VM's virtio-net devices, one per interface in order: the interface's MAC and MTU on
-    /// its tap. An interface whose MTU or MAC the device cannot offer is refused by name.
-    pub fn attachments(&self) -> Result<Vec<NetAttachment>, NetworkError> {
+    /// its tap, with the sandbox's rate `limits` each. An interface whose MTU or MAC the device
+    /// cannot offer is refused by name.
+    pub fn attachments(&self, limits: NetRateLimits) -> Result<Vec<NetAttachment>, NetworkError> {
         self.info
             .interfaces
             .iter()
@@ -184,6 +186,7 @@ impl PodNetwork {
                 let config = NetConfig {
                     mac: iface.mac,
                     mtu,
+                    limits,
                 };
                 config.validate().map_err(device)?;
                 Ok(NetAttachment {
@@ -192,6 +195,26 @@ impl PodNetwork {
                 })
             })
             .collect()
+    }
+}
+
+/// The virtio-net rate limits of `[hypervisor.rate_limits]`.
+pub fn net_rate_limits(cfg: &joey_config::RateLimitsConfig) -> NetRateLimits {
+    let limiter = |l: &joey_config::LimitConfig| LimiterConfig {
+        bandwidth: BucketConfig {
+            rate: l.bandwidth_bytes_per_s,
+            one_time_burst: l.bandwidth_burst_bytes,
+            refill_time_ms: l.refill_time_ms,
+        },
+        ops: BucketConfig {
+            rate: l.ops_per_s,
+            one_time_burst: l.ops_burst,
+            refill_time_ms: l.refill_time_ms,
+        },
+    };
+    NetRateLimits {
+        rx: limiter(&cfg.net.rx),
+        tx: limiter(&cfg.net.tx),
     }
 }
 
@@ -789,7 +812,23 @@ mod tests {
         assert_redirect(&pod, "eth1", "tap1_joey");
         assert_redirect(&pod, "tap1_joey", "eth1");
         // The VM's devices: the interfaces' MACs and MTUs on their taps, in order.
-        let att = net.attachments().unwrap();
+        let limits = net_rate_limits(&joey_config::RateLimitsConfig {
+            net: joey_config::RxTxLimits {
+                tx: joey_config::LimitConfig {
+                    bandwidth_bytes_per_s: 1000,
+                    ops_burst: 7,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        });
+        assert!(!limits.rx.is_limited() && limits.tx.is_limited());
+        assert_eq!(
+            (limits.tx.bandwidth, limits.tx.ops.one_time_burst),
+            (BucketConfig { rate: 1000, one_time_burst: 0, refill_time_ms: 100 }, 7)
+        );
+        let att = net.attachments(limits).unwrap();
+        assert!(att.iter().all(|a| a.config.limits == limits));
         let got: Vec<(MacAddr, u16, &str)> = att
             .iter()
             .map(|a| (a.config.mac, a.config.mtu, a.tap.name()))
@@ -806,7 +845,7 @@ mod tests {
         let mut info = net.info.clone();
         info.interfaces[1].mtu = 70_000;
         let taps = net.taps.iter().map(|t| t.try_clone().unwrap()).collect();
-        let e = PodNetwork { info, taps }.attachments().unwrap_err();
+        let e = PodNetwork { info, taps }.attachments(NetRateLimits::default()).unwrap_err();
         assert!(
             matches!(&e, NetworkError::Device { interface, source: NetError::Mtu(65535), .. } if interface == "eth1"),
             "{e}"

@@ -396,6 +396,7 @@ mod tests {
             config: NetConfig {
                 mac: MacAddr([0x02, 0, 0, 0, 0, 1]),
                 mtu,
+                limits: Default::default(),
             },
             tap: Arc::new(t.tap.try_clone().unwrap()),
         };

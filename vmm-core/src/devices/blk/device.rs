@@ -18,6 +18,7 @@ use super::metrics::BlockMetrics;
 use super::request::{self, DataBuf, Request, RequestType};
 use super::{BlockConfig, BlockError, ID_BYTES, MAX_DESCRIPTORS, QUEUE_SIZE, SECTOR_SIZE};
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
+use crate::rate_limiter::{LimiterConfig, RateLimiter};
 
 /// Bytes copied between the disk and guest memory per step (bounds host memory per request).
 const CHUNK: usize = 64 * 1024;
@@ -34,6 +35,7 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 1],
     metrics: Arc<BlockMetrics>,
+    limiter: RateLimiter,
 }
 
 impl Block {
@@ -65,7 +67,30 @@ impl Block {
             config,
             queue_sizes: [QUEUE_SIZE],
             metrics: Arc::new(BlockMetrics::default()),
+            limiter: RateLimiter::default(),
         })
+    }
+
+    /// Limits the requests (ops) and their data bytes (unlimited by default). A request over
+    /// the limit stays on the avail ring until the limiter's timer ([`Self::limiter_fd`]) fires.
+    pub fn set_rate_limiter(&mut self, cfg: LimiterConfig) -> Result<(), BlockError> {
+        self.limiter = RateLimiter::new(cfg)?;
+        Ok(())
+    }
+
+    /// The rate limiter's timer fd (`None`: unlimited).
+    pub fn limiter_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.limiter.fd()
+    }
+
+    /// Reads the limiter's timer: true if it fired (process the queue again).
+    pub fn handle_limiter_event(&mut self) -> Result<bool, BlockError> {
+        Ok(self.limiter.event_handler()?)
+    }
+
+    /// Times the limiter refused a request.
+    pub fn throttled(&self) -> u64 {
+        self.limiter.throttled_count()
     }
 
     /// Capacity in 512-byte sectors.
@@ -96,7 +121,8 @@ impl Block {
         &self.queue_sizes
     }
 
-    /// Consumes every available chain of `queue`. Returns whether the used ring changed.
+    /// Consumes every available chain of `queue`, until the rate limiter refuses one (it stays
+    /// on the avail ring; an invalid chain costs one op). Returns whether the used ring changed.
     pub fn process_queue<M: GuestMemory>(
         &mut self,
         mem: &M,
@@ -106,9 +132,19 @@ impl Block {
             return Ok(false);
         }
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while !self.limiter.is_blocked() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
-            let len = self.process_chain(mem, chain);
+            let parsed = request::parse(mem, chain);
+            let bytes = parsed.as_ref().map_or(0, Request::data_len);
+            if !self.limiter.consume(bytes)? {
+                // Back on the avail ring for when the limiter's timer fires.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                break;
+            }
+            let len = self.complete(mem, parsed);
             queue.add_used(mem, head, len)?;
             used = true;
         }
@@ -117,7 +153,17 @@ impl Block {
 
     /// Handles one chain; returns the used length (bytes written into guest buffers).
     pub fn process_chain<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
-        let req = match request::parse(mem, chain) {
+        let parsed = request::parse(mem, chain);
+        self.complete(mem, parsed)
+    }
+
+    /// Executes a parsed chain (or answers its parse error); returns the used length.
+    fn complete<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        parsed: Result<Request, request::ParseError>,
+    ) -> u32 {
+        let req = match parsed {
             Ok(r) => r,
             Err(e) => {
                 BlockMetrics::add(&self.metrics.invalid_chains, 1);
@@ -494,5 +540,59 @@ mod tests {
         assert_eq!(mq.used().idx().load(), 2);
         assert_eq!(mq.used().ring().ref_at(0).unwrap().load().len(), 0);
         assert_eq!(mq.used().ring().ref_at(1).unwrap().load().len(), 513);
+    }
+
+    /// Over the ops limit (2 requests at 10/s): the third request stays on the avail ring until
+    /// the limiter's timer fires; then it completes.
+    #[test]
+    fn rate_limiter_holds_requests_until_its_timer_fires() {
+        use crate::rate_limiter::BucketConfig;
+        let f = disk(8);
+        let mut b = block(&f, true);
+        assert!(b.limiter_fd().is_none());
+        b.set_rate_limiter(LimiterConfig {
+            bandwidth: BucketConfig::default(),
+            ops: BucketConfig {
+                rate: 10,
+                one_time_burst: 0,
+                refill_time_ms: 200,
+            },
+        })
+        .unwrap();
+        let fd = b.limiter_fd().unwrap();
+        let m = mem();
+        write_header(&m, VIRTIO_BLK_T_IN, 0);
+        let mq = MockSplitQueue::create(&m, GuestAddress(0), 16);
+        let n = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        let d = |addr, len, flags, next| {
+            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(addr, len, flags, next))
+        };
+        let descs: Vec<_> = (0..3u16)
+            .flat_map(|k| {
+                [
+                    d(HDR, 16, n, 3 * k + 1),
+                    d(DATA, 512, W | n, 3 * k + 2),
+                    d(STATUS, 1, W, 0),
+                ]
+            })
+            .collect();
+        mq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = mq.create_queue().unwrap();
+        let t0 = std::time::Instant::now();
+        assert!(b.process_queue(&m, &mut q).unwrap());
+        assert_eq!((mq.used().idx().load(), q.next_avail(), b.throttled()), (2, 2, 1));
+        assert!(!b.process_queue(&m, &mut q).unwrap());
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one live pollfd, 5 s bound.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 5000) }, 1);
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(50));
+        assert!(b.handle_limiter_event().unwrap());
+        assert!(b.process_queue(&m, &mut q).unwrap());
+        assert_eq!(mq.used().idx().load(), 3);
+        assert_eq!(b.metrics().snapshot().read_ops, 3);
     }
 }

@@ -38,6 +38,24 @@ impl VirtioDevice for Block {
             _ => Ok(false),
         }
     }
+
+    /// The rate limiter's timer (only when limited).
+    fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.limiter_fd()
+    }
+
+    /// The limiter's timer fired: the requests it held back go now.
+    fn process_event(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: Option<&mut [Queue]>,
+    ) -> Result<bool, VirtioError> {
+        let fired = self.handle_limiter_event()?;
+        match queues.and_then(|q| q.get_mut(0)) {
+            Some(q) if fired => Ok(Block::process_queue(self, mem, q)?),
+            _ => Ok(false),
+        }
+    }
 }
 
 #[cfg(test)]

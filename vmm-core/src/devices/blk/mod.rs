@@ -48,6 +48,8 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    RateLimiter(#[from] crate::rate_limiter::RateLimiterError),
     #[error("disk I/O: {0}")]
     Io(#[source] std::io::Error),
     #[error("descriptor chain too short ({0} descriptors)")]

@@ -21,6 +21,13 @@
 //! vring worker watches, and the tap is taken out of it while rx is blocked. An epoll fd is
 //! readable exactly while one of its fds is, so no one ever needs to drain it.
 //!
+//! Rate limits ([`crate::rate_limiter`], one limiter per direction): a tx chain is gathered and
+//! then charged one op and its frame's bytes; a pending rx frame is charged before it is copied
+//! into a chain. When the limiter refuses, the chain goes back to the avail ring (the frame stays
+//! pending, the tap is no longer polled) and the queue is not processed until the limiter's
+//! timer fires. The two timer fds are in the tap's private epoll, so the same
+//! [`NetQueues::event_fd`] wakes the device; its handler calls [`NetQueues::handle_timers`].
+//!
 //! A malformed chain (address outside guest memory, wrong descriptor direction, too long, too
 //! short for the header, too many descriptors) is returned with used length 0 and counted; the
 //! queue goes on with the next chain. Only a used ring that cannot be written (or the tap's epoll
@@ -36,6 +43,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::metrics::NetMetrics;
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
+use super::NetRateLimits;
+use crate::rate_limiter::{RateLimiter, RateLimiterError};
 
 /// Virtio device id of a network device.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -57,6 +66,10 @@ pub const MAX_CHAIN_DESCRIPTORS: usize = 64;
 pub const RX_FRAMES_PER_PASS: usize = 256;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
+/// Private epoll tokens: the tap and the two limiters' timers.
+const TAP_TOKEN: u64 = 0;
+const RX_TIMER_TOKEN: u64 = 1;
+const TX_TIMER_TOKEN: u64 = 2;
 
 /// Errors of virtio-net queue processing.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +134,9 @@ pub enum NetQueueError {
         /// The OS error.
         source: io::Error,
     },
+    /// A rate limiter's timer failed.
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
     /// The chain could not be returned to the used ring.
     #[error("cannot return descriptor {index} to the used ring: {source}")]
     UsedRing {
@@ -162,7 +178,8 @@ pub fn rx_header() -> [u8; VNET_HDR_LEN] {
 }
 
 /// Gathers the readable descriptors of a tx chain into `buf`; returns the chain's length.
-fn gather_tx<M>(
+/// Public for the fuzz targets (`fuzz/`).
+pub fn gather_tx<M>(
     mem: &M::Target,
     chain: DescriptorChain<M>,
     buf: &mut [u8],
@@ -197,8 +214,8 @@ where
 }
 
 /// Copies `data` (header + frame) into the writable descriptors of an rx chain after checking
-/// the whole chain; returns the used length.
-fn scatter_rx<M>(
+/// the whole chain; returns the used length. Public for the fuzz targets (`fuzz/`).
+pub fn scatter_rx<M>(
     mem: &M::Target,
     chain: DescriptorChain<M>,
     data: &[u8],
@@ -276,6 +293,22 @@ pub struct NetQueues {
     rx_len: Option<usize>,
     tx_buf: Vec<u8>,
     metrics: Arc<NetMetrics>,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
+}
+
+/// Which limiter timers fired ([`NetQueues::handle_timers`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimersFired {
+    /// The rx limiter is open again: process rx.
+    pub rx: bool,
+    /// The tx limiter is open again: process tx.
+    pub tx: bool,
+}
+
+/// Puts the chain just popped back on the avail ring (processed again later).
+fn undo_pop<Q: QueueT>(queue: &mut Q) {
+    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
 }
 
 impl std::fmt::Debug for NetQueues {
@@ -284,6 +317,8 @@ impl std::fmt::Debug for NetQueues {
             .field("tap", &self.tap.name())
             .field("tap_polled", &self.tap_polled)
             .field("pending_rx", &self.rx_len)
+            .field("rx_limiter", &self.rx_limiter)
+            .field("tx_limiter", &self.tx_limiter)
             .finish()
     }
 }
@@ -291,12 +326,23 @@ impl std::fmt::Debug for NetQueues {
 impl NetQueues {
     /// Takes the tap; it is not polled before [`process_rx`](Self::process_rx) or
     /// [`resume_rx`](Self::resume_rx) asks for it.
-    pub fn new(tap: Tap) -> Result<Self, NetQueueError> {
-        let poll = Epoll::new().map_err(|source| NetQueueError::Poll {
+    pub fn new(tap: Tap, limits: NetRateLimits) -> Result<Self, NetQueueError> {
+        let poll_err = |source| NetQueueError::Poll {
             name: tap.name().to_string(),
             source,
-        })?;
+        };
+        let poll = Epoll::new().map_err(poll_err)?;
+        let rx_limiter = RateLimiter::new(limits.rx)?;
+        let tx_limiter = RateLimiter::new(limits.tx)?;
+        for (l, token) in [(&rx_limiter, RX_TIMER_TOKEN), (&tx_limiter, TX_TIMER_TOKEN)] {
+            if let Some(fd) = l.fd() {
+                poll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                    .map_err(poll_err)?;
+            }
+        }
         Ok(NetQueues {
+            rx_limiter,
+            tx_limiter,
             tap,
             poll,
             tap_polled: false,
@@ -342,13 +388,30 @@ impl NetQueues {
             (ControlOperation::Delete, EventSet::empty())
         };
         self.poll
-            .ctl(op, self.tap.as_raw_fd(), EpollEvent::new(events, 0))
+            .ctl(op, self.tap.as_raw_fd(), EpollEvent::new(events, TAP_TOKEN))
             .map_err(|source| NetQueueError::Poll {
                 name: self.tap.name().to_string(),
                 source,
             })?;
         self.tap_polled = on;
         Ok(())
+    }
+
+    /// Reads the limiters' timers (call on every readiness of [`event_fd`](Self::event_fd)):
+    /// a limiter whose timer fired is open again and its queue should be processed.
+    pub fn handle_timers(&mut self) -> Result<TimersFired, NetQueueError> {
+        Ok(TimersFired {
+            rx: self.rx_limiter.event_handler()?,
+            tx: self.tx_limiter.event_handler()?,
+        })
+    }
+
+    /// Times the (rx, tx) limiters refused a frame.
+    pub fn throttled(&self) -> (u64, u64) {
+        (
+            self.rx_limiter.throttled_count(),
+            self.tx_limiter.throttled_count(),
+        )
     }
 
     /// Starts polling the tap (the device became active).
@@ -370,16 +433,27 @@ impl NetQueues {
         self.pause_rx()
     }
 
-    /// Sends every available tx chain to the tap.
+    /// Sends every available tx chain to the tap, until the tx limiter refuses one (it stays
+    /// on the avail ring).
     pub fn process_tx<M: GuestMemory, Q: QueueT>(
         &mut self,
         mem: &M,
         queue: &mut Q,
     ) -> Result<Pass, NetQueueError> {
         let mut pass = Pass::default();
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while !self.tx_limiter.is_blocked() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
-            match gather_tx(mem, chain, &mut self.tx_buf) {
+            let gathered = gather_tx(mem, chain, &mut self.tx_buf);
+            // A malformed chain costs one op.
+            let bytes = gathered.as_ref().map_or(0, |len| len - VNET_HDR_LEN);
+            if !self.tx_limiter.consume(bytes as u64)? {
+                undo_pop(queue);
+                break;
+            }
+            match gathered {
                 Ok(len) => self.send(len, &mut pass),
                 Err(e) => {
                     NetMetrics::add(&self.metrics.tx_errors, 1);
@@ -426,8 +500,8 @@ impl NetQueues {
     }
 
     /// Delivers tap frames into the rx chains of `queue` until the tap is empty, the guest has
-    /// no rx buffer left (the frame stays pending, the tap is no longer polled) or
-    /// [`RX_FRAMES_PER_PASS`] frames were read (the tap stays polled).
+    /// no rx buffer left or the rx limiter refuses the frame (the frame stays pending, the tap
+    /// is no longer polled) or [`RX_FRAMES_PER_PASS`] frames were read (the tap stays polled).
     pub fn process_rx<M: GuestMemory, Q: QueueT>(
         &mut self,
         mem: &M,
@@ -454,10 +528,19 @@ impl NetQueues {
                     }
                 },
             };
+            if self.rx_limiter.is_blocked() {
+                blocked = true;
+                break;
+            }
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 blocked = true;
                 break;
             };
+            if !self.rx_limiter.consume((len - VNET_HDR_LEN) as u64)? {
+                undo_pop(queue);
+                blocked = true;
+                break;
+            }
             let head = chain.head_index();
             self.rx_buf[..VNET_HDR_LEN].copy_from_slice(&rx_header());
             let used_len = match scatter_rx(mem, chain, &self.rx_buf[..len]) {
@@ -531,7 +614,7 @@ pub(crate) mod tests {
 
     fn setup() -> (TestTap, NetQueues, GuestMemoryMmap<()>) {
         let t = test_tap();
-        let q = NetQueues::new(t.tap.try_clone().unwrap()).unwrap();
+        let q = NetQueues::new(t.tap.try_clone().unwrap(), NetRateLimits::default()).unwrap();
         (t, q, mem())
     }
 
@@ -813,5 +896,86 @@ pub(crate) mod tests {
         q.reset().unwrap();
         assert!(!q.has_pending_frame() && !q.tap_polled());
         assert_eq!(q.metrics().snapshot().rx_dropped, 1);
+    }
+
+    /// 1000 bytes/s in a 1000-byte bucket (1 s refill time).
+    fn slow() -> crate::rate_limiter::LimiterConfig {
+        crate::rate_limiter::LimiterConfig {
+            bandwidth: crate::rate_limiter::BucketConfig {
+                rate: 1000,
+                one_time_burst: 0,
+                refill_time_ms: 1000,
+            },
+            ops: Default::default(),
+        }
+    }
+
+    /// tx over the limit: the chain that does not fit stays on the avail ring, nothing more goes
+    /// out (even on a new kick) until the limiter's timer makes the event fd readable.
+    #[test]
+    fn tx_limiter_holds_chains_until_its_timer_fires() {
+        let t = test_tap();
+        let limits = NetRateLimits { rx: Default::default(), tx: slow() };
+        let mut q = NetQueues::new(t.tap.try_clone().unwrap(), limits).unwrap();
+        let m = mem();
+        let frames: Vec<_> = (0..3).map(|i| test_frame(400, i)).collect();
+        let mock = MockSplitQueue::create(&m, GuestAddress(0), QSIZE);
+        let chains: Vec<_> = frames
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let addr = 0x1_0000 * (i as u64 + 1);
+                desc(addr, put_tx(&m, addr, f), 0, 0)
+            })
+            .collect();
+        mock.add_desc_chains(&chains, 0).unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let t0 = std::time::Instant::now();
+        assert_eq!(q.process_tx(&m, &mut queue).unwrap().used, 2);
+        assert_eq!(used(&mock), vec![(0, 0), (1, 0)]);
+        assert_eq!(queue.next_avail(), 2);
+        assert_eq!(q.throttled(), (0, 1));
+        assert_eq!((t.recv(), t.recv()), (frames[0].clone(), frames[1].clone()));
+        // Blocked: a kick does nothing.
+        assert_eq!(q.process_tx(&m, &mut queue).unwrap().used, 0);
+        assert_eq!(q.handle_timers().unwrap(), TimersFired::default());
+        // 200 more bytes take 200 ms.
+        assert!(wait_readable(q.event_fd()));
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(150));
+        assert_eq!(q.handle_timers().unwrap(), TimersFired { rx: false, tx: true });
+        assert!(!readable_now(q.event_fd()));
+        assert_eq!(q.process_tx(&m, &mut queue).unwrap().used, 1);
+        assert_eq!(t.recv(), frames[2]);
+        assert_eq!(q.metrics().snapshot().tx_bytes, 1200);
+    }
+
+    /// rx over the limit: the frame stays pending and the tap unpolled until the timer fires,
+    /// though the guest has buffers.
+    #[test]
+    fn rx_limiter_keeps_the_frame_pending_until_its_timer_fires() {
+        let t = test_tap();
+        let limits = NetRateLimits { rx: slow(), tx: Default::default() };
+        let mut q = NetQueues::new(t.tap.try_clone().unwrap(), limits).unwrap();
+        let m = mem();
+        let mock = MockSplitQueue::create(&m, GuestAddress(0), QSIZE);
+        let bufs: Vec<_> = (0..4).map(|i| desc(0x1_0000 * (i + 1), 2048, W, 0)).collect();
+        mock.add_desc_chains(&bufs, 0).unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        for i in 0..3 {
+            t.send(&test_frame(400, i));
+        }
+        q.resume_rx().unwrap();
+        assert!(wait_readable(q.event_fd()));
+        assert_eq!(q.process_rx(&m, &mut queue).unwrap().used, 2);
+        assert!(q.has_pending_frame() && !q.tap_polled());
+        assert_eq!(q.throttled(), (1, 0));
+        assert_eq!(queue.next_avail(), 2);
+        assert!(wait_readable(q.event_fd()));
+        assert_eq!(q.handle_timers().unwrap(), TimersFired { rx: true, tx: false });
+        assert_eq!(q.process_rx(&m, &mut queue).unwrap().used, 1);
+        let l = (VNET_HDR_LEN + 400) as u32;
+        assert_eq!(used(&mock), vec![(0, l), (1, l), (2, l)]);
+        assert!(!q.has_pending_frame() && q.tap_polled());
+        assert_eq!(q.metrics().snapshot().rx_bytes, 1200);
     }
 }

@@ -29,6 +29,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use crate::rate_limiter::LimiterConfig;
+
 pub use device::{NetQueueError, NetQueues};
 pub use metrics::{NetMetrics, NetSnapshot};
 pub use tap::{Tap, TapError};
@@ -77,6 +79,16 @@ impl FromStr for MacAddr {
     }
 }
 
+/// Rate limits of a virtio-net device, per direction (unlimited by default): "rx" is host →
+/// guest, "tx" guest → host; bandwidth counts Ethernet frame bytes, ops count frames.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRateLimits {
+    /// Frames to the guest.
+    pub rx: LimiterConfig,
+    /// Frames from the guest.
+    pub tx: LimiterConfig,
+}
+
 /// Configuration of a virtio-net device (the tap is opened by the caller, in the pod's netns).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetConfig {
@@ -84,6 +96,8 @@ pub struct NetConfig {
     pub mac: MacAddr,
     /// The MTU the guest is told to use.
     pub mtu: u16,
+    /// Rate limits.
+    pub limits: NetRateLimits,
 }
 
 impl NetConfig {
@@ -95,6 +109,8 @@ impl NetConfig {
         if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
             return Err(NetError::Mtu(self.mtu));
         }
+        self.limits.rx.validate()?;
+        self.limits.tx.validate()?;
         Ok(())
     }
 }
@@ -144,6 +160,9 @@ pub enum NetError {
     /// Queue processing failed.
     #[error(transparent)]
     Queue(#[from] NetQueueError),
+    /// A rate limit that cannot be set up.
+    #[error(transparent)]
+    RateLimiter(#[from] crate::rate_limiter::RateLimiterError),
     /// The vhost-user relay failed.
     #[error(transparent)]
     Relay(#[from] relay::RelayError),
@@ -178,23 +197,24 @@ mod tests {
     #[test]
     fn config_is_checked() {
         let mac = MacAddr([2, 0, 0, 0, 0, 1]);
-        assert!(NetConfig { mac, mtu: 1500 }.validate().is_ok());
-        assert!(NetConfig { mac, mtu: MAX_MTU }.validate().is_ok());
+        assert!(NetConfig { mac, mtu: 1500, limits: NetRateLimits::default() }.validate().is_ok());
+        assert!(NetConfig { mac, mtu: MAX_MTU, limits: NetRateLimits::default() }.validate().is_ok());
         assert!(matches!(
-            NetConfig { mac, mtu: 67 }.validate(),
+            NetConfig { mac, mtu: 67, limits: NetRateLimits::default() }.validate(),
             Err(NetError::Mtu(67))
         ));
         assert!(matches!(
             NetConfig {
                 mac,
-                mtu: MAX_MTU + 1
+                mtu: MAX_MTU + 1,
+                limits: NetRateLimits::default(),
             }
             .validate(),
             Err(NetError::Mtu(_))
         ));
         let mc = MacAddr([1, 0, 0, 0, 0, 1]);
         assert!(matches!(
-            NetConfig { mac: mc, mtu: 1500 }.validate(),
+            NetConfig { mac: mc, mtu: 1500, limits: NetRateLimits::default() }.validate(),
             Err(NetError::NotUnicast(_))
         ));
         let e: NetError = TapError::InvalidName { name: "x/y".into() }.into();

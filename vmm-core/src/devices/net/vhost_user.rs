@@ -71,7 +71,7 @@ impl NetBackend {
     pub fn new(cfg: NetConfig, tap: Tap) -> Result<Self, NetError> {
         cfg.validate()?;
         Ok(NetBackend {
-            queues: NetQueues::new(tap)?,
+            queues: NetQueues::new(tap, cfg.limits)?,
             config: config_space(&cfg),
             mem: None,
             event_idx: false,
@@ -160,7 +160,16 @@ impl VhostUserBackendMut for NetBackend {
     ) -> io::Result<()> {
         // Never return an error: that would terminate the vring worker for good.
         match device_event {
-            e if e as usize == RX_QUEUE || e == TAP_EVENT => self.rx(vrings),
+            TAP_EVENT => {
+                // A tap frame, or a rate limiter's timer: tokens are back.
+                match self.queues.handle_timers() {
+                    Ok(fired) if fired.tx => self.tx(vrings),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("{NAME}: {e}"),
+                }
+                self.rx(vrings)
+            }
+            e if e as usize == RX_QUEUE => self.rx(vrings),
             e if e as usize == TX_QUEUE => self.tx(vrings),
             e => debug!("{NAME}: unexpected device event {e}"),
         }
@@ -328,6 +337,7 @@ mod tests {
         NetConfig {
             mac: MacAddr([0x02, 0, 0, 0, 0, 0x07]),
             mtu: 1500,
+            limits: Default::default(),
         }
     }
 

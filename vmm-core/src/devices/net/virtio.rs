@@ -58,7 +58,7 @@ impl VirtioNet {
     pub fn new(cfg: NetConfig, tap: Tap) -> Result<Self, NetError> {
         cfg.validate()?;
         Ok(VirtioNet {
-            queues: NetQueues::new(tap)?,
+            queues: NetQueues::new(tap, cfg.limits)?,
             config: config_space(&cfg),
             cfg,
             queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
@@ -92,6 +92,18 @@ impl VirtioNet {
                 self.queues.pause_rx().map_err(NetError::from)?;
                 Ok(false)
             }
+        }
+    }
+
+    /// Sends the tx queue's frames to the tap.
+    fn tx(&mut self, mem: &GuestMemoryMmap, queues: &mut [Queue]) -> Result<bool, VirtioError> {
+        match queues.get_mut(TX_QUEUE) {
+            Some(q) if q.ready() => Ok(self
+                .queues
+                .process_tx(mem, q)
+                .map_err(NetError::from)?
+                .used_any()),
+            _ => Ok(false),
         }
     }
 }
@@ -132,14 +144,7 @@ impl VirtioDevice for VirtioNet {
     ) -> Result<bool, VirtioError> {
         match index {
             RX_QUEUE => self.rx(mem, queues),
-            TX_QUEUE => match queues.get_mut(TX_QUEUE) {
-                Some(q) if q.ready() => Ok(self
-                    .queues
-                    .process_tx(mem, q)
-                    .map_err(NetError::from)?
-                    .used_any()),
-                _ => Ok(false),
-            },
+            TX_QUEUE => self.tx(mem, queues),
             _ => Ok(false),
         }
     }
@@ -153,8 +158,13 @@ impl VirtioDevice for VirtioNet {
         mem: &GuestMemoryMmap,
         queues: Option<&mut [Queue]>,
     ) -> Result<bool, VirtioError> {
+        // A tap frame, or a rate limiter's timer: tokens are back.
+        let fired = self.queues.handle_timers().map_err(NetError::from)?;
         match queues {
-            Some(q) => self.rx(mem, q),
+            Some(q) => {
+                let tx = fired.tx && self.tx(mem, q)?;
+                Ok(self.rx(mem, q)? | tx)
+            }
             None => {
                 // Inactive: leave the frames in the tap and stop polling it.
                 self.queues.pause_rx().map_err(NetError::from)?;
@@ -180,6 +190,7 @@ mod tests {
         NetConfig {
             mac: MacAddr([0x02, 0x42, 0xac, 0x11, 0x00, 0x02]),
             mtu: 1400,
+            limits: Default::default(),
         }
     }
 

@@ -8,6 +8,12 @@
 //!
 //! Every descriptor chain that is popped is returned to the used ring, malformed or not, so a
 //! buggy or malicious driver can never wedge a queue.
+//!
+//! Rate limits ([`VsockDevice::set_rate_limits`], off by default): a tx packet is charged one
+//! op and its payload before the muxer sees it (over the limit, its chain goes back to the avail
+//! ring); an rx packet is charged once built (its size is known only then). A blocked direction
+//! is not processed until its timer fires; the timers and the muxer's fd are then watched
+//! through one epoll ([`VsockDevice::event_fd`]).
 
 use virtio_queue::{DescriptorChain, QueueOwnedT};
 use virtio_vsock::packet::{Error as PacketError, VsockPacket};
@@ -15,12 +21,16 @@ use vm_memory::GuestMemory;
 
 use tracing::{debug, warn};
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::metrics::VsockMetrics;
 use super::muxer::{MuxerError, VsockMuxer};
 use super::packet::HEADER_SIZE;
 use super::VsockConfig;
+use crate::rate_limiter::{LimiterConfig, RateLimiter, RateLimiterError};
 
 /// Index of the receive (device to driver) queue.
 pub const RX_QUEUE: usize = 0;
@@ -54,6 +64,12 @@ pub enum DeviceError {
     /// Host side (muxer) failure.
     #[error(transparent)]
     Muxer(#[from] MuxerError),
+    /// A rate limiter could not be set up or armed.
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
+    /// The epoll of the muxer and the rate limiters' timers failed.
+    #[error("vsock event epoll: {0}")]
+    Epoll(#[source] std::io::Error),
     /// The guest CID is reserved (0, 1, 2 and `u32::MAX` and above are not valid guest CIDs).
     #[error("invalid guest CID {0}")]
     InvalidCid(u64),
@@ -67,6 +83,10 @@ pub struct VsockDevice {
     malformed_chains: u64,
     last_chain_error: Option<DeviceError>,
     metrics: Arc<VsockMetrics>,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
+    /// The muxer's fd and the limiters' timers (only when limited).
+    poll: Option<Epoll>,
 }
 
 impl VsockDevice {
@@ -87,7 +107,53 @@ impl VsockDevice {
             malformed_chains: 0,
             last_chain_error: None,
             metrics: Arc::new(VsockMetrics::default()),
+            rx_limiter: RateLimiter::default(),
+            tx_limiter: RateLimiter::default(),
+            poll: None,
         }
+    }
+
+    /// Limits the packets to the guest (`rx`) and from it (`tx`): ops are packets, bandwidth
+    /// is payload bytes. Unlimited by default.
+    pub fn set_rate_limits(
+        &mut self,
+        rx: LimiterConfig,
+        tx: LimiterConfig,
+    ) -> Result<(), DeviceError> {
+        self.rx_limiter = RateLimiter::new(rx)?;
+        self.tx_limiter = RateLimiter::new(tx)?;
+        self.poll = None;
+        let timers: Vec<RawFd> = [self.rx_limiter.fd(), self.tx_limiter.fd()]
+            .into_iter()
+            .flatten()
+            .collect();
+        if timers.is_empty() {
+            return Ok(());
+        }
+        let poll = Epoll::new().map_err(DeviceError::Epoll)?;
+        for fd in timers.into_iter().chain([self.muxer.as_raw_fd()]) {
+            poll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd as u64))
+                .map_err(DeviceError::Epoll)?;
+        }
+        self.poll = Some(poll);
+        Ok(())
+    }
+
+    /// The fd to watch: readable when the host side has work for
+    /// [`process_host_events`](Self::process_host_events) or a rate limiter's tokens are back.
+    pub fn event_fd(&self) -> RawFd {
+        match &self.poll {
+            Some(p) => p.as_raw_fd(),
+            None => self.muxer.as_raw_fd(),
+        }
+    }
+
+    /// Times the (rx, tx) limiters blocked.
+    pub fn throttled(&self) -> (u64, u64) {
+        (
+            self.rx_limiter.throttled_count(),
+            self.tx_limiter.throttled_count(),
+        )
     }
 
     /// The device's counters (shared; read them at any time from any thread).
@@ -135,13 +201,16 @@ impl VsockDevice {
         self.last_chain_error.take()
     }
 
-    /// Handles host socket readiness (never blocks).
+    /// Handles host socket readiness and the rate limiters' timers (never blocks).
     pub fn process_host_events(&mut self) -> Result<(), DeviceError> {
+        self.rx_limiter.event_handler()?;
+        self.tx_limiter.event_handler()?;
         self.muxer.process_host_events()?;
         Ok(())
     }
 
-    /// Consumes every available tx chain. Returns whether the used ring changed.
+    /// Consumes every available tx chain, until the tx limiter refuses one. Returns whether the
+    /// used ring changed.
     pub fn process_tx_queue<M, Q>(&mut self, mem: &M, queue: &mut Q) -> Result<bool, DeviceError>
     where
         M: GuestMemory,
@@ -150,9 +219,18 @@ impl VsockDevice {
         self.process_queue(
             mem,
             queue,
-            |_| true,
+            |dev| !dev.tx_limiter.is_blocked(),
             |dev, chain| {
-                match VsockPacket::from_tx_virtq_chain(mem, chain, MAX_PKT_DATA) {
+                let pkt = VsockPacket::from_tx_virtq_chain(mem, chain, MAX_PKT_DATA);
+                // A malformed chain costs one op.
+                let bytes = pkt.as_ref().map_or(0, |p| u64::from(p.len()));
+                if !dev.tx_limiter.consume(bytes).unwrap_or_else(|e| {
+                    warn!("vsock: tx rate limiter: {e}");
+                    true
+                }) {
+                    return None;
+                }
+                match pkt {
                     Ok(pkt) => {
                         VsockMetrics::add(&dev.metrics.tx_packets, 1);
                         VsockMetrics::add(&dev.metrics.tx_bytes, u64::from(pkt.len()));
@@ -171,7 +249,7 @@ impl VsockDevice {
         M: GuestMemory,
         Q: QueueOwnedT,
     {
-        let pending = |dev: &Self| dev.muxer.has_pending_rx();
+        let pending = |dev: &Self| dev.muxer.has_pending_rx() && !dev.rx_limiter.is_blocked();
         self.process_queue(mem, queue, pending, |dev, chain| {
             match VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA) {
                 Ok(mut pkt) => {
@@ -180,6 +258,9 @@ impl VsockDevice {
                     VsockMetrics::add(&dev.metrics.rx_packets, 1);
                     let payload = u64::from(len).saturating_sub(HEADER_SIZE as u64);
                     VsockMetrics::add(&dev.metrics.rx_bytes, payload);
+                    if let Err(e) = dev.rx_limiter.charge(payload) {
+                        warn!("vsock: rx rate limiter: {e}");
+                    }
                     Some(len)
                 }
                 Err(e) => {
@@ -603,6 +684,52 @@ mod tests {
         assert_eq!((m.rx_packets, m.rx_bytes), (2, 11), "{m:?}");
         assert_eq!((m.tx_packets, m.tx_bytes), (2, 10), "{m:?}");
         assert_eq!(m.malformed_chains, 0);
+    }
+
+    /// Rate limits: tx packets over the limit stay on the avail ring and rx packets wait in
+    /// the muxer until each limiter's timer makes the device's event fd readable.
+    #[test]
+    fn rate_limits_hold_packets_until_their_timers_fire() {
+        use crate::devices::net::device::tests::{readable_now, wait_readable};
+        use crate::rate_limiter::BucketConfig;
+        let ops = |rate| LimiterConfig {
+            bandwidth: BucketConfig::default(),
+            ops: BucketConfig {
+                rate,
+                one_time_burst: 0,
+                refill_time_ms: 200,
+            },
+        };
+        let mut g = Guest::new();
+        assert_eq!(g.dev.event_fd(), g.dev.muxer().as_raw_fd());
+        // tx: 2 packets at once, 10/s; rx: 1 at once, 5/s.
+        g.dev.set_rate_limits(ops(5), ops(10)).unwrap();
+        let fd = g.dev.event_fd();
+        assert_ne!(fd, g.dev.muxer().as_raw_fd());
+        // Three packets for unknown connections: each gets an RST back.
+        for port in 0..3 {
+            let hdr = g.hdr(VSOCK_OP_RW, 1234 + port, 4321);
+            let h = g.alloc(HEADER_SIZE as u64);
+            g.mem.write_slice(&hdr.to_bytes(), GuestAddress(h)).unwrap();
+            g.add_tx_chain(&[(h, HEADER_SIZE as u32, 0)]);
+        }
+        assert!(g.dev.process_tx_queue(g.mem, &mut g.tx).unwrap());
+        assert_eq!((g.tx.next_avail(), g.dev.throttled()), (2, (0, 1)));
+        assert!(!g.dev.process_tx_queue(g.mem, &mut g.tx).unwrap());
+        assert!(wait_readable(fd));
+        g.dev.process_host_events().unwrap();
+        assert!(g.dev.process_tx_queue(g.mem, &mut g.tx).unwrap());
+        assert_eq!(g.tx.next_avail(), 3);
+        // rx: one RST goes, then the limiter blocks with two pending.
+        g.offer_rx(3, 4096);
+        assert!(g.dev.process_rx_queue(g.mem, &mut g.rx).unwrap());
+        assert_eq!((g.rx.next_avail(), g.dev.throttled()), (1, (1, 1)));
+        assert!(g.dev.muxer().has_pending_rx());
+        assert!(!readable_now(fd) || !g.dev.process_rx_queue(g.mem, &mut g.rx).unwrap());
+        assert!(wait_readable(fd));
+        g.dev.process_host_events().unwrap();
+        assert!(g.dev.process_rx_queue(g.mem, &mut g.rx).unwrap());
+        assert_eq!(g.rx.next_avail(), 2);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! In-process virtio-vsock: [`VsockDevice`] served through the built-in VMM's virtio-mmio
 //! transport. The device event loop watches the queue ioeventfds and the muxer's epoll fd.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -102,7 +102,7 @@ impl VirtioDevice for VirtioVsock {
     }
 
     fn event_fd(&self) -> Option<RawFd> {
-        Some(self.device.muxer().as_raw_fd())
+        Some(self.device.event_fd())
     }
 
     fn process_event(
@@ -112,7 +112,11 @@ impl VirtioDevice for VirtioVsock {
     ) -> Result<bool, VirtioError> {
         self.device.process_host_events()?;
         match queues {
-            Some(q) => Ok(self.rx(mem, q)?),
+            // Host work, or a rate limiter's tokens are back (tx may have been held).
+            Some(q) => {
+                let tx = self.tx(mem, q)?;
+                Ok(self.rx(mem, q)? | tx)
+            }
             None => Ok(false),
         }
     }

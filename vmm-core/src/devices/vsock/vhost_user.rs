@@ -11,7 +11,7 @@
 //! the hybrid-vsock unix socket, removed together with the vhost-user socket.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,7 +144,7 @@ impl ServedBackend for VsockBackend {
     }
 
     fn host_events(&self) -> Vec<(RawFd, u16)> {
-        vec![(self.device.muxer().as_raw_fd(), BACKEND_EVENT)]
+        vec![(self.device.event_fd(), BACKEND_EVENT)]
     }
 }
 
