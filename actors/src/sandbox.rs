@@ -396,6 +396,7 @@ pub fn plan(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result<Pr
         kernel_params: cfg.hypervisor.kernel_params.clone(),
         agent_port: cfg.agent.vsock_port,
         qemu_binary: cfg.hypervisor.qemu.binary.clone(),
+        tcg_tb_size_mib: cfg.hypervisor.qemu.tcg_tb_size_mib,
         accel: accel.accel,
         guest_cid: GUEST_CID,
         // Filled in with the ShareFs actor's reply.

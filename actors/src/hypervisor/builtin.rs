@@ -641,6 +641,7 @@ mod tests {
             kernel_params: " foo=1 ".into(),
             agent_port: 1024,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            tcg_tb_size_mib: 0,
             accel: Accelerator::Kvm,
             guest_cid: 3,
             share_fs: None,

@@ -131,6 +131,8 @@ pub struct VmSpec {
     /// `agent.vsock_port`: told to the guest agent on the kernel command line.
     pub agent_port: u32,
     pub qemu_binary: PathBuf,
+    /// `hypervisor.qemu.tcg_tb_size_mib` (QEMU under TCG only; 0: QEMU's default).
+    pub tcg_tb_size_mib: u32,
     pub accel: Accelerator,
     pub guest_cid: u64,
     /// The ShareFs actor's virtio-fs device (`None`: no shared directory).

@@ -68,6 +68,7 @@ pub struct Shape {
     pub memory_mib: u32,
     pub accel: String,
     pub qemu_binary: PathBuf,
+    pub tcg_tb_size_mib: u32,
     // What it boots.
     pub kernel: PathBuf,
     pub initrd: PathBuf,
@@ -84,6 +85,7 @@ impl Shape {
             memory_mib: spec.memory_mib,
             accel: spec.accel.to_string(),
             qemu_binary: spec.qemu_binary.clone(),
+            tcg_tb_size_mib: spec.tcg_tb_size_mib,
             kernel: spec.kernel.clone(),
             initrd: spec.initrd.clone(),
             kernel_params: spec.kernel_params.clone(),
@@ -358,6 +360,7 @@ mod tests {
             kernel_params: String::new(),
             agent_port: 1024,
             qemu_binary: "qemu-system-x86_64".into(),
+            tcg_tb_size_mib: 16,
             accel: "tcg".into(),
             console_log_max_bytes: 1 << 20,
         }

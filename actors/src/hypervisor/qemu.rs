@@ -96,7 +96,11 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, tsc_khz: Option<u64>) -> Result
         &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib),
     ]);
     push(&["-global", "virtio-mmio.force-legacy=false"]);
-    push(&["-accel", accel, "-cpu", cpu]);
+    let accel = match (spec.accel, spec.tcg_tb_size_mib) {
+        (Accelerator::Tcg, n) if n > 0 => format!("tcg,tb-size={n}"),
+        _ => accel.to_string(),
+    };
+    push(&["-accel", &accel, "-cpu", cpu]);
     push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
     // The console goes through joey (a pipe on fd 3, see `ConsolePump`), which caps its log.
@@ -633,6 +637,7 @@ mod tests {
             kernel_params: "foo=1".into(),
             agent_port: 2048,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            tcg_tb_size_mib: 0,
             accel: Accelerator::Tcg,
             guest_cid: 3,
             share_fs: None,
@@ -650,6 +655,12 @@ mod tests {
         assert!(a.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
         assert!(a.contains("virtio-mmio.force-legacy=false"));
         assert!(a.contains("-accel tcg -cpu max"));
+        let small = VmSpec { tcg_tb_size_mib: 16, ..spec() };
+        let b = qemu_args(&small, &VmPaths::new(&small.state_dir), None).unwrap().join(" ");
+        assert!(b.contains("-accel tcg,tb-size=16 -cpu max"), "{b}");
+        let kvm = VmSpec { accel: Accelerator::Kvm, ..small };
+        let k = qemu_args(&kvm, &VmPaths::new(&kvm.state_dir), None).unwrap().join(" ");
+        assert!(k.contains("-accel kvm -cpu host"), "the code cache is TCG's only: {k}");
         assert!(a.contains("-smp 2"));
         assert!(a.contains("vhost-user-vsock-device,chardev=vsock0"));
         assert!(a.contains("path=/run/joey/t/vhost-vsock.sock"));
