@@ -21,8 +21,9 @@ step bash scripts/fault.sh
 # The built-in VMM on a real Linux guest: inside the nested test host (L1 with kvm_amd under
 # QEMU-TCG; its kernel is built on first use, ~6 min, then cached), as this host's KVM is PVM-type.
 step bash scripts/nested-builtin-tests.sh
-# Every fuzz target of fuzz/ for a short, bounded time (a crash fails the step).
-step bash scripts/fuzz.sh
+# Every fuzz target of fuzz/ for a short, bounded time (10 s each here; `make fuzz` defaults to 20 s,
+# FUZZ_SECONDS=600 for long local runs); a crash fails the step.
+step env FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash scripts/fuzz.sh
 sum() { grep -E '^test result:' "$log" | sed -E "s/.* ([0-9]+) $1.*/\1/" | awk '{s+=$1} END {print s+0}'; }
 passed=$(sum passed)
 failed=$(sum failed)
