@@ -9,20 +9,21 @@ use std::sync::OnceLock;
 
 use joey_tests::joeyctl_path;
 
+/// The probe guest, from guest/probe/build.sh's cache (built once per input hash).
 fn probe_elf() -> &'static Path {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join("boot")
-            .join("probe.elf");
-        let st = Command::new("bash")
-            .arg(root.join("guest/probe/build.sh"))
-            .arg(&out)
-            .status()
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/probe/build.sh");
+        let o = Command::new("bash")
+            .arg(script)
+            .output()
             .expect("running guest/probe/build.sh");
-        assert!(st.success(), "guest/probe/build.sh failed");
-        out
+        assert!(
+            o.status.success(),
+            "guest/probe/build.sh failed: {}",
+            text(&o.stderr)
+        );
+        PathBuf::from(text(&o.stdout).trim()).join("probe.elf")
     })
 }
 
