@@ -143,6 +143,18 @@ fn joeyctl(env: &Env, extra: &[&str], argv: &[&str]) -> Command {
     env.command(extra, argv)
 }
 
+/// The last line of `s`, at most `n` characters of it (for an outcome cell).
+fn last_line(s: &str, n: usize) -> String {
+    s.lines().last().unwrap_or("").chars().take(n).collect()
+}
+
+/// `joeyctl run -- true` with its stderr piped (for [`expect_125`]), stdin and stdout closed.
+fn spawn_joeyctl_true(env: &Env) -> Result<Child, String> {
+    let mut c = joeyctl(env, &[], &["true"]);
+    c.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
+    c.spawn().map_err(|e| e.to_string())
+}
+
 /// `joeyctl run -- sh -c SCRIPT` in `env`, returning once it printed `started`.
 fn start_script(
     env: &Env,
@@ -888,11 +900,7 @@ mod rows {
 
     pub fn vmm_frozen_at_boot(f: &mut Fixture) -> RowResult {
         let env = f.env("[agent]\nready_timeout_ms = 5000\n");
-        let mut c = joeyctl(&env, &[], &["true"]);
-        c.stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null());
-        let mut child = c.spawn().map_err(|e| e.to_string())?;
+        let mut child = spawn_joeyctl_true(&env)?;
         let dir = env.dir.path().display().to_string();
         let q = wait_for(
             "QEMU to start",
@@ -968,11 +976,7 @@ mod rows {
 
     pub fn agent_crash_joeyctl(f: &mut Fixture) -> RowResult {
         let env = f.env(&failpoint_lines("exec_process=return(crash)")?);
-        let mut c = joeyctl(&env, &[], &["true"]);
-        c.stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null());
-        let mut child = c.spawn().map_err(|e| e.to_string())?;
+        let mut child = spawn_joeyctl_true(&env)?;
         // PID 1 died: the guest kernel panics (`panic=-1` reboots it) and QEMU exits.
         expect_125(&mut child, Instant::now(), RUN_TIMEOUT, "unexpectedly")
     }
@@ -1005,11 +1009,7 @@ mod rows {
             failpoint_lines("exec_process=return(hang)")?
         );
         let env = f.env(&extra);
-        let mut c = joeyctl(&env, &[], &["true"]);
-        c.stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null());
-        let mut child = c.spawn().map_err(|e| e.to_string())?;
+        let mut child = spawn_joeyctl_true(&env)?;
         expect_125(&mut child, Instant::now(), RUN_TIMEOUT, "ExecProcess")
     }
 
@@ -1251,12 +1251,7 @@ mod rows {
         }
         Ok(format!(
             "Create FAILED_PRECONDITION: {}",
-            err.lines()
-                .last()
-                .unwrap_or("")
-                .chars()
-                .take(100)
-                .collect::<String>()
+            last_line(&err, 100)
         ))
     }
 
@@ -1288,12 +1283,7 @@ mod rows {
         }
         Ok(format!(
             "Create INVALID_ARGUMENT: {}",
-            err.lines()
-                .last()
-                .unwrap_or("")
-                .chars()
-                .take(100)
-                .collect::<String>()
+            last_line(&err, 100)
         ))
     }
 
