@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target of fuzz/ (libFuzzer, address sanitizer, debug assertions) for
-# FUZZ_SECONDS each (default 20: the CI-sized run of `make test`; `make fuzz FUZZ_SECONDS=600`
+# FUZZ_SECONDS each (default 20, `make fuzz`; `make test` runs 10 s each; `make fuzz FUZZ_SECONDS=600`
 # for a long local run), starting from the committed seeds (fuzz/seeds/<target>) plus what
 # earlier runs found (fuzz/corpus/<target>, not committed). FUZZ_TARGETS="a b" runs only
 # those; FUZZ_FEATURES=shim adds oci_spec. A crash fails the run and leaves its input in fuzz/artifacts/<target>/ (reproduce:
