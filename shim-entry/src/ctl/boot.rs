@@ -169,11 +169,8 @@ pub fn run(a: BootArgs) -> i32 {
     let created = t0.elapsed();
     let deadline = (a.timeout_s > 0).then(|| Instant::now() + Duration::from_secs(a.timeout_s));
     let code = loop {
-        // Wake up now and then to honour the deadline; no busy loop.
-        let wait = deadline
-            .map(|d| d.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(3600))
-            .min(Duration::from_secs(3600));
+        // Until the deadline, or an hour at a time without one.
+        let wait = deadline.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
         match vmm.wait_event(wait) {
             Some(ev) => match outcome_of(&ev) {
                 Outcome::Ended(_) => break 0,
