@@ -20,7 +20,7 @@ pub const NAMES: &[(&str, &str)] = &[
     ),
     (
         FS_REQUEST,
-        "one FUSE request: `return(<errno>)` answers it with that error (default EIO)",
+        "one FUSE request: `return` fails it (the chain goes back with length 0); `panic` panics the device thread",
     ),
     (
         NET_TX,
