@@ -71,7 +71,7 @@ fn apply(pairs: &[(String, String)]) -> Result<(), FailpointsError> {
         let msg = joey_vmm_core::vmm::event::panic_message(info.payload());
         if is_injected_panic(&msg) {
             let thread = std::thread::current();
-            tracing::error!("injected {msg} on thread {}", thread.name().unwrap_or("?"));
+            tracing::warn!("injected {msg} on thread {}", thread.name().unwrap_or("?"));
         } else {
             previous(info);
         }

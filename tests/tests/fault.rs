@@ -782,6 +782,11 @@ const CLASSES: &[Class] = &[
         run: host_rows::fs_error_joeyctl,
     },
     Class {
+        name: "fs-panic/joeyctl",
+        injection: "fs::request=panic in the vhost-user thread",
+        run: host_rows::fs_panic_joeyctl,
+    },
+    Class {
         name: "vcpu-panic/boot",
         injection: "vmm::vcpu_run=panic (built-in VMM, probe)",
         run: host_rows::vcpu_panic_boot,
@@ -1491,16 +1496,36 @@ mod host_rows {
     /// Every FUSE request of the virtio-fs device (served to QEMU over vhost-user by joeyctl)
     /// fails: the guest cannot mount the container's rootfs share.
     pub fn fs_error_joeyctl(f: &mut Fixture) -> RowResult {
-        let rootfs = f.c.dir.path().join("fs-error-rootfs");
+        fs_fault(f, "fs::request=return", "opening the container rootfs")
+    }
+
+    /// Regression: the virtio-fs vring worker's panic poisoned the vring's lock; the
+    /// vhost-user request thread panicked on it and joeyctl died of SIGSYS, leaving its state
+    /// dir. Now the panic is caught under the lock: the request is lost, the RPC's deadline
+    /// ends the wait, the stop cleans up.
+    pub fn fs_panic_joeyctl(f: &mut Fixture) -> RowResult {
+        fs_fault(f, "fs::request=panic", "CreateContainer")
+    }
+
+    /// `joeyctl run --rootfs DIR -- /bin/true` with the virtio-fs failpoint `points`: exit 125,
+    /// one line naming `names`.
+    fn fs_fault(f: &mut Fixture, points: &str, names: &str) -> RowResult {
+        let rootfs = f.c.dir.path().join("fs-fault-rootfs");
         std::fs::create_dir_all(rootfs.join("bin")).map_err(|e| e.to_string())?;
-        let env = f.env(&debug_lines("fs::request=return"));
+        let env = f.env(&format!(
+            "[agent]\nrpc_timeout_ms = 3000\n{}",
+            debug_lines(points)
+        ));
         let mut c = Command::new(fp_joeyctl()?);
         c.arg("run").arg("--config").arg(&env.config);
         c.arg("--rootfs").arg(&rootfs).args(["--", "/bin/true"]);
         c.env_remove("JOEY_CONFIG").env_remove("JOEY_LOG");
         c.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
         let mut child = c.spawn().map_err(|e| format!("spawn joeyctl: {e}"))?;
-        let r = expect_125(&mut child, Instant::now(), RUN_TIMEOUT, "opening the container rootfs");
+        let r = expect_125(&mut child, Instant::now(), RUN_TIMEOUT, names);
+        if let Ok(o) = &r {
+            no_panic_report(o)?;
+        }
         let _ = std::fs::remove_dir_all(&rootfs);
         r
     }
