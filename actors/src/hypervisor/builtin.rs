@@ -101,6 +101,7 @@ pub fn vm_config(spec: &VmSpec, paths: &BuiltinPaths) -> Result<VmConfig, Builti
         vsock: Some(VsockConfig {
             guest_cid: spec.guest_cid,
             uds_path: paths.vsock_uds.clone(),
+            limits: super::rate_limits::rx_tx(&spec.vsock_limits),
         }),
         virtio_fs: match &spec.share_fs {
             None => None,
@@ -647,6 +648,7 @@ mod tests {
             share_fs: None,
             net: Vec::new(),
             console_log_max_bytes: 65536,
+            vsock_limits: Default::default(),
         };
         let c = vm_config(&spec, &BuiltinPaths::new(&spec.state_dir)).unwrap();
         assert_eq!(c.serial_log_max_bytes, 65536);

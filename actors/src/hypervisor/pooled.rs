@@ -76,6 +76,8 @@ pub struct Shape {
     pub agent_port: u32,
     // How its console is kept.
     pub console_log_max_bytes: u64,
+    // What its vsock device lets through (the pool serves it).
+    pub vsock_limits: joey_config::RxTxLimits,
 }
 
 impl Shape {
@@ -91,6 +93,7 @@ impl Shape {
             kernel_params: spec.kernel_params.clone(),
             agent_port: spec.agent_port,
             console_log_max_bytes: spec.console_log_max_bytes,
+            vsock_limits: spec.vsock_limits,
         }
     }
 }
@@ -363,6 +366,7 @@ mod tests {
             tcg_tb_size_mib: 16,
             accel: "tcg".into(),
             console_log_max_bytes: 1 << 20,
+            vsock_limits: Default::default(),
         }
     }
 

@@ -39,8 +39,8 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens the disk (read-only if configured). `id` is the `T_GET_ID` serial (truncated to 20
-    /// bytes).
+    /// Opens the disk (read-only if configured) with `cfg.limits`. `id` is the `T_GET_ID`
+    /// serial (truncated to 20 bytes).
     pub fn new(cfg: &BlockConfig, id: &str) -> Result<Self, BlockError> {
         let open_err = |source| BlockError::Open {
             path: cfg.path.display().to_string(),
@@ -59,7 +59,7 @@ impl Block {
         let mut idb = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
-        Ok(Block {
+        let mut b = Block {
             disk,
             capacity,
             read_only: cfg.read_only,
@@ -68,13 +68,19 @@ impl Block {
             queue_sizes: [QUEUE_SIZE],
             metrics: Arc::new(BlockMetrics::default()),
             limiter: RateLimiter::default(),
-        })
+        };
+        if cfg.limits.is_limited() {
+            b.set_rate_limiter(cfg.limits)?;
+        }
+        Ok(b)
     }
 
     /// Limits the requests (ops) and their data bytes (unlimited by default). A request over
     /// the limit stays on the avail ring until the limiter's timer ([`Self::limiter_fd`]) fires.
     pub fn set_rate_limiter(&mut self, cfg: LimiterConfig) -> Result<(), BlockError> {
         self.limiter = RateLimiter::new(cfg)?;
+        self.limiter
+            .count_throttled_in(self.metrics.throttled.clone());
         Ok(())
     }
 
@@ -343,6 +349,7 @@ mod tests {
             &BlockConfig {
                 path: f.path().to_path_buf(),
                 read_only,
+                limits: Default::default(),
             },
             "joey-blk0",
         )
@@ -373,7 +380,8 @@ mod tests {
             Block::new(
                 &BlockConfig {
                     path: "/nonexistent/disk".into(),
-                    read_only: true
+                    read_only: true,
+                    limits: Default::default(),
                 },
                 "x"
             ),
@@ -581,6 +589,8 @@ mod tests {
         let t0 = std::time::Instant::now();
         assert!(b.process_queue(&m, &mut q).unwrap());
         assert_eq!((mq.used().idx().load(), q.next_avail(), b.throttled()), (2, 2, 1));
+        // The metrics see the same throttled event.
+        assert_eq!(b.metrics().snapshot().throttled, 1);
         assert!(!b.process_queue(&m, &mut q).unwrap());
         let mut p = libc::pollfd {
             fd,
