@@ -157,3 +157,60 @@ fn limited_sandbox_moves_data_at_its_limit() {
     }
     env.assert_no_leaks();
 }
+
+/// The vsock limit of the guest → host direction, in payload bytes per second.
+const VSOCK_LIMIT: u64 = 512 * 1024;
+/// Bytes a container writes to its stdout: about 4 s at the limit.
+const VSOCK_BYTES: usize = 2 * 1024 * 1024;
+
+/// A sandbox whose `[hypervisor.rate_limits.vsock.tx]` limits the guest → host direction of its
+/// vsock streams a container's stdout (the agent's `ReadStdout` replies over the vsock) at the
+/// limit, within 10%: from the first chunk the host sees to the end of the output.
+#[test]
+fn vsock_limited_sandbox_streams_output_at_its_limit() {
+    let env = Env::with_config(|k, i| {
+        format!(
+            "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+             [hypervisor.rate_limits.vsock.tx]\nbandwidth_bytes_per_s = {VSOCK_LIMIT}\n",
+            k.display(),
+            i.display()
+        )
+    });
+    let script = format!(
+        "dd if=/dev/zero bs=65536 count={} 2>/dev/null",
+        VSOCK_BYTES / 65536
+    );
+    let mut cmd = env.command(&[], &["sh", "-c", &script]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("joeyctl run");
+    let mut out = child.stdout.take().unwrap();
+    let runner = std::thread::spawn(move || wait_output(child, RUN_TIMEOUT));
+    // (bytes of the first read, when it came, total bytes, when the output ended)
+    let mut buf = vec![0u8; 65536];
+    let mut first: Option<(usize, Instant)> = None;
+    let mut total = 0usize;
+    loop {
+        match out.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                first.get_or_insert((n, Instant::now()));
+                total += n;
+            }
+            Err(e) => panic!("joeyctl stdout after {total} bytes: {e}"),
+        }
+    }
+    let end = Instant::now();
+    let o = runner.join().expect("runner");
+    assert_eq!((o.status.code(), total), (Some(0), VSOCK_BYTES), "{}", stderr_of(&o));
+    let (first_len, t0) = first.unwrap();
+    let t = end - t0;
+    let share = (total - first_len) as f64 / t.as_secs_f64() / VSOCK_LIMIT as f64;
+    println!(
+        "vsock rate limit {VSOCK_LIMIT} B/s: {total} bytes in {t:?} after a first chunk of \
+         {first_len} ({share:.3} of the limit)"
+    );
+    assert!((0.9..=1.1).contains(&share), "{share:.3} of the limit");
+    env.assert_no_leaks();
+}
