@@ -1,10 +1,33 @@
 //! What the shim needs from a bundle's OCI `config.json`: the process and root settings, the
 //! CRI sandbox grouping annotation, and the spec translated for the guest ([`translate`]).
+//!
+//! A crate of its own with only `serde_json` and `oci-spec` (no async runtime), so that the
+//! `oci_spec` fuzz target builds it cheaply; the shim re-exports it as `joey_shim::shim::spec`.
 
 use std::path::{Path, PathBuf};
 
-use joey_actors::sharefs::{guest_rootfs_path, guest_volume_path, VolumeShare};
 use serde_json::Value;
+
+/// Where the guest mounts the shared directory (`joey_agent_protocol::GUEST_SHARED_DIR`; the
+/// ShareFs actor checks that the two agree).
+pub const GUEST_SHARED_DIR: &str = "/run/joey/shared";
+
+/// One host directory or file shared into the guest for a container's bind mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeShare {
+    pub host_path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Guest path of a container's `index`-th shared volume.
+pub fn guest_volume_path(container_id: &str, index: usize) -> String {
+    format!("{GUEST_SHARED_DIR}/{container_id}/volumes/{index}")
+}
+
+/// Guest path of a shared container rootfs.
+pub fn guest_rootfs_path(container_id: &str) -> String {
+    format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
+}
 
 /// The OCI annotation CRI puts on every container of a pod.
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
@@ -245,6 +268,13 @@ pub fn load(bundle: &Path) -> Result<ContainerSpec, SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_dir_is_the_agents() {
+        assert_eq!(GUEST_SHARED_DIR, joey_agent_protocol::GUEST_SHARED_DIR);
+        assert_eq!(guest_rootfs_path("c1"), "/run/joey/shared/c1/rootfs");
+        assert_eq!(guest_volume_path("c1", 2), "/run/joey/shared/c1/volumes/2");
+    }
 
     const GOOD: &str = r#"{
         "ociVersion": "1.0.2",
