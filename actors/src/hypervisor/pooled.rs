@@ -99,6 +99,8 @@ impl Shape {
 }
 
 /// Lessee -> pool.
+// One request per connection, parsed from a line of JSON: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
