@@ -670,6 +670,33 @@ mod tests {
         }
     }
 
+    /// `VsockConfig.limits` gives the device its limiters: their timers and the muxer's fd
+    /// are then watched through one epoll.
+    #[test]
+    fn config_limits_are_applied() {
+        use crate::rate_limiter::BucketConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.path().join("a.sock"),
+            limits: Default::default(),
+        };
+        let d = VsockDevice::new(&cfg).unwrap();
+        assert_eq!(d.event_fd(), d.muxer.as_raw_fd());
+        let mut cfg = VsockConfig {
+            uds_path: dir.path().join("b.sock"),
+            ..cfg
+        };
+        cfg.limits.tx.ops = BucketConfig {
+            rate: 10,
+            one_time_burst: 0,
+            refill_time_ms: 100,
+        };
+        let d = VsockDevice::new(&cfg).unwrap();
+        assert_ne!(d.event_fd(), d.muxer.as_raw_fd());
+        assert!(d.tx_limiter.is_limited() && !d.rx_limiter.is_limited());
+    }
+
     #[test]
     fn host_initiated_connection_relays_both_ways() {
         let mut g = Guest::new();
