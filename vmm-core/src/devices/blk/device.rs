@@ -600,13 +600,9 @@ mod tests {
         let m = mem();
         write_header(&m, VIRTIO_BLK_T_IN, 0);
         let mq = MockSplitQueue::create(&m, GuestAddress(0), 16);
-        let n = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
-        let d = |addr, len, flags, next| {
-            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(addr, len, flags, next))
-        };
-        // One chain, posted again and again (the mock's own helper does not wrap the ring).
-        let chain = [d(HDR, 16, n, 1), d(DATA, 4096, W | n, 2), d(STATUS, 1, W, 0)];
-        mq.add_desc_chains(&chain, 0).unwrap();
+        // One chain, posted again and again (the mock's own helpers do not wrap the ring).
+        mq.build_desc_chain(&[raw(HDR, 16, 0), raw(DATA, 4096, W), raw(STATUS, 1, W)])
+            .unwrap();
         let mut q: Queue = mq.create_queue().unwrap();
         // The used ring apart: the mock's own overlaps the avail ring once it wraps.
         const USED: u64 = 0x20000;
