@@ -3,7 +3,7 @@
 # FUZZ_SECONDS each (default 20, `make fuzz`; `make test` runs 10 s each; `make fuzz FUZZ_SECONDS=600`
 # for a long local run), starting from the committed seeds (fuzz/seeds/<target>) plus what
 # earlier runs found (fuzz/corpus/<target>, not committed). FUZZ_TARGETS="a b" runs only
-# those; FUZZ_FEATURES=shim adds oci_spec. A crash fails the run and leaves its input in fuzz/artifacts/<target>/ (reproduce:
+# those. A crash fails the run and leaves its input in fuzz/artifacts/<target>/ (reproduce:
 # `RUSTC_BOOTSTRAP=1 cargo fuzz run <target> <file>` in fuzz/). Prints one line per target:
 # executions, exec/s, corpus size and time. Installs cargo-fuzz if it is missing; the stable
 # toolchain is enough (RUSTC_BOOTSTRAP lets it pass the sanitizer flags).
@@ -18,15 +18,10 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 # 16 codegen units: a much shorter build (CI builds from scratch) for slightly slower runs.
 flags=(--debug-assertions --codegen-units 16)
-# FUZZ_FEATURES=shim adds the oci_spec target (the shim's OCI spec handling; a much longer build).
-features=${FUZZ_FEATURES:-}
-[ -n "$features" ] && flags+=(--features "$features")
 t0=$(date +%s)
 cargo fuzz build "${flags[@]}"
 echo "joey fuzz: build $(( $(date +%s) - t0 ))s"
-all=$(cargo fuzz list)
-[[ " $features " == *" shim "* ]] || all=$(grep -vx oci_spec <<<"$all")
-targets=${FUZZ_TARGETS:-$all}
+targets=${FUZZ_TARGETS:-$(cargo fuzz list)}
 log=$(mktemp /tmp/joey-fuzz.XXXXXX)
 trap 'rm -f "$log"' EXIT
 for t in $targets; do

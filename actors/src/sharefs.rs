@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use joey_agent_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
+use joey_agent_protocol::SHARED_FS_TAG;
 use joey_vmm_core::devices::fs::{CachePolicy, FsConfig, FsError, FsMetrics, VhostUserFsHandle, VhostUserFsServer};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
@@ -77,22 +77,9 @@ pub fn validate_container_id(id: &str) -> Result<(), ShareFsError> {
     }
 }
 
-/// One host directory or file shared into the guest for a container's bind mount.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeShare {
-    pub host_path: PathBuf,
-    pub read_only: bool,
-}
-
-/// Guest path of a container's `index`-th shared volume.
-pub fn guest_volume_path(container_id: &str, index: usize) -> String {
-    format!("{GUEST_SHARED_DIR}/{container_id}/volumes/{index}")
-}
-
-/// Guest path of a shared container rootfs.
-pub fn guest_rootfs_path(container_id: &str) -> String {
-    format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
-}
+/// A container's shared volumes and rootfs in the guest (`joey-oci`, which the OCI spec
+/// translation uses too).
+pub use joey_oci::{guest_rootfs_path, guest_volume_path, VolumeShare};
 
 crate::state_machine! {
     /// Lifecycle of the ShareFs actor.

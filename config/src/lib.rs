@@ -656,6 +656,9 @@ kernel_params = "console=ttyS0 quiet"
 bandwidth_bytes_per_s = 1048576
 ops_per_s = 10000
 
+[hypervisor.rate_limits.vsock.rx]
+bandwidth_bytes_per_s = 4194304
+
 [hypervisor.qemu]
 binary = "/usr/bin/qemu-system-x86_64"
 accel = "kvm"
@@ -713,6 +716,14 @@ seccomp = "trap"
                         },
                         ..RxTxLimits::default()
                     },
+                    vsock: RxTxLimits {
+                        rx: LimitConfig {
+                            bandwidth_bytes_per_s: 4_194_304,
+                            ..LimitConfig::default()
+                        },
+                        ..RxTxLimits::default()
+                    },
+                    blk: LimitConfig::default(),
                 },
                 qemu: QemuConfig {
                     binary: "/usr/bin/qemu-system-x86_64".into(),
@@ -835,8 +846,18 @@ seccomp = "trap"
         let e = Config::from_toml_str("[hypervisor.rate_limits.net.rx]\nbandwith = 1\n", "<string>")
             .unwrap_err();
         assert!(e.to_string().contains("bandwith"), "{e}");
-        let e = Config::from_toml_str("[hypervisor.rate_limits.blk]\n", "<string>").unwrap_err();
-        assert!(e.to_string().contains("blk"), "{e}");
+        let e = Config::from_toml_str("[hypervisor.rate_limits.scsi]\n", "<string>").unwrap_err();
+        assert!(e.to_string().contains("scsi"), "{e}");
+        let c = Config::from_toml_str(
+            "[hypervisor.rate_limits.vsock.tx]\nbandwidth_bytes_per_s = 65536\n\
+             [hypervisor.rate_limits.blk]\nops_per_s = 100\nrefill_time_ms = 1000\n",
+            "<string>",
+        )
+        .unwrap();
+        let r = &c.hypervisor.rate_limits;
+        assert_eq!((r.vsock.tx.bandwidth_bytes_per_s, r.vsock.rx, r.blk.ops_per_s), (65536, LimitConfig::default(), 100));
+        let e = Config::from_toml_str("[hypervisor.rate_limits.blk.rx]\n", "<string>").unwrap_err();
+        assert!(e.to_string().contains("rx"), "{e}");
         let e = Config::from_toml_str(
             "[hypervisor.rate_limits.net.tx]\nops_per_s = 1\n",
             "<string>",
@@ -855,6 +876,14 @@ seccomp = "trap"
         let annotation = format!("{ANNOTATION_PREFIX}{key}");
         let c = base.with_annotations([(annotation.as_str(), "500000")]).unwrap();
         assert_eq!(c.hypervisor.rate_limits.net.tx.bandwidth_bytes_per_s, 500_000);
+        let key = "hypervisor.rate_limits.vsock.tx.bandwidth_bytes_per_s";
+        base.runtime.enable_annotations.push(key.to_string());
+        let annotation = format!("{ANNOTATION_PREFIX}{key}");
+        let c = base.with_annotations([(annotation.as_str(), "262144")]).unwrap();
+        assert_eq!(c.hypervisor.rate_limits.vsock.tx.bandwidth_bytes_per_s, 262_144);
+        // Validated like the file: less than one token per bucket is refused.
+        let e = base.with_annotations([(annotation.as_str(), "5")]).unwrap_err();
+        assert!(e.to_string().contains("less than one token"), "{e}");
     }
 
     #[test]

@@ -86,13 +86,25 @@ pub struct RxTxLimits {
 pub struct RateLimitsConfig {
     /// Every virtio-net interface of the sandbox, each on its own.
     pub net: RxTxLimits,
+    /// The vsock device (the agent's RPCs and the containers' I/O streams): `rx` packets to the
+    /// guest, `tx` packets from it; bandwidth counts payload bytes.
+    pub vsock: RxTxLimits,
+    /// Every virtio-blk device (requests and their data bytes; built-in VMM only, and joey
+    /// attaches no disk to a sandbox today).
+    pub blk: LimitConfig,
 }
 
 impl RateLimitsConfig {
     /// Checks every limit; on error returns the full key (`hypervisor.rate_limits.…`) and the
     /// message.
     pub fn check(&self) -> Result<(), (String, String)> {
-        for (name, l) in [("net.rx", &self.net.rx), ("net.tx", &self.net.tx)] {
+        for (name, l) in [
+            ("net.rx", &self.net.rx),
+            ("net.tx", &self.net.tx),
+            ("vsock.rx", &self.vsock.rx),
+            ("vsock.tx", &self.vsock.tx),
+            ("blk", &self.blk),
+        ] {
             l.check()
                 .map_err(|(key, msg)| (format!("hypervisor.rate_limits.{name}.{key}"), msg))?;
         }
@@ -131,5 +143,20 @@ mod tests {
                 "5/s over refill_time_ms = 100 is less than one token (0: unlimited)".to_string()
             ))
         );
+        let mut c = RateLimitsConfig::default();
+        c.vsock.tx.refill_time_ms = 60_001;
+        assert_eq!(
+            c.check().unwrap_err().0,
+            "hypervisor.rate_limits.vsock.tx.refill_time_ms"
+        );
+        let mut c = RateLimitsConfig::default();
+        c.blk.bandwidth_bytes_per_s = 9;
+        assert_eq!(
+            c.check().unwrap_err().0,
+            "hypervisor.rate_limits.blk.bandwidth_bytes_per_s"
+        );
+        c.blk.bandwidth_bytes_per_s = 10;
+        assert!(c.blk.is_limited());
+        assert_eq!(c.check(), Ok(()));
     }
 }

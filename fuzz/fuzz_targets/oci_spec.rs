@@ -4,11 +4,11 @@
 //! The shim's OCI spec handling: a bundle's `config.json` parsed (`spec::parse`), its network
 //! namespace looked up and the spec translated for the guest (`spec::translate`: rootfs and
 //! bind mounts rewritten to the shared directory); the same bytes parsed as an exec process
-//! spec (`spec::parse_process`). Built only with the `shim` feature (`FUZZ_FEATURES=shim`): it
-//! pulls the whole shim into the sanitizer build.
+//! spec (`spec::parse_process`). The code is the `joey-oci` crate, which the shim re-exports as
+//! `joey_shim::shim::spec`: only serde_json and oci-spec get into the sanitizer build.
 #![no_main]
 
-use joey_shim::shim::spec;
+use joey_oci as spec;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -26,6 +26,7 @@ fn disk() -> &'static Mutex<Disk> {
         let cfg = BlockConfig {
             path,
             read_only: false,
+            limits: Default::default(),
         };
         let block = Block::new(&cfg, "fuzz-disk").expect("block device");
         Mutex::new(Disk { _dir: dir, block })

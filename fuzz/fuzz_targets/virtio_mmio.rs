@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
     let cfg = BlockConfig {
         path: disk().path().join("disk.img"),
         read_only: true,
+        limits: Default::default(),
     };
     let block = Block::new(&cfg, "fuzz").expect("block device");
     let Ok(mut tr) = MmioTransport::new(Box::new(block), mem) else {

@@ -25,6 +25,7 @@ fn vsock() -> &'static Mutex<Vsock> {
         let cfg = VsockConfig {
             guest_cid: 3,
             uds_path: dir.path().join("vsock"),
+            limits: Default::default(),
         };
         let dev = VsockDevice::new(&cfg).expect("vsock device");
         Mutex::new(Vsock { _dir: dir, dev })

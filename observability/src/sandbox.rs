@@ -75,6 +75,9 @@ pub struct DeviceCounters {
     /// Frames dropped by direction (net: a frame larger than the guest's rx buffer, a tap that
     /// refused a frame); empty for devices that never drop.
     pub dropped: Vec<(&'static str, u64)>,
+    /// Times the device's rate limiter held a queue back, by direction (`to_guest`,
+    /// `from_guest`; blk: `both`); empty for devices without rate limiters.
+    pub throttled: Vec<(&'static str, u64)>,
 }
 
 /// What the hypervisor counts about the VM, read at scrape time.
@@ -377,12 +380,22 @@ fn hypervisor_registry(h: &HypervisorCounters) -> Result<Registry, MetricsError>
         ),
         &["device", "direction"],
     )?;
+    let throttled = IntCounterVec::new(
+        Opts::new(
+            "joey_hypervisor_device_rate_limiter_throttled_total",
+            "Times a rate limiter of the VM's virtio devices ([hypervisor.rate_limits]) held a queue back, by device and direction (to_guest, from_guest; blk: both).",
+        ),
+        &["device", "direction"],
+    )?;
     for d in &h.devices {
         for (dir, n) in &d.bytes {
             bytes.with_label_values(&[d.device, dir]).inc_by(*n);
         }
         for (dir, n) in &d.dropped {
             dropped.with_label_values(&[d.device, dir]).inc_by(*n);
+        }
+        for (dir, n) in &d.throttled {
+            throttled.with_label_values(&[d.device, dir]).inc_by(*n);
         }
         for (op, n) in &d.operations {
             ops.with_label_values(&[d.device, op]).inc_by(*n);
@@ -393,6 +406,7 @@ fn hypervisor_registry(h: &HypervisorCounters) -> Result<Registry, MetricsError>
     r.register(Box::new(ops))?;
     r.register(Box::new(errors))?;
     r.register(Box::new(dropped))?;
+    r.register(Box::new(throttled))?;
     let exits = IntCounterVec::new(
         Opts::new(
             "joey_hypervisor_vcpu_exits_total",
@@ -531,6 +545,7 @@ pub const SANDBOX_METRIC_NAMES: &[&str] = &[
     "joey_hypervisor_device_operations_total",
     "joey_hypervisor_device_errors_total",
     "joey_hypervisor_device_dropped_total",
+    "joey_hypervisor_device_rate_limiter_throttled_total",
     "joey_hypervisor_vcpu_exits_total",
     "joey_hypervisor_console_dropped_bytes_total",
     "joey_guest_memory_total_bytes",
@@ -606,6 +621,7 @@ mod tests {
                     operations: vec![("rx", 7), ("tx", 5)],
                     errors: 0,
                     dropped: vec![],
+                    throttled: vec![("to_guest", 0), ("from_guest", 9)],
                 },
                 DeviceCounters {
                     device: "fs",
@@ -613,6 +629,7 @@ mod tests {
                     operations: vec![("read", 2), ("lookup", 1)],
                     errors: 2,
                     dropped: vec![],
+                    throttled: vec![],
                 },
                 DeviceCounters {
                     device: "net",
@@ -620,6 +637,7 @@ mod tests {
                     operations: vec![("rx", 1), ("tx", 1)],
                     errors: 0,
                     dropped: vec![("to_guest", 3), ("from_guest", 0)],
+                    throttled: vec![("to_guest", 4), ("from_guest", 0)],
                 },
             ],
             vcpu_exits: vec![("io_out", 42), ("hlt", 0)],
@@ -665,6 +683,8 @@ mod tests {
             "joey_hypervisor_device_operations_total{device=\"fs\",op=\"read\"} 2",
             "joey_hypervisor_device_errors_total{device=\"fs\"} 2",
             "joey_hypervisor_device_dropped_total{device=\"net\",direction=\"to_guest\"} 3",
+            "joey_hypervisor_device_rate_limiter_throttled_total{device=\"vsock\",direction=\"from_guest\"} 9",
+            "joey_hypervisor_device_rate_limiter_throttled_total{device=\"net\",direction=\"to_guest\"} 4",
             "joey_hypervisor_device_bytes_total{device=\"net\",direction=\"to_guest\"} 1514",
             "joey_hypervisor_device_errors_total{device=\"vsock\"} 0",
             "joey_hypervisor_vcpu_exits_total{reason=\"io_out\"} 42",

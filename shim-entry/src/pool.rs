@@ -946,6 +946,14 @@ pub fn main() -> i32 {
     } else {
         &level
     });
+    // The serving pool runs VMs and their devices like the shim: the runtime filter on every
+    // thread, before any other thread starts (they all inherit it; docs/security.md).
+    if cli.cmd.is_none() {
+        if let Err(e) = crate::security::install_seccomp(cfg.security.seccomp) {
+            eprintln!("joey-pool: error: {e}");
+            return EXIT_FAILURE;
+        }
+    }
     let sys = actix::System::new();
     match cli.cmd {
         Some(Cmd::Status) => sys.block_on(print_status(&cfg)),

@@ -52,6 +52,7 @@ const SANDBOX_METRICS: &[&str] = &[
     "joey_hypervisor_device_bytes_total",
     "joey_hypervisor_device_operations_total",
     "joey_hypervisor_device_errors_total",
+    "joey_hypervisor_device_rate_limiter_throttled_total",
 ];
 
 const MONITOR_METRICS: &[&str] = &[
@@ -300,6 +301,11 @@ fn sandbox_and_monitor_expositions_pass_promtool() {
         assert!(n > 0.0, "vsock {op} packets {n}:\n{text}");
     }
     assert_eq!(value(&text, "joey_hypervisor_device_errors_total", &["device=\"vsock\""]), Some(0.0));
+    // No vsock rate limit in this config: its limiters never held a queue back.
+    for dir in ["to_guest", "from_guest"] {
+        let labels = ["device=\"vsock\"", &format!("direction=\"{dir}\"")];
+        assert_eq!(value(&text, "joey_hypervisor_device_rate_limiter_throttled_total", &labels), Some(0.0));
+    }
     // QEMU runs the vCPUs: no exit counters.
     assert!(!has_metric(&text, "joey_hypervisor_vcpu_exits_total"), "{text}");
     // Counters never go down between scrapes.

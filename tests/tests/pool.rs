@@ -96,6 +96,22 @@ impl Drop for Pool {
     }
 }
 
+/// Every thread of the pool runs under its seccomp filter (`Seccomp: 2`; the runtime class,
+/// docs/security.md), as the shim's and `joeyctl run`'s do (tests/tests/security.rs).
+fn assert_seccomp_on_every_thread(pid: i32) {
+    let mut threads = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the pool's threads") {
+        let status = t.unwrap().path().join("status");
+        // A thread may end while we look.
+        let Ok(text) = std::fs::read_to_string(&status) else {
+            continue;
+        };
+        threads += 1;
+        assert!(text.lines().any(|l| l == "Seccomp:\t2"), "{}:\n{text}", status.display());
+    }
+    assert!(threads > 1, "joey-pool has {threads} threads");
+}
+
 /// `joey-pool status` output (`None`: no pool answers).
 fn status(env: &Env) -> Option<String> {
     let o = pool_cmd(env, &["status"])
@@ -267,6 +283,7 @@ fn pooled_runs_are_fast_refilled_never_reused_and_sigterm_leaves_nothing() {
 
     // The pool refills with a new VM, and the next run gets that one.
     wait_ready(&env, 1, 1);
+    assert_seccomp_on_every_thread(pool.pid());
     let second = vm_dirs(&env);
     assert_eq!(second.len(), 1);
     assert_ne!(second, first);

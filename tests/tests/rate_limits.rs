@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use joey_tests::containerd::RUN_TIMEOUT;
 use joey_tests::netns::{veth, NetNs};
-use joey_tests::{stderr_of, wait_output, Env};
+use joey_tests::{get_unix, stderr_of, value, wait_output, Env};
 
 /// The limit, each way, in Ethernet frame bytes per second.
 const LIMIT: u64 = 512 * 1024;
@@ -155,5 +155,82 @@ fn limited_sandbox_moves_data_at_its_limit() {
             "{dir}: {share:.3} of the limit"
         );
     }
+    env.assert_no_leaks();
+}
+
+/// The vsock limit of the guest → host direction, in payload bytes per second.
+const VSOCK_LIMIT: u64 = 512 * 1024;
+/// Bytes a container writes to its stdout: about 4 s at the limit.
+const VSOCK_BYTES: usize = 2 * 1024 * 1024;
+
+/// A sandbox whose `[hypervisor.rate_limits.vsock.tx]` limits the guest → host direction of its
+/// vsock streams a container's stdout (the agent's `ReadStdout` replies over the vsock) at the
+/// limit, within 10%: from the first chunk the host sees to the end of the output. The
+/// sandbox's metrics endpoint then counts the tx limiter's throttled events (rx: none).
+#[test]
+fn vsock_limited_sandbox_streams_output_at_its_limit() {
+    let env = Env::with_config(|k, i| {
+        format!(
+            "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+             [hypervisor.rate_limits.vsock.tx]\nbandwidth_bytes_per_s = {VSOCK_LIMIT}\n",
+            k.display(),
+            i.display()
+        )
+    });
+    // The sandbox stays a little while after the output, for the metrics scrape.
+    let script = format!(
+        "dd if=/dev/zero bs=65536 count={} 2>/dev/null; sleep 3",
+        VSOCK_BYTES / 65536
+    );
+    let mut cmd = env.command(&[], &["sh", "-c", &script]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("joeyctl run");
+    let mut out = child.stdout.take().unwrap();
+    let runner = std::thread::spawn(move || wait_output(child, RUN_TIMEOUT));
+    // (bytes of the first read, when it came, total bytes, when the output ended)
+    let mut buf = vec![0u8; 65536];
+    let mut first: Option<(usize, Instant)> = None;
+    let mut total = 0usize;
+    while total < VSOCK_BYTES {
+        match out.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                first.get_or_insert((n, Instant::now()));
+                total += n;
+            }
+            Err(e) => panic!("joeyctl stdout after {total} bytes: {e}"),
+        }
+    }
+    let end = Instant::now();
+    // The sandbox's metrics endpoint (`<state_dir>/<id>/metrics.sock`) while it sleeps.
+    let sock = std::fs::read_dir(&env.state_dir)
+        .expect("state dir")
+        .map(|e| e.unwrap().path().join("metrics.sock"))
+        .find(|p| p.exists());
+    let scraped = sock.map(|s| get_unix(&s, "/metrics", Duration::from_secs(5)));
+    let rest = out.read_to_end(&mut buf).expect("joeyctl stdout");
+    let o = runner.join().expect("runner");
+    assert_eq!(rest, 0, "more output than written");
+    assert_eq!((o.status.code(), total), (Some(0), VSOCK_BYTES), "{}", stderr_of(&o));
+    let (first_len, t0) = first.unwrap();
+    let t = end - t0;
+    let share = (total - first_len) as f64 / t.as_secs_f64() / VSOCK_LIMIT as f64;
+    println!(
+        "vsock rate limit {VSOCK_LIMIT} B/s: {total} bytes in {t:?} after a first chunk of \
+         {first_len} ({share:.3} of the limit)"
+    );
+    assert!((0.9..=1.1).contains(&share), "{share:.3} of the limit");
+    let (status, text) = scraped.expect("no metrics.sock while the sandbox ran");
+    assert_eq!(status, 200, "{text}");
+    let throttled = |dir: &str| {
+        let labels = ["device=\"vsock\"", &format!("direction=\"{dir}\"")];
+        value(&text, "joey_hypervisor_device_rate_limiter_throttled_total", &labels)
+    };
+    let tx = throttled("from_guest").unwrap_or(0.0);
+    println!("vsock tx limiter throttled {tx} times");
+    assert!(tx > 0.0, "{text}");
+    assert_eq!(throttled("to_guest"), Some(0.0), "{text}");
     env.assert_no_leaks();
 }

@@ -23,6 +23,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const NS_PER_S: u128 = 1_000_000_000;
@@ -96,6 +98,23 @@ impl LimiterConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The limiters of a device with a receive (host → guest, "rx") and a transmit (guest → host,
+/// "tx") side; unlimited by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RxTxLimiterConfig {
+    /// To the guest.
+    pub rx: LimiterConfig,
+    /// From the guest.
+    pub tx: LimiterConfig,
+}
+
+impl RxTxLimiterConfig {
+    /// Whether either direction limits anything.
+    pub fn is_limited(&self) -> bool {
+        self.rx.is_limited() || self.tx.is_limited()
     }
 }
 
@@ -272,7 +291,9 @@ pub struct RateLimiter {
     timer: Option<Timer>,
     blocked: bool,
     origin: Instant,
-    throttled: u64,
+    /// Times a request was refused; shared with the device's metrics
+    /// ([`RateLimiter::count_throttled_in`]).
+    throttled: Arc<AtomicU64>,
 }
 
 impl Default for RateLimiter {
@@ -284,7 +305,7 @@ impl Default for RateLimiter {
             timer: None,
             blocked: false,
             origin: Instant::now(),
-            throttled: 0,
+            throttled: Arc::default(),
         }
     }
 }
@@ -315,7 +336,18 @@ impl RateLimiter {
 
     /// How many times a request was refused (the limiter became blocked).
     pub fn throttled_count(&self) -> u64 {
-        self.throttled
+        self.throttled.load(Ordering::Relaxed)
+    }
+
+    /// Counts the refusals from now on in `counter` (a device's metrics counter, Firecracker's
+    /// `rate_limiter_throttled_events`), which keeps what it already holds.
+    pub fn count_throttled_in(&mut self, counter: Arc<AtomicU64>) {
+        self.throttled = counter;
+    }
+
+    fn throttle(&mut self) {
+        self.blocked = true;
+        self.throttled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The timer fd to watch (readable: tokens are back); `None` when unlimited.
@@ -358,8 +390,7 @@ impl RateLimiter {
             t.arm(Duration::from_nanos(wait))
                 .map_err(RateLimiterError::Timer)?;
         }
-        self.blocked = true;
-        self.throttled += 1;
+        self.throttle();
         Ok(false)
     }
 
@@ -384,8 +415,7 @@ impl RateLimiter {
                 t.arm(Duration::from_nanos(wait))
                     .map_err(RateLimiterError::Timer)?;
             }
-            self.blocked = true;
-            self.throttled += 1;
+            self.throttle();
         }
         Ok(())
     }
@@ -605,6 +635,42 @@ mod tests {
         // SAFETY: as above, no wait.
         assert_eq!(unsafe { libc::poll(&mut p, 1, 0) }, 0);
         assert!(l.consume(100).unwrap());
+    }
+
+    /// The refusals land in the shared counter a device's metrics read.
+    #[test]
+    fn throttled_events_go_to_the_shared_counter() {
+        let mut l = RateLimiter::new(LimiterConfig {
+            bandwidth: BucketConfig::default(),
+            ops: BucketConfig {
+                rate: 10,
+                one_time_burst: 0,
+                refill_time_ms: 100,
+            },
+        })
+        .unwrap();
+        let counter = Arc::new(AtomicU64::new(5));
+        l.count_throttled_in(counter.clone());
+        assert!(l.consume(1).unwrap());
+        assert_eq!(counter.load(Ordering::Relaxed), 5);
+        assert!(!l.consume(1).unwrap());
+        // Blocked: refused again, but one throttled event.
+        assert!(!l.consume(1).unwrap());
+        assert_eq!((counter.load(Ordering::Relaxed), l.throttled_count()), (6, 6));
+        // A charge into debt while open is a throttled event too.
+        let mut l = RateLimiter::new(LimiterConfig {
+            bandwidth: BucketConfig {
+                rate: 1000,
+                one_time_burst: 0,
+                refill_time_ms: 100,
+            },
+            ops: BucketConfig::default(),
+        })
+        .unwrap();
+        l.count_throttled_in(counter.clone());
+        l.charge(500).unwrap();
+        assert!(l.is_blocked());
+        assert_eq!(counter.load(Ordering::Relaxed), 7);
     }
 
     #[test]

@@ -567,6 +567,8 @@ const RUNTIME: &[i64] = &[
     libc::SYS_setns,
     libc::SYS_setpgid,
     libc::SYS_setsid,
+    // joey-pool lowers the priority of a booting VM's QEMU threads.
+    libc::SYS_setpriority,
     libc::SYS_socketpair,
     libc::SYS_statfs,
     libc::SYS_symlink,

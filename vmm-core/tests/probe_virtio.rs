@@ -133,6 +133,7 @@ fn vsock_cfg(dir: &Path) -> VsockConfig {
     VsockConfig {
         guest_cid: GUEST_CID,
         uds_path: dir.join("vsock.sock"),
+        limits: Default::default(),
     }
 }
 
@@ -153,10 +154,12 @@ fn vsock_and_blk_pass(vcpus: u8) {
         BlockConfig {
             path: rw.clone(),
             read_only: false,
+            limits: Default::default(),
         },
         BlockConfig {
             path: ro.clone(),
             read_only: true,
+            limits: Default::default(),
         },
     ];
     let mut g = start(
@@ -325,6 +328,7 @@ fn probe_read_only_disk_write_fails_with_ioerr() {
     let blk = vec![BlockConfig {
         path: ro.clone(),
         read_only: true,
+        limits: Default::default(),
     }];
     let mut g = start(
         1,

@@ -101,6 +101,7 @@ pub fn vm_config(spec: &VmSpec, paths: &BuiltinPaths) -> Result<VmConfig, Builti
         vsock: Some(VsockConfig {
             guest_cid: spec.guest_cid,
             uds_path: paths.vsock_uds.clone(),
+            limits: super::rate_limits::rx_tx(&spec.vsock_limits),
         }),
         virtio_fs: match &spec.share_fs {
             None => None,
@@ -648,6 +649,10 @@ mod tests {
             share_fs: None,
             net: Vec::new(),
             console_log_max_bytes: 65536,
+            vsock_limits: joey_config::RxTxLimits {
+                tx: joey_config::LimitConfig { ops_per_s: 500, ..Default::default() },
+                ..Default::default()
+            },
         };
         let c = vm_config(&spec, &BuiltinPaths::new(&spec.state_dir)).unwrap();
         assert_eq!(c.serial_log_max_bytes, 65536);
@@ -660,6 +665,8 @@ mod tests {
             (v.guest_cid, v.uds_path.as_path()),
             (3, Path::new("/run/joey/t/vsock.sock"))
         );
+        // `[hypervisor.rate_limits.vsock]` reaches the in-process device.
+        assert_eq!((v.limits.tx.ops.rate, v.limits.tx.ops.size(), v.limits.rx.is_limited()), (500, 50, false));
         assert_eq!(
             c.cmdline,
             "console=ttyS0 reboot=k panic=-1 quiet no_timer_check apic_timer_hz=1000000000 foo=1 joey.agent_port=1024"

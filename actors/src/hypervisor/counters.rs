@@ -47,6 +47,7 @@ impl VmCounterSources {
                 operations: vec![("rx", s.rx_packets), ("tx", s.tx_packets)],
                 errors: s.malformed_chains,
                 dropped: Vec::new(),
+                throttled: vec![("to_guest", s.rx_throttled), ("from_guest", s.tx_throttled)],
             });
         }
         if let Some(f) = &self.fs {
@@ -57,6 +58,7 @@ impl VmCounterSources {
                 operations: s.ops_by_name().collect(),
                 errors: s.failed_requests,
                 dropped: Vec::new(),
+                throttled: Vec::new(),
             });
         }
         if !self.blk.is_empty() {
@@ -76,6 +78,7 @@ impl VmCounterSources {
                 ],
                 errors: s.invalid_chains + s.io_errors + s.unsupported,
                 dropped: Vec::new(),
+                throttled: vec![("both", s.throttled)],
             });
         }
         if !self.net.is_empty() {
@@ -90,6 +93,7 @@ impl VmCounterSources {
                 operations: vec![("rx", s.rx_packets), ("tx", s.tx_packets)],
                 errors: s.rx_errors.saturating_add(s.tx_errors),
                 dropped: vec![("to_guest", s.rx_dropped), ("from_guest", s.tx_dropped)],
+                throttled: vec![("to_guest", s.rx_throttled), ("from_guest", s.tx_throttled)],
             });
         }
         let vcpu_exits = self
@@ -148,6 +152,10 @@ mod tests {
         n2.rx_dropped.fetch_add(2, Ordering::Relaxed);
         n1.tx_errors.fetch_add(1, Ordering::Relaxed);
         n2.rx_errors.fetch_add(1, Ordering::Relaxed);
+        n1.tx_throttled.fetch_add(5, Ordering::Relaxed);
+        n2.tx_throttled.fetch_add(1, Ordering::Relaxed);
+        vsock.tx_throttled.fetch_add(2, Ordering::Relaxed);
+        b2.throttled.fetch_add(3, Ordering::Relaxed);
         let src = VmCounterSources {
             vsock: Some(vsock),
             fs: Some(fs),
@@ -171,6 +179,10 @@ mod tests {
         assert_eq!(c.devices[1].errors, 2);
         assert_eq!(c.devices[2].bytes, vec![("to_guest", 1536), ("from_guest", 0)]);
         assert_eq!(c.devices[2].errors, 2);
+        assert_eq!(c.devices[0].throttled, vec![("to_guest", 0), ("from_guest", 2)]);
+        assert!(c.devices[1].throttled.is_empty());
+        assert_eq!(c.devices[2].throttled, vec![("both", 3)]);
+        assert_eq!(c.devices[3].throttled, vec![("to_guest", 0), ("from_guest", 6)]);
         assert_eq!(c.vcpu_exits.len(), 10);
         assert!(c.vcpu_exits.iter().all(|(_, n)| *n == 0));
         assert_eq!(c.console_dropped_bytes, 7);

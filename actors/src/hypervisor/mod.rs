@@ -19,6 +19,7 @@ pub mod counters;
 pub mod host;
 pub mod pooled;
 pub mod qemu;
+pub mod rate_limits;
 pub mod sandbox_cgroup;
 
 use std::fmt;
@@ -142,6 +143,8 @@ pub struct VmSpec {
     pub net: Vec<NetAttachment>,
     /// Cap of the console log (`hypervisor.console_log_max_kib` in bytes; 0: unlimited).
     pub console_log_max_bytes: u64,
+    /// `[hypervisor.rate_limits.vsock]`: the vsock device's limits (both backends).
+    pub vsock_limits: joey_config::RxTxLimits,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -76,6 +76,8 @@ pub struct Shape {
     pub agent_port: u32,
     // How its console is kept.
     pub console_log_max_bytes: u64,
+    // What its vsock device lets through (the pool serves it).
+    pub vsock_limits: joey_config::RxTxLimits,
 }
 
 impl Shape {
@@ -91,11 +93,14 @@ impl Shape {
             kernel_params: spec.kernel_params.clone(),
             agent_port: spec.agent_port,
             console_log_max_bytes: spec.console_log_max_bytes,
+            vsock_limits: spec.vsock_limits,
         }
     }
 }
 
 /// Lessee -> pool.
+// One request per connection, parsed from a line of JSON: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -363,6 +368,7 @@ mod tests {
             tcg_tb_size_mib: 16,
             accel: "tcg".into(),
             console_log_max_bytes: 1 << 20,
+            vsock_limits: Default::default(),
         }
     }
 

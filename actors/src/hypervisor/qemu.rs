@@ -336,6 +336,7 @@ impl Launch {
             VsockConfig {
                 guest_cid: spec.guest_cid,
                 uds_path: paths.vsock_uds.clone(),
+                limits: super::rate_limits::rx_tx(&spec.vsock_limits),
             },
         )
         .map_err(|e| HypervisorError::Device(e.to_string()))?;
@@ -643,6 +644,7 @@ mod tests {
             share_fs: None,
             net: Vec::new(),
             console_log_max_bytes: 0,
+            vsock_limits: Default::default(),
         }
     }
 
@@ -742,6 +744,7 @@ mod tests {
         let cfg = VsockConfig {
             guest_cid: 3,
             uds_path: dir.join("vsock.sock"),
+            limits: Default::default(),
         };
         VhostUserVsockServer::bind(&dir.join("vhost.sock"), cfg)
             .unwrap()

@@ -26,7 +26,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use joey_agent_protocol::agent;
 use joey_vmm_core::devices::net::{MacAddr, NetAttachment, NetConfig, NetError, NetRateLimits, Tap, TapError};
-use joey_vmm_core::rate_limiter::{BucketConfig, LimiterConfig};
 
 use crate::lifecycle::InvalidTransition;
 use crate::resource::{ResourceError, ResourceStack, Undo};
@@ -200,22 +199,7 @@ impl PodNetwork {
 
 /// The virtio-net rate limits of `[hypervisor.rate_limits]`.
 pub fn net_rate_limits(cfg: &joey_config::RateLimitsConfig) -> NetRateLimits {
-    let limiter = |l: &joey_config::LimitConfig| LimiterConfig {
-        bandwidth: BucketConfig {
-            rate: l.bandwidth_bytes_per_s,
-            one_time_burst: l.bandwidth_burst_bytes,
-            refill_time_ms: l.refill_time_ms,
-        },
-        ops: BucketConfig {
-            rate: l.ops_per_s,
-            one_time_burst: l.ops_burst,
-            refill_time_ms: l.refill_time_ms,
-        },
-    };
-    NetRateLimits {
-        rx: limiter(&cfg.net.rx),
-        tx: limiter(&cfg.net.tx),
-    }
+    crate::hypervisor::rate_limits::rx_tx(&cfg.net)
 }
 
 /// Where a setup fails on purpose (tests of the unwinding): right after `step` of the
@@ -821,11 +805,12 @@ mod tests {
                 },
                 ..Default::default()
             },
+            ..Default::default()
         });
         assert!(!limits.rx.is_limited() && limits.tx.is_limited());
         assert_eq!(
             (limits.tx.bandwidth, limits.tx.ops.one_time_burst),
-            (BucketConfig { rate: 1000, one_time_burst: 0, refill_time_ms: 100 }, 7)
+            (joey_vmm_core::rate_limiter::BucketConfig { rate: 1000, one_time_burst: 0, refill_time_ms: 100 }, 7)
         );
         let att = net.attachments(limits).unwrap();
         assert!(att.iter().all(|a| a.config.limits == limits));

@@ -344,10 +344,12 @@ mod tests {
         let vsock = VsockConfig {
             guest_cid: 3,
             uds_path: dir.path().join("v.sock"),
+            limits: Default::default(),
         };
         let blk = BlockConfig {
             path: disk,
             read_only: false,
+            limits: Default::default(),
         };
         let p = create_devices(Some(&vsock), None, &[], &[blk.clone(), blk]).unwrap();
         let types: Vec<u32> = p.infos().iter().map(|i| i.device_type).collect();
@@ -364,7 +366,8 @@ mod tests {
                 &[],
                 &[BlockConfig {
                     path: dir.path().join("missing"),
-                    read_only: true
+                    read_only: true,
+                    limits: Default::default(),
                 }]
             ),
             Err(VirtioDevicesError::Block { index: 0, .. })
@@ -373,6 +376,7 @@ mod tests {
             BlockConfig {
                 path: dir.path().join("d.img"),
                 read_only: true,
+                limits: Default::default(),
             };
             MAX_VIRTIO_DEVICES + 1
         ];
@@ -392,6 +396,7 @@ mod tests {
         let blk = BlockConfig {
             path: disk,
             read_only: true,
+            limits: Default::default(),
         };
         let t = test_tap();
         let net = |mtu| NetAttachment {
@@ -430,6 +435,7 @@ mod tests {
         let vsock = VsockConfig {
             guest_cid: 3,
             uds_path: dir.path().join("v.sock"),
+            limits: Default::default(),
         };
         let fs = VirtioFsConfig {
             shared_dir: dir.path().to_path_buf(),
@@ -439,6 +445,7 @@ mod tests {
         let blk = BlockConfig {
             path: disk,
             read_only: false,
+            limits: Default::default(),
         };
         let p = create_devices(Some(&vsock), Some(&fs), &[], std::slice::from_ref(&blk)).unwrap();
         let types: Vec<(u32, u32)> = p.infos().iter().map(|i| (i.device_type, i.irq)).collect();

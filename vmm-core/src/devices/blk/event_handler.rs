@@ -72,6 +72,7 @@ mod tests {
             &BlockConfig {
                 path: f.path().to_path_buf(),
                 read_only: true,
+                limits: Default::default(),
             },
             "id",
         )

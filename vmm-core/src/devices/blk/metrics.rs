@@ -4,6 +4,7 @@
 //! Counters of one block device.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Block device counters (shared, lock free).
 #[derive(Debug, Default)]
@@ -20,6 +21,8 @@ pub struct BlockMetrics {
     pub io_errors: AtomicU64,
     /// Requests answered with `VIRTIO_BLK_S_UNSUPP`.
     pub unsupported: AtomicU64,
+    /// Times the rate limiter held requests back (shared with the limiter).
+    pub throttled: Arc<AtomicU64>,
 }
 
 /// A point-in-time copy of [`BlockMetrics`].
@@ -34,6 +37,7 @@ pub struct BlockSnapshot {
     pub invalid_chains: u64,
     pub io_errors: u64,
     pub unsupported: u64,
+    pub throttled: u64,
 }
 
 impl BlockSnapshot {
@@ -48,6 +52,7 @@ impl BlockSnapshot {
         self.invalid_chains += o.invalid_chains;
         self.io_errors += o.io_errors;
         self.unsupported += o.unsupported;
+        self.throttled += o.throttled;
     }
 }
 
@@ -64,6 +69,7 @@ impl BlockMetrics {
             invalid_chains: Self::get(&self.invalid_chains),
             io_errors: Self::get(&self.io_errors),
             unsupported: Self::get(&self.unsupported),
+            throttled: Self::get(&self.throttled),
         }
     }
 

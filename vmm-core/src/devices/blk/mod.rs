@@ -37,6 +37,8 @@ pub struct BlockConfig {
     pub path: PathBuf,
     /// Offer `VIRTIO_BLK_F_RO`; writes fail with `VIRTIO_BLK_S_IOERR`.
     pub read_only: bool,
+    /// Rate limit of the requests (ops) and their data bytes (unlimited by default).
+    pub limits: crate::rate_limiter::LimiterConfig,
 }
 
 /// Errors of the block device.

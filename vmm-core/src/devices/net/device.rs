@@ -335,8 +335,11 @@ impl NetQueues {
             source,
         };
         let poll = Epoll::new().map_err(poll_err)?;
-        let rx_limiter = RateLimiter::new(limits.rx)?;
-        let tx_limiter = RateLimiter::new(limits.tx)?;
+        let metrics = Arc::new(NetMetrics::default());
+        let mut rx_limiter = RateLimiter::new(limits.rx)?;
+        let mut tx_limiter = RateLimiter::new(limits.tx)?;
+        rx_limiter.count_throttled_in(metrics.rx_throttled.clone());
+        tx_limiter.count_throttled_in(metrics.tx_throttled.clone());
         for (l, token) in [(&rx_limiter, RX_TIMER_TOKEN), (&tx_limiter, TX_TIMER_TOKEN)] {
             if let Some(fd) = l.fd() {
                 poll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
@@ -352,7 +355,7 @@ impl NetQueues {
             rx_buf: vec![0; MAX_BUFFER_LEN],
             rx_len: None,
             tx_buf: vec![0; MAX_BUFFER_LEN],
-            metrics: Arc::new(NetMetrics::default()),
+            metrics,
         })
     }
 
@@ -946,6 +949,8 @@ pub(crate) mod tests {
         assert_eq!(used(&mock), vec![(0, 0), (1, 0)]);
         assert_eq!(queue.next_avail(), 2);
         assert_eq!(q.throttled(), (0, 1));
+        let s = q.metrics().snapshot();
+        assert_eq!((s.rx_throttled, s.tx_throttled), (0, 1));
         assert_eq!((t.recv(), t.recv()), (frames[0].clone(), frames[1].clone()));
         // Blocked: a kick does nothing.
         assert_eq!(q.process_tx(&m, &mut queue).unwrap().used, 0);
@@ -980,6 +985,8 @@ pub(crate) mod tests {
         assert_eq!(q.process_rx(&m, &mut queue).unwrap().used, 2);
         assert!(q.has_pending_frame() && !q.tap_polled());
         assert_eq!(q.throttled(), (1, 0));
+        let s = q.metrics().snapshot();
+        assert_eq!((s.rx_throttled, s.tx_throttled), (1, 0));
         assert_eq!(queue.next_avail(), 2);
         assert!(wait_readable(q.event_fd()));
         assert_eq!(q.handle_timers().unwrap(), TimersFired { rx: true, tx: false });

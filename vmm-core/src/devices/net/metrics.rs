@@ -6,6 +6,7 @@
 //! Ethernet frame bytes, without the virtio-net header.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// virtio-net device counters (shared, lock free).
 #[derive(Debug, Default)]
@@ -26,6 +27,10 @@ pub struct NetMetrics {
     pub rx_dropped: AtomicU64,
     /// Frames from the guest the tap could not take (`EAGAIN`).
     pub tx_dropped: AtomicU64,
+    /// Times the rx rate limiter held frames back (shared with the limiter).
+    pub rx_throttled: Arc<AtomicU64>,
+    /// Times the tx rate limiter held the guest's frames back (shared with the limiter).
+    pub tx_throttled: Arc<AtomicU64>,
 }
 
 /// A point-in-time copy of [`NetMetrics`].
@@ -39,6 +44,8 @@ pub struct NetSnapshot {
     pub tx_errors: u64,
     pub rx_dropped: u64,
     pub tx_dropped: u64,
+    pub rx_throttled: u64,
+    pub tx_throttled: u64,
 }
 
 impl NetSnapshot {
@@ -53,6 +60,8 @@ impl NetSnapshot {
         sum(&mut self.tx_errors, o.tx_errors);
         sum(&mut self.rx_dropped, o.rx_dropped);
         sum(&mut self.tx_dropped, o.tx_dropped);
+        sum(&mut self.rx_throttled, o.rx_throttled);
+        sum(&mut self.tx_throttled, o.tx_throttled);
     }
 
     /// `(name, value)` pairs, e.g. for one labelled counter family per direction.
@@ -91,6 +100,8 @@ impl NetMetrics {
             tx_errors: Self::get(&self.tx_errors),
             rx_dropped: Self::get(&self.rx_dropped),
             tx_dropped: Self::get(&self.tx_dropped),
+            rx_throttled: Self::get(&self.rx_throttled),
+            tx_throttled: Self::get(&self.tx_throttled),
         }
     }
 }

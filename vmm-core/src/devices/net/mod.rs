@@ -29,7 +29,6 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::rate_limiter::LimiterConfig;
 
 pub use device::{NetQueueError, NetQueues};
 pub use metrics::{NetMetrics, NetSnapshot};
@@ -81,13 +80,7 @@ impl FromStr for MacAddr {
 
 /// Rate limits of a virtio-net device, per direction (unlimited by default): "rx" is host →
 /// guest, "tx" guest → host; bandwidth counts Ethernet frame bytes, ops count frames.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NetRateLimits {
-    /// Frames to the guest.
-    pub rx: LimiterConfig,
-    /// Frames from the guest.
-    pub tx: LimiterConfig,
-}
+pub use crate::rate_limiter::RxTxLimiterConfig as NetRateLimits;
 
 /// Configuration of a virtio-net device (the tap is opened by the caller, in the pod's netns).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -90,13 +90,18 @@ pub struct VsockDevice {
 }
 
 impl VsockDevice {
-    /// Creates the device and binds the hybrid-vsock listener at `cfg.uds_path`.
+    /// Creates the device with `cfg.limits` and binds the hybrid-vsock listener at
+    /// `cfg.uds_path`.
     pub fn new(cfg: &VsockConfig) -> Result<Self, DeviceError> {
         if cfg.guest_cid <= 2 || cfg.guest_cid >= u64::from(u32::MAX) {
             return Err(DeviceError::InvalidCid(cfg.guest_cid));
         }
         let muxer = VsockMuxer::new(cfg.guest_cid, &cfg.uds_path)?;
-        Ok(Self::with_muxer(muxer))
+        let mut dev = Self::with_muxer(muxer);
+        if cfg.limits.is_limited() {
+            dev.set_rate_limits(cfg.limits.rx, cfg.limits.tx)?;
+        }
+        Ok(dev)
     }
 
     /// Wraps an existing muxer.
@@ -122,6 +127,10 @@ impl VsockDevice {
     ) -> Result<(), DeviceError> {
         self.rx_limiter = RateLimiter::new(rx)?;
         self.tx_limiter = RateLimiter::new(tx)?;
+        self.rx_limiter
+            .count_throttled_in(self.metrics.rx_throttled.clone());
+        self.tx_limiter
+            .count_throttled_in(self.metrics.tx_throttled.clone());
         self.poll = None;
         let timers: Vec<RawFd> = [self.rx_limiter.fd(), self.tx_limiter.fd()]
             .into_iter()
@@ -375,6 +384,7 @@ mod tests {
             let cfg = VsockConfig {
                 guest_cid: GUEST_CID,
                 uds_path: dir.path().join("vsock.sock"),
+                limits: Default::default(),
             };
             let dev = VsockDevice::new(&cfg).unwrap();
             // Leaked on purpose: the mock queues borrow the memory for the whole test.
@@ -651,12 +661,40 @@ mod tests {
             let cfg = VsockConfig {
                 guest_cid: cid,
                 uds_path: dir.path().join("v.sock"),
+                limits: Default::default(),
             };
             assert!(matches!(
                 VsockDevice::new(&cfg),
                 Err(DeviceError::InvalidCid(_))
             ));
         }
+    }
+
+    /// `VsockConfig.limits` gives the device its limiters: their timers and the muxer's fd
+    /// are then watched through one epoll.
+    #[test]
+    fn config_limits_are_applied() {
+        use crate::rate_limiter::BucketConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.path().join("a.sock"),
+            limits: Default::default(),
+        };
+        let d = VsockDevice::new(&cfg).unwrap();
+        assert_eq!(d.event_fd(), d.muxer.as_raw_fd());
+        let mut cfg = VsockConfig {
+            uds_path: dir.path().join("b.sock"),
+            ..cfg
+        };
+        cfg.limits.tx.ops = BucketConfig {
+            rate: 10,
+            one_time_burst: 0,
+            refill_time_ms: 100,
+        };
+        let d = VsockDevice::new(&cfg).unwrap();
+        assert_ne!(d.event_fd(), d.muxer.as_raw_fd());
+        assert!(d.tx_limiter.is_limited() && !d.rx_limiter.is_limited());
     }
 
     #[test]
@@ -724,6 +762,8 @@ mod tests {
         g.offer_rx(3, 4096);
         assert!(g.dev.process_rx_queue(g.mem, &mut g.rx).unwrap());
         assert_eq!((g.rx.next_avail(), g.dev.throttled()), (1, (1, 1)));
+        let s = g.dev.metrics().snapshot();
+        assert_eq!((s.rx_throttled, s.tx_throttled), (1, 1));
         assert!(g.dev.muxer().has_pending_rx());
         assert!(!readable_now(fd) || !g.dev.process_rx_queue(g.mem, &mut g.rx).unwrap());
         assert!(wait_readable(fd));

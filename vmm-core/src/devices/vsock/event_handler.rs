@@ -132,6 +132,7 @@ mod tests {
         let v = VirtioVsock::new(&VsockConfig {
             guest_cid: 42,
             uds_path: dir.path().join("v.sock"),
+            limits: Default::default(),
         })
         .unwrap();
         assert_eq!(v.device_type(), 19);

@@ -5,6 +5,7 @@
 //! the hot path with `Relaxed` ordering, read at scrape time).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// vsock device counters (shared, lock free).
 #[derive(Debug, Default)]
@@ -19,6 +20,10 @@ pub struct VsockMetrics {
     pub rx_bytes: AtomicU64,
     /// Malformed descriptor chains on either queue.
     pub malformed_chains: AtomicU64,
+    /// Times the rx rate limiter held packets to the guest back (shared with the limiter).
+    pub rx_throttled: Arc<AtomicU64>,
+    /// Times the tx rate limiter held the guest's packets back (shared with the limiter).
+    pub tx_throttled: Arc<AtomicU64>,
 }
 
 /// A point-in-time copy of [`VsockMetrics`].
@@ -29,6 +34,8 @@ pub struct VsockSnapshot {
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub malformed_chains: u64,
+    pub rx_throttled: u64,
+    pub tx_throttled: u64,
 }
 
 impl VsockMetrics {
@@ -49,6 +56,8 @@ impl VsockMetrics {
             rx_packets: Self::get(&self.rx_packets),
             rx_bytes: Self::get(&self.rx_bytes),
             malformed_chains: Self::get(&self.malformed_chains),
+            rx_throttled: Self::get(&self.rx_throttled),
+            tx_throttled: Self::get(&self.tx_throttled),
         }
     }
 }
@@ -72,6 +81,8 @@ mod tests {
                 rx_packets: 0,
                 rx_bytes: 0,
                 malformed_chains: 1,
+                rx_throttled: 0,
+                tx_throttled: 0,
             }
         );
     }

@@ -38,6 +38,9 @@ pub struct VsockConfig {
     pub guest_cid: u64,
     /// Hybrid-vsock unix listener path on the host.
     pub uds_path: PathBuf,
+    /// Rate limits of the packets to (`rx`) and from (`tx`) the guest: ops are packets,
+    /// bandwidth is payload bytes (unlimited by default).
+    pub limits: crate::rate_limiter::RxTxLimiterConfig,
 }
 
 /// Errors of the vsock device stack.

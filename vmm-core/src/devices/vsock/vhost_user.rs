@@ -264,6 +264,7 @@ mod tests {
         VsockConfig {
             guest_cid: 3,
             uds_path: dir.join("vsock.sock"),
+            limits: Default::default(),
         }
     }
 
@@ -333,6 +334,7 @@ mod tests {
         let uds = dir.path().join("other.sock");
         let c = VsockConfig {
             uds_path: uds.clone(),
+            limits: Default::default(),
             ..c
         };
         let server = VhostUserVsockServer::bind(&sock, c).unwrap();
