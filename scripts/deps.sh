@@ -33,3 +33,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+# The unprivileged user QEMU runs as in its jail (`security.qemu_user`, docs/security.md): a
+# system user with its own group, no home, no shell, no password.
+if ! getent passwd joey-qemu >/dev/null; then
+  echo "==> deps: creating the system user joey-qemu"
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "joey QEMU (its jail)" joey-qemu
+fi

@@ -25,7 +25,7 @@ pub const NEVER_OVERRIDABLE: &[&str] = &[
 ];
 
 /// Keys of the host's confinement (docs/security.md): never overridable by a pod either.
-pub const CONFINEMENT_KEYS: &[&str] = &["security.seccomp"];
+pub const CONFINEMENT_KEYS: &[&str] = &["security.seccomp", "security.qemu_jail", "security.qemu_user"];
 
 /// The default of `runtime.enable_annotations`: the sandbox's size.
 pub fn default_enabled() -> Vec<String> {
