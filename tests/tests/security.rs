@@ -1,7 +1,8 @@
 //! Host-side confinement (docs/security.md): every thread of a running sandbox's shim, of
 //! `joeyctl run` and of their QEMU runs under a seccomp filter (`Seccomp: 2`), the device
 //! threads under their class's filter stacked on the runtime's, and QEMU with its own
-//! `-sandbox`, in its sandbox's cgroup with the limits of the sandbox's size. Needs `JOEY_SHIM`, `JOEYCTL`, `JOEY_KERNEL`, `JOEY_INITRD`, containerd, runc.
+//! `-sandbox`, in its sandbox's cgroup with the limits of the sandbox's size, jailed (an
+//! unprivileged user without capabilities, in a mount namespace of its own). Needs `JOEY_SHIM`, `JOEYCTL`, `JOEY_KERNEL`, `JOEY_INITRD`, containerd, runc.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -103,6 +104,81 @@ fn assert_qemu_confined(pid: i32, cmdline: &str) {
     );
 }
 
+/// The uid and gid of `joey-qemu` (scripts/deps.sh), QEMU's default user in its jail.
+fn joey_qemu_ids() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("/etc/passwd");
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[0] == "joey-qemu")
+        .map(|f| (f[2].parse().unwrap(), f[3].parse().unwrap()))
+        .expect("no joey-qemu user: run scripts/deps.sh")
+}
+
+/// QEMU runs jailed (docs/security.md, `security.qemu_jail`): as joey-qemu with no capabilities,
+/// no supplementary groups and no_new_privs, in a mount namespace of its own in which its state
+/// directory holds only its vhost-user sockets, the runtime's state dir only its own sandbox,
+/// and /root, /home, /proc, /var/lib, /etc/shadow are absent; the kernel it boots is there. No
+/// jail mount shows on the host.
+fn assert_qemu_jailed(pid: i32, cmdline: &str) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    };
+    let (uid, gid) = joey_qemu_ids();
+    assert_ne!(uid, 0);
+    assert_eq!(field("Uid:"), format!("{uid} {uid} {uid} {uid}"), "{status}");
+    assert_eq!(field("Gid:"), format!("{gid} {gid} {gid} {gid}"), "{status}");
+    assert_eq!(field("Groups:"), "", "{status}");
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(field(caps), "0000000000000000", "{caps} {status}");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).expect("ns/mnt");
+    assert_ne!(ns(&pid.to_string()), ns("self"), "QEMU shares the host's mount namespace");
+
+    let sock = cmdline
+        .split([',', ' '])
+        .find_map(|a| a.strip_prefix("path=").filter(|p| p.ends_with("/vhost-vsock.sock")))
+        .unwrap_or_else(|| panic!("no vhost-vsock socket in {cmdline}"));
+    let state = Path::new(sock).parent().expect("state dir");
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let inside = |p: &Path| root.join(p.strip_prefix("/").expect("absolute"));
+    let mut seen: Vec<String> = std::fs::read_dir(inside(state))
+        .expect("QEMU's state dir in its jail")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["vhost-fs.sock", "vhost-vsock.sock"], "QEMU's view of {}", state.display());
+    assert!(state.join("console.log").exists() && state.join("vsock.sock").exists());
+    let runtime_state = state.parent().expect("runtime state dir");
+    let ids: Vec<_> = std::fs::read_dir(inside(runtime_state))
+        .expect("the runtime's state dir in the jail")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(ids, [state.file_name().expect("id")], "other sandboxes are visible to QEMU");
+    for hidden in ["/root", "/home", "/proc/self", "/sys/fs", "/var/lib", "/etc/shadow", "/etc/passwd", "/run/containerd"] {
+        assert!(!inside(Path::new(hidden)).exists(), "{hidden} is visible to QEMU");
+    }
+    let kernel = std::env::var("JOEY_KERNEL").expect("JOEY_KERNEL");
+    assert!(inside(Path::new(&kernel)).is_file(), "QEMU cannot see its kernel {kernel}");
+    assert_no_jail_mounts(state);
+}
+
+/// No mount under `state` on the host (the jail's live in QEMU's namespace only).
+fn assert_no_jail_mounts(state: &Path) {
+    let jail = state.join("jail").display().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.lines().any(|l| l.contains(&jail)),
+        "a jail mount on the host: {mounts}"
+    );
+}
+
 /// The sandbox cgroup's directories of sandbox `id` on this host (cgroup v2: one; v1: memory
 /// and pids), as actors/src/hypervisor/sandbox_cgroup.rs makes them.
 fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
@@ -185,6 +261,7 @@ fn joeyctl_and_its_qemu_run_under_seccomp() {
         .collect();
     assert_eq!(qemu.len(), 1, "{qemu:?}");
     assert_qemu_confined(qemu[0].0, &qemu[0].1);
+    assert_qemu_jailed(qemu[0].0, &qemu[0].1);
     let id = assert_in_sandbox_cgroup(qemu[0].0);
 
     // SAFETY: SIGINT to our own child: joeyctl tears the VM down.
@@ -224,6 +301,7 @@ fn shim_and_its_qemu_run_under_seccomp() {
         .collect();
     assert_eq!(qemu.len(), 1, "{qemu:?}");
     assert_qemu_confined(qemu[0].0, &qemu[0].1);
+    assert_qemu_jailed(qemu[0].0, &qemu[0].1);
     assert_eq!(assert_in_sandbox_cgroup(qemu[0].0), "s1");
 
     let k = c.ctr_out(&["task", "kill", "-s", "SIGKILL", "s1"]);
@@ -243,6 +321,7 @@ fn shim_and_its_qemu_run_under_seccomp() {
     }
     c.assert_clean(&["s1"]);
     assert_cgroup_removed("s1");
+    assert_no_jail_mounts(&state);
 }
 
 /// The shim of a running sandbox is SIGKILLed (its QEMU dies with it): containerd runs the

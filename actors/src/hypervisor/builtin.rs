@@ -647,6 +647,7 @@ mod tests {
             share_fs: None,
             net: Vec::new(),
             console_log_max_bytes: 65536,
+            qemu_user: None,
         };
         let c = vm_config(&spec, &BuiltinPaths::new(&spec.state_dir)).unwrap();
         assert_eq!(c.serial_log_max_bytes, 65536);

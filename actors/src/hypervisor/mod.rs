@@ -17,6 +17,7 @@ pub mod builtin;
 pub mod cmdline;
 pub mod counters;
 pub mod host;
+pub mod jail;
 pub mod pooled;
 pub mod qemu;
 pub mod sandbox_cgroup;
@@ -142,6 +143,9 @@ pub struct VmSpec {
     pub net: Vec<NetAttachment>,
     /// Cap of the console log (`hypervisor.console_log_max_kib` in bytes; 0: unlimited).
     pub console_log_max_bytes: u64,
+    /// `security.qemu_user` when `security.qemu_jail` is on: QEMU runs confined as that user
+    /// ([`jail`]); `None`: as root in the host's mount namespace.
+    pub qemu_user: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +155,8 @@ pub enum HypervisorError {
     BadInput(String),
     #[error("QEMU binary not found: {0}")]
     QemuNotFound(String),
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
     #[error("failed to start {binary}: {source}")]
     Spawn { binary: String, source: std::io::Error },
     #[error("{what}: {source}")]
