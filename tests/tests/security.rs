@@ -359,3 +359,61 @@ fn a_killed_shims_sandbox_cgroup_is_removed_by_delete() {
     c.assert_clean(&["k1"]);
     assert_cgroup_removed("k1");
 }
+
+/// `joey-pool` spawns its VMs' QEMU through the same code: jailed the same way, and nothing
+/// of the jail is left on the host once the pool has stopped (SIGTERM).
+#[test]
+fn the_pools_qemu_is_jailed_too() {
+    let env = Env::with_config(|k, i| {
+        format!(
+            "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\n\n[pool]\nsize = 1\n",
+            k.display(),
+            i.display()
+        )
+    });
+    let mut pool = std::process::Command::new(joeyctl_path().with_file_name("joey-pool"))
+        .arg("--config")
+        .arg(&env.config)
+        .env_remove("JOEY_CONFIG")
+        .env_remove("JOEY_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn joey-pool");
+    let vms = format!("{}/", env.state_dir.join(".pool/vms").display());
+    // The VM is up once its QEMU runs as joey-qemu (the jail is entered before exec).
+    let (uid, _) = joey_qemu_ids();
+    let qemu = wait_for(
+        "the pool's QEMU",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            processes_mentioning(&vms).into_iter().find(|(pid, cmd)| {
+                cmd.contains("qemu-system")
+                    && std::fs::read_to_string(format!("/proc/{pid}/status"))
+                        .is_ok_and(|s| s.contains(&format!("Uid:\t{uid}\t")))
+            })
+        },
+    );
+    let qemu = match qemu {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = pool.kill();
+            let o = pool.wait_with_output().expect("joey-pool output");
+            panic!("{e}; joey-pool: {}", stderr_of(&o));
+        }
+    };
+    assert_qemu_jailed(qemu.0, &qemu.1);
+    // SAFETY: kill(2) on our own child, not reaped yet.
+    unsafe { libc::kill(pool.id() as i32, libc::SIGTERM) };
+    let o = wait_output(pool, Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    env.assert_no_leaks();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let dir = env.dir.path().display().to_string();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&dir)),
+        "mounts left: {mounts}"
+    );
+}
