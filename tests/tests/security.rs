@@ -193,20 +193,25 @@ fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
     }
 }
 
-/// QEMU is in its sandbox's cgroup (`joey/<id>` for memory and pids) with the limits of a
-/// default-sized sandbox (256 MiB, 1 vCPU): 256 + 512 MiB of memory, 130 tasks. Returns the id.
-fn assert_in_sandbox_cgroup(qemu: i32) -> String {
-    let groups = std::fs::read_to_string(format!("/proc/{qemu}/cgroup")).expect("cgroup");
+/// The limits of a default-sized sandbox's cgroup (256 MiB, 1 vCPU): 256 + 512 MiB of memory
+/// and 130 tasks; with the runtime (the shim) in it too, 128 MiB and 128 tasks more.
+const LIMITS_QEMU: (u64, u64) = (768 << 20, 130);
+const LIMITS_WITH_SHIM: (u64, u64) = (896 << 20, 258);
+
+/// Process `pid` (QEMU, the shim) is in its sandbox's cgroup (`joey/<id>` for memory and pids)
+/// with `limits` (memory bytes, tasks). Returns the id.
+fn assert_in_sandbox_cgroup(pid: i32, limits: (u64, u64)) -> String {
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
     let ids: Vec<&str> = groups
         .lines()
         .filter_map(|l| l.split_once("/joey/").map(|(_, id)| id))
         .collect();
     assert!(
         !ids.is_empty() && ids.iter().all(|i| *i == ids[0]),
-        "QEMU's cgroups: {groups}"
+        "cgroups of {pid}: {groups}"
     );
     let dirs = cgroup_dirs(ids[0]);
-    assert_eq!(ids.len(), dirs.len(), "QEMU's cgroups: {groups}");
+    assert_eq!(ids.len(), dirs.len(), "cgroups of {pid}: {groups}");
     let read = |p: PathBuf| {
         std::fs::read_to_string(&p)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -224,8 +229,7 @@ fn assert_in_sandbox_cgroup(qemu: i32) -> String {
             read(dirs[1].join("pids.max")),
         )
     };
-    assert_eq!(memory, (768u64 << 20).to_string());
-    assert_eq!(pids, "130");
+    assert_eq!((memory, pids), (limits.0.to_string(), limits.1.to_string()));
     ids[0].to_string()
 }
 
@@ -262,7 +266,10 @@ fn joeyctl_and_its_qemu_run_under_seccomp() {
     assert_eq!(qemu.len(), 1, "{qemu:?}");
     assert_qemu_confined(qemu[0].0, &qemu[0].1);
     assert_qemu_jailed(qemu[0].0, &qemu[0].1);
-    let id = assert_in_sandbox_cgroup(qemu[0].0);
+    let id = assert_in_sandbox_cgroup(qemu[0].0, LIMITS_QEMU);
+    // joeyctl (a user's command) stays where it was.
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).expect("cgroup");
+    assert!(!own.contains("/joey/"), "{own}");
 
     // SAFETY: SIGINT to our own child: joeyctl tears the VM down.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -302,7 +309,9 @@ fn shim_and_its_qemu_run_under_seccomp() {
     assert_eq!(qemu.len(), 1, "{qemu:?}");
     assert_qemu_confined(qemu[0].0, &qemu[0].1);
     assert_qemu_jailed(qemu[0].0, &qemu[0].1);
-    assert_eq!(assert_in_sandbox_cgroup(qemu[0].0), "s1");
+    assert_eq!(assert_in_sandbox_cgroup(qemu[0].0, LIMITS_WITH_SHIM), "s1");
+    // The shim's serving process (the device threads) is in it too.
+    assert_eq!(assert_in_sandbox_cgroup(shim, LIMITS_WITH_SHIM), "s1");
 
     let k = c.ctr_out(&["task", "kill", "-s", "SIGKILL", "s1"]);
     assert!(k.status.success(), "ctr task kill: {}", stderr_of(&k));

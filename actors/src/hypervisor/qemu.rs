@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::cmdline::{self, Reboot};
 use super::jail::{self, Credentials, Jail, JailBuilder, JailError, Step, StepReport};
-use super::sandbox_cgroup::{Limits, SandboxCgroup};
+use super::sandbox_cgroup::{self, Limits, Origin, SandboxCgroup};
 use super::{stop_in_steps, Accelerator, HypervisorError, StopStep, VmExit, VmSpec};
 use crate::sharefs::ShareFsTransport;
 
@@ -159,6 +159,8 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, tsc_khz: Option<u64>) -> Result
 /// QMP socket, the jail's mount point.
 struct AfterExit {
     cgroup: Option<Arc<SandboxCgroup>>,
+    /// Where this (runtime) process was before it joined the cgroup.
+    runtime_origin: Option<Origin>,
     qmp_sock: PathBuf,
     jail_root: Option<PathBuf>,
 }
@@ -167,6 +169,11 @@ impl AfterExit {
     /// Blocking (cgroupfs and file removals).
     fn clean(&self) {
         if let Some(cg) = &self.cgroup {
+            if let Some(origin) = &self.runtime_origin {
+                if let Err(e) = cg.leave(origin) {
+                    tracing::warn!(error = %e, "leaving the sandbox cgroup failed");
+                }
+            }
             if let Err(e) = cg.remove() {
                 tracing::warn!(error = %e, "removing the sandbox cgroup failed");
             }
@@ -451,7 +458,10 @@ impl Launch {
         };
         // The sandbox cgroup (last: nothing below fails and would leave it). A host without the
         // memory and pids controllers runs QEMU without it, and says so.
+        // The shim joins it too (`sandbox_cgroup::set_runtime_joins`), with its share added.
+        let joins = sandbox_cgroup::runtime_joins();
         let limits = Limits::for_size(spec.memory_mib, spec.vcpus);
+        let limits = if joins { limits.with_runtime() } else { limits };
         let cgroup = match SandboxCgroup::create(&spec.id, limits) {
             Ok(cg) => Some(Arc::new(cg)),
             Err(e) => {
@@ -459,8 +469,17 @@ impl Launch {
                 None
             }
         };
+        let runtime_origin = match cgroup.as_ref().filter(|_| joins).map(|cg| cg.join_self()) {
+            Some(Ok(origin)) => Some(origin),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "the runtime stays outside the sandbox cgroup");
+                None
+            }
+            None => None,
+        };
         let after = AfterExit {
             cgroup: cgroup.clone(),
+            runtime_origin,
             qmp_sock: paths.qmp_sock.clone(),
             jail_root: jail.as_ref().map(|j| j.root().to_path_buf()),
         };
