@@ -426,3 +426,53 @@ fn the_pools_qemu_is_jailed_too() {
         "mounts left: {mounts}"
     );
 }
+
+/// `security.qemu_jail = false` (debugging) runs QEMU as root in the host's mount namespace; a
+/// `security.qemu_user` missing from /etc/passwd fails the start with a clear error and
+/// leaves nothing behind.
+#[test]
+fn the_jail_can_be_turned_off_and_a_missing_user_is_named() {
+    let config = |security: &'static str| {
+        move |k: &Path, i: &Path| {
+            format!(
+                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\n\n[security]\n{security}\n",
+                k.display(),
+                i.display()
+            )
+        }
+    };
+    let env = Env::with_config(config("qemu_user = \"no-such-user\""));
+    let o = env.run(&["true"], None);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr_of(&o).contains("jail: no user no-such-user in /etc/passwd"),
+        "{}",
+        stderr_of(&o)
+    );
+
+    let env = Env::with_config(config("qemu_jail = false"));
+    let mut c = env.command(&[], &["sh", "-c", "echo started; sleep 100"]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    let mut child = c.spawn().expect("spawn joeyctl");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert_eq!(line, "started\n");
+    let qemu: Vec<i32> = env
+        .processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).expect("status");
+    assert!(status.contains("\nUid:\t0\t0\t0\t0\n"), "{status}");
+    let ns = |p: String| std::fs::read_link(format!("/proc/{p}/ns/mnt")).expect("ns/mnt");
+    assert_eq!(ns(qemu[0].to_string()), ns("self".into()));
+    // SAFETY: SIGINT to our own child: joeyctl tears the VM down.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = wait_output(child, Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(130), "stderr: {}", stderr_of(&o));
+    env.assert_no_leaks();
+}

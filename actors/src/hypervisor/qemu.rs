@@ -795,6 +795,19 @@ mod tests {
         assert!(a.contains("vhost-user-vsock-device,chardev=vsock0"));
         assert!(a.contains("path=/run/joey/t/vhost-vsock.sock"));
         assert!(a.contains("-no-reboot"));
+        // The console pipe and QMP's socket are fds (QEMU's jail has no /proc, and its sockets
+        // would not be seen by the runtime).
+        assert!(
+            a.contains(
+                "-add-fd fd=3,set=1 -chardev file,id=con0,path=/dev/fdset/1,append=on -serial chardev:con0"
+            ),
+            "{a}"
+        );
+        assert!(
+            a.contains("-chardev socket,id=qmp,fd=4,server=on,wait=off -mon chardev=qmp,mode=control"),
+            "{a}"
+        );
+        assert!(!a.contains("/proc/self") && !a.contains("qmp.sock"), "{a}");
         assert!(
             a.contains(
                 "-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check apic_timer_hz=1000000000 \
