@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages joey needs to build and test, if any is missing.
+# Installs the Debian packages joey needs to build and test, if any is missing, and the
+# joey-qemu system user (QEMU's user in its jail, docs/security.md).
 set -euo pipefail
 # The one thing `make` cannot install: a Rust toolchain of the workspace's rust-version.
 root=$(cd "$(dirname "$0")/.." && pwd)

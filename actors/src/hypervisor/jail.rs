@@ -477,6 +477,16 @@ impl JailBuilder {
         )?;
         if !self.covered(p) {
             self.bind(p, Kind::ReadOnly, false)?;
+        } else {
+            // Visible through a system tree, unless it is a link that leads out of them (e.g.
+            // /usr/share/joey/guest/vmlinux -> /var/cache/...): then its target goes in too.
+            let real = std::fs::canonicalize(p).map_err(|source| JailError::Missing {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            if !self.covered(&real) {
+                self.bind(&real, Kind::ReadOnly, false)?;
+            }
         }
         Ok(self)
     }
@@ -829,6 +839,30 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// A file below a system tree is not bound again, unless it is a link out of them, whose
+    /// target is bound then.
+    #[test]
+    fn files_below_the_system_trees_are_bound_only_when_they_lead_out() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("vmlinux");
+        std::fs::write(&target, "k").unwrap();
+        let mut b = JailBuilder::new(&d.path().join(ROOT_DIR), creds());
+        b.system().unwrap();
+        let before = b.ops.len();
+        b.add_file(Path::new("/usr/bin/env"), true).unwrap();
+        assert_eq!(b.ops.len(), before, "{:?}", &b.shown[before..]);
+        // A tree of links standing in for /usr: /usr/... -> the temporary file.
+        b.trees.push(d.path().join("tree"));
+        std::fs::create_dir(d.path().join("tree")).unwrap();
+        let link = d.path().join("tree/vmlinux");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        b.add_file(&link, false).unwrap();
+        assert_eq!(
+            b.shown.last().unwrap(),
+            &format!("bind mount {}", target.display())
+        );
     }
 
     /// Runs `script` with `sh` in a jail holding the system and `extra` files; its stdout.
