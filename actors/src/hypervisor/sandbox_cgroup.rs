@@ -386,7 +386,12 @@ mod tests {
     #[test]
     fn the_runtime_joins_and_leaves() {
         let id = format!("unit-join-{}", std::process::id());
-        let cg = match SandboxCgroup::create(&id, Limits::for_size(64, 1).with_runtime()) {
+        // Generous limits: every thread of this test process is moved in, for a moment.
+        let limits = Limits {
+            memory_bytes: 64 << 30,
+            pids: 1 << 20,
+        };
+        let cg = match SandboxCgroup::create(&id, limits) {
             Ok(cg) => cg,
             Err(CgroupError::NoHierarchy(_)) => return,
             Err(e) => panic!("{e}"),
