@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages joey needs to build and test, if any is missing.
+# Installs the Debian packages joey needs to build and test, if any is missing, and the
+# joey-qemu system user (QEMU's user in its jail, docs/security.md).
 set -euo pipefail
 # The one thing `make` cannot install: a Rust toolchain of the workspace's rust-version.
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,4 +33,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The unprivileged user QEMU runs as in its jail (`security.qemu_user`, docs/security.md): a
+# system user with its own group, no home, no shell, no password.
+if ! getent passwd joey-qemu >/dev/null; then
+  echo "==> deps: creating the system user joey-qemu"
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "joey QEMU (its jail)" joey-qemu
 fi

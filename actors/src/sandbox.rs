@@ -405,6 +405,7 @@ pub fn plan(cfg: &Config, origin: &str, id: &str, state_dir: &Path) -> Result<Pr
         net: Vec::new(),
         console_log_max_bytes: u64::from(cfg.hypervisor.console_log_max_kib) * 1024,
         vsock_limits: cfg.hypervisor.rate_limits.vsock,
+        qemu_user: cfg.security.qemu_jail.then(|| cfg.security.qemu_user.clone()),
     };
     Ok(Prepared {
         spec,

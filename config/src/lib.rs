@@ -314,11 +314,53 @@ impl fmt::Display for SeccompMode {
 }
 
 /// `[security]`: host-side confinement of the runtime and QEMU (docs/security.md).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SecurityConfig {
     /// Seccomp filters on every thread of the shim and `joeyctl run` (and so of QEMU).
     pub seccomp: SeccompMode,
+    /// QEMU runs confined: as `qemu_user`, without capabilities, in a mount namespace of its own
+    /// that holds only what it needs. `false`: as root in the host's (debugging only).
+    pub qemu_jail: bool,
+    /// The user QEMU runs as in its jail: a name in /etc/passwd (with its primary group) or
+    /// `UID:GID`; never root.
+    pub qemu_user: String,
+}
+
+/// The default `security.qemu_user` (scripts/deps.sh creates it).
+pub const DEFAULT_QEMU_USER: &str = "joey-qemu";
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            seccomp: SeccompMode::default(),
+            qemu_jail: true,
+            qemu_user: DEFAULT_QEMU_USER.to_string(),
+        }
+    }
+}
+
+/// Checks `security.qemu_user`: a user name (`[a-z_][a-z0-9_-]*`, at most 32 characters) or
+/// `UID:GID` with neither 0; the message names no key.
+pub fn check_qemu_user(user: &str) -> Result<(), String> {
+    if let Some((uid, gid)) = user.split_once(':') {
+        let (Ok(uid), Ok(gid)) = (uid.parse::<u32>(), gid.parse::<u32>()) else {
+            return Err(format!("{user:?} is neither a user name nor UID:GID"));
+        };
+        if uid == 0 || gid == 0 {
+            return Err(format!("{user:?} is root; set security.qemu_jail = false to run QEMU as root"));
+        }
+        return Ok(());
+    }
+    let mut chars = user.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    if !first_ok || user.len() > 32 || !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-') {
+        return Err(format!("{user:?} is neither a user name nor UID:GID"));
+    }
+    if user == "root" {
+        return Err("\"root\" is root; set security.qemu_jail = false to run QEMU as root".into());
+    }
+    Ok(())
 }
 
 /// Checks a metrics timeout: in 1..=[`MAX_METRICS_TIMEOUT_MS`]; the message names no key.
@@ -529,6 +571,9 @@ impl Config {
         self.debug
             .failpoint_pairs()
             .map_err(|msg| invalid("debug.failpoints", msg))?;
+        if self.security.qemu_jail {
+            check_qemu_user(&self.security.qemu_user).map_err(|msg| invalid("security.qemu_user", msg))?;
+        }
         if !r.enable_annotations.is_empty() {
             let defaults = toml::Value::try_from(Config::default())
                 .map_err(|e| invalid("runtime.enable_annotations", e.to_string()))?;
@@ -688,6 +733,8 @@ size = 2
 
 [security]
 seccomp = "trap"
+qemu_jail = false
+qemu_user = "1001:1001"
 "#;
 
     fn write_tmp(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -753,6 +800,8 @@ seccomp = "trap"
             pool: PoolConfig { size: 2 },
             security: SecurityConfig {
                 seccomp: SeccompMode::Trap,
+                qemu_jail: false,
+                qemu_user: "1001:1001".into(),
             },
             debug: DebugConfig::default(),
         }
@@ -831,6 +880,36 @@ seccomp = "trap"
         assert!(e.to_string().contains("unknown variant `log`"), "{e}");
         let e = Config::from_toml_str("[security]\nsecomp = \"off\"\n", "<string>").unwrap_err();
         assert!(e.to_string().contains("secomp"), "{e}");
+    }
+
+    #[test]
+    fn security_qemu_jail_and_user() {
+        let d = Config::default().security;
+        assert!(d.qemu_jail);
+        assert_eq!(d.qemu_user, "joey-qemu");
+        for ok in ["joey-qemu", "_qemu", "q1", "1001:1001"] {
+            let c = Config::from_toml_str(&format!("[security]\nqemu_user = \"{ok}\"\n"), "<string>").unwrap();
+            assert_eq!(c.security.qemu_user, ok);
+        }
+        for (bad, why) in [
+            ("root", "\"root\" is root; set security.qemu_jail = false to run QEMU as root"),
+            ("0:5", "\"0:5\" is root; set security.qemu_jail = false to run QEMU as root"),
+            ("5:0", "\"5:0\" is root; set security.qemu_jail = false to run QEMU as root"),
+            ("", "\"\" is neither a user name nor UID:GID"),
+            ("Joey", "\"Joey\" is neither a user name nor UID:GID"),
+            ("a:b", "\"a:b\" is neither a user name nor UID:GID"),
+            ("1001", "\"1001\" is neither a user name nor UID:GID"),
+        ] {
+            let e = Config::from_toml_str(&format!("[security]\nqemu_user = \"{bad}\"\n"), "<string>").unwrap_err();
+            assert_eq!(e.to_string(), format!("<string>: invalid value for `security.qemu_user`: {why}"), "{bad}");
+        }
+        // With the jail off the user is not used, and so not checked.
+        let c = Config::from_toml_str("[security]\nqemu_jail = false\nqemu_user = \"root\"\n", "<string>").unwrap();
+        assert!(!c.security.qemu_jail);
+        for key in ["security.qemu_jail", "security.qemu_user"] {
+            let e = Config::from_toml_str(&format!("[runtime]\nenable_annotations = [\"{key}\"]\n"), "<string>").unwrap_err();
+            assert!(e.to_string().contains(&format!("`{key}` is never overridable by annotations")), "{e}");
+        }
     }
 
     #[test]

@@ -716,7 +716,8 @@ fn mkdir_private(p: &Path) -> Result<(), PoolServerError> {
 }
 
 /// Removes what a pool that died left in `vms`: kills each VM's QEMU (normally already killed
-/// by the kernel with its parent), unmounts and removes its directory (blocking). Returns how
+/// by the kernel with its parent), removes its sandbox cgroup, unmounts and removes its
+/// directory (blocking). Returns how
 /// many VMs were cleaned.
 pub fn clean_orphans(vms: &Path) -> Result<usize, PoolServerError> {
     let Ok(rd) = std::fs::read_dir(vms) else {
@@ -742,6 +743,11 @@ pub fn clean_orphans(vms: &Path) -> Result<usize, PoolServerError> {
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        // And its sandbox cgroup, which QEMU's exit watcher would have removed.
+        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Err(e) = joey_actors::hypervisor::sandbox_cgroup::remove_leftover(&id, ORPHAN_KILL_TIMEOUT) {
+            tracing::warn!(error = %e, vm = %id, "removing an orphaned VM's cgroup failed");
         }
         remove_dir_unmounted(&dir)?;
         n += 1;

@@ -555,6 +555,8 @@ const RUNTIME: &[i64] = &[
     libc::SYS_pidfd_send_signal,
     libc::SYS_pipe,
     libc::SYS_pipe2,
+    // QEMU's jail, between fork and exec (actors/src/hypervisor/jail.rs).
+    libc::SYS_pivot_root,
     libc::SYS_prctl,
     libc::SYS_prlimit64,
     libc::SYS_readlink,
@@ -564,6 +566,7 @@ const RUNTIME: &[i64] = &[
     libc::SYS_rt_sigaction,
     libc::SYS_sendmmsg,
     libc::SYS_set_tid_address,
+    libc::SYS_setgroups,
     libc::SYS_setns,
     libc::SYS_setpgid,
     libc::SYS_setsid,

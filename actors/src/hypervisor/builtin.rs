@@ -653,6 +653,7 @@ mod tests {
                 tx: joey_config::LimitConfig { ops_per_s: 500, ..Default::default() },
                 ..Default::default()
             },
+            qemu_user: None,
         };
         let c = vm_config(&spec, &BuiltinPaths::new(&spec.state_dir)).unwrap();
         assert_eq!(c.serial_log_max_bytes, 65536);

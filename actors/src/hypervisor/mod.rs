@@ -17,6 +17,7 @@ pub mod builtin;
 pub mod cmdline;
 pub mod counters;
 pub mod host;
+pub mod jail;
 pub mod pooled;
 pub mod qemu;
 pub mod rate_limits;
@@ -145,6 +146,9 @@ pub struct VmSpec {
     pub console_log_max_bytes: u64,
     /// `[hypervisor.rate_limits.vsock]`: the vsock device's limits (both backends).
     pub vsock_limits: joey_config::RxTxLimits,
+    /// `security.qemu_user` when `security.qemu_jail` is on: QEMU runs confined as that user
+    /// ([`jail`]); `None`: as root in the host's mount namespace.
+    pub qemu_user: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +158,8 @@ pub enum HypervisorError {
     BadInput(String),
     #[error("QEMU binary not found: {0}")]
     QemuNotFound(String),
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
     #[error("failed to start {binary}: {source}")]
     Spawn { binary: String, source: std::io::Error },
     #[error("{what}: {source}")]

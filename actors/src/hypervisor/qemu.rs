@@ -16,7 +16,8 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::cmdline::{self, Reboot};
-use super::sandbox_cgroup::{Limits, SandboxCgroup};
+use super::jail::{self, Credentials, Jail, JailBuilder, JailError, Step, StepReport};
+use super::sandbox_cgroup::{self, Limits, Origin, SandboxCgroup};
 use super::{stop_in_steps, Accelerator, HypervisorError, StopStep, VmExit, VmSpec};
 use crate::sharefs::ShareFsTransport;
 
@@ -104,7 +105,14 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, tsc_khz: Option<u64>) -> Result
     push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
     // The console goes through joey (a pipe on fd 3, see `ConsolePump`), which caps its log.
-    push(&["-serial", &format!("file:/proc/self/fd/{CONSOLE_FD}")]);
+    // QEMU takes it from an fd set rather than reopening it through /proc (its jail has none);
+    // `append=on`: a pipe cannot be truncated.
+    push(&["-add-fd", &format!("fd={CONSOLE_FD},set={CONSOLE_FDSET}")]);
+    push(&[
+        "-chardev",
+        &format!("file,id=con0,path=/dev/fdset/{CONSOLE_FDSET},append=on"),
+    ]);
+    push(&["-serial", "chardev:con0"]);
     push(&["-kernel", &spec.kernel.display().to_string()]);
     push(&["-initrd", &spec.initrd.display().to_string()]);
     push(&["-append", &cmdline]);
@@ -140,15 +148,84 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, tsc_khz: Option<u64>) -> Result
         ]);
     }
     push(&["-device", "virtio-rng-device"]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.qmp_sock.display())]);
+    // QMP on `qmp.sock`, which the runtime binds (QEMU in its jail could not make it where the
+    // runtime sees it): QEMU accepts on fd 4.
+    push(&["-chardev", &format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off")]);
+    push(&["-mon", "chardev=qmp,mode=control"]);
     Ok(a)
 }
 
-/// Removes QEMU's sandbox cgroup after its exit (blocking).
-fn remove_cgroup(cg: &SandboxCgroup) {
-    if let Err(e) = cg.remove() {
-        tracing::warn!(error = %e, "removing the sandbox cgroup failed");
+/// What QEMU leaves to remove once it has exited (or failed to start): its sandbox cgroup, the
+/// QMP socket, the jail's mount point.
+struct AfterExit {
+    cgroup: Option<Arc<SandboxCgroup>>,
+    /// Where this (runtime) process was before it joined the cgroup.
+    runtime_origin: Option<Origin>,
+    qmp_sock: PathBuf,
+    jail_root: Option<PathBuf>,
+}
+
+impl AfterExit {
+    /// Blocking (cgroupfs and file removals).
+    fn clean(&self) {
+        if let Some(cg) = &self.cgroup {
+            if let Some(origin) = &self.runtime_origin {
+                if let Err(e) = cg.leave(origin) {
+                    tracing::warn!(error = %e, "leaving the sandbox cgroup failed");
+                }
+            }
+            if let Err(e) = cg.remove() {
+                tracing::warn!(error = %e, "removing the sandbox cgroup failed");
+            }
+        }
+        if let Err(e) = std::fs::remove_file(&self.qmp_sock) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(error = %e, path = %self.qmp_sock.display(), "removing the QMP socket failed");
+            }
+        }
+        if let Some(root) = &self.jail_root {
+            if let Err(e) = std::fs::remove_dir(root) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(error = %e, path = %root.display(), "removing the jail's mount point failed");
+                }
+            }
+        }
     }
+}
+
+/// Binds QMP's listening socket (replacing a stale one) for QEMU to accept on ([`QMP_FD`]).
+fn bind_qmp(path: &Path) -> Result<std::os::fd::OwnedFd, HypervisorError> {
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |source| HypervisorError::Io { what, source }
+    };
+    use std::os::unix::fs::FileTypeExt as _;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path).map_err(io("remove the stale QMP socket"))?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(io("bind the QMP socket"))?;
+    jail::high_fd(l.into()).map_err(io("dup the QMP socket"))
+}
+
+/// The jail QEMU runs in (`security.qemu_jail`): the system, its binary, the kernel and initrd,
+/// its vhost-user sockets (given to `user`), `/dev/kvm` under KVM (blocking).
+fn confine(spec: &VmSpec, paths: &VmPaths, binary: &Path, user: &str) -> Result<Jail, JailError> {
+    let mut b = JailBuilder::new(&spec.state_dir.join(jail::ROOT_DIR), Credentials::resolve(user)?);
+    if spec.accel == Accelerator::Kvm {
+        b.add_kvm()?;
+    }
+    b.system()?
+        .add_file(binary, true)?
+        .add_file(&spec.kernel, false)?
+        .add_file(&spec.initrd, false)?
+        .add_socket(&paths.vhost_vsock_sock)?;
+    if let Some(ShareFsTransport::VhostUser { socket, .. }) = spec.share_fs.as_ref().map(|fs| &fs.transport) {
+        b.add_socket(socket)?;
+    }
+    for i in 0..spec.net.len() {
+        b.add_socket(&paths.net_sock(i))?;
+    }
+    b.build()
 }
 
 /// QEMU's own seccomp filter (with seccomp on): obsolete calls, privilege changes, new
@@ -160,6 +237,10 @@ pub const SANDBOX_ARGS: [&str; 2] = [
 
 /// QEMU's fd for the console pipe.
 const CONSOLE_FD: i32 = 3;
+/// The fd set QEMU gets the console pipe in.
+const CONSOLE_FDSET: u32 = 1;
+/// QEMU's fd for QMP's listening socket.
+const QMP_FD: i32 = 4;
 /// How long QEMU's exit waits for the console pump to write the last output to the log.
 const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
 
@@ -181,6 +262,10 @@ impl ConsolePump {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| HypervisorError::Io {
             what: "console pipe".into(),
             source: e.into(),
+        })?;
+        let write = jail::high_fd(write).map_err(|source| HypervisorError::Io {
+            what: "dup the console pipe".into(),
+            source,
         })?;
         let dropped = out.dropped().clone();
         let (tx, done) = tokio::sync::oneshot::channel();
@@ -304,8 +389,13 @@ impl QemuVm {
 /// A QEMU ready to spawn: its command line and the device threads it will connect to.
 struct Launch {
     cmd: std::process::Command,
-    /// QEMU's sandbox cgroup (removed once QEMU has exited).
-    cgroup: Option<Arc<SandboxCgroup>>,
+    /// What to remove once QEMU has exited.
+    after: AfterExit,
+    /// The jail (for its error messages) and the child's step report.
+    jail: Option<Arc<Jail>>,
+    report: Arc<StepReport>,
+    /// QMP's listening socket, until QEMU holds it.
+    qmp: std::os::fd::OwnedFd,
     paths: VmPaths,
     vsock: VhostUserVsockHandle,
     vsock_metrics: Arc<VsockMetrics>,
@@ -356,9 +446,23 @@ impl Launch {
             what: "dup qemu log fd".into(),
             source: e,
         })?;
+        let report = Arc::new(StepReport::new()?);
+        let qmp = bind_qmp(&paths.qmp_sock)?;
+        let qmp_fd = std::os::fd::AsRawFd::as_raw_fd(&qmp);
+        // The jail (`security.qemu_jail`): built here, entered by the child below.
+        let jail = match spec.qemu_user.as_deref().map(|u| confine(spec, &paths, &binary, u)).transpose() {
+            Ok(j) => j.map(Arc::new),
+            Err(e) => {
+                let _ = std::fs::remove_file(&paths.qmp_sock);
+                return Err(e.into());
+            }
+        };
         // The sandbox cgroup (last: nothing below fails and would leave it). A host without the
         // memory and pids controllers runs QEMU without it, and says so.
+        // The shim joins it too (`sandbox_cgroup::set_runtime_joins`), with its share added.
+        let joins = sandbox_cgroup::runtime_joins();
         let limits = Limits::for_size(spec.memory_mib, spec.vcpus);
+        let limits = if joins { limits.with_runtime() } else { limits };
         let cgroup = match SandboxCgroup::create(&spec.id, limits) {
             Ok(cg) => Some(Arc::new(cg)),
             Err(e) => {
@@ -366,7 +470,22 @@ impl Launch {
                 None
             }
         };
-        let join = cgroup.clone();
+        let runtime_origin = match cgroup.as_ref().filter(|_| joins).map(|cg| cg.join_self()) {
+            Some(Ok(origin)) => Some(origin),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "the runtime stays outside the sandbox cgroup");
+                None
+            }
+            None => None,
+        };
+        let after = AfterExit {
+            cgroup: cgroup.clone(),
+            runtime_origin,
+            qmp_sock: paths.qmp_sock.clone(),
+            jail_root: jail.as_ref().map(|j| j.root().to_path_buf()),
+        };
+        let (join, confined, steps) = (cgroup, jail.clone(), report.clone());
+        let parent = std::process::id() as libc::pid_t;
         let mut cmd = std::process::Command::new(&binary);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -374,37 +493,46 @@ impl Launch {
             .stderr(Stdio::from(log2))
             // Own process group: a Ctrl-C on the terminal reaches joeyctl, which tears the VM down.
             .process_group(0);
-        // SAFETY: the closure only makes async-signal-safe system calls (prctl(2), open(2),
-        // write(2) and close(2) of paths made before the fork, seccomp(2) with a filter compiled
-        // before the fork, fcntl(2), dup2(2)) between fork and exec.
+        // SAFETY: the closure only makes async-signal-safe system calls on memory prepared
+        // before the fork (open(2), write(2) and close(2) of the cgroup's files, the jail's
+        // mount(2), pivot_root(2) and credential calls, prctl(2), seccomp(2) with a filter
+        // compiled before the fork, dup2(2)) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                // QEMU must not outlive the runtime process, even if it is SIGKILLed.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                let steps: &StepReport = &steps;
+                let fail = |step: Step| move |e: std::io::Error| steps.fail(step, 0, e);
+                // Joined as root, before the jail drops the privileges it takes.
                 if let Some(cg) = &join {
-                    cg.join_in_child()?;
+                    cg.join_in_child().map_err(fail(Step::JoinCgroup))?;
+                }
+                if let Some(j) = &confined {
+                    j.enter_in_child(steps)?;
+                }
+                // QEMU must not outlive the runtime process, even if it is SIGKILLed. Set after
+                // the change of credentials, which clears it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(fail(Step::DeathSignal)(std::io::Error::last_os_error()));
+                }
+                if libc::getppid() != parent {
+                    return Err(fail(Step::ParentGone)(std::io::Error::from_raw_os_error(libc::ESRCH)));
                 }
                 if let Some(f) = &child_filter {
-                    seccomp::apply_in_child(f)?;
+                    seccomp::apply_in_child(f).map_err(fail(Step::Seccomp))?;
                 }
-                // The console pipe on CONSOLE_FD, without close-on-exec (dup2 onto itself
-                // would keep the flag, so clear it explicitly then).
-                let rc = if console_fd == CONSOLE_FD {
-                    libc::fcntl(CONSOLE_FD, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(console_fd, CONSOLE_FD)
-                };
-                if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
+                // The console pipe on CONSOLE_FD and QMP's socket on QMP_FD, without
+                // close-on-exec (both come from fds numbered HIGH_FD or above).
+                if libc::dup2(console_fd, CONSOLE_FD) < 0 || libc::dup2(qmp_fd, QMP_FD) < 0 {
+                    return Err(fail(Step::Fds)(std::io::Error::last_os_error()));
                 }
                 Ok(())
             });
         }
         Ok(Launch {
             cmd,
-            cgroup,
+            after,
+            jail,
+            report,
+            qmp,
             paths,
             vsock,
             vsock_metrics,
@@ -423,17 +551,20 @@ impl Launch {
         let mut cmd = tokio::process::Command::from(self.cmd);
         cmd.kill_on_drop(true);
         let started_at = Instant::now();
-        let cgroup = self.cgroup;
+        let after = self.after;
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(source) => {
-                if let Some(cg) = cgroup {
-                    tokio::task::spawn_blocking(move || remove_cgroup(&cg));
-                }
-                return Err(HypervisorError::Spawn { binary, source });
+                tokio::task::spawn_blocking(move || after.clean());
+                return Err(match self.report.error(self.jail.as_deref(), source) {
+                    Ok(source) => HypervisorError::Spawn { binary, source },
+                    Err(step) => step.into(),
+                });
             }
         };
         let pid = child.id().unwrap_or(0);
+        // QEMU holds QMP's socket now.
+        drop(self.qmp);
         // Only QEMU holds the console pipe's write end now: its exit is the pump's EOF.
         let ConsolePump { write, dropped, done } = self.console;
         drop(write);
@@ -444,9 +575,7 @@ impl Launch {
                 Ok(s) => VmExit::from_status(s),
                 Err(e) => VmExit::WaitFailed(e.to_string()),
             };
-            if let Some(cg) = cgroup {
-                let _ = tokio::task::spawn_blocking(move || remove_cgroup(&cg)).await;
-            }
+            let _ = tokio::task::spawn_blocking(move || after.clean()).await;
             // The console log is complete before anyone reads its tail for the exit report.
             let _ = tokio::time::timeout(CONSOLE_DRAIN, done).await;
             let _ = tx.send(Some(exit));
@@ -645,6 +774,7 @@ mod tests {
             net: Vec::new(),
             console_log_max_bytes: 0,
             vsock_limits: Default::default(),
+            qemu_user: None,
         }
     }
 
@@ -667,6 +797,19 @@ mod tests {
         assert!(a.contains("vhost-user-vsock-device,chardev=vsock0"));
         assert!(a.contains("path=/run/joey/t/vhost-vsock.sock"));
         assert!(a.contains("-no-reboot"));
+        // The console pipe and QMP's socket are fds (QEMU's jail has no /proc, and its sockets
+        // would not be seen by the runtime).
+        assert!(
+            a.contains(
+                "-add-fd fd=3,set=1 -chardev file,id=con0,path=/dev/fdset/1,append=on -serial chardev:con0"
+            ),
+            "{a}"
+        );
+        assert!(
+            a.contains("-chardev socket,id=qmp,fd=4,server=on,wait=off -mon chardev=qmp,mode=control"),
+            "{a}"
+        );
+        assert!(!a.contains("/proc/self") && !a.contains("qmp.sock"), "{a}");
         assert!(
             a.contains(
                 "-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check apic_timer_hz=1000000000 \

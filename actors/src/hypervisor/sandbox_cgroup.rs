@@ -1,7 +1,9 @@
 //! The sandbox cgroup: QEMU runs in `joey/<sandbox id>` under the host's memory and pids
 //! controllers (cgroup v2: one directory with both; v1: one directory per controller), with
 //! limits derived from the sandbox's size, so a guest that takes its QEMU over cannot take more
-//! of the host than its size allows (docs/security.md).
+//! of the host than its size allows (docs/security.md). The shim's serving process, which runs
+//! the sandbox's vhost-user device threads, joins it too ([`set_runtime_joins`], Kata's
+//! `sandbox_cgroup_only`) and leaves it again before it is removed.
 //!
 //! Blocking (cgroupfs reads and writes): async callers run it on the blocking pool.
 
@@ -9,6 +11,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Where the host's cgroup file systems are mounted.
@@ -21,6 +24,27 @@ pub const VMM_OVERHEAD_MIB: u64 = 512;
 /// Tasks (threads) QEMU may have besides two per vCPU: its I/O thread pool tops out at 64
 /// workers, plus the main loop, RCU and the helpers.
 pub const PIDS_BASE: u64 = 128;
+/// Memory the runtime process adds when it joins (the shim: its heap, the device threads'
+/// buffers; the page cache its virtio-fs device fills is charged too, and reclaimable).
+pub const RUNTIME_OVERHEAD_MIB: u64 = 128;
+/// Tasks the runtime process adds when it joins: its threads (actix, the blocking pool, the
+/// device threads) and its binary loggers.
+pub const RUNTIME_PIDS: u64 = 128;
+
+/// Whether this process joins the sandbox cgroups it creates (the shim's serving process,
+/// which serves one sandbox; not `joeyctl run`, a user's command, nor `joey-pool`, which
+/// serves many VMs).
+static RUNTIME_JOINS: AtomicBool = AtomicBool::new(false);
+
+/// Makes this process join each sandbox cgroup it creates (see [`RUNTIME_JOINS`]).
+pub fn set_runtime_joins(on: bool) {
+    RUNTIME_JOINS.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_runtime_joins`] is on.
+pub fn runtime_joins() -> bool {
+    RUNTIME_JOINS.load(Ordering::Relaxed)
+}
 
 /// Why the sandbox cgroup could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +80,15 @@ impl Limits {
         Limits {
             memory_bytes: (u64::from(memory_mib) + VMM_OVERHEAD_MIB) << 20,
             pids: PIDS_BASE + 2 * u64::from(vcpus),
+        }
+    }
+
+    /// These limits with the runtime process in the cgroup too: plus
+    /// [`RUNTIME_OVERHEAD_MIB`] and [`RUNTIME_PIDS`].
+    pub fn with_runtime(self) -> Limits {
+        Limits {
+            memory_bytes: self.memory_bytes + (RUNTIME_OVERHEAD_MIB << 20),
+            pids: self.pids + RUNTIME_PIDS,
         }
     }
 }
@@ -114,6 +147,8 @@ fn rmdir(dir: &Path) -> Result<(), CgroupError> {
 /// processes have exited.
 #[derive(Debug)]
 pub struct SandboxCgroup {
+    /// Where the hierarchies are mounted ([`CGROUP_ROOT`]).
+    root: PathBuf,
     dirs: Vec<PathBuf>,
     /// `<dir>/cgroup.procs` of each directory, for a child to join between fork and exec.
     procs: Vec<CString>,
@@ -129,6 +164,7 @@ impl SandboxCgroup {
         let layout = detect(root)?;
         let dirs = dirs_of(&layout, id);
         let cg = SandboxCgroup {
+            root: root.to_path_buf(),
             procs: dirs
                 .iter()
                 .map(|d| {
@@ -197,6 +233,30 @@ impl SandboxCgroup {
         Ok(())
     }
 
+    /// Moves the calling process (all its threads; children it spawns later follow) into the
+    /// cgroup; returns the cgroups it was in, for [`SandboxCgroup::leave`].
+    pub fn join_self(&self) -> Result<Origin, CgroupError> {
+        let own = Path::new("/proc/self/cgroup");
+        let text = std::fs::read_to_string(own).map_err(io_err("read", own))?;
+        let origin = origin_of(&text, &self.root, self.dirs.len() == 1)
+            .ok_or_else(|| CgroupError::NoHierarchy(self.root.clone()))?;
+        let me = std::process::id().to_string();
+        for d in &self.dirs {
+            write(&d.join("cgroup.procs"), &me)?;
+        }
+        Ok(origin)
+    }
+
+    /// Moves the calling process back to the cgroups it was in before
+    /// [`SandboxCgroup::join_self`].
+    pub fn leave(&self, origin: &Origin) -> Result<(), CgroupError> {
+        let me = std::process::id().to_string();
+        for d in &origin.0 {
+            write(&d.join("cgroup.procs"), &me)?;
+        }
+        Ok(())
+    }
+
     /// Removes the directories (their processes must have exited). Idempotent.
     pub fn remove(&self) -> Result<(), CgroupError> {
         let mut first = Ok(());
@@ -209,6 +269,35 @@ impl SandboxCgroup {
         }
         first
     }
+}
+
+/// The cgroups a process was in before it joined a sandbox cgroup (in the order of its
+/// directories: v2 one, v1 memory then pids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin(Vec<PathBuf>);
+
+/// The cgroups of a process (its `/proc/<pid>/cgroup` text) as directories under `root`: the
+/// v2 one, or the v1 memory and pids ones.
+fn origin_of(text: &str, root: &Path, v2: bool) -> Option<Origin> {
+    let path_of = |want: &str| {
+        text.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            let hit = if want.is_empty() {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == want)
+            };
+            hit.then(|| path.trim_start_matches('/').to_string())
+        })
+    };
+    if v2 {
+        return Some(Origin(vec![root.join(path_of("")?)]));
+    }
+    Some(Origin(vec![
+        root.join("memory").join(path_of("memory")?),
+        root.join("pids").join(path_of("pids")?),
+    ]))
 }
 
 /// Removes sandbox `id`'s cgroup if one was left (after a crash of its runtime): whatever still
@@ -261,6 +350,61 @@ mod tests {
         );
         assert_eq!(Limits::for_size(2048, 4).memory_bytes, (2048 + 512) << 20);
         assert_eq!(Limits::for_size(2048, 4).pids, 136);
+    }
+
+    #[test]
+    fn the_runtime_adds_its_share() {
+        assert_eq!(
+            Limits::for_size(256, 1).with_runtime(),
+            Limits {
+                memory_bytes: (768 + 128) << 20,
+                pids: 258
+            }
+        );
+    }
+
+    #[test]
+    fn origins_are_read_from_proc_cgroup() {
+        let root = Path::new("/sys/fs/cgroup");
+        let v1 = "12:pids:/system.slice/containerd.service\n5:memory:/\n3:cpu,cpuacct:/x\n0::/\n";
+        assert_eq!(
+            origin_of(v1, root, false),
+            Some(Origin(vec![
+                root.join("memory"),
+                root.join("pids/system.slice/containerd.service")
+            ]))
+        );
+        assert_eq!(
+            origin_of("0::/system.slice/containerd.service\n", root, true),
+            Some(Origin(vec![root.join("system.slice/containerd.service")]))
+        );
+        assert_eq!(origin_of("5:memory:/\n", root, false), None);
+    }
+
+    /// On the host's real cgroups: this test process joins a sandbox cgroup and leaves it
+    /// again, after which the cgroup can be removed.
+    #[test]
+    fn the_runtime_joins_and_leaves() {
+        let id = format!("unit-join-{}", std::process::id());
+        // Generous limits: every thread of this test process is moved in, for a moment.
+        let limits = Limits {
+            memory_bytes: 64 << 30,
+            pids: 1 << 20,
+        };
+        let cg = match SandboxCgroup::create(&id, limits) {
+            Ok(cg) => cg,
+            Err(CgroupError::NoHierarchy(_)) => return,
+            Err(e) => panic!("{e}"),
+        };
+        let before = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let origin = cg.join_self().unwrap();
+        let inside = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let want = format!("/{PARENT}/{id}");
+        assert_eq!(inside.lines().filter(|l| l.ends_with(&want)).count(), cg.dirs().len(), "{inside}");
+        cg.leave(&origin).unwrap();
+        assert_eq!(std::fs::read_to_string("/proc/self/cgroup").unwrap(), before);
+        cg.remove().unwrap();
+        assert!(cg.dirs().iter().all(|d| !d.exists()));
     }
 
     #[test]
@@ -336,6 +480,7 @@ mod tests {
         };
         let procs = cg.procs.clone();
         let joined = SandboxCgroup {
+            root: PathBuf::from(CGROUP_ROOT),
             dirs: Vec::new(),
             procs,
         };

@@ -173,6 +173,9 @@ impl Shim for JoeyShim {
             Ok(_) => loaded,
             Err(e) => Err(ShimError::Seccomp(e)),
         };
+        // This process serves one sandbox: it runs in the sandbox's cgroup with its QEMU
+        // (docs/security.md).
+        joey_actors::hypervisor::sandbox_cgroup::set_runtime_joins(true);
         // The sandbox (and its state dir) is named after the pod: the grouping id of the first
         // container, which every container of the pod shares (and `delete` finds again).
         let (id, bundle) = (self.id.clone(), if self.bundle.is_empty() { ".".into() } else { self.bundle.clone() });
