@@ -766,6 +766,11 @@ const CLASSES: &[Class] = &[
         run: rows::containerd_restart_create,
     },
     Class {
+        name: "containerd-restart/start",
+        injection: "restart containerd while Start runs",
+        run: rows::containerd_restart_start,
+    },
+    Class {
         name: "containerd-restart/exec",
         injection: "restart containerd while Exec runs",
         run: rows::containerd_restart_exec,
@@ -1360,6 +1365,81 @@ mod rows {
             "ctr run {}; after the restart: {status}; removed",
             if o.status.success() { "ok" } else { "failed" }
         ))
+    }
+
+    /// Regression: containerd's SIGTERM dropped the shim's Start after it had asked the
+    /// container's actor to start the process: the process ran in the guest, but nothing
+    /// pumped its output, waited for it or published its exit, so it never left RUNNING and
+    /// could not be deleted. Now Start runs to its end whatever containerd does. The agent's
+    /// CreateContainer (the init process's start) is delayed 4 s so that the restart hits it.
+    pub fn containerd_restart_start(f: &mut Fixture) -> RowResult {
+        let id = f.id("ft");
+        let r = f.with_shim_failpoints("create_container=return(delay:4000)", |f| {
+            let ctr = f.c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, &id, "sleep", "300"])
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            // Start waits in the agent's delay (which the agent logs on the console).
+            let console = f.c.dir.path().join(format!("joey-state/{id}/console.log"));
+            let starting = wait_for(
+                "the agent to delay CreateContainer",
+                RUN_TIMEOUT,
+                Duration::from_millis(20),
+                || {
+                    let log = std::fs::read_to_string(&console).unwrap_or_default();
+                    log.contains("failpoint agent::create_container: delay").then_some(())
+                },
+            );
+            f.c.restart();
+            let o = wait_output(ctr, RUN_TIMEOUT);
+            starting?;
+            let events = f.c.events();
+            let running = wait_for(
+                "the task to be RUNNING after the restart",
+                RUN_TIMEOUT,
+                Duration::from_millis(100),
+                || (f.c.task_status(&id).as_deref() == Some("RUNNING")).then_some(()),
+            );
+            running.map_err(|e| format!("{e}: it is {:?}", f.c.task_status(&id)))?;
+            let x = f.c.ctr_out_within(
+                &["task", "exec", "--exec-id", "a1", &id, "echo", "after"],
+                RUN_TIMEOUT,
+            )?;
+            if x.stdout != b"after\n" {
+                return Err(format!("exec after the restart: {:?} {}", x.status, stderr_of(&x)));
+            }
+            let k = f.c.ctr_out_within(&["task", "kill", "-s", "SIGKILL", &id], RUN_TIMEOUT)?;
+            if !k.status.success() {
+                return Err(format!("ctr task kill: {}", stderr_of(&k)));
+            }
+            let t0 = Instant::now();
+            let status = events.exit_status(&id, REPORT_BOUND).ok_or("no TaskExit after the kill")?;
+            let took = t0.elapsed();
+            for args in [["task", "delete", &id], ["container", "rm", &id]] {
+                let d = f.c.ctr_out_within(&args, REPORT_BOUND)?;
+                if !d.status.success() {
+                    return Err(format!("ctr {} {}: {}", args[0], args[1], stderr_of(&d)));
+                }
+            }
+            wait_for("TaskDelete", Duration::from_secs(10), Duration::from_millis(50), || {
+                events.about(&id).iter().any(|e| e.topic == "/tasks/delete").then_some(())
+            })?;
+            let exits: Vec<String> = events
+                .about(&id)
+                .into_iter()
+                .filter(|e| e.topic == "/tasks/exit" || e.topic == "/tasks/delete")
+                .map(|e| format!("{} {}", e.topic, e.exit_status().unwrap_or(u32::MAX)))
+                .collect();
+            if status != 137 || exits != ["/tasks/exit 137", "/tasks/delete 137"] {
+                return Err(format!("events after the kill: {exits:?}, want one TaskExit 137 then TaskDelete"));
+            }
+            Ok(format!(
+                "ctr run {}; RUNNING after the restart, exec works; TaskExit 137 once in {:.1}s; deleted",
+                if o.status.success() { "ok" } else { "failed" },
+                took.as_secs_f64()
+            ))
+        });
+        f.remove(&id);
+        r
     }
 
     pub fn containerd_restart_exec(f: &mut Fixture) -> RowResult {
