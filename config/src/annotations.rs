@@ -25,7 +25,8 @@ pub const NEVER_OVERRIDABLE: &[&str] = &[
 ];
 
 /// Keys of the host's confinement (docs/security.md): never overridable by a pod either.
-pub const CONFINEMENT_KEYS: &[&str] = &["security.seccomp"];
+/// `debug.failpoints` too: a pod must not inject faults into its host's runtime.
+pub const CONFINEMENT_KEYS: &[&str] = &["security.seccomp", "debug.failpoints"];
 
 /// The default of `runtime.enable_annotations`: the sandbox's size.
 pub fn default_enabled() -> Vec<String> {

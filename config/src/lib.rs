@@ -17,6 +17,8 @@ mod annotations;
 pub use annotations::{AnnotationError, ANNOTATION_PREFIX, NEVER_OVERRIDABLE};
 pub mod rate_limits;
 pub use rate_limits::{LimitConfig, RateLimitsConfig, RxTxLimits};
+pub mod debug;
+pub use debug::DebugConfig;
 
 /// Config file read when neither `--config` nor `$JOEY_CONFIG` is given (if it exists).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/joey/config.toml";
@@ -43,6 +45,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub pool: PoolConfig,
     pub security: SecurityConfig,
+    pub debug: DebugConfig,
 }
 
 /// Which VMM runs the sandbox microVM.
@@ -422,6 +425,7 @@ impl Config {
     /// - `metrics.monitor_listen` an IP address and port
     /// - `pool.size` in 0..=[`MAX_POOL_SIZE`]
     /// - `runtime.enable_annotations` only scalar keys that are not paths
+    /// - `debug.failpoints` `<area>::<point>=<action>[;...]` (see [`debug::parse_failpoints`])
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: origin.to_string(),
@@ -522,6 +526,9 @@ impl Config {
                 format!("{} is out of range (valid: 0..={MAX_POOL_SIZE})", self.pool.size),
             ));
         }
+        self.debug
+            .failpoint_pairs()
+            .map_err(|msg| invalid("debug.failpoints", msg))?;
         if !r.enable_annotations.is_empty() {
             let defaults = toml::Value::try_from(Config::default())
                 .map_err(|e| invalid("runtime.enable_annotations", e.to_string()))?;
@@ -736,6 +743,7 @@ seccomp = "trap"
             security: SecurityConfig {
                 seccomp: SeccompMode::Trap,
             },
+            debug: DebugConfig::default(),
         }
     }
 
@@ -1321,5 +1329,24 @@ seccomp = "trap"
             Err(ConfigError::MissingFile { key, .. }) => assert_eq!(key, "hypervisor.initrd"),
             other => panic!("expected MissingFile, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn debug_failpoints_are_validated_and_named() {
+        let c = Config::from_toml_str("[debug]\nfailpoints = \"vmm::vcpu_run=panic\"\n", "f")
+            .unwrap();
+        assert_eq!(
+            c.debug.failpoint_pairs().unwrap(),
+            vec![("vmm::vcpu_run".to_string(), "panic".to_string())]
+        );
+        assert!(Config::default().debug.failpoints.is_empty());
+        let e = Config::from_toml_str("[debug]\nfailpoints = \"vmm::vcpu_run\"\n", "f")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "f: invalid value for `debug.failpoints`: \"vmm::vcpu_run\" is not <area>::<point>=<action>"
+        );
+        let e = Config::from_toml_str("[debug]\nfailpoint = \"\"\n", "f").unwrap_err();
+        assert!(e.to_string().contains("unknown field `failpoint`"), "{e}");
     }
 }

@@ -2,6 +2,7 @@
 //! `containerd-shim-joey-v2`.
 
 pub mod ctl;
+pub mod failpoints;
 pub mod logging;
 pub mod pool;
 pub mod security;

@@ -49,6 +49,10 @@ pub struct BootArgs {
     /// Print on stderr how long create and run took and the process's peak RSS.
     #[arg(long)]
     pub timings: bool,
+    /// A joey config file; only its `[debug]` section is used (`debug.failpoints`, in a build
+    /// with the `failpoints` feature).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// How a boot ended.
@@ -137,6 +141,16 @@ pub fn run(a: BootArgs) -> i32 {
         eprintln!("joeyctl boot: error: {e}");
         return EXIT_BAD_INPUT;
     }
+    if let Some(p) = &a.config {
+        let (config, _) = match super::load_config(Some(p)) {
+            Ok(v) => v,
+            Err(code) => return code,
+        };
+        if let Err(e) = crate::failpoints::setup(&config.debug) {
+            eprintln!("joeyctl boot: error: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    }
     let t0 = Instant::now();
     let cfg = VmConfig {
         vcpus: a.vcpus,
@@ -220,6 +234,7 @@ mod tests {
             memory_mib: 128,
             timeout_s: 0,
             timings: false,
+            config: None,
         }
     }
 

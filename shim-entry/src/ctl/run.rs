@@ -71,6 +71,10 @@ pub fn run(args: RunArgs) -> i32 {
     };
     let level = config.runtime.log_level.as_str();
     crate::logging::init_stderr(if args.verbose { crate::logging::at_least(level, "info") } else { level });
+    if let Err(e) = crate::failpoints::setup(&config.debug) {
+        super::print_error(e);
+        return EXIT_BAD_INPUT;
+    }
     // Before any other thread: they all inherit the runtime filter.
     if let Err(e) = crate::security::install_seccomp(config.security.seccomp) {
         eprintln!("joeyctl: error: {e}");

@@ -34,6 +34,8 @@ pub enum ShimError {
     Config(String),
     #[error(transparent)]
     Seccomp(#[from] joey_vmm_core::seccomp::SeccompError),
+    #[error(transparent)]
+    Failpoints(#[from] crate::failpoints::FailpointsError),
 }
 
 /// The shim's sandbox id (which shim a container joins, and the name of the sandbox's state
@@ -162,6 +164,8 @@ impl Shim for JoeyShim {
         let loaded = load_config();
         let level = loaded.as_ref().map_or("info", |(c, _)| c.runtime.log_level.as_str());
         init_logging(if self.debug { crate::logging::at_least(level, "debug") } else { level });
+        // `debug.failpoints`: this process serves one sandbox; a bad list means no sandbox.
+        let loaded = loaded.and_then(|(c, o)| Ok(crate::failpoints::setup(&c.debug).map(|_| (c, o))?));
         // Seccomp on every thread of the serving shim (TSYNC: the runtime's threads exist
         // already), before the sandbox starts; without it, no sandbox (fail closed).
         let mode = loaded.as_ref().map_or(Default::default(), |(c, _)| c.security.seccomp);
