@@ -60,8 +60,28 @@ pub fn setup(cfg: &DebugConfig) -> Result<usize, FailpointsError> {
     Ok(pairs.len())
 }
 
+/// Whether a panic's message is the `fail` crate's `panic` action (`failpoint <name> panic`).
+pub fn is_injected_panic(message: &str) -> bool {
+    message
+        .strip_prefix("failpoint ")
+        .and_then(|m| m.strip_suffix(" panic"))
+        .is_some_and(is_known)
+}
+
 #[cfg(feature = "failpoints")]
 fn apply(pairs: &[(String, String)]) -> Result<(), FailpointsError> {
+    // An injected panic is expected: one log line names it, instead of the panic report (the
+    // fault harness counts any other `panicked` as a bug).
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = joey_vmm_core::vmm::event::panic_message(info.payload());
+        if is_injected_panic(&msg) {
+            let thread = std::thread::current();
+            tracing::warn!("injected {msg} on thread {}", thread.name().unwrap_or("?"));
+        } else {
+            previous(info);
+        }
+    }));
     for (name, action) in pairs {
         fail::cfg(name.as_str(), action).map_err(|message| FailpointsError::Cfg {
             name: name.clone(),
@@ -105,6 +125,13 @@ mod tests {
             setup(&cfg("vsock::tx")),
             Err(FailpointsError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn injected_panics_are_told_apart() {
+        assert!(is_injected_panic("failpoint vmm::vcpu_run panic"));
+        assert!(!is_injected_panic("failpoint nosuch::point panic"));
+        assert!(!is_injected_panic("index out of bounds"));
     }
 
     #[cfg(not(feature = "failpoints"))]

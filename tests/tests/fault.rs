@@ -843,6 +843,32 @@ const CLASSES: &[Class] = &[
         injection: "restart containerd while Exec runs",
         run: rows::containerd_restart_exec,
     },
+    // Host failpoints (`debug.failpoints`, the failpoint joeyctl of scripts/fault.sh).
+    Class {
+        name: "vsock-drop/joeyctl",
+        injection: "vsock::tx drops the agent's conn mid-RPC",
+        run: host_rows::vsock_drop_joeyctl,
+    },
+    Class {
+        name: "fs-error/joeyctl",
+        injection: "fs::request fails every FUSE request",
+        run: host_rows::fs_error_joeyctl,
+    },
+    Class {
+        name: "fs-panic/joeyctl",
+        injection: "fs::request=panic in the vhost-user thread",
+        run: host_rows::fs_panic_joeyctl,
+    },
+    Class {
+        name: "vcpu-panic/boot",
+        injection: "vmm::vcpu_run=panic (built-in VMM, probe)",
+        run: host_rows::vcpu_panic_boot,
+    },
+    Class {
+        name: "vcpu-hang/boot",
+        injection: "vmm::vcpu_run=pause (built-in VMM, probe)",
+        run: host_rows::vcpu_hang_boot,
+    },
 ];
 
 mod rows {
@@ -1780,5 +1806,159 @@ mod rows {
             }
             Ok("ctr run exits 3 (Wait); no TaskExit, logged as failed; TaskDelete 3".into())
         })
+    }
+}
+
+/// Rows of the host failpoints: `joeyctl` built with `--features joey-shim/failpoints`
+/// (`JOEY_FP_JOEYCTL`, scripts/fault.sh), the points set by the config's `debug.failpoints`.
+mod host_rows {
+    use super::*;
+
+    /// The failpoint joeyctl.
+    fn fp_joeyctl() -> Result<PathBuf, String> {
+        let p = PathBuf::from(std::env::var_os("JOEY_FP_JOEYCTL").ok_or(
+            "JOEY_FP_JOEYCTL is not set: scripts/fault.sh builds the failpoint joeyctl",
+        )?);
+        if !p.is_file() {
+            return Err(format!("JOEY_FP_JOEYCTL={} does not exist", p.display()));
+        }
+        Ok(p)
+    }
+
+    fn debug_lines(points: &str) -> String {
+        format!("[debug]\nfailpoints = \"{points}\"\n")
+    }
+
+    /// `<failpoint joeyctl> run --config <env's> -- argv...`, output piped, stdin closed.
+    fn fp_run(env: &Env, argv: &[&str]) -> Result<Child, String> {
+        let mut c = Command::new(fp_joeyctl()?);
+        c.arg("run").arg("--config").arg(&env.config).arg("--").args(argv);
+        c.env_remove("JOEY_CONFIG").env_remove("JOEY_LOG");
+        c.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
+        c.spawn().map_err(|e| format!("spawn joeyctl: {e}"))
+    }
+
+    /// An injected panic is logged as such; a panic report (`panicked at`) is a real one.
+    fn no_panic_report(err: &str) -> Result<(), String> {
+        if err.contains("panicked at") {
+            return Err(format!("a panic report: {err:?}"));
+        }
+        Ok(())
+    }
+
+    /// The guest's data packets (OP_RW to the host) are dropped with their connection from the
+    /// 13th on: the agent's connection breaks under an RPC in flight (here ExecProcess; the
+    /// count decides which, docs/faults.md).
+    pub fn vsock_drop_joeyctl(f: &mut Fixture) -> RowResult {
+        let extra = format!(
+            "[agent]\nrpc_timeout_ms = 3000\nready_timeout_ms = 5000\n{}",
+            debug_lines("vsock::tx=12*off->return(drop)")
+        );
+        let env = f.env(&extra);
+        let mut child = fp_run(&env, &["sh", "-c", "sleep 1; echo ok"])?;
+        let r = expect_125(&mut child, Instant::now(), RUN_TIMEOUT, "agent RPC");
+        if let Ok(o) = &r {
+            no_panic_report(o)?;
+        }
+        r
+    }
+
+    /// Every FUSE request of the virtio-fs device (served to QEMU over vhost-user by joeyctl)
+    /// fails: the guest cannot mount the container's rootfs share.
+    pub fn fs_error_joeyctl(f: &mut Fixture) -> RowResult {
+        fs_fault(f, "fs::request=return", "opening the container rootfs")
+    }
+
+    /// Regression: the virtio-fs vring worker's panic poisoned the vring's lock; the
+    /// vhost-user request thread panicked on it and joeyctl died of SIGSYS, leaving its state
+    /// dir. Now the panic is caught under the lock: the request is lost, the RPC's deadline
+    /// ends the wait, the stop cleans up.
+    pub fn fs_panic_joeyctl(f: &mut Fixture) -> RowResult {
+        fs_fault(f, "fs::request=panic", "CreateContainer")
+    }
+
+    /// `joeyctl run --rootfs DIR -- /bin/true` with the virtio-fs failpoint `points`: exit 125,
+    /// one line naming `names`.
+    fn fs_fault(f: &mut Fixture, points: &str, names: &str) -> RowResult {
+        let rootfs = f.c.dir.path().join("fs-fault-rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).map_err(|e| e.to_string())?;
+        let env = f.env(&format!(
+            "[agent]\nrpc_timeout_ms = 3000\n{}",
+            debug_lines(points)
+        ));
+        let mut c = Command::new(fp_joeyctl()?);
+        c.arg("run").arg("--config").arg(&env.config);
+        c.arg("--rootfs").arg(&rootfs).args(["--", "/bin/true"]);
+        c.env_remove("JOEY_CONFIG").env_remove("JOEY_LOG");
+        c.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
+        let mut child = c.spawn().map_err(|e| format!("spawn joeyctl: {e}"))?;
+        let r = expect_125(&mut child, Instant::now(), RUN_TIMEOUT, names);
+        if let Ok(o) = &r {
+            no_panic_report(o)?;
+        }
+        let _ = std::fs::remove_dir_all(&rootfs);
+        r
+    }
+
+    /// The probe guest (guest/probe/build.sh, cached by input hash).
+    fn probe_elf() -> Result<PathBuf, String> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/probe/build.sh");
+        let o = Command::new("bash")
+            .arg(script)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !o.status.success() {
+            return Err(format!("guest/probe/build.sh: {}", stderr_of(&o)));
+        }
+        Ok(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("probe.elf"))
+    }
+
+    /// `joeyctl boot` (built-in VMM, the probe spinning) with `points`: exit 125 within `bound`,
+    /// one stderr line containing `names`.
+    fn boot_fault(f: &mut Fixture, points: &str, timeout_s: u64, bound: Duration, names: &str) -> RowResult {
+        let env = f.env(&debug_lines(points));
+        let k = probe_elf()?;
+        let mut c = Command::new(fp_joeyctl()?);
+        c.arg("boot").arg("--config").arg(&env.config).arg("--kernel").arg(&k);
+        c.args(["--memory-mib", "64", "--timeout-s", &timeout_s.to_string()]);
+        c.args(["--cmdline", "probe.mem_mib=64 probe.cpus=1 probe.spin=1"]);
+        c.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
+        let t0 = Instant::now();
+        let mut child = c.spawn().map_err(|e| format!("spawn joeyctl boot: {e}"))?;
+        let st = wait_child(&mut child, bound)?;
+        let took = t0.elapsed();
+        let mut err = String::new();
+        let _ = child.stderr.as_mut().map(|e| e.read_to_string(&mut err));
+        if st.code() != Some(125) {
+            return Err(format!("exit {st:?}, not 125: {err:?}"));
+        }
+        no_panic_report(&err)?;
+        if err.lines().count() != 1 || !err.starts_with("joeyctl boot: error: ") || !err.contains(names) {
+            return Err(format!("stderr is not one line naming {names:?}: {err:?}"));
+        }
+        Ok(format!("125 in {:.1}s: {}", took.as_secs_f64(), err.trim_end()))
+    }
+
+    /// Regression: a panicking vCPU thread ended silently and `joeyctl boot` waited for ever.
+    pub fn vcpu_panic_boot(f: &mut Fixture) -> RowResult {
+        boot_fault(
+            f,
+            "vmm::vcpu_run=panic",
+            0,
+            Duration::from_secs(20),
+            "thread vcpu0 failed: panicked: failpoint vmm::vcpu_run panic",
+        )
+    }
+
+    /// A vCPU thread that never returns to its loop: `--timeout-s` ends the wait, the stop
+    /// gives up on the vCPU after the control timeout (5 s); one line says both.
+    pub fn vcpu_hang_boot(f: &mut Fixture) -> RowResult {
+        boot_fault(
+            f,
+            "vmm::vcpu_run=pause",
+            2,
+            Duration::from_secs(20),
+            "still running after --timeout-s 2; stopping the VM",
+        )
     }
 }

@@ -20,7 +20,7 @@ pub const NAMES: &[(&str, &str)] = &[
     ),
     (
         FS_REQUEST,
-        "one FUSE request: `return(<errno>)` answers it with that error (default EIO)",
+        "one FUSE request: `return` fails it (the chain goes back with length 0); `panic` panics the device thread",
     ),
     (
         NET_TX,
@@ -71,6 +71,15 @@ pub fn fired(name: &str) -> Option<String> {
     }
 }
 
+/// Whether a panic's message is the `fail` crate's `panic` action on one of [`NAMES`]
+/// (`failpoint <name> panic`): an expected panic, logged as a warning.
+pub fn is_injected_panic(message: &str) -> bool {
+    message
+        .strip_prefix("failpoint ")
+        .and_then(|m| m.strip_suffix(" panic"))
+        .is_some_and(|n| NAMES.iter().any(|(name, _)| *name == n))
+}
+
 /// Whether this build has failpoints.
 pub const ENABLED: bool = cfg!(feature = "failpoints");
 
@@ -84,6 +93,13 @@ mod tests {
             let (area, point) = n.split_once("::").unwrap();
             assert!(!area.is_empty() && !point.is_empty(), "{n}");
         }
+    }
+
+    #[test]
+    fn injected_panics_are_told_apart() {
+        assert!(is_injected_panic("failpoint vmm::vcpu_run panic"));
+        assert!(!is_injected_panic("failpoint nosuch::point panic"));
+        assert!(!is_injected_panic("index out of bounds"));
     }
 
     #[cfg(not(feature = "failpoints"))]

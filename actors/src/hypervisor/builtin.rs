@@ -194,6 +194,7 @@ fn describe(ev: &VmEvent) -> String {
         VmEvent::UnhandledExit { vcpu, reason } => {
             format!("unhandled exit {reason} on vCPU {vcpu}")
         }
+        VmEvent::ThreadFailed { thread, reason } => format!("thread {thread} failed: {reason}"),
     }
 }
 

@@ -221,6 +221,13 @@ pub fn spawn(
 
     let root = match std::fs::metadata(&c.root) {
         Ok(m) if m.is_dir() => open_dir(&c.root)?,
+        // The share failing (EIO from virtio-fs) is not a missing rootfs: say what it is.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ContainerError::OpenRootfs {
+                path: c.root.clone(),
+                source: errno_of(&e),
+            })
+        }
         _ => return Err(ContainerError::RootfsNotFound(c.root.clone())),
     };
     if !covered_by_mount(c, &cwd) {

@@ -89,6 +89,9 @@ pub fn outcome_of(event: &VmEvent) -> Outcome {
         VmEvent::UnhandledExit { vcpu, reason } => {
             Outcome::Failed(format!("unhandled exit on vCPU {vcpu}: {reason}"))
         }
+        VmEvent::ThreadFailed { thread, reason } => {
+            Outcome::Failed(format!("the VM's thread {thread} failed: {reason}"))
+        }
     }
 }
 
@@ -182,31 +185,31 @@ pub fn run(a: BootArgs) -> i32 {
     }
     let created = t0.elapsed();
     let deadline = (a.timeout_s > 0).then(|| Instant::now() + Duration::from_secs(a.timeout_s));
-    let code = loop {
+    // The failure to report (one line), if any.
+    let (mut code, mut failure) = loop {
         // Until the deadline, or an hour at a time without one.
         let wait = deadline.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
         match vmm.wait_event(wait) {
             Some(ev) => match outcome_of(&ev) {
-                Outcome::Ended(_) => break 0,
-                Outcome::Failed(why) => {
-                    eprintln!("joeyctl boot: error: {why}");
-                    break EXIT_RUNTIME;
-                }
+                Outcome::Ended(_) => break (0, None),
+                Outcome::Failed(why) => break (EXIT_RUNTIME, Some(why)),
             },
             None if deadline.is_some_and(|d| Instant::now() >= d) => {
-                eprintln!(
-                    "joeyctl boot: error: the guest was still running after --timeout-s {}",
-                    a.timeout_s
-                );
-                break EXIT_TIMEOUT;
+                let why = format!("the guest was still running after --timeout-s {}", a.timeout_s);
+                break (EXIT_TIMEOUT, Some(why));
             }
             None => {}
         }
     };
     let ran = t0.elapsed();
+    // A vCPU that does not stop (hung) is a VM failure, said on the same line.
     if let Err(e) = vmm.stop() {
-        eprintln!("joeyctl boot: error: stopping the VM: {e}");
-        return EXIT_RUNTIME;
+        let stop = format!("stopping the VM: {e}");
+        failure = Some(failure.map_or(stop.clone(), |f| format!("{f}; {stop}")));
+        code = EXIT_RUNTIME;
+    }
+    if let Some(f) = failure {
+        eprintln!("joeyctl boot: error: {f}");
     }
     drop(vmm);
     if a.timings {

@@ -177,10 +177,22 @@ pub fn process_vring<E: Display>(
     if !queue.ready() {
         return false;
     }
-    match f(queue) {
-        Ok(used) => used,
-        Err(e) => {
+    // A panic is caught here, under the vring's lock: unwinding through the lock would poison
+    // it, and vhost-user-backend's request thread then panicked on it at the next message (and
+    // the process died of it). The request in flight is lost; its sender's deadline ends it.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(queue))) {
+        Ok(Ok(used)) => used,
+        Ok(Err(e)) => {
             warn!("{name}: queue {index} processing failed: {e}");
+            true
+        }
+        Err(p) => {
+            let msg = crate::vmm::event::panic_message(&*p);
+            if crate::failpoints::is_injected_panic(&msg) {
+                warn!("{name}: queue {index}: {msg}; its request is lost");
+            } else {
+                tracing::error!("{name}: queue {index}: the device panicked ({msg}); its request is lost");
+            }
             true
         }
     }

@@ -29,6 +29,17 @@ pub enum VmEvent {
     VcpuError { vcpu: u8, errno: i32 },
     /// An exit the VMM does not handle.
     UnhandledExit { vcpu: u8, reason: String },
+    /// A thread of the VM (a vCPU, the device event loop) ended on its own: it panicked, or
+    /// its loop failed. The VM cannot go on.
+    ThreadFailed { thread: String, reason: String },
+}
+
+/// What a caught panic says (its `&str` or `String` payload).
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// Sending half of the event channel; never blocks (a full channel drops the

@@ -141,6 +141,8 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     handles: Vec<VcpuHandle>,
     events_rx: Receiver<VmEvent>,
+    /// For threads started later (the device event loop) to report their failure.
+    events: EventSender,
     control_timeout: Duration,
     serial: Arc<Mutex<SerialDevice>>,
     /// Bytes the serial log's cap dropped.
@@ -258,6 +260,7 @@ impl Vmm {
             vcpus,
             handles: Vec::new(),
             events_rx,
+            events,
             control_timeout: DEFAULT_CONTROL_TIMEOUT,
             serial,
             console_dropped,
@@ -380,7 +383,7 @@ impl Vmm {
     /// Starts the device event loop, then all vCPU threads.
     pub fn start(&mut self) -> Result<(), VmmError> {
         self.transition("start", VmmState::Running)?;
-        self.virtio.start()?;
+        self.virtio.start(Some(self.events.clone()))?;
         for v in self.vcpus.drain(..) {
             self.handles.push(v.start()?);
         }
@@ -390,11 +393,17 @@ impl Vmm {
 
     fn broadcast(&self, cmd: VcpuCommand, ok: &[VcpuState]) -> Result<(), VmmError> {
         let deadline = Instant::now() + self.control_timeout;
-        for h in &self.handles {
+        // A thread that ended on its own (it failed: a `ThreadFailed` event said so) is stopped.
+        let live = || {
+            self.handles
+                .iter()
+                .filter(move |h| cmd != VcpuCommand::Stop || !h.is_finished())
+        };
+        for h in live() {
             while h.recv(Duration::ZERO).is_ok() {}
             h.send(cmd, deadline.saturating_duration_since(Instant::now()))?;
         }
-        for h in &self.handles {
+        for h in live() {
             let r = h.recv(deadline.saturating_duration_since(Instant::now()))?;
             if !ok.contains(&r.state) {
                 return Err(VmmError::UnexpectedVcpuState {
@@ -436,10 +445,12 @@ impl Vmm {
         }
         self.transition("stop", VmmState::Stopped)?;
         self.state = VmmState::Stopped;
-        let r = self.broadcast(VcpuCommand::Stop, &[VcpuState::Exited]);
+        // One bound for the whole stop: a hung vCPU costs the control timeout once.
         let deadline = Instant::now() + self.control_timeout;
+        let r = self.broadcast(VcpuCommand::Stop, &[VcpuState::Exited]);
         for h in &mut self.handles {
-            if !h.join_finished(deadline.saturating_duration_since(Instant::now())) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !h.join_finished(left.max(Duration::from_millis(100))) {
                 tracing::error!(
                     vcpu = h.id(),
                     "vCPU thread did not exit; leaving it detached"

@@ -17,6 +17,7 @@ use crate::devices::blk::{Block, BlockConfig, BlockError, BlockMetrics};
 use crate::devices::fs::{FsMetrics, VirtioFs, VirtioFsConfig, VirtioFsError};
 use crate::devices::net::{NetAttachment, NetError, NetMetrics, VirtioNet};
 use crate::devices::virtio::event_loop::{self, EventLoopError, EventLoopHandle, SharedTransport};
+use crate::vmm::event::EventSender;
 use crate::devices::virtio::metrics::TransportMetrics;
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioError};
@@ -305,11 +306,12 @@ impl VirtioDevices {
     }
 
     /// Starts the device event loop (no-op without devices or when already running).
-    pub fn start(&mut self) -> Result<(), VirtioDevicesError> {
+    /// A failed event loop is reported to `events`.
+    pub fn start(&mut self, events: Option<EventSender>) -> Result<(), VirtioDevicesError> {
         if self.transports.is_empty() || self.event_loop.is_some() {
             return Ok(());
         }
-        self.event_loop = Some(event_loop::spawn(self.transports.clone())?);
+        self.event_loop = Some(event_loop::spawn_reporting(self.transports.clone(), events)?);
         Ok(())
     }
 

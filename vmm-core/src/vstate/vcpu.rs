@@ -277,9 +277,24 @@ impl Vcpu {
         let id = self.id;
         let cmd_tx = self.cmd_tx.clone();
         let resp_rx = self.resp_rx.clone();
+        let events = self.events.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.run_loop())
+            .spawn(move || {
+                // A panic (a bug, or an injected failpoint) becomes a VM event: the owner stops
+                // the VM instead of waiting for a vCPU that is gone.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+                let reason = match r {
+                    Ok(true) => return,
+                    Ok(false) => format!("failpoint {}", crate::failpoints::VCPU_RUN),
+                    Err(p) => format!("panicked: {}", crate::vmm::event::panic_message(&*p)),
+                };
+                tracing::error!(vcpu = id, "vCPU thread failed: {reason}");
+                events.emit(VmEvent::ThreadFailed {
+                    thread: format!("vcpu{id}"),
+                    reason,
+                });
+            })
             .map_err(VcpuError::Spawn)?;
         Ok(VcpuHandle {
             id,
@@ -327,10 +342,19 @@ impl Vcpu {
         self.state != Exited
     }
 
-    fn run_loop(mut self) {
+    /// The thread's body; false when the `vmm::vcpu_run` failpoint ended it.
+    fn run_loop(mut self) -> bool {
         crate::seccomp::apply_or_log(crate::seccomp::ThreadClass::Vcpu);
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|c| c.set(run_ptr));
+        // Cleared however the loop ends (a panic too), before `self` (the mapping) is dropped.
+        struct ClearRunPtr;
+        impl Drop for ClearRunPtr {
+            fn drop(&mut self) {
+                KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
+            }
+        }
+        let _clear = ClearRunPtr;
         // Threads inherit the creator's signal mask; the kick must get through.
         let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
         tracing::debug!(vcpu = self.id, "vCPU thread running");
@@ -346,6 +370,9 @@ impl Vcpu {
                         }
                         Err(TryRecvError::Disconnected) => break,
                         Err(TryRecvError::Empty) => {}
+                    }
+                    if crate::failpoints::fired(crate::failpoints::VCPU_RUN).is_some() {
+                        return false;
                     }
                     match self.run_once() {
                         Outcome::Continue => {}
@@ -383,6 +410,7 @@ impl Vcpu {
         KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
         self.state = VcpuState::Exited;
         tracing::debug!(vcpu = self.id, "vCPU thread exiting");
+        true
     }
 
     fn guest_stopped(&mut self, ev: VmEvent) {

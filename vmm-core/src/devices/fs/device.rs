@@ -43,6 +43,9 @@ pub enum RequestError {
     /// The FUSE server panicked on this request (caught; the chain is returned unanswered).
     #[error("FUSE server panicked on a request")]
     Panicked,
+    /// The `fs::request` failpoint failed it.
+    #[error("failpoint {}", crate::failpoints::FS_REQUEST)]
+    Injected,
     /// The chain could not be returned to the used ring.
     #[error("cannot return descriptor {index} to the used ring: {source}")]
     UsedRing {
@@ -84,6 +87,10 @@ where
     M: Deref + Clone,
     M::Target: GuestMemory + Sized,
 {
+    // Outside the catch below: its `panic` is a device thread's panic.
+    if crate::failpoints::fired(crate::failpoints::FS_REQUEST).is_some() {
+        return Err(RequestError::Injected);
+    }
     let reader =
         Reader::from_descriptor_chain(mem, chain.clone()).map_err(RequestError::DescriptorChain)?;
     let writer = VirtioFsWriter::new(mem, chain).map_err(RequestError::DescriptorChain)?;

@@ -74,6 +74,9 @@ const TX_TIMER_TOKEN: u64 = 2;
 /// Errors of virtio-net queue processing.
 #[derive(Debug, thiserror::Error)]
 pub enum NetQueueError {
+    /// The `net::rx` failpoint dropped the frame.
+    #[error("failpoint {}", crate::failpoints::NET_RX)]
+    Injected,
     /// The chain has more descriptors than allowed.
     #[error("descriptor chain has more than {MAX_CHAIN_DESCRIPTORS} descriptors")]
     TooManyDescriptors,
@@ -454,6 +457,9 @@ impl NetQueues {
                 break;
             }
             match gathered {
+                Ok(_) if crate::failpoints::fired(crate::failpoints::NET_TX).is_some() => {
+                    NetMetrics::add(&self.metrics.tx_dropped, 1);
+                }
                 Ok(len) => self.send(len, &mut pass),
                 Err(e) => {
                     NetMetrics::add(&self.metrics.tx_errors, 1);
@@ -543,14 +549,19 @@ impl NetQueues {
             }
             let head = chain.head_index();
             self.rx_buf[..VNET_HDR_LEN].copy_from_slice(&rx_header());
-            let used_len = match scatter_rx(mem, chain, &self.rx_buf[..len]) {
+            let delivered = if crate::failpoints::fired(crate::failpoints::NET_RX).is_some() {
+                Err(NetQueueError::Injected)
+            } else {
+                scatter_rx(mem, chain, &self.rx_buf[..len])
+            };
+            let used_len = match delivered {
                 Ok(used_len) => {
                     NetMetrics::add(&self.metrics.rx_packets, 1);
                     NetMetrics::add(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
                     self.rx_len = None;
                     used_len
                 }
-                Err(e @ NetQueueError::FrameTooLarge { .. }) => {
+                Err(e @ (NetQueueError::FrameTooLarge { .. } | NetQueueError::Injected)) => {
                     NetMetrics::add(&self.metrics.rx_dropped, 1);
                     self.rx_len = None;
                     pass.fail(e);

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::MmioTransport;
 use crate::thread::{join_with_deadline, JoinError};
+use crate::vmm::event::{panic_message, EventSender, VmEvent};
 
 /// Capacity of the command channel.
 const COMMAND_CAPACITY: usize = 4;
@@ -122,13 +123,38 @@ pub struct EventLoopHandle {
 
 /// Starts the device thread serving `devices`.
 pub fn spawn(devices: Vec<SharedTransport>) -> Result<EventLoopHandle, EventLoopError> {
+    spawn_reporting(devices, None)
+}
+
+/// [`spawn`], and if the thread ends other than by [`LoopCommand::Stop`] (it panicked, its
+/// epoll failed, a failpoint), [`VmEvent::ThreadFailed`] goes to `events`.
+pub fn spawn_reporting(
+    devices: Vec<SharedTransport>,
+    events: Option<EventSender>,
+) -> Result<EventLoopHandle, EventLoopError> {
     let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::EventFd)?;
     let epoll = build_epoll(&devices, &exit_evt)?;
     let thread_exit = exit_evt.try_clone().map_err(EventLoopError::EventFd)?;
     let (cmd_tx, cmd_rx) = bounded(COMMAND_CAPACITY);
     let thread = std::thread::Builder::new()
         .name("joey-virtio".into())
-        .spawn(move || run(epoll, devices, thread_exit, cmd_rx))
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(epoll, devices, thread_exit, cmd_rx)
+            }));
+            let reason = match r {
+                Ok(Ok(())) => return,
+                Ok(Err(why)) => why,
+                Err(p) => format!("panicked: {}", panic_message(&*p)),
+            };
+            tracing::error!("virtio event loop failed: {reason}");
+            if let Some(ev) = events {
+                ev.emit(VmEvent::ThreadFailed {
+                    thread: "joey-virtio".into(),
+                    reason,
+                });
+            }
+        })
         .map_err(EventLoopError::Spawn)?;
     Ok(EventLoopHandle {
         cmd_tx,
@@ -137,17 +163,23 @@ pub fn spawn(devices: Vec<SharedTransport>) -> Result<EventLoopHandle, EventLoop
     })
 }
 
-fn run(epoll: Epoll, devices: Vec<SharedTransport>, exit: EventFd, cmds: Receiver<LoopCommand>) {
+/// The loop; `Err` says why it ended other than by [`LoopCommand::Stop`].
+fn run(
+    epoll: Epoll,
+    devices: Vec<SharedTransport>,
+    exit: EventFd,
+    cmds: Receiver<LoopCommand>,
+) -> Result<(), String> {
     crate::seccomp::apply_or_log(crate::seccomp::ThreadClass::Device);
     let mut events = vec![EpollEvent::default(); EVENTS_PER_WAIT];
     loop {
+        if crate::failpoints::fired(crate::failpoints::EVENT_LOOP).is_some() {
+            return Err(format!("failpoint {}", crate::failpoints::EVENT_LOOP));
+        }
         let n = match epoll.wait(POLL_TIMEOUT_MS, &mut events[..]) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
-            Err(e) => {
-                tracing::error!("virtio event loop: epoll_wait failed: {e}; exiting");
-                return;
-            }
+            Err(e) => return Err(format!("epoll_wait failed: {e}")),
         };
         for ev in &events[..n] {
             match decode(ev.data()) {
@@ -168,7 +200,7 @@ fn run(epoll: Epoll, devices: Vec<SharedTransport>, exit: EventFd, cmds: Receive
         }
         while let Ok(cmd) = cmds.try_recv() {
             match cmd {
-                LoopCommand::Stop => return,
+                LoopCommand::Stop => return Ok(()),
                 LoopCommand::Kick => devices.iter().for_each(|d| lock(d).process_device_event()),
             }
         }
@@ -231,6 +263,8 @@ mod tests {
         notified: Arc<AtomicUsize>,
         fd_events: Arc<AtomicUsize>,
         fd: EventFd,
+        /// Panic on the device fd's event (a device bug).
+        panics: bool,
     }
 
     impl VirtioDevice for Counter {
@@ -263,6 +297,7 @@ mod tests {
         ) -> Result<bool, VirtioError> {
             assert!(q.is_none(), "inactive device got its queues");
             let _ = self.fd.read();
+            assert!(!self.panics, "device bug");
             self.fd_events.fetch_add(1, Ordering::SeqCst);
             Ok(false)
         }
@@ -301,6 +336,7 @@ mod tests {
                 notified: notified.clone(),
                 fd_events: fd_events.clone(),
                 fd,
+                panics: false,
             }),
             mem,
         )
@@ -320,5 +356,39 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(1));
         assert!(h.is_finished());
         h.stop(Duration::from_secs(1)).unwrap();
+    }
+
+    /// Regression: a panicking device handler ended the thread silently; the VM kept running
+    /// with dead devices (the guest's requests unanswered for ever). Now the owner hears of it.
+    #[test]
+    fn a_panicking_device_is_reported_as_a_failed_thread() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let dev_fd = fd.try_clone().unwrap();
+        let t = MmioTransport::new(
+            Box::new(Counter {
+                notified: Arc::new(AtomicUsize::new(0)),
+                fd_events: Arc::new(AtomicUsize::new(0)),
+                fd,
+                panics: true,
+            }),
+            mem,
+        )
+        .unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let mut h = spawn_reporting(vec![Arc::new(Mutex::new(t))], Some(EventSender::new(tx))).unwrap();
+        dev_fd.write(1).unwrap();
+        let ev = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        match ev {
+            VmEvent::ThreadFailed { thread, reason } => {
+                assert_eq!(thread, "joey-virtio");
+                assert!(reason.starts_with("panicked: device bug"), "{reason}");
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
+        wait_for("the thread to end", || h.is_finished());
+        h.stop(Duration::from_secs(1)).unwrap();
+        // A stop is not a failure: nothing more is reported.
+        assert!(rx.try_recv().is_err());
     }
 }

@@ -45,6 +45,7 @@ pub use host::{parse_connect_line, FIRST_HOST_PORT, MAX_CONNECT_LINE, MAX_PENDIN
 pub use rxq::MAX_PENDING_RST;
 
 use super::csm::{rst_header, ConnAction, CsmError, VsockConnection};
+use crate::failpoints::{fired, VSOCK_RX, VSOCK_TX};
 use super::packet::*;
 use super::socket_path::BoundPath;
 use host::PendingHost;
@@ -236,6 +237,11 @@ impl VsockMuxer {
             }
             return;
         };
+        if hdr.op == VSOCK_OP_RW && fired(VSOCK_TX).is_some() {
+            warn!("vsock: failpoint {VSOCK_TX}: dropping {key:?}");
+            self.remove_conn(key, true);
+            return;
+        }
         match conn.recv_guest_pkt(key, &hdr, pkt) {
             Ok(ConnAction::Keep) => self.sync_conn(key),
             Ok(ConnAction::Forget) => self.remove_conn(key, false),
@@ -287,6 +293,14 @@ impl VsockMuxer {
         while budget > 0 {
             budget -= 1;
             let key = self.rxq.pop_conn()?;
+            if !self.conns.contains_key(&key) {
+                continue;
+            }
+            if fired(VSOCK_RX).is_some() {
+                warn!("vsock: failpoint {VSOCK_RX}: dropping {key:?}");
+                self.remove_conn(key, true);
+                continue;
+            }
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
