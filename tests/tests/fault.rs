@@ -964,18 +964,7 @@ mod rows {
                 return Err(format!("ctr {} {}: {}", args[0], args[1], stderr_of(&o)));
             }
         }
-        wait_for(
-            "TaskDelete",
-            Duration::from_secs(10),
-            Duration::from_millis(50),
-            || {
-                events
-                    .about(id)
-                    .iter()
-                    .any(|e| e.topic == "/tasks/delete")
-                    .then_some(())
-            },
-        )?;
+        wait_task_delete(events, id)?;
         check_events(events, id, &[], 255)?;
         Ok(format!(
             "TaskExit {status} once in {:.1}s, in order; deleted",
@@ -1049,18 +1038,7 @@ mod rows {
         if o.status.code() != Some(137) {
             return Err(format!("ctr run: {:?} {}", o.status, stderr_of(&o)));
         }
-        wait_for(
-            "TaskDelete",
-            Duration::from_secs(10),
-            Duration::from_millis(50),
-            || {
-                events
-                    .about(&id)
-                    .iter()
-                    .any(|e| e.topic == "/tasks/delete")
-                    .then_some(())
-            },
-        )?;
+        wait_task_delete(&events, &id)?;
         check_events(&events, &id, &["/tasks/oom"], 137)?;
         Ok("exit 137; TaskOOM, then TaskExit 137 once, in order".into())
     }
@@ -1508,15 +1486,8 @@ mod rows {
             let t0 = Instant::now();
             let status = events.exit_status(&id, REPORT_BOUND).ok_or("no TaskExit after the kill")?;
             let took = t0.elapsed();
-            for args in [["task", "delete", &id], ["container", "rm", &id]] {
-                let d = f.c.ctr_out_within(&args, REPORT_BOUND)?;
-                if !d.status.success() {
-                    return Err(format!("ctr {} {}: {}", args[0], args[1], stderr_of(&d)));
-                }
-            }
-            wait_for("TaskDelete", Duration::from_secs(10), Duration::from_millis(50), || {
-                events.about(&id).iter().any(|e| e.topic == "/tasks/delete").then_some(())
-            })?;
+            delete_task(f, &id)?;
+            wait_task_delete(&events, &id)?;
             // The init process's (the exec's exit has `"id":"a1"`).
             let init = format!("\"id\":\"{id}\"");
             let exits: Vec<String> = events
@@ -1588,6 +1559,44 @@ mod rows {
         Ok("task RUNNING after the restart, exec works, removed".into())
     }
 
+    /// Waits (10 s) for the TaskDelete event of `id`.
+    fn wait_task_delete(events: &joey_tests::containerd::Events, id: &str) -> Result<(), String> {
+        wait_for(
+            "TaskDelete",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                events
+                    .about(id)
+                    .iter()
+                    .any(|e| e.topic == "/tasks/delete")
+                    .then_some(())
+            },
+        )
+    }
+
+    /// `ctr task delete` and `ctr container rm` of `id`: both must succeed.
+    fn delete_task(f: &Fixture, id: &str) -> Result<(), String> {
+        for args in [["task", "delete", id], ["container", "rm", id]] {
+            let d = f.c.ctr_out_within(&args, REPORT_BOUND)?;
+            if !d.status.success() {
+                return Err(format!("ctr {} {}: {}", args[0], args[1], stderr_of(&d)));
+            }
+        }
+        Ok(())
+    }
+
+    /// A finished `joeyctl run` must have exited `code`, its stderr one error line naming
+    /// `names`; returns that line.
+    fn exited_with(o: &Output, code: i32, names: &str) -> Result<String, String> {
+        let err = stderr_of(o);
+        if o.status.code() != Some(code) {
+            return Err(format!("exit {:?}, not {code}: {err}", o.status));
+        }
+        check_one_line(&err, names)?;
+        Ok(err.trim_end().to_string())
+    }
+
     /// Mounts (from /proc/self/mountinfo) whose mountpoint is under `dir`.
     fn mounts_under(dir: &Path) -> Vec<String> {
         let d = format!("{}/", dir.display());
@@ -1609,12 +1618,8 @@ mod rows {
         let env = f.env(&host_failpoints("sharefs::setup=return"));
         let c = failpoint_joeyctl(&env, &[], &["true"])?;
         let o = joeyctl_output(f, c, REPORT_BOUND)?;
-        let err = stderr_of(&o);
-        if o.status.code() != Some(125) {
-            return Err(format!("exit {:?}, not 125: {err}", o.status));
-        }
-        check_one_line(&err, "injected failure (failpoint sharefs::setup)")?;
-        Ok(format!("125: {}", err.trim_end()))
+        let err = exited_with(&o, 125, "injected failure (failpoint sharefs::setup)")?;
+        Ok(format!("125: {err}"))
     }
 
     /// The bind of a container's rootfs into the shared dir fails (failpoint `sharefs::share`)
@@ -1642,12 +1647,7 @@ mod rows {
             if status.as_deref() != Some("CREATED") {
                 return Err(format!("the task is {status:?}, not CREATED"));
             }
-            for args in [["task", "delete", &id], ["container", "rm", &id]] {
-                let d = f.c.ctr_out_within(&args, REPORT_BOUND)?;
-                if !d.status.success() {
-                    return Err(format!("ctr {} {}: {}", args[0], args[1], stderr_of(&d)));
-                }
-            }
+            delete_task(f, &id)?;
             Ok(format!(
                 "Start fails: {}; task CREATED, share unmounted; deleted",
                 last_line(&err, 90)
@@ -1670,13 +1670,9 @@ mod rows {
         // The pairs go with the peers' netns: the leak check expects only `lo` in the pod's.
         drop(host);
         f.scope.netns.push(ns);
-        let o = res?;
-        let err = stderr_of(&o);
-        if o.status.code() != Some(125) {
-            return Err(format!("exit {:?}, not 125: {err}", o.status));
-        }
-        check_one_line(
-            &err,
+        let err = exited_with(
+            &res?,
+            125,
             "interface eth1: injected failure after step tap_qdisc",
         )?;
         if after != before || qdiscs.contains("ingress") {
@@ -1767,18 +1763,7 @@ mod rows {
             if o.status.code() != Some(3) {
                 return Err(format!("ctr run: {:?}, not 3: {}", o.status, stderr_of(&o)));
             }
-            wait_for(
-                "TaskDelete",
-                Duration::from_secs(10),
-                Duration::from_millis(50),
-                || {
-                    events
-                        .about(&id)
-                        .iter()
-                        .any(|e| e.topic == "/tasks/delete")
-                        .then_some(())
-                },
-            )?;
+            wait_task_delete(&events, &id)?;
             let topics: Vec<String> = events
                 .about(&id)
                 .into_iter()

@@ -901,14 +901,7 @@ mod tests {
     async fn a_failure_midway_unwinds_everything_made() {
         let (pod, _peer) = pod_fixture();
         let before = pod.snapshot();
-        for step in [
-            SetupStep::Tap,
-            SetupStep::TapUp,
-            SetupStep::InterfaceQdisc,
-            SetupStep::TapQdisc,
-            SetupStep::InterfaceFilter,
-            SetupStep::TapFilter,
-        ] {
+        for step in SetupStep::ALL {
             let actor = NetworkActor::failing_at(FailPoint { interface: 1, step }).start();
             let e = set_up(&actor, pod.path()).await.unwrap_err();
             match &e {

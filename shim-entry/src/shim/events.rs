@@ -250,15 +250,20 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), ev.flush()).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn events_are_published_in_order() {
-        let m = ShimMetrics::new().unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+    /// A publisher (queue of 8) whose events arrive on the returned channel.
+    fn recording(m: &ShimMetrics) -> (Events, mpsc::UnboundedReceiver<&'static str>) {
+        let (tx, rx) = mpsc::unbounded_channel();
         let publish = move |topic: &'static str, _: Box<dyn MessageDyn>| -> PublishFuture {
             let _ = tx.send(topic);
             Box::pin(async { Ok(()) })
         };
-        let ev = Events::start_with(publish, m.clone(), 8, Duration::from_secs(1));
+        (Events::start_with(publish, m.clone(), 8, Duration::from_secs(1)), rx)
+    }
+
+    #[tokio::test]
+    async fn events_are_published_in_order() {
+        let m = ShimMetrics::new().unwrap();
+        let (ev, mut rx) = recording(&m);
         for t in ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"] {
             ev.publish(t, Box::new(containerd_shim::protos::events::task::TaskOOM::default()));
         }
@@ -277,12 +282,7 @@ mod tests {
     #[tokio::test]
     async fn a_publish_failpoint_fails_its_topic_only() {
         let m = ShimMetrics::new().unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let publish = move |topic: &'static str, _: Box<dyn MessageDyn>| -> PublishFuture {
-            let _ = tx.send(topic);
-            Box::pin(async { Ok(()) })
-        };
-        let ev = Events::start_with(publish, m.clone(), 8, Duration::from_secs(1));
+        let (ev, mut rx) = recording(&m);
         fail::cfg(PUBLISH_FAILPOINT, "return(/joey-test/failing)").unwrap();
         for t in ["/joey-test/failing", "/joey-test/other"] {
             ev.publish(t, Box::new(containerd_shim::protos::events::task::TaskOOM::default()));
