@@ -19,7 +19,9 @@ pub const ACTOR_NAMES: &[&str] = &[
 /// Why the failpoints could not be set.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FailpointsError {
-    #[error("debug.failpoints set but this build has no failpoints (build with --features failpoints)")]
+    #[error(
+        "debug.failpoints set but this build has no failpoints (build with --features failpoints)"
+    )]
     NotBuilt,
     #[error("debug.failpoints: {0}")]
     Invalid(String),

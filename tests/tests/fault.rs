@@ -850,6 +850,11 @@ const CLASSES: &[Class] = &[
         run: host_rows::vsock_drop_joeyctl,
     },
     Class {
+        name: "vsock-panic/joeyctl",
+        injection: "vsock::tx=panic in the vhost-user thread",
+        run: host_rows::vsock_panic_joeyctl,
+    },
+    Class {
         name: "fs-error/joeyctl",
         injection: "fs::request fails every FUSE request",
         run: host_rows::fs_error_joeyctl,
@@ -1835,9 +1840,20 @@ mod host_rows {
     /// 13th on: the agent's connection breaks under an RPC in flight (here ExecProcess; the
     /// count decides which, docs/faults.md).
     pub fn vsock_drop_joeyctl(f: &mut Fixture) -> RowResult {
+        vsock_fault(f, "vsock::tx=12*off->return(drop)")
+    }
+
+    /// The same packet makes the vsock device's vring worker (joeyctl's vhost-user thread)
+    /// panic: the panic is caught under the vring lock, the packet is lost, the RPC's deadline
+    /// (3 s here) ends the wait.
+    pub fn vsock_panic_joeyctl(f: &mut Fixture) -> RowResult {
+        vsock_fault(f, "vsock::tx=12*off->panic")
+    }
+
+    fn vsock_fault(f: &mut Fixture, points: &str) -> RowResult {
         let extra = format!(
             "[agent]\nrpc_timeout_ms = 3000\nready_timeout_ms = 5000\n{}",
-            debug_lines("vsock::tx=12*off->return(drop)")
+            debug_lines(points)
         );
         let env = f.env(&extra);
         let mut child = fp_run(&env, &["sh", "-c", "sleep 1; echo ok"])?;

@@ -277,6 +277,13 @@ mod tests {
     fn only_reset_and_power_off_end_cleanly() {
         assert_eq!(outcome_of(&VmEvent::Reset), Outcome::Ended("reset"));
         assert_eq!(
+            outcome_of(&VmEvent::ThreadFailed {
+                thread: "vcpu1".into(),
+                reason: "panicked: boom".into()
+            }),
+            Outcome::Failed("the VM's thread vcpu1 failed: panicked: boom".into())
+        );
+        assert_eq!(
             outcome_of(&VmEvent::Shutdown { vcpu: 0 }),
             Outcome::Ended("power off")
         );
