@@ -42,6 +42,11 @@ pub const SHARED_DIR_NAME: &str = "shared";
 pub const VHOST_FS_SOCK: &str = "vhost-fs.sock";
 /// How long stopping waits for the device thread.
 const DEVICE_JOIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Failpoint (the `failpoints` cargo feature, docs/faults.md) of the shared dir's private
+/// self-bind at [`SetupShareFs`]: the bind is made, then fails as its follow-up would.
+pub const SETUP_FAILPOINT: &str = "sharefs::setup";
+/// Failpoint of each bind of a container's rootfs or volume at [`ShareRootfs`], likewise.
+pub const SHARE_FAILPOINT: &str = "sharefs::share";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShareFsError {
@@ -63,6 +68,9 @@ pub enum ShareFsError {
     State(#[from] InvalidTransition),
     #[error("cleanup left resources behind: {0}")]
     Cleanup(String),
+    /// A failpoint ([`SETUP_FAILPOINT`], [`SHARE_FAILPOINT`]) failed the bind on `target`.
+    #[error("bind mount on {}: injected failure (failpoint {point})", .target.display())]
+    Injected { point: &'static str, target: PathBuf },
     #[error(transparent)]
     Resource(#[from] ResourceError),
 }
@@ -165,14 +173,38 @@ fn touch(p: &Path) -> Staged<()> {
     Ok(((), created(p, false)))
 }
 
+/// `Err` when failpoint `point` is on (never without the `failpoints` feature): `return` fails
+/// every bind, `return(<text>)` those whose target path contains `<text>` (a container id).
+fn injected(point: &'static str, target: &Path) -> Result<(), ShareFsError> {
+    #[cfg(feature = "failpoints")]
+    if let Some(arg) = fail::eval(point, |arg| arg) {
+        if arg.is_some_and(|a| !target.to_string_lossy().contains(a.as_str())) {
+            return Ok(());
+        }
+        return Err(ShareFsError::Injected {
+            point,
+            target: target.to_path_buf(),
+        });
+    }
+    let _ = (point, target);
+    Ok(())
+}
+
 /// Lazily unmounts `target`.
 fn unmount(target: &Path) -> Result<(), String> {
     umount2(target, MntFlags::MNT_DETACH).map_err(|e| format!("unmount {}: {e}", target.display()))
 }
 
 /// Bind-mounts `source` on `target` (recursively if asked), then runs `then` on it (e.g. make it
-/// private or read-only); undone by a lazy unmount. On error nothing is left mounted.
-fn bind(source: &Path, target: &Path, flags: MsFlags, then: impl FnOnce() -> Result<(), ShareFsError>) -> Staged<()> {
+/// private or read-only); undone by a lazy unmount. On error nothing is left mounted. Failpoint
+/// `point` fails it after the mount, before `then`.
+fn bind(
+    point: &'static str,
+    source: &Path,
+    target: &Path,
+    flags: MsFlags,
+    then: impl FnOnce() -> Result<(), ShareFsError>,
+) -> Staged<()> {
     mount(
         Some(source),
         target,
@@ -181,7 +213,7 @@ fn bind(source: &Path, target: &Path, flags: MsFlags, then: impl FnOnce() -> Res
         None::<&str>,
     )
     .map_err(mount_err(format!("bind {} on {}", source.display(), target.display())))?;
-    if let Err(e) = then() {
+    if let Err(e) = injected(point, target).and_then(|()| then()) {
         if let Err(u) = unmount(target) {
             tracing::warn!(error = %u, "undoing a failed bind");
         }
@@ -193,7 +225,7 @@ fn bind(source: &Path, target: &Path, flags: MsFlags, then: impl FnOnce() -> Res
 
 /// Binds `source` on `target` recursively, read-only if asked.
 fn bind_share(source: &Path, target: &Path, read_only: bool) -> Staged<()> {
-    bind(source, target, MsFlags::MS_REC, || {
+    bind(SHARE_FAILPOINT, source, target, MsFlags::MS_REC, || {
         if read_only {
             remount_ro(source, target)
         } else {
@@ -233,7 +265,7 @@ async fn setup(state_dir: &Path, vhost_user: bool) -> Result<(ResourceStack, Sha
     res.add_blocking(move || mkdir(&s)).await?;
     let s = shared.clone();
     res.add_blocking(move || {
-        bind(&s, &s, MsFlags::empty(), || {
+        bind(SETUP_FAILPOINT, &s, &s, MsFlags::empty(), || {
             mount(None::<&str>, &s, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>)
                 .map_err(mount_err(format!("make {} private", s.display())))
         })
@@ -780,5 +812,33 @@ mod tests {
             other => panic!("expected an Io error, got {other:?}"),
         }
         assert!(!shared.join("c1").exists());
+    }
+
+    /// The failpoint fails a container's second bind (a volume) after it was mounted: that
+    /// bind and the rootfs bind before it are undone, the dirs removed. Only this test's
+    /// binds fail (the argument is its temp dir), so the other tests may run meanwhile.
+    #[cfg(feature = "failpoints")]
+    #[tokio::test]
+    async fn a_share_failpoint_undoes_the_binds_made() {
+        let d = tempfile::tempdir().unwrap();
+        let (shared, host) = shared_and_host(d.path());
+        let vol = d.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        let vols = vec![VolumeShare {
+            host_path: vol,
+            read_only: true,
+        }];
+        let failing = shared.join("c1/volumes/0");
+        fail::cfg(SHARE_FAILPOINT, &format!("return({})", failing.display())).unwrap();
+        let r = share(&shared, "c1", host, false, vols).await.map(|_| ());
+        fail::cfg(SHARE_FAILPOINT, "off").unwrap();
+        match r {
+            Err(ShareFsError::Injected { point, target }) => {
+                assert_eq!((point, target), (SHARE_FAILPOINT, failing))
+            }
+            other => panic!("expected the injected failure, got {other:?}"),
+        }
+        assert!(!shared.join("c1").exists());
+        assert_no_mounts_under(d.path());
     }
 }

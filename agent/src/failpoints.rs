@@ -8,6 +8,8 @@
 //! - `return(error)`: the RPC fails with INTERNAL "failpoint agent::<rpc>";
 //! - `return(crash)`: the agent aborts (PID 1 dies: the guest kernel panics and the VM ends);
 //! - `return(hang)`: the RPC never answers (the host's deadline ends the wait);
+//! - `return(delay:<ms>)`: the RPC is served `<ms>` milliseconds late (an async sleep: the
+//!   agent's other RPCs go on meanwhile, unlike the `fail` crate's blocking `sleep(<ms>)`);
 //! - any other action of the `fail` crate (`off`, `1*return(error)`, ...).
 
 use crate::service::ServiceError;
@@ -62,6 +64,12 @@ pub fn setup(cmdline: &str) {
     );
 }
 
+/// The milliseconds of a `delay:<ms>` return argument.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn delay_ms(arg: &str) -> Option<u64> {
+    arg.strip_prefix("delay:")?.parse().ok()
+}
+
 /// Failpoint `agent::<rpc>`, evaluated before the RPC is served: `Err` ends the RPC with it.
 pub async fn inject(rpc: &str) -> Result<(), ServiceError> {
     #[cfg(feature = "failpoints")]
@@ -77,7 +85,13 @@ pub async fn inject(rpc: &str) -> Result<(), ServiceError> {
                 agent_log!("failpoint {name}: hang");
                 std::future::pending::<()>().await;
             }
-            Some(_) => return Err(ServiceError::Internal(format!("failpoint {name}"))),
+            Some(a) => match a.as_deref().and_then(delay_ms) {
+                Some(ms) => {
+                    agent_log!("failpoint {name}: delay {ms} ms");
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                None => return Err(ServiceError::Internal(format!("failpoint {name}"))),
+            },
         }
     }
     #[cfg(not(feature = "failpoints"))]
@@ -111,6 +125,14 @@ mod tests {
         assert!(parse("joey.failpoints==return").is_err());
     }
 
+    #[test]
+    fn delay_arguments() {
+        assert_eq!(delay_ms("delay:3000"), Some(3000));
+        assert_eq!(delay_ms("delay:"), None);
+        assert_eq!(delay_ms("delay:-1"), None);
+        assert_eq!(delay_ms("hang"), None);
+    }
+
     #[cfg(feature = "failpoints")]
     #[tokio::test]
     async fn return_error_fails_the_rpc_and_off_lets_it_through() {
@@ -120,5 +142,15 @@ mod tests {
         assert_eq!(e.to_string(), "internal error: failpoint agent::test_rpc");
         fail::cfg("agent::test_rpc", "off").unwrap();
         assert!(inject("test_rpc").await.is_ok());
+    }
+
+    #[cfg(feature = "failpoints")]
+    #[tokio::test]
+    async fn delay_serves_the_rpc_late() {
+        fail::cfg("agent::test_delay", "return(delay:200)").unwrap();
+        let t0 = std::time::Instant::now();
+        assert!(inject("test_delay").await.is_ok());
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(200));
+        fail::cfg("agent::test_delay", "off").unwrap();
     }
 }

@@ -7,8 +7,14 @@
 
 use joey_config::DebugConfig;
 
-/// Failpoints of the actors crate (`<area>::<point>`), next to [`joey_vmm_core::failpoints`]'s.
-pub const ACTOR_NAMES: &[&str] = &[];
+/// Failpoints of the actors crate and the shim (`<area>::<point>`), next to
+/// [`joey_vmm_core::failpoints`]'s.
+pub const ACTOR_NAMES: &[&str] = &[
+    joey_actors::sharefs::SETUP_FAILPOINT,
+    joey_actors::sharefs::SHARE_FAILPOINT,
+    joey_actors::network::SETUP_FAILPOINT,
+    crate::shim::events::PUBLISH_FAILPOINT,
+];
 
 /// Why the failpoints could not be set.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use joey_tests::containerd::*;
-use joey_tests::netns::NetNs;
+use joey_tests::netns::{veth, NetNs};
 use joey_tests::*;
 
 /// How long `joeyctl run` may take to exit 125 after a runtime fault (docs/faults.md).
@@ -211,6 +211,32 @@ fn failpoint_lines(points: &str) -> Result<String, String> {
     ))
 }
 
+/// A failpoint build of the host binaries (`JOEY_FP_JOEYCTL`, `JOEY_FP_SHIM`: scripts/fault.sh).
+fn failpoint_binary(var: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(std::env::var_os(var).ok_or(format!(
+        "{var} is not set: scripts/fault.sh builds the host binaries with failpoints"
+    ))?);
+    if !p.is_file() {
+        return Err(format!("{var}={} does not exist", p.display()));
+    }
+    Ok(p)
+}
+
+/// `joeyctl run` of `env` (as [`joeyctl`]) with the failpoint joeyctl: `debug.failpoints` in
+/// the env's config takes effect.
+fn failpoint_joeyctl(env: &Env, extra: &[&str], argv: &[&str]) -> Result<Command, String> {
+    let release = env.command(extra, argv);
+    let mut c = Command::new(failpoint_binary("JOEY_FP_JOEYCTL")?);
+    c.args(release.get_args());
+    c.env_remove("JOEY_CONFIG").env_remove("JOEY_LOG");
+    Ok(c)
+}
+
+/// `[debug]` lines setting the host `failpoints` (docs/faults.md).
+fn host_failpoints(points: &str) -> String {
+    format!("[debug]\nfailpoints = \"{points}\"\n")
+}
+
 impl Fixture {
     /// A `joeyctl` environment with `extra` config lines, in this row's scope.
     fn env(&mut self, extra: &str) -> Env {
@@ -251,6 +277,23 @@ impl Fixture {
         let bad = good.replacen(&format!("{initrd_line}\n"), &failpoint_lines(points)?, 1);
         std::fs::write(&cfg, bad).map_err(|e| e.to_string())?;
         let r = f(self);
+        std::fs::write(&cfg, good).map_err(|e| e.to_string())?;
+        r
+    }
+
+    /// Runs `f` with the host failpoints `points` in the shim's joey config; `f` gets the
+    /// failpoint shim's path for `ctr run --runtime` (containerd 1.6 takes an absolute path).
+    fn with_host_failpoints<T>(
+        &mut self,
+        points: &str,
+        f: impl FnOnce(&mut Fixture, &str) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let shim = failpoint_binary("JOEY_FP_SHIM")?.display().to_string();
+        let cfg = self.c.dir.path().join("joey.toml");
+        let good = std::fs::read_to_string(&cfg).map_err(|e| e.to_string())?;
+        std::fs::write(&cfg, format!("{good}{}", host_failpoints(points)))
+            .map_err(|e| e.to_string())?;
+        let r = f(self, &shim);
         std::fs::write(&cfg, good).map_err(|e| e.to_string())?;
         r
     }
@@ -766,6 +809,36 @@ const CLASSES: &[Class] = &[
         run: rows::containerd_restart_create,
     },
     Class {
+        name: "containerd-restart/start",
+        injection: "restart containerd while Start runs",
+        run: rows::containerd_restart_start,
+    },
+    Class {
+        name: "sharefs-mount/setup",
+        injection: "failpoint: the shared dir's bind fails",
+        run: rows::sharefs_setup_fails,
+    },
+    Class {
+        name: "sharefs-mount/share",
+        injection: "failpoint: the rootfs share's bind fails",
+        run: rows::sharefs_share_fails,
+    },
+    Class {
+        name: "network/second-interface",
+        injection: "failpoint: plumbing the 2nd interface fails",
+        run: rows::network_second_interface_fails,
+    },
+    Class {
+        name: "network/second-interface-shim",
+        injection: "the same under the shim (Create)",
+        run: rows::network_second_interface_shim,
+    },
+    Class {
+        name: "events-publish/exit",
+        injection: "failpoint: publishing TaskExit fails",
+        run: rows::events_publish_exit_fails,
+    },
+    Class {
         name: "containerd-restart/exec",
         injection: "restart containerd while Exec runs",
         run: rows::containerd_restart_exec,
@@ -896,18 +969,7 @@ mod rows {
                 return Err(format!("ctr {} {}: {}", args[0], args[1], stderr_of(&o)));
             }
         }
-        wait_for(
-            "TaskDelete",
-            Duration::from_secs(10),
-            Duration::from_millis(50),
-            || {
-                events
-                    .about(id)
-                    .iter()
-                    .any(|e| e.topic == "/tasks/delete")
-                    .then_some(())
-            },
-        )?;
+        wait_task_delete(events, id)?;
         check_events(events, id, &[], 255)?;
         Ok(format!(
             "TaskExit {status} once in {:.1}s, in order; deleted",
@@ -981,18 +1043,7 @@ mod rows {
         if o.status.code() != Some(137) {
             return Err(format!("ctr run: {:?} {}", o.status, stderr_of(&o)));
         }
-        wait_for(
-            "TaskDelete",
-            Duration::from_secs(10),
-            Duration::from_millis(50),
-            || {
-                events
-                    .about(&id)
-                    .iter()
-                    .any(|e| e.topic == "/tasks/delete")
-                    .then_some(())
-            },
-        )?;
+        wait_task_delete(&events, &id)?;
         check_events(&events, &id, &["/tasks/oom"], 137)?;
         Ok("exit 137; TaskOOM, then TaskExit 137 once, in order".into())
     }
@@ -1393,6 +1444,76 @@ mod rows {
         ))
     }
 
+    /// Regression: containerd's SIGTERM dropped the shim's Start after it had asked the
+    /// container's actor to start the process: the process ran in the guest, but nothing
+    /// pumped its output, waited for it or published its exit, so it never left RUNNING and
+    /// could not be deleted. Now Start runs to its end whatever containerd does. The agent's
+    /// CreateContainer (the init process's start) is delayed 4 s so that the restart hits it.
+    pub fn containerd_restart_start(f: &mut Fixture) -> RowResult {
+        let id = f.id("ft");
+        let r = f.with_shim_failpoints("create_container=return(delay:4000)", |f| {
+            let ctr = f.c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, &id, "sleep", "300"])
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            // Start waits in the agent's delay (which the agent logs on the console).
+            let console = f.c.dir.path().join(format!("joey-state/{id}/console.log"));
+            let starting = wait_for(
+                "the agent to delay CreateContainer",
+                RUN_TIMEOUT,
+                Duration::from_millis(20),
+                || {
+                    let log = std::fs::read_to_string(&console).unwrap_or_default();
+                    log.contains("failpoint agent::create_container: delay").then_some(())
+                },
+            );
+            f.c.restart();
+            let o = wait_output(ctr, RUN_TIMEOUT);
+            starting?;
+            let events = f.c.events();
+            let running = wait_for(
+                "the task to be RUNNING after the restart",
+                RUN_TIMEOUT,
+                Duration::from_millis(100),
+                || (f.c.task_status(&id).as_deref() == Some("RUNNING")).then_some(()),
+            );
+            running.map_err(|e| format!("{e}: it is {:?}", f.c.task_status(&id)))?;
+            let x = f.c.ctr_out_within(
+                &["task", "exec", "--exec-id", "a1", &id, "echo", "after"],
+                RUN_TIMEOUT,
+            )?;
+            if x.stdout != b"after\n" {
+                return Err(format!("exec after the restart: {:?} {}", x.status, stderr_of(&x)));
+            }
+            let k = f.c.ctr_out_within(&["task", "kill", "-s", "SIGKILL", &id], RUN_TIMEOUT)?;
+            if !k.status.success() {
+                return Err(format!("ctr task kill: {}", stderr_of(&k)));
+            }
+            let t0 = Instant::now();
+            let status = events.exit_status(&id, REPORT_BOUND).ok_or("no TaskExit after the kill")?;
+            let took = t0.elapsed();
+            delete_task(f, &id)?;
+            wait_task_delete(&events, &id)?;
+            // The init process's (the exec's exit has `"id":"a1"`).
+            let init = format!("\"id\":\"{id}\"");
+            let exits: Vec<String> = events
+                .about(&id)
+                .into_iter()
+                .filter(|e| e.topic == "/tasks/delete" || e.topic == "/tasks/exit" && e.body.contains(&init))
+                .map(|e| format!("{} {}", e.topic, e.exit_status().unwrap_or(u32::MAX)))
+                .collect();
+            if status != 137 || exits != ["/tasks/exit 137", "/tasks/delete 137"] {
+                return Err(format!("events after the kill: {exits:?}, want one TaskExit 137 then TaskDelete"));
+            }
+            Ok(format!(
+                "ctr run {}; RUNNING after the restart, exec works; TaskExit 137 once in {:.1}s; deleted",
+                if o.status.success() { "ok" } else { "failed" },
+                took.as_secs_f64()
+            ))
+        });
+        f.remove(&id);
+        r
+    }
+
     pub fn containerd_restart_exec(f: &mut Fixture) -> RowResult {
         let id = f.id("fe");
         f.run_detached(&id, &[], &["sleep", "300"])?;
@@ -1441,6 +1562,240 @@ mod rows {
         }
         f.remove(&id);
         Ok("task RUNNING after the restart, exec works, removed".into())
+    }
+
+    /// Waits (10 s) for the TaskDelete event of `id`.
+    fn wait_task_delete(events: &joey_tests::containerd::Events, id: &str) -> Result<(), String> {
+        wait_for(
+            "TaskDelete",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                events
+                    .about(id)
+                    .iter()
+                    .any(|e| e.topic == "/tasks/delete")
+                    .then_some(())
+            },
+        )
+    }
+
+    /// `ctr task delete` and `ctr container rm` of `id`: both must succeed.
+    fn delete_task(f: &Fixture, id: &str) -> Result<(), String> {
+        for args in [["task", "delete", id], ["container", "rm", id]] {
+            let d = f.c.ctr_out_within(&args, REPORT_BOUND)?;
+            if !d.status.success() {
+                return Err(format!("ctr {} {}: {}", args[0], args[1], stderr_of(&d)));
+            }
+        }
+        Ok(())
+    }
+
+    /// A finished `joeyctl run` must have exited `code`, its stderr one error line naming
+    /// `names`; returns that line.
+    fn exited_with(o: &Output, code: i32, names: &str) -> Result<String, String> {
+        let err = stderr_of(o);
+        if o.status.code() != Some(code) {
+            return Err(format!("exit {:?}, not {code}: {err}", o.status));
+        }
+        check_one_line(&err, names)?;
+        Ok(err.trim_end().to_string())
+    }
+
+    /// Mounts (from /proc/self/mountinfo) whose mountpoint is under `dir`.
+    fn mounts_under(dir: &Path) -> Vec<String> {
+        let d = format!("{}/", dir.display());
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|m| format!("{m}/").starts_with(&d))
+            })
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// ShareFs's shared dir is bind-mounted, then fails (failpoint `sharefs::setup`), before
+    /// the VM starts: `joeyctl run` reports it, and the sandbox's set-up unwinds.
+    pub fn sharefs_setup_fails(f: &mut Fixture) -> RowResult {
+        let env = f.env(&host_failpoints("sharefs::setup=return"));
+        let c = failpoint_joeyctl(&env, &[], &["true"])?;
+        let o = joeyctl_output(f, c, REPORT_BOUND)?;
+        let err = exited_with(&o, 125, "injected failure (failpoint sharefs::setup)")?;
+        Ok(format!("125: {err}"))
+    }
+
+    /// The bind of a container's rootfs into the shared dir fails (failpoint `sharefs::share`)
+    /// at Start: Start fails naming it, nothing of the container is left mounted, the task
+    /// stays CREATED and deletes; the last container's Delete stops the VM.
+    pub fn sharefs_share_fails(f: &mut Fixture) -> RowResult {
+        let id = f.id("fm");
+        f.with_host_failpoints("sharefs::share=return", |f, shim| {
+            let o = f.c.ctr_out_within(
+                &["run", "-d", "--runtime", shim, IMAGE, &id, "true"],
+                RUN_TIMEOUT,
+            )?;
+            let err = stderr_of(&o);
+            let share = f.c.dir.path().join(format!("joey-state/{id}/shared/{id}"));
+            let (mounted, status) = (mounts_under(&share), f.c.task_status(&id));
+            if o.status.success() || !err.contains("injected failure (failpoint sharefs::share)") {
+                return Err(format!("ctr run: {:?} {err}", o.status));
+            }
+            if !mounted.is_empty() || share.exists() {
+                return Err(format!(
+                    "left of the share: {} {mounted:?}",
+                    share.display()
+                ));
+            }
+            if status.as_deref() != Some("CREATED") {
+                return Err(format!("the task is {status:?}, not CREATED"));
+            }
+            delete_task(f, &id)?;
+            Ok(format!(
+                "Start fails: {}; task CREATED, share unmounted; deleted",
+                last_line(&err, 90)
+            ))
+        })
+    }
+
+    /// A pod netns with two interfaces (veths whose peers are in another netns, as CNI makes
+    /// them); plumbing the second one fails after its tap's qdisc (failpoint
+    /// `network::setup=return(1)`): `joeyctl run` reports it before any VM starts, and no tap,
+    /// qdisc or filter is left in the netns (the first interface's included).
+    pub fn network_second_interface_fails(f: &mut Fixture) -> RowResult {
+        let env = f.env(&host_failpoints("network::setup=return(1)"));
+        let (ns, host) = two_interface_pod();
+        let before = ns.links();
+        let path = ns.path().display().to_string();
+        let res = failpoint_joeyctl(&env, &["--netns", &path], &["true"])
+            .and_then(|c| joeyctl_output(f, c, REPORT_BOUND));
+        let (after, qdiscs) = (ns.links(), ns.qdiscs());
+        // The pairs go with the peers' netns: the leak check expects only `lo` in the pod's.
+        drop(host);
+        f.scope.netns.push(ns);
+        let err = exited_with(
+            &res?,
+            125,
+            "interface eth1: injected failure after step tap_qdisc",
+        )?;
+        if after != before || qdiscs.contains("ingress") {
+            return Err(format!(
+                "left in the netns: links {after:?} (before {before:?}); qdiscs {qdiscs}"
+            ));
+        }
+        Ok(format!("125, netns as before: {}", last_line(&err, 110)))
+    }
+
+    /// A pod netns (`jfnet-*`) with `eth0` and `eth1`, veths whose peers are in the second
+    /// netns returned (deleting it deletes the pairs).
+    fn two_interface_pod() -> (NetNs, NetNs) {
+        let (ns, host) = (NetNs::new("jfnet"), NetNs::new("jfnh"));
+        for i in 0..2 {
+            let eth = format!("eth{i}");
+            veth(&ns, &eth, &host, &format!("peer{i}"));
+            ns.ip(&["addr", "add", &format!("10.204.{i}.2/24"), "dev", &eth]);
+            ns.ip(&["link", "set", &eth, "up"]);
+        }
+        (ns, host)
+    }
+
+    /// The same under the shim: the first container's Create boots the sandbox in the pod
+    /// netns (`ctr run --with-ns network:<path>`); it fails naming the interface, and the
+    /// shim, with no container, is ended by containerd (Delete, Shutdown).
+    pub fn network_second_interface_shim(f: &mut Fixture) -> RowResult {
+        let id = f.id("fn");
+        let (ns, host) = two_interface_pod();
+        let before = ns.links();
+        let with_ns = format!("network:{}", ns.path().display());
+        let res = f.with_host_failpoints("network::setup=return(1)", |f, shim| {
+            let args = [
+                "run",
+                "-d",
+                "--runtime",
+                shim,
+                "--with-ns",
+                &with_ns,
+                IMAGE,
+                &id,
+                "true",
+            ];
+            f.c.ctr_out_within(&args, RUN_TIMEOUT)
+        });
+        let (after, qdiscs) = (ns.links(), ns.qdiscs());
+        drop(host);
+        f.scope.netns.push(ns);
+        let o = res?;
+        let err = stderr_of(&o);
+        let _ = f.c.ctr_out_within(&["container", "rm", &id], PROBE_BOUND);
+        if o.status.success() || !err.contains("interface eth1: injected failure after step") {
+            return Err(format!("ctr run: {:?} {err}", o.status));
+        }
+        if after != before || qdiscs.contains("ingress") {
+            return Err(format!(
+                "left in the netns: links {after:?} (before {before:?}); qdiscs {qdiscs}"
+            ));
+        }
+        Ok(format!(
+            "Create fails, netns as before: {}",
+            last_line(&err, 100)
+        ))
+    }
+
+    /// Publishing TaskExit fails (failpoint `events::publish=return(/tasks/exit)`): the event is
+    /// lost (counted, logged), but containerd still learns the exit through Wait and State: a
+    /// foreground `ctr run` exits with the task's status, and the task deletes.
+    pub fn events_publish_exit_fails(f: &mut Fixture) -> RowResult {
+        let id = f.id("fp");
+        let log_before = f.c.log().len();
+        f.with_host_failpoints("events::publish=return(/tasks/exit)", |f, shim| {
+            let events = f.c.events();
+            let o = f.c.ctr_out_within(
+                &[
+                    "run",
+                    "--rm",
+                    "--runtime",
+                    shim,
+                    IMAGE,
+                    &id,
+                    "sh",
+                    "-c",
+                    "exit 3",
+                ],
+                RUN_TIMEOUT,
+            )?;
+            if o.status.code() != Some(3) {
+                return Err(format!("ctr run: {:?}, not 3: {}", o.status, stderr_of(&o)));
+            }
+            wait_task_delete(&events, &id)?;
+            let topics: Vec<String> = events
+                .about(&id)
+                .into_iter()
+                .filter(|e| e.topic.starts_with("/tasks/"))
+                .map(|e| {
+                    format!(
+                        "{} {}",
+                        e.topic,
+                        e.exit_status().map_or(String::new(), |s| s.to_string())
+                    )
+                })
+                .collect();
+            let want = ["/tasks/create ", "/tasks/start ", "/tasks/delete 3"];
+            if topics != want {
+                return Err(format!("task events {topics:?}, want {want:?}"));
+            }
+            let log = f.c.log();
+            let failed = log
+                .get(log_before..)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("publishing event failed") && l.contains("/tasks/exit"));
+            if !failed {
+                return Err("the shim did not log the failed TaskExit".into());
+            }
+            Ok("ctr run exits 3 (Wait); no TaskExit, logged as failed; TaskDelete 3".into())
+        })
     }
 }
 

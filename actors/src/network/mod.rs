@@ -210,6 +210,38 @@ pub struct FailPoint {
     pub step: SetupStep,
 }
 
+/// Failpoint `network::setup` (the `failpoints` cargo feature, docs/faults.md), evaluated once
+/// per [`SetupNetwork`]: its return argument `<interface>[:<step>]` fails the setup of the
+/// `<interface>`-th interface (0-based, in [`NetworkInfo::interfaces`] order) right after
+/// `<step>` ([`SetupStep::name`], default `tap_qdisc`: a tap, its qdisc and the interface's
+/// qdisc exist to be undone); no argument means interface 0.
+pub const SETUP_FAILPOINT: &str = "network::setup";
+
+impl FailPoint {
+    /// The fail point a `network::setup` return argument names.
+    pub fn parse(arg: Option<&str>) -> Result<FailPoint, String> {
+        let arg = arg.unwrap_or("0");
+        let (i, step) = arg.split_once(':').unwrap_or((arg, SetupStep::TapQdisc.name()));
+        let bad = || format!("{SETUP_FAILPOINT}: invalid argument {arg:?} (expected <interface>[:<step>])");
+        Ok(FailPoint {
+            interface: i.parse().map_err(|_| bad())?,
+            step: *SetupStep::ALL.iter().find(|s| s.name() == step).ok_or_else(bad)?,
+        })
+    }
+
+    /// The fail point configured for [`SETUP_FAILPOINT`], if any (none without the
+    /// `failpoints` feature). A bad argument is logged and injects nothing.
+    fn configured() -> Option<FailPoint> {
+        #[cfg(feature = "failpoints")]
+        if let Some(arg) = fail::eval(SETUP_FAILPOINT, |arg| arg) {
+            return FailPoint::parse(arg.as_deref())
+                .inspect_err(|e| tracing::warn!(error = %e, "failpoint ignored"))
+                .ok();
+        }
+        None
+    }
+}
+
 /// Errors of the Network actor; each names the netns (and the interface and netlink operation
 /// where there is one).
 #[derive(Debug, thiserror::Error)]
@@ -275,7 +307,7 @@ pub enum NetworkError {
         source: NetError,
     },
     /// A [`FailPoint`] was reached (tests).
-    #[error("network namespace {}: interface {interface}: injected failure after {step:?}", .netns.display())]
+    #[error("network namespace {}: interface {interface}: injected failure after step {}", .netns.display(), .step.name())]
     Injected {
         netns: PathBuf,
         interface: String,
@@ -465,7 +497,7 @@ impl Handler<SetupNetwork> for NetworkActor {
         if let Err(e) = self.state.transition(NetworkState::SettingUp) {
             return ready(Err(e.into()));
         }
-        let fail = self.fail;
+        let fail = self.fail.or_else(FailPoint::configured);
         let mut res = std::mem::take(&mut self.res);
         AtomicResponse::new(Box::pin(
             async move {
@@ -854,14 +886,7 @@ mod tests {
     async fn a_failure_midway_unwinds_everything_made() {
         let (pod, _peer) = pod_fixture();
         let before = pod.snapshot();
-        for step in [
-            SetupStep::Tap,
-            SetupStep::TapUp,
-            SetupStep::InterfaceQdisc,
-            SetupStep::TapQdisc,
-            SetupStep::InterfaceFilter,
-            SetupStep::TapFilter,
-        ] {
+        for step in SetupStep::ALL {
             let actor = NetworkActor::failing_at(FailPoint { interface: 1, step }).start();
             let e = set_up(&actor, pod.path()).await.unwrap_err();
             match &e {
@@ -1170,5 +1195,20 @@ mod tests {
             assert!(neigh.contains("02:00:00:00:c8:aa"), "{dev}: {neigh}");
         }
         tear_down(&actor).await.unwrap();
+    }
+
+    #[test]
+    fn failpoint_arguments_name_an_interface_and_a_step() {
+        let at = |interface, step| Ok(FailPoint { interface, step });
+        assert_eq!(FailPoint::parse(None), at(0, SetupStep::TapQdisc));
+        assert_eq!(FailPoint::parse(Some("1")), at(1, SetupStep::TapQdisc));
+        assert_eq!(FailPoint::parse(Some("1:tap")), at(1, SetupStep::Tap));
+        for step in SetupStep::ALL {
+            assert_eq!(FailPoint::parse(Some(&format!("2:{}", step.name()))), at(2, step));
+        }
+        for bad in ["", "x", "1:", "1:tapp", "-1:tap", "1:tap:tap"] {
+            let e = FailPoint::parse(Some(bad)).unwrap_err();
+            assert!(e.contains("network::setup") && e.contains(bad), "{e}");
+        }
     }
 }

@@ -233,6 +233,30 @@ pub enum SetupStep {
     TapFilter,
 }
 
+impl SetupStep {
+    /// Every step, in order.
+    pub const ALL: [SetupStep; 6] = [
+        SetupStep::Tap,
+        SetupStep::TapUp,
+        SetupStep::InterfaceQdisc,
+        SetupStep::TapQdisc,
+        SetupStep::InterfaceFilter,
+        SetupStep::TapFilter,
+    ];
+
+    /// The step's name in a failpoint argument (`tap_qdisc`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            SetupStep::Tap => "tap",
+            SetupStep::TapUp => "tap_up",
+            SetupStep::InterfaceQdisc => "interface_qdisc",
+            SetupStep::TapQdisc => "tap_qdisc",
+            SetupStep::InterfaceFilter => "interface_filter",
+            SetupStep::TapFilter => "tap_filter",
+        }
+    }
+}
+
 /// One thing made in the netns, with what undoes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Made {

@@ -25,6 +25,10 @@ pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 pub const QUEUE_CAPACITY: usize = 1024;
 /// Deadline of one publish to containerd.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Failpoint (the `failpoints` cargo feature, docs/faults.md) of each publish to containerd:
+/// `return` fails every event, `return(<topic>)` those of one topic (`/tasks/exit`), as if
+/// containerd had refused them: counted as failed, logged, not retried.
+pub const PUBLISH_FAILPOINT: &str = "events::publish";
 /// Buckets of `joey_shim_task_rpc_duration_seconds` (Create boots a VM: seconds; Wait is long).
 const RPC_BUCKETS: &[f64] = &[0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
 
@@ -81,6 +85,18 @@ impl ShimMetrics {
     }
 }
 
+/// `Err` when [`PUBLISH_FAILPOINT`] fails events of `topic` (never without the feature).
+fn injected(topic: &str) -> Result<(), String> {
+    #[cfg(feature = "failpoints")]
+    if let Some(arg) = fail::eval(PUBLISH_FAILPOINT, |arg| arg) {
+        if arg.is_none_or(|t| t == topic) {
+            return Err(format!("failpoint {PUBLISH_FAILPOINT}"));
+        }
+    }
+    let _ = topic;
+    Ok(())
+}
+
 enum Item {
     Event(&'static str, Box<dyn MessageDyn>),
     Flush(oneshot::Sender<()>),
@@ -124,17 +140,23 @@ impl Events {
         tokio::spawn(async move {
             while let Some(item) = rx.recv().await {
                 match item {
-                    Item::Event(topic, ev) => match tokio::time::timeout(deadline, publish(topic, ev)).await {
-                        Ok(Ok(())) => m.published.with_label_values(&[topic]).inc(),
-                        Ok(Err(e)) => {
-                            m.failed.with_label_values(&[topic]).inc();
-                            tracing::warn!(topic, error = %e, "publishing event failed");
+                    Item::Event(topic, ev) => {
+                        let published = match injected(topic) {
+                            Ok(()) => tokio::time::timeout(deadline, publish(topic, ev)).await,
+                            Err(e) => Ok(Err(e)),
+                        };
+                        match published {
+                            Ok(Ok(())) => m.published.with_label_values(&[topic]).inc(),
+                            Ok(Err(e)) => {
+                                m.failed.with_label_values(&[topic]).inc();
+                                tracing::warn!(topic, error = %e, "publishing event failed");
+                            }
+                            Err(_) => {
+                                m.failed.with_label_values(&[topic]).inc();
+                                tracing::warn!(topic, ?deadline, "publishing event timed out");
+                            }
                         }
-                        Err(_) => {
-                            m.failed.with_label_values(&[topic]).inc();
-                            tracing::warn!(topic, ?deadline, "publishing event timed out");
-                        }
-                    },
+                    }
                     Item::Flush(done) => {
                         let _ = done.send(());
                     }
@@ -228,15 +250,20 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), ev.flush()).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn events_are_published_in_order() {
-        let m = ShimMetrics::new().unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+    /// A publisher (queue of 8) whose events arrive on the returned channel.
+    fn recording(m: &ShimMetrics) -> (Events, mpsc::UnboundedReceiver<&'static str>) {
+        let (tx, rx) = mpsc::unbounded_channel();
         let publish = move |topic: &'static str, _: Box<dyn MessageDyn>| -> PublishFuture {
             let _ = tx.send(topic);
             Box::pin(async { Ok(()) })
         };
-        let ev = Events::start_with(publish, m.clone(), 8, Duration::from_secs(1));
+        (Events::start_with(publish, m.clone(), 8, Duration::from_secs(1)), rx)
+    }
+
+    #[tokio::test]
+    async fn events_are_published_in_order() {
+        let m = ShimMetrics::new().unwrap();
+        let (ev, mut rx) = recording(&m);
         for t in ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"] {
             ev.publish(t, Box::new(containerd_shim::protos::events::task::TaskOOM::default()));
         }
@@ -247,5 +274,27 @@ mod tests {
         }
         assert_eq!(got, ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]);
         assert_eq!(m.published.with_label_values(&["/tasks/exit"]).get(), 1);
+    }
+
+    /// `return(<topic>)` fails the events of that topic only (a topic of this test's own, so
+    /// the other tests may publish meanwhile): counted as failed, the next event goes out.
+    #[cfg(feature = "failpoints")]
+    #[tokio::test]
+    async fn a_publish_failpoint_fails_its_topic_only() {
+        let m = ShimMetrics::new().unwrap();
+        let (ev, mut rx) = recording(&m);
+        fail::cfg(PUBLISH_FAILPOINT, "return(/joey-test/failing)").unwrap();
+        for t in ["/joey-test/failing", "/joey-test/other"] {
+            ev.publish(t, Box::new(containerd_shim::protos::events::task::TaskOOM::default()));
+        }
+        ev.flush().await;
+        fail::cfg(PUBLISH_FAILPOINT, "off").unwrap();
+        let mut got = Vec::new();
+        while let Ok(t) = rx.try_recv() {
+            got.push(t);
+        }
+        assert_eq!(got, ["/joey-test/other"]);
+        assert_eq!(m.failed.with_label_values(&["/joey-test/failing"]).get(), 1);
+        assert_eq!(m.published.with_label_values(&["/joey-test/other"]).get(), 1);
     }
 }

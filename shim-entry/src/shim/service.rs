@@ -259,10 +259,12 @@ impl Inner {
     }
 }
 
-/// Runs a Create or Delete to its end even when containerd drops the request (its connection
-/// closed: containerd restarted meanwhile). Half a Create — the VM booted, no container recorded —
-/// or half a Delete would leave a VM that nothing owns and a shim that never exits; a finished
-/// one is a task the restarted containerd lists, and can delete.
+/// Runs a Create, Start or Delete to its end even when containerd drops the request (its
+/// connection closed: containerd restarted meanwhile). Half a Create — the VM booted, no
+/// container recorded — or half a Delete would leave a VM that nothing owns and a shim that
+/// never exits; half a Start — the process started in the guest, no output pump, no exit
+/// monitor — a task that never leaves RUNNING and cannot be deleted. A finished one is a task
+/// the restarted containerd lists, and can delete.
 async fn to_completion<T: Send + 'static>(
     f: impl std::future::Future<Output = Result<T, TaskError>> + Send + 'static,
 ) -> Result<T, TaskError> {
@@ -291,7 +293,8 @@ impl Task for JoeyTask {
 
     async fn start(&self, _: &TtrpcContext, req: api::StartRequest) -> ttrpc::Result<api::StartResponse> {
         let _t = self.inner.metrics.time("Start");
-        reply(self.inner.start(req).await, "Start")
+        let inner = self.inner.clone();
+        reply(to_completion(async move { inner.start(req).await }).await, "Start")
     }
 
     async fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<api::Empty> {
