@@ -23,7 +23,11 @@ cargo fuzz build "${flags[@]}"
 echo "joey fuzz: build $(( $(date +%s) - t0 ))s"
 targets=${FUZZ_TARGETS:-$(cargo fuzz list)}
 log=$(mktemp /tmp/joey-fuzz.XXXXXX)
-trap 'rm -f "$log"' EXIT
+# The targets' temporary directories (disk images, sockets, a shared tree) live as long as the
+# fuzzing process, which exits without dropping them: they go in one directory removed here.
+TMPDIR=$(mktemp -d /tmp/joey-fuzz-tmp.XXXXXX)
+export TMPDIR
+trap 'rm -f "$log"; rm -rf "$TMPDIR"' EXIT
 for t in $targets; do
   mkdir -p "corpus/$t"
   s0=$(date +%s)

@@ -64,10 +64,7 @@ pub fn setup(cfg: &DebugConfig) -> Result<usize, FailpointsError> {
 
 /// Whether a panic's message is the `fail` crate's `panic` action (`failpoint <name> panic`).
 pub fn is_injected_panic(message: &str) -> bool {
-    message
-        .strip_prefix("failpoint ")
-        .and_then(|m| m.strip_suffix(" panic"))
-        .is_some_and(is_known)
+    joey_vmm_core::failpoints::panicked_failpoint(message).is_some_and(is_known)
 }
 
 #[cfg(feature = "failpoints")]
@@ -132,8 +129,8 @@ mod tests {
     #[test]
     fn injected_panics_are_told_apart() {
         assert!(is_injected_panic("failpoint vmm::vcpu_run panic"));
+        assert!(is_injected_panic("failpoint sharefs::share panic"));
         assert!(!is_injected_panic("failpoint nosuch::point panic"));
-        assert!(!is_injected_panic("index out of bounds"));
     }
 
     #[cfg(not(feature = "failpoints"))]

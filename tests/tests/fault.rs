@@ -1804,24 +1804,9 @@ mod rows {
 mod host_rows {
     use super::*;
 
-    /// The failpoint joeyctl.
-    fn fp_joeyctl() -> Result<PathBuf, String> {
-        let p = PathBuf::from(std::env::var_os("JOEY_FP_JOEYCTL").ok_or(
-            "JOEY_FP_JOEYCTL is not set: scripts/fault.sh builds the failpoint joeyctl",
-        )?);
-        if !p.is_file() {
-            return Err(format!("JOEY_FP_JOEYCTL={} does not exist", p.display()));
-        }
-        Ok(p)
-    }
-
-    fn debug_lines(points: &str) -> String {
-        format!("[debug]\nfailpoints = \"{points}\"\n")
-    }
-
     /// `<failpoint joeyctl> run --config <env's> -- argv...`, output piped, stdin closed.
     fn fp_run(env: &Env, argv: &[&str]) -> Result<Child, String> {
-        let mut c = Command::new(fp_joeyctl()?);
+        let mut c = Command::new(failpoint_binary("JOEY_FP_JOEYCTL")?);
         c.arg("run").arg("--config").arg(&env.config).arg("--").args(argv);
         c.env_remove("JOEY_CONFIG").env_remove("JOEY_LOG");
         c.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
@@ -1853,7 +1838,7 @@ mod host_rows {
     fn vsock_fault(f: &mut Fixture, points: &str) -> RowResult {
         let extra = format!(
             "[agent]\nrpc_timeout_ms = 3000\nready_timeout_ms = 5000\n{}",
-            debug_lines(points)
+            host_failpoints(points)
         );
         let env = f.env(&extra);
         let mut child = fp_run(&env, &["sh", "-c", "sleep 1; echo ok"])?;
@@ -1885,9 +1870,9 @@ mod host_rows {
         std::fs::create_dir_all(rootfs.join("bin")).map_err(|e| e.to_string())?;
         let env = f.env(&format!(
             "[agent]\nrpc_timeout_ms = 3000\n{}",
-            debug_lines(points)
+            host_failpoints(points)
         ));
-        let mut c = Command::new(fp_joeyctl()?);
+        let mut c = Command::new(failpoint_binary("JOEY_FP_JOEYCTL")?);
         c.arg("run").arg("--config").arg(&env.config);
         c.arg("--rootfs").arg(&rootfs).args(["--", "/bin/true"]);
         c.env_remove("JOEY_CONFIG").env_remove("JOEY_LOG");
@@ -1917,9 +1902,9 @@ mod host_rows {
     /// `joeyctl boot` (built-in VMM, the probe spinning) with `points`: exit 125 within `bound`,
     /// one stderr line containing `names`.
     fn boot_fault(f: &mut Fixture, points: &str, timeout_s: u64, bound: Duration, names: &str) -> RowResult {
-        let env = f.env(&debug_lines(points));
+        let env = f.env(&host_failpoints(points));
         let k = probe_elf()?;
-        let mut c = Command::new(fp_joeyctl()?);
+        let mut c = Command::new(failpoint_binary("JOEY_FP_JOEYCTL")?);
         c.arg("boot").arg("--config").arg(&env.config).arg("--kernel").arg(&k);
         c.args(["--memory-mib", "64", "--timeout-s", &timeout_s.to_string()]);
         c.args(["--cmdline", "probe.mem_mib=64 probe.cpus=1 probe.spin=1"]);

@@ -74,10 +74,15 @@ pub fn fired(name: &str) -> Option<String> {
 /// Whether a panic's message is the `fail` crate's `panic` action on one of [`NAMES`]
 /// (`failpoint <name> panic`): an expected panic, logged as a warning.
 pub fn is_injected_panic(message: &str) -> bool {
+    panicked_failpoint(message).is_some_and(|n| NAMES.iter().any(|(name, _)| *name == n))
+}
+
+/// The failpoint a panic's message names, if it is the `fail` crate's `panic` action
+/// (`failpoint <name> panic`), whatever crate the point is in.
+pub fn panicked_failpoint(message: &str) -> Option<&str> {
     message
         .strip_prefix("failpoint ")
         .and_then(|m| m.strip_suffix(" panic"))
-        .is_some_and(|n| NAMES.iter().any(|(name, _)| *name == n))
 }
 
 /// Whether this build has failpoints.

@@ -648,6 +648,9 @@ mod tests {
 
     /// Runs the ignored test `name` of this binary in a child process.
     fn run_child(name: &str) -> std::process::Output {
+        // The child dies of SIGSYS before its temporary directories are dropped: they go in
+        // this one, which is.
+        let tmp = tempfile::tempdir().unwrap();
         std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--ignored",
@@ -657,6 +660,7 @@ mod tests {
                 "--test-threads=1",
             ])
             .env(CHILD_ENV, "1")
+            .env("TMPDIR", tmp.path())
             .output()
             .unwrap()
     }
