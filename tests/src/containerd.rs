@@ -149,6 +149,19 @@ impl Containerd {
         wait_output(child, RUN_TIMEOUT)
     }
 
+    /// Asserts that the ctr run `o` (`what`) succeeded; else fails with its exit code, output
+    /// and containerd's log.
+    pub fn assert_ok(&self, o: &Output, what: &str) {
+        assert!(
+            o.status.success(),
+            "{what}: exit {:?}\nstdout: {}\nstderr: {}\ncontainerd log:\n{}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout),
+            stderr_of(o),
+            self.log()
+        );
+    }
+
     pub fn import_busybox(&self) {
         let tar = self.dir.path().join("busybox.tar");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-busybox-image.sh");

@@ -284,12 +284,7 @@ fn start_sandbox(id: &str) -> (Containerd, i32) {
     let c = Containerd::start();
     c.import_busybox();
     let o = c.ctr_out(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "300"]);
-    assert!(
-        o.status.success(),
-        "ctr run -d: {}\ncontainerd log:\n{}",
-        stderr_of(&o),
-        c.log()
-    );
+    c.assert_ok(&o, "ctr run -d");
     c.wait_task_status(id, "RUNNING", Duration::from_secs(60));
     let shims = c.shim_pids("containerd-shim-joey-v2", id);
     assert_eq!(shims.len(), 1, "{shims:?}");
@@ -320,13 +315,7 @@ fn shim_and_its_qemu_run_under_seccomp() {
         &["task", "delete", "s1"][..],
         &["container", "rm", "s1"][..],
     ] {
-        let o = c.ctr_out(args);
-        assert!(
-            o.status.success(),
-            "ctr {args:?}: {}\ncontainerd log:\n{}",
-            stderr_of(&o),
-            c.log()
-        );
+        c.assert_ok(&c.ctr_out(args), &format!("ctr {args:?}"));
     }
     c.assert_clean(&["s1"]);
     assert_cgroup_removed("s1");
@@ -358,13 +347,7 @@ fn a_killed_shims_sandbox_cgroup_is_removed_by_delete() {
         stderr_of(&o),
         c.log()
     );
-    let o = c.ctr_out(&["container", "rm", "k1"]);
-    assert!(
-        o.status.success(),
-        "ctr container rm: {}\ncontainerd log:\n{}",
-        stderr_of(&o),
-        c.log()
-    );
+    c.assert_ok(&c.ctr_out(&["container", "rm", "k1"]), "ctr container rm");
     c.assert_clean(&["k1"]);
     assert_cgroup_removed("k1");
 }

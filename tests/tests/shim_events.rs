@@ -57,15 +57,9 @@ impl Drop for OnPanic<'_> {
     }
 }
 
+/// [`Containerd::assert_ok`], in this file's argument order.
 fn ok(o: &Output, what: &str, c: &Containerd) {
-    assert!(
-        o.status.success(),
-        "{what}: exit {:?}\nstdout: {}\nstderr: {}\ncontainerd log:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        stderr_of(o),
-        c.log()
-    );
+    c.assert_ok(o, what);
 }
 
 /// The string value of JSON field `name` in a `ctr events` body (`"name":"value"`), if present.

@@ -89,15 +89,9 @@ fn wait_status(c: &Containerd, id: &str, want: &str) {
     }
 }
 
+/// [`Containerd::assert_ok`], in this file's argument order.
 fn ok(o: &Output, what: &str, c: &Containerd) {
-    assert!(
-        o.status.success(),
-        "{what}: exit {:?}\nstdout: {}\nstderr: {}\ncontainerd log:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        stderr_of(o),
-        c.log()
-    );
+    c.assert_ok(o, what);
 }
 
 /// `ctr run -d` of `argv` as task `id` with extra flags; waits until it runs.
