@@ -94,6 +94,8 @@ printf 'L1_PROBE=%q\n' "$probe" > "$io/env"
     esac
     printf 'export %s=%q\n' "$v" "${!v}"
   done < <(compgen -e)
+  # Tests can tell they run in L1 (tests/src/lib.rs: in_nested_host).
+  echo 'export JOEY_NESTED_L1=1'
   printf 'cd -- %q || exit 125\n' "$PWD"
 } > "$io/env.sh"
 if [ "$interactive" = 0 ]; then

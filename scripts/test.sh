@@ -8,11 +8,14 @@ CARGO=${CARGO:-cargo}
 log=$(mktemp /tmp/joey-test.XXXXXX)
 trap 'rm -f "$log"' EXIT
 status=0
+times=()
 step() {
   echo "+ $*"
+  local t0=$SECONDS
   "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || status=$rc
+  times+=("$(printf '%5d s  exit %-3s %s' $((SECONDS - t0)) "$rc" "$*")")
 }
 step "$CARGO" test --release --no-fail-fast --workspace --exclude joey-tests
 step "$CARGO" test --release --no-fail-fast -p joey-tests -- --test-threads=2 --skip fault_matrix
@@ -29,6 +32,8 @@ passed=$(sum passed)
 failed=$(sum failed)
 ignored=$(sum ignored)
 echo
+echo "test steps (wall time, exit status):"
+printf '  %s\n' "${times[@]}"
 echo "tests: $passed passed, $failed failed, $ignored skipped"
 if [ "$status" = 0 ] && [ "$failed" != 0 ]; then status=1; fi
 exit "$status"

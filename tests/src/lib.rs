@@ -120,13 +120,8 @@ pub fn run_builtin_suite(scenarios: &[Scenario]) {
     match builtin_host_support() {
         Ok(why) => {
             eprintln!("builtin suite: running ({why})");
-            let mut failed = Vec::new();
-            for (name, f) in scenarios {
-                eprintln!("builtin suite: {name}");
-                if std::panic::catch_unwind(|| f(Backend::Builtin)).is_err() {
-                    failed.push(*name);
-                }
-            }
+            let retries = if in_nested_host() { NESTED_TRIPLE_FAULT_RETRIES } else { 0 };
+            let failed = run_scenarios(scenarios, Backend::Builtin, retries, &l2_triple_faults);
             assert!(failed.is_empty(), "builtin suite: failed scenarios: {failed:?}");
         }
         Err(reason) => {
@@ -142,6 +137,62 @@ pub fn run_builtin_suite(scenarios: &[Scenario]) {
             assert!(o.stdout.is_empty());
         }
     }
+}
+
+/// How many scenarios of one built-in suite run may be run again because their guest triple
+/// faulted, in the nested test host only. There, an L2 guest (under L1's kvm_amd, itself under
+/// QEMU-TCG's emulated SVM) now and then triple faults early in its boot (3 in 275 runs
+/// measured, 2 of them in one L1 boot); AMD's KVM re-initialises the vCPU on that exit, so no
+/// register state survives to tell why. The retry is printed; a second fault in one suite run
+/// fails it. docs/testing.md, "Known flake".
+pub const NESTED_TRIPLE_FAULT_RETRIES: usize = 1;
+
+/// Whether this process runs in the nested test host's L1 (scripts/nested-host.sh exports
+/// `JOEY_NESTED_L1=1` there).
+pub fn in_nested_host() -> bool {
+    std::env::var_os("JOEY_NESTED_L1").is_some_and(|v| v == "1")
+}
+
+static L2_TRIPLE_FAULTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many joeyctl runs of this process so far reported that their VM stopped on a triple
+/// fault (counted by [`wait_output`]).
+pub fn l2_triple_faults() -> usize {
+    L2_TRIPLE_FAULTS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Runs every scenario on `backend` (each under `catch_unwind`, printing its name first) and
+/// returns the names of those that failed. A failed scenario runs once more when `faults()`
+/// grew while it ran (one of its guests triple faulted) and fewer than `retries` have been
+/// used in this call; the retry is printed. See [`NESTED_TRIPLE_FAULT_RETRIES`].
+pub fn run_scenarios(
+    scenarios: &[Scenario],
+    backend: Backend,
+    retries: usize,
+    faults: &dyn Fn() -> usize,
+) -> Vec<&'static str> {
+    let mut failed = Vec::new();
+    let mut retries_left = retries;
+    for (name, f) in scenarios {
+        eprintln!("builtin suite: {name}");
+        loop {
+            let before = faults();
+            if std::panic::catch_unwind(|| f(backend)).is_ok() {
+                break;
+            }
+            if retries_left > 0 && faults() > before {
+                retries_left -= 1;
+                eprintln!(
+                    "builtin suite: {name}: RETRY: its guest triple-faulted in the nested test host \
+                     (docs/testing.md, \"Known flake\"); running the scenario once more"
+                );
+                continue;
+            }
+            failed.push(*name);
+            break;
+        }
+    }
+    failed
 }
 
 /// One isolated test environment: its own config file and state directory.
@@ -308,11 +359,15 @@ pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Output {
+    let out = Output {
         status,
         stdout: t_out.join().unwrap(),
         stderr: t_err.join().unwrap(),
+    };
+    if String::from_utf8_lossy(&out.stderr).contains("triple fault) unexpectedly") {
+        L2_TRIPLE_FAULTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
+    out
 }
 
 /// Polls `probe` every `every` until it yields a value or `timeout` has passed; past the
@@ -383,4 +438,63 @@ pub fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
             None
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    // Scenario bodies are plain fns: they count calls and "faults" in statics of their own.
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    static FAULTS: AtomicUsize = AtomicUsize::new(0);
+
+    fn ok(_: Backend) {
+        CALLS.fetch_add(1, Ordering::SeqCst);
+    }
+    /// Triple faults on its first run only, then passes.
+    fn faults_once(_: Backend) {
+        if CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
+            FAULTS.fetch_add(1, Ordering::SeqCst);
+            panic!("the VM stopped (vCPU 0 triple fault) unexpectedly");
+        }
+    }
+    /// Fails without a triple fault.
+    fn plain_failure(_: Backend) {
+        CALLS.fetch_add(1, Ordering::SeqCst);
+        panic!("wrong stdout");
+    }
+    /// Triple faults every time.
+    fn always_faults(_: Backend) {
+        CALLS.fetch_add(1, Ordering::SeqCst);
+        FAULTS.fetch_add(1, Ordering::SeqCst);
+        panic!("triple fault");
+    }
+
+    fn faults() -> usize {
+        FAULTS.load(Ordering::SeqCst)
+    }
+
+    /// One test, as the statics are shared: each case resets them.
+    #[test]
+    fn only_a_triple_fault_is_retried_and_only_as_often_as_allowed() {
+        let case = |scenarios: &[Scenario], retries: usize| {
+            CALLS.store(0, Ordering::SeqCst);
+            FAULTS.store(0, Ordering::SeqCst);
+            let failed = run_scenarios(scenarios, Backend::Builtin, retries, &faults);
+            (failed, CALLS.load(Ordering::SeqCst))
+        };
+        assert_eq!(case(&[("ok", ok)], 1), (vec![], 1));
+        // A triple fault, retried: passes on the second run.
+        assert_eq!(case(&[("faults_once", faults_once)], 1), (vec![], 2));
+        // No retries allowed (not in the nested host): the fault fails the scenario.
+        assert_eq!(case(&[("faults_once", faults_once)], 0), (vec!["faults_once"], 1));
+        // Any other failure is never retried.
+        assert_eq!(case(&[("plain_failure", plain_failure)], 1), (vec!["plain_failure"], 1));
+        // A second fault in the same suite run fails.
+        assert_eq!(
+            case(&[("a", always_faults), ("b", ok), ("c", always_faults)], 1),
+            (vec!["a", "c"], 4)
+        );
+    }
 }

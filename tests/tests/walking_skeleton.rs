@@ -69,8 +69,8 @@ mod scenario {
         let o = env.run(&["sh", "-c", "cat; echo EOF-SEEN"], Some(input));
         let mut want = input.to_vec();
         want.extend_from_slice(b"EOF-SEEN\n");
-        assert_eq!(o.stdout, want);
         assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr_of(&o));
+        assert_eq!(o.stdout, want, "stderr: {}", stderr_of(&o));
     }
 
     pub fn one_mib_of_binary_output_arrives_intact(b: Backend) {
