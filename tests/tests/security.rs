@@ -116,7 +116,8 @@ fn joey_qemu_ids() -> (u32, u32) {
 }
 
 /// QEMU runs jailed (docs/security.md, `security.qemu_jail`): as joey-qemu with no capabilities,
-/// no supplementary groups and no_new_privs, in a mount namespace of its own in which its state
+/// no supplementary groups and no_new_privs, in mount, network (a loopback device only), IPC
+/// and UTS namespaces of its own; in its mount namespace its state
 /// directory holds only its vhost-user sockets, the runtime's state dir only its own sandbox,
 /// and /root, /home, /proc, /var/lib, /etc/shadow are absent; the kernel it boots is there. No
 /// jail mount shows on the host.
@@ -138,8 +139,14 @@ fn assert_qemu_jailed(pid: i32, cmdline: &str) {
         assert_eq!(field(caps), "0000000000000000", "{caps} {status}");
     }
     assert_eq!(field("NoNewPrivs:"), "1", "{status}");
-    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).expect("ns/mnt");
-    assert_ne!(ns(&pid.to_string()), ns("self"), "QEMU shares the host's mount namespace");
+    let ns = |p: &str, n: &str| std::fs::read_link(format!("/proc/{p}/ns/{n}")).expect("ns");
+    for n in ["mnt", "net", "ipc", "uts"] {
+        assert_ne!(ns(&pid.to_string(), n), ns("self", n), "QEMU shares the host's {n} namespace");
+    }
+    // No network but its own loopback device.
+    let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).expect("net/dev");
+    let devs: Vec<&str> = dev.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+    assert_eq!(devs, ["lo"], "QEMU's network devices");
 
     let sock = cmdline
         .split([',', ' '])
@@ -451,8 +458,10 @@ fn the_jail_can_be_turned_off_and_a_missing_user_is_named() {
     assert_eq!(qemu.len(), 1, "{qemu:?}");
     let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).expect("status");
     assert!(status.contains("\nUid:\t0\t0\t0\t0\n"), "{status}");
-    let ns = |p: String| std::fs::read_link(format!("/proc/{p}/ns/mnt")).expect("ns/mnt");
-    assert_eq!(ns(qemu[0].to_string()), ns("self".into()));
+    let ns = |p: String, n: &str| std::fs::read_link(format!("/proc/{p}/ns/{n}")).expect("ns");
+    for n in ["mnt", "net"] {
+        assert_eq!(ns(qemu[0].to_string(), n), ns("self".into(), n), "{n}");
+    }
     // SAFETY: SIGINT to our own child: joeyctl tears the VM down.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let o = wait_output(child, Duration::from_secs(60));

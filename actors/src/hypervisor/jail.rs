@@ -1,5 +1,6 @@
-//! QEMU's jail (`security.qemu_jail`, docs/security.md): between fork and exec the child enters a
-//! mount namespace of its own whose root is a small tmpfs holding only what QEMU needs (`/usr`
+//! QEMU's jail (`security.qemu_jail`, docs/security.md): between fork and exec the child enters
+//! namespaces of its own (mount, an empty network, IPC, UTS); the mount namespace's root is a
+//! small tmpfs holding only what QEMU needs (`/usr`
 //! and the `/lib*`, `/bin`, `/sbin` links, `/etc/ld.so.cache`, the kernel and initrd read-only,
 //! its vhost-user sockets, `/dev/null`, `/dev/urandom`, `/dev/kvm` under KVM), pivots into it,
 //! drops every capability (bounding set included) and becomes `security.qemu_user` with no
@@ -33,6 +34,10 @@ const LD_SO_CACHE: &str = "/etc/ld.so.cache";
 const DEVICES: [&str; 2] = ["/dev/null", "/dev/urandom"];
 /// The KVM device (under KVM only).
 pub const KVM_DEVICE: &str = "/dev/kvm";
+/// The namespaces QEMU gets of its own: mounts (its jail), and an empty network (it needs none:
+/// every device it has is a vhost-user unix socket at a path, or an fd it is handed), System V
+/// IPC / POSIX message queue and UTS namespace.
+const NAMESPACES: libc::c_int = libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
 /// The lowest fd number of the fds a child is handed ([`high_fd`]), above those it is given.
 pub const HIGH_FD: i32 = 10;
 
@@ -194,7 +199,7 @@ impl Step {
     fn name(self) -> &'static str {
         match self {
             Step::JoinCgroup => "join the sandbox cgroup",
-            Step::Unshare => "unshare(CLONE_NEWNS)",
+            Step::Unshare => "unshare(CLONE_NEWNS|CLONE_NEWNET|CLONE_NEWIPC|CLONE_NEWUTS)",
             Step::MakePrivate => "make the mounts private",
             Step::MountRoot => "mount the root tmpfs",
             Step::Op => "prepare the root",
@@ -618,9 +623,8 @@ impl Jail {
     pub fn enter_in_child(&self, report: &StepReport) -> io::Result<()> {
         let null = std::ptr::null::<libc::c_char>();
         let fail = |step: Step, i: usize| move |e: io::Error| report.fail(step, i, e);
-        // SAFETY: unshare(2) of the calling (single-threaded, forked) process's mount namespace.
-        check(unsafe { libc::unshare(libc::CLONE_NEWNS) }.into())
-            .map_err(fail(Step::Unshare, 0))?;
+        // SAFETY: unshare(2) of the calling (single-threaded, forked) process's namespaces.
+        check(unsafe { libc::unshare(NAMESPACES) }.into()).map_err(fail(Step::Unshare, 0))?;
         // SAFETY: mount(2) with static strings: nothing mounted below propagates to the host.
         unsafe {
             mount(
@@ -928,8 +932,19 @@ mod tests {
         unsafe { cmd.pre_exec(move || j.enter_in_child(&r)) };
         let mut child = cmd.spawn().unwrap();
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-        let mine = std::fs::read_link("/proc/self/ns/mnt").unwrap();
-        let its = std::fs::read_link(format!("/proc/{}/ns/mnt", child.id())).unwrap();
+        let ns = |pid: &str, ns: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let pid = child.id().to_string();
+        let shared: Vec<_> = ["mnt", "net", "ipc", "uts"]
+            .into_iter()
+            .filter(|n| ns("self", n) == ns(&pid, n))
+            .collect();
+        // Its network namespace has a loopback device and nothing else.
+        let netdevs: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
+            .unwrap()
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next().map(|n| n.trim().to_string()))
+            .collect();
         let sees_state =
             Path::new(&format!("/proc/{}/root{}", child.id(), d.path().display())).exists();
         child.kill().unwrap();
@@ -947,10 +962,11 @@ mod tests {
                 .map(str::trim);
             assert_eq!(got, Some(want), "{field} in {status}");
         }
-        assert_ne!(
-            mine, its,
-            "the jailed process shares the host's mount namespace"
+        assert!(
+            shared.is_empty(),
+            "the jailed process shares the host's namespaces {shared:?}"
         );
+        assert_eq!(netdevs, ["lo"]);
         assert!(!sees_state, "the jail shows the state dir");
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(
