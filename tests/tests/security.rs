@@ -89,8 +89,9 @@ fn assert_runtime_confined(pid: i32, what: &str) {
     );
 }
 
-/// QEMU: every thread filtered, by the runtime's filter, the io_uring refusal and its own
-/// `-sandbox` (three or more filters), and started with `-sandbox`.
+/// QEMU: every thread filtered, by the runtime's filter, the io_uring refusal, the signal
+/// filter (signals to itself only) and its own `-sandbox` (four or more filters), and started
+/// with `-sandbox`.
 fn assert_qemu_confined(pid: i32, cmdline: &str) {
     assert!(
         cmdline.contains(QEMU_SANDBOX),
@@ -99,7 +100,7 @@ fn assert_qemu_confined(pid: i32, cmdline: &str) {
     let ts = tasks(pid);
     assert!(!ts.is_empty());
     assert!(
-        ts.iter().all(|t| t.mode == 2 && t.filters >= 3),
+        ts.iter().all(|t| t.mode == 2 && t.filters >= 4),
         "QEMU threads: {ts:?}"
     );
 }

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
 
@@ -131,7 +131,7 @@ pub enum SeccompError {
         class: ThreadClass,
         source: seccompiler::Error,
     },
-    #[error("compile QEMU's io_uring filter: {0}")]
+    #[error("compile QEMU's child filters: {0}")]
     CompileQemu(seccompiler::BackendError),
     #[error("seccomp filters are already installed in this process")]
     AlreadyInitialized,
@@ -240,26 +240,91 @@ const QEMU_REFUSED: &[i64] = &[
     libc::SYS_io_uring_register,
 ];
 
-/// The extra filter a QEMU process installs between fork and exec, where [`init`] ran (`None`
+/// The calls that send a signal to (or get a handle on) a process by pid which QEMU may only
+/// aim at itself: `kill(pid, ..)`, `tgkill(tgid, ..)`, `pidfd_open(pid, ..)` (then
+/// `pidfd_send_signal`). Every sandbox's QEMU runs as the same user, which could otherwise
+/// signal the others. (`tkill`, `rt_sigqueueinfo` and `rt_tgsigqueueinfo` are outside the
+/// runtime's allowlist, which QEMU inherits.)
+const QEMU_SIGNALS_SELF_ONLY: &[i64] = &[libc::SYS_kill, libc::SYS_tgkill, libc::SYS_pidfd_open];
+
+/// Stands for QEMU's own pid in its signal filter until the child, which knows its pid,
+/// replaces it ([`QemuChildFilter::apply_in_child`]). No pid is this large (`pid_max` is at
+/// most 2^22), and no other immediate of the program has this value (unit-tested).
+const OWN_PID_PLACEHOLDER: u32 = 0x7a5e_1f1d;
+
+/// The longest signal filter [`QemuChildFilter::apply_in_child`] can patch (on its stack).
+const SIGNAL_FILTER_MAX: usize = 64;
+
+/// The extra filters a QEMU process installs between fork and exec (see [`qemu_child_filter`]).
+#[derive(Debug)]
+pub struct QemuChildFilter {
+    /// io_uring refused with `ENOSYS`.
+    io_uring: BpfProgram,
+    /// Signals to any process but itself refused with `EPERM`; its pid is
+    /// [`OWN_PID_PLACEHOLDER`] until the child patches it.
+    signals: BpfProgram,
+}
+
+/// The extra filters a QEMU process installs between fork and exec, where [`init`] ran (`None`
 /// otherwise): io_uring fails with `ENOSYS`, so QEMU falls back to ppoll and none of its I/O
-/// goes through io_uring, whose operations no seccomp filter sees.
-pub fn qemu_child_filter() -> Result<Option<BpfProgram>, SeccompError> {
+/// goes through io_uring, whose operations no seccomp filter sees; and a signal (or pidfd) aimed
+/// at any process but QEMU itself fails with `EPERM`.
+pub fn qemu_child_filter() -> Result<Option<QemuChildFilter>, SeccompError> {
     if !enabled() {
         return Ok(None);
     }
-    let rules = QEMU_REFUSED.iter().map(|&nr| (nr, Vec::new())).collect();
-    let errno = SeccompAction::Errno(libc::ENOSYS as u32);
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, errno, TargetArch::x86_64)
-        .map_err(SeccompError::CompileQemu)?;
-    filter
-        .try_into()
-        .map(Some)
-        .map_err(SeccompError::CompileQemu)
+    compile_qemu_child_filter().map(Some)
+}
+
+/// Compiles [`QemuChildFilter`] (whether or not [`init`] ran).
+fn compile_qemu_child_filter() -> Result<QemuChildFilter, SeccompError> {
+    let compile = |rules, errno: i32| -> Result<BpfProgram, SeccompError> {
+        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(errno as u32), TargetArch::x86_64)
+            .and_then(|f| f.try_into())
+            .map_err(SeccompError::CompileQemu)
+    };
+    let io_uring = compile(QEMU_REFUSED.iter().map(|&nr| (nr, Vec::new())).collect(), libc::ENOSYS)?;
+    let not_self = || -> Result<Vec<SeccompRule>, SeccompError> {
+        // The pid argument (a 32-bit pid_t) differs from QEMU's own pid.
+        let c = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, u64::from(OWN_PID_PLACEHOLDER))
+            .map_err(SeccompError::CompileQemu)?;
+        Ok(vec![SeccompRule::new(vec![c]).map_err(SeccompError::CompileQemu)?])
+    };
+    let mut rules = BTreeMap::new();
+    for &nr in QEMU_SIGNALS_SELF_ONLY {
+        rules.insert(nr, not_self()?);
+    }
+    let signals = compile(rules, libc::EPERM)?;
+    Ok(QemuChildFilter { io_uring, signals })
+}
+
+impl QemuChildFilter {
+    /// Installs both filters on the calling process; for a forked child before exec (QEMU keeps
+    /// the child's pid through exec): the signal filter is copied onto the stack and given this
+    /// process's pid there. Nothing is allocated.
+    pub fn apply_in_child(&self) -> std::io::Result<()> {
+        apply_in_child(&self.io_uring)?;
+        const NOP: sock_filter = sock_filter { code: 0, jt: 0, jf: 0, k: 0 };
+        let n = self.signals.len();
+        if n > SIGNAL_FILTER_MAX {
+            return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
+        }
+        let mut prog = [NOP; SIGNAL_FILTER_MAX];
+        // SAFETY: getpid(2) has no preconditions.
+        let pid = unsafe { libc::getpid() } as u32;
+        for (dst, src) in prog.iter_mut().zip(&self.signals) {
+            *dst = src.clone();
+            if dst.k == OWN_PID_PLACEHOLDER {
+                dst.k = pid;
+            }
+        }
+        apply_in_child(&prog[..n])
+    }
 }
 
 /// Installs a compiled filter on the calling thread; for a forked child before exec: it only
 /// makes two system calls and does not allocate.
-pub fn apply_in_child(filter: &BpfProgram) -> std::io::Result<()> {
+pub fn apply_in_child(filter: &[sock_filter]) -> std::io::Result<()> {
     match seccompiler::apply_filter(filter) {
         Ok(()) => Ok(()),
         Err(seccompiler::Error::Prctl(e)) | Err(seccompiler::Error::Seccomp(e)) => Err(e),
@@ -790,17 +855,15 @@ mod tests {
     }
 
     #[test]
-    fn qemu_child_filter_refuses_io_uring_only() {
+    fn qemu_child_filter_refuses_io_uring_and_signals_to_others() {
         let out = run_child("seccomp::tests::child_qemu_filter");
         assert!(out.status.success(), "{out:?}");
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("io_uring: ENOSYS"),
-            "{out:?}"
-        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("io_uring: ENOSYS") && stdout.contains("signals: own only"), "{out:?}");
     }
 
     #[test]
-    #[ignore = "runs in a child process of qemu_child_filter_refuses_io_uring_only"]
+    #[ignore = "runs in a child process of qemu_child_filter_refuses_io_uring_and_signals_to_others"]
     fn child_qemu_filter() {
         if !in_child() {
             return;
@@ -811,7 +874,7 @@ mod tests {
         );
         init(Action::Kill).unwrap();
         let f = qemu_child_filter().unwrap().unwrap();
-        apply_in_child(&f).unwrap();
+        f.apply_in_child().unwrap();
         let mut params = [0u8; 120];
         // SAFETY: io_uring_setup(2) with a zeroed params buffer of the kernel's size.
         let rc = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr()) };
@@ -819,6 +882,44 @@ mod tests {
         assert_eq!(rc, -1);
         assert_eq!(errno, Some(libc::ENOSYS));
         println!("io_uring: ENOSYS");
+        // Signal 0 checks the target only. Our own process, by pid and by thread: allowed.
+        let errno = |rc: libc::c_long| if rc == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap() };
+        // SAFETY: getpid/gettid/getppid have no preconditions; signal 0 is delivered to no one.
+        let (me, tid, parent) = unsafe { (libc::getpid(), libc::gettid(), libc::getppid()) };
+        // SAFETY: as above: kill(2), tgkill(2), pidfd_open(2) with signal 0 / no flags.
+        let (own, own_thread, own_pidfd) = unsafe {
+            (
+                errno(libc::kill(me, 0).into()),
+                errno(libc::syscall(libc::SYS_tgkill, me, tid, 0)),
+                libc::syscall(libc::SYS_pidfd_open, me, 0),
+            )
+        };
+        assert_eq!((own, own_thread), (0, 0));
+        assert!(own_pidfd >= 0, "pidfd_open of itself: {}", std::io::Error::last_os_error());
+        // SAFETY: closing the pidfd opened above.
+        unsafe { libc::close(own_pidfd as i32) };
+        // The parent (the test harness), by every route, and every process group: EPERM.
+        // SAFETY: as above.
+        let others = unsafe {
+            [
+                errno(libc::kill(parent, 0).into()),
+                errno(libc::syscall(libc::SYS_tgkill, parent, parent, 0)),
+                errno(libc::syscall(libc::SYS_pidfd_open, parent, 0)),
+                errno(libc::kill(0, 0).into()),
+                errno(libc::kill(-1, 0).into()),
+            ]
+        };
+        assert_eq!(others, [libc::EPERM; 5]);
+        println!("signals: own only");
+    }
+
+    #[test]
+    fn qemu_signal_filter_has_its_placeholder_once_per_call() {
+        let f = compile_qemu_child_filter().unwrap();
+        let n = |p: &BpfProgram| p.iter().filter(|i| i.k == OWN_PID_PLACEHOLDER).count();
+        assert_eq!(n(&f.signals), QEMU_SIGNALS_SELF_ONLY.len());
+        assert_eq!(n(&f.io_uring), 0);
+        assert!(f.signals.len() <= SIGNAL_FILTER_MAX, "{}", f.signals.len());
     }
 
     #[test]

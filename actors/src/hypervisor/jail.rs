@@ -214,7 +214,7 @@ impl Step {
             Step::NoNewPrivs => "PR_SET_NO_NEW_PRIVS",
             Step::DeathSignal => "PR_SET_PDEATHSIG",
             Step::ParentGone => "the runtime exited",
-            Step::Seccomp => "install the io_uring filter",
+            Step::Seccomp => "install the io_uring and signal filters",
             Step::Fds => "hand over the console and QMP fds",
         }
     }

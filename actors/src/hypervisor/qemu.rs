@@ -517,7 +517,7 @@ impl Launch {
                     return Err(fail(Step::ParentGone)(std::io::Error::from_raw_os_error(libc::ESRCH)));
                 }
                 if let Some(f) = &child_filter {
-                    seccomp::apply_in_child(f).map_err(fail(Step::Seccomp))?;
+                    f.apply_in_child().map_err(fail(Step::Seccomp))?;
                 }
                 // The console pipe on CONSOLE_FD and QMP's socket on QMP_FD, without
                 // close-on-exec (both come from fds numbered HIGH_FD or above).
