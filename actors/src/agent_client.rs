@@ -341,13 +341,11 @@ impl AgentClient {
 
     /// Long poll for the next OOM kill; returns the container id. No deadline: cancelled by
     /// dropping the future.
-    pub async fn get_oom_event(&self) -> Result<String, AgentError> {
-        let r = self
-            .inner
+    pub async fn get_oom_event(&self) -> Result<agent::OomEvent, AgentError> {
+        self.inner
             .get_oom_event(ctx_forever(), &agent::Empty::new())
             .await
-            .map_err(|e| rpc_err("GetOomEvent", e))?;
-        Ok(r.container_id)
+            .map_err(|e| rpc_err("GetOomEvent", e))
     }
 
     /// Kills what is left of the container and forgets it.

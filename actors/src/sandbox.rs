@@ -766,7 +766,7 @@ forward!(ResizeTerminal, (), |a, m| a
     .resize_terminal(&m.exec_id, m.rows, m.cols)
     .await);
 forward!(RemoveContainer, (), |a, m| a.remove_container(&m.container_id).await);
-forward!(GetOomEvent, String, |a, _m| a.get_oom_event().await);
+forward!(GetOomEvent, agent::OomEvent, |a, _m| a.get_oom_event().await);
 
 /// Freezes a container (agent `PauseContainer`).
 #[derive(Message)]
@@ -820,9 +820,10 @@ pub struct RemoveContainer {
     pub container_id: String,
 }
 
-/// Long poll for the next OOM kill in the sandbox; replies with the container id.
+/// Long poll for the next OOM kill in the sandbox; replies with the container id and the event's
+/// sequence number.
 #[derive(Message)]
-#[rtype(result = "Result<String, SandboxError>")]
+#[rtype(result = "Result<agent::OomEvent, SandboxError>")]
 pub struct GetOomEvent;
 
 /// Releases a container's shared rootfs and volumes (ShareFs `Unshare`). Not shared is fine.

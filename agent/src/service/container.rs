@@ -56,35 +56,51 @@ impl ContainerRecord {
     }
 }
 
-/// Container ids whose oom_kill count grew, oldest first (at most [`MAX_OOM_EVENTS`]).
+/// Container ids whose oom_kill count grew, oldest first (at most [`MAX_OOM_EVENTS`]), each
+/// with its 1-based sequence number.
 #[derive(Default)]
 pub(super) struct OomEvents {
-    queue: Mutex<VecDeque<String>>,
+    queue: Mutex<OomQueue>,
     notify: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct OomQueue {
+    events: VecDeque<(u64, String)>,
+    /// Events queued so far (the last one's sequence number), dropped ones included.
+    pushed: u64,
 }
 
 impl OomEvents {
     fn push(&self, id: &str) {
         {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if q.len() >= MAX_OOM_EVENTS {
-                q.pop_front();
+            if q.events.len() >= MAX_OOM_EVENTS {
+                q.events.pop_front();
             }
-            q.push_back(id.to_string());
+            q.pushed += 1;
+            let seq = q.pushed;
+            q.events.push_back((seq, id.to_string()));
         }
         self.notify.notify_one();
     }
 
-    /// The oldest event, waiting for one if there is none.
-    async fn next(&self) -> String {
+    /// How many events were queued so far (the last one's sequence number).
+    pub(super) fn pushed(&self) -> u64 {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).pushed
+    }
+
+    /// The oldest event and its sequence number, waiting for one if there is none.
+    async fn next(&self) -> (String, u64) {
         loop {
-            if let Some(id) = self
+            if let Some((seq, id)) = self
                 .queue
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
+                .events
                 .pop_front()
             {
-                return id;
+                return (id, seq);
             }
             // notify_one stores a permit when nobody waits: an event pushed between the check
             // above and this await is not missed.
@@ -312,13 +328,30 @@ impl Agent {
                     }
                 };
                 for (id, n) in counts {
-                    for _ in 0..agent.take_new_ooms(&id, n) {
-                        agent_log!("container {id}: OOM kill");
-                        agent.oom_events.push(&id);
-                    }
+                    agent.queue_new_ooms(&id, n);
                 }
             }
         });
+    }
+
+    /// Queues an OOM event for each of a container's `count` OOM kills nobody reported yet,
+    /// under the lock [`Agent::take_new_ooms`] takes: once WaitProcess finds the kills taken,
+    /// their events are queued, and its `oom_events` counts them.
+    fn queue_new_ooms(&self, id: &str, count: u64) {
+        let mut containers = self.containers();
+        let new = match containers.get_mut(id) {
+            Some(r) if count > r.oom_reported => {
+                let new = count - r.oom_reported;
+                r.oom_reported = count;
+                new
+            }
+            _ => 0,
+        };
+        for _ in 0..new {
+            agent_log!("container {id}: OOM kill");
+            self.oom_events.push(id);
+        }
+        drop(containers);
     }
 
     /// How many of a container's `count` OOM kills nobody reported yet; records them as
@@ -359,8 +392,10 @@ impl Agent {
 
     /// GetOomEvent: the oldest unreported OOM event, waiting for one.
     pub(super) async fn next_oom_event(&self, _: Empty) -> Result<OomEvent> {
+        let (container_id, seq) = self.oom_events.next().await;
         Ok(OomEvent {
-            container_id: self.oom_events.next().await,
+            container_id,
+            seq,
             ..Default::default()
         })
     }
@@ -376,8 +411,9 @@ mod tests {
         for i in 0..MAX_OOM_EVENTS + 2 {
             ev.push(&format!("c{i}"));
         }
-        // The two oldest were dropped.
-        assert_eq!(ev.next().await, "c2");
+        // The two oldest were dropped; sequence numbers count them.
+        assert_eq!(ev.pushed(), MAX_OOM_EVENTS as u64 + 2);
+        assert_eq!(ev.next().await, ("c2".to_string(), 3));
         for _ in 3..MAX_OOM_EVENTS + 2 {
             ev.next().await;
         }
@@ -390,6 +426,7 @@ mod tests {
             .await
             .expect("woken within 5 s")
             .expect("task");
-        assert_eq!(got, "late");
+        assert_eq!(got, ("late".to_string(), MAX_OOM_EVENTS as u64 + 3));
+        assert_eq!(ev.pushed(), MAX_OOM_EVENTS as u64 + 3);
     }
 }

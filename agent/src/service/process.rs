@@ -181,6 +181,8 @@ impl Agent {
         let p = self.get(&req.exec_id)?;
         let info = p.wait().await?;
         let oom_killed = self.oom_at_exit(&req.exec_id, &p).await;
+        // After oom_at_exit: a kill the watcher took first is queued by now (queue_new_ooms).
+        let oom_events = self.oom_events.pushed();
         if oom_killed {
             agent_log!(
                 "container {}: OOM kill, reported with its exit",
@@ -193,6 +195,7 @@ impl Agent {
             signal: info.signal,
             status: info.status,
             oom_killed,
+            oom_events,
             ..Default::default()
         })
     }

@@ -100,7 +100,12 @@ impl Inner {
             Ok(Err(e)) => tracing::warn!(error = %e, "metrics endpoint unavailable"),
             Err(e) => tracing::warn!(error = %e, "metrics endpoint unavailable"),
         }
-        let watch = oom_watch(sb.clone(), self.events.clone(), self.containers.clone());
+        let watch = oom_watch(
+            sb.clone(),
+            self.events.clone(),
+            self.containers.clone(),
+            self.oom_handled.clone(),
+        );
         slot.oom_watch = Some(tokio::spawn(watch));
         Ok(())
     }
@@ -299,23 +304,31 @@ impl Inner {
 
 /// Long-polls the agent for OOM kills while the sandbox runs and publishes TaskOOM for the
 /// containers of this shim (the guest may report others: ignored). Retries with backoff after
-/// errors; ends when the sandbox stops (its task is also aborted then).
-async fn oom_watch(sb: Addr<SandboxActor>, events: Events, containers: Registry) {
+/// errors; ends when the sandbox stops (its task is also aborted then). Each event's sequence
+/// number goes to `handled` once it is published (or ignored).
+async fn oom_watch(
+    sb: Addr<SandboxActor>,
+    events: Events,
+    containers: Registry,
+    handled: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+) {
     let mut backoff = OOM_BACKOFF_MIN;
     loop {
         match sb.send(GetOomEvent).await {
-            Ok(Ok(container_id)) => {
+            Ok(Ok(ev)) => {
                 backoff = OOM_BACKOFF_MIN;
+                let (container_id, seq) = (ev.container_id, ev.seq);
                 if !containers.contains(&container_id) {
                     tracing::info!(container = %container_id, "OOM kill of a container not in this shim; ignored");
-                    continue;
+                } else {
+                    tracing::info!(container = %container_id, "OOM kill in the guest");
+                    let ev = TaskOOM {
+                        container_id,
+                        ..Default::default()
+                    };
+                    events.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
                 }
-                tracing::info!(container = %container_id, "OOM kill in the guest");
-                let ev = TaskOOM {
-                    container_id,
-                    ..Default::default()
-                };
-                events.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
+                handled.send_modify(|h| *h = (*h).max(seq));
             }
             Ok(Err(e)) if sandbox_lacks_rpc(&e) => {
                 tracing::info!("the guest agent has no GetOomEvent: no OOM events for this sandbox");

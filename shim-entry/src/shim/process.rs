@@ -23,6 +23,9 @@ use super::{spec, stdio};
 
 /// After a process exited: how long its output may still take to reach containerd's fifos.
 const IO_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the exit of a container's first process waits for the guest's OOM events the agent
+/// had queued when it answered WaitProcess (so that TaskOOM precedes TaskExit).
+const OOM_ORDER_WAIT: Duration = Duration::from_secs(2);
 
 /// containerd's status of a process in a container that is `container`.
 pub(super) fn status_of(p: &ProcessView, container: ContainerState) -> Status {
@@ -169,6 +172,16 @@ impl Inner {
                         ..Default::default()
                     };
                     self.events.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
+                }
+                // An OOM kill the agent's watcher reported first is on its way through the OOM
+                // watch: its TaskOOM goes out before this exit (containerd's order). Bounded:
+                // an event dropped by a full agent queue never comes.
+                if exec_id.is_empty() && w.oom_events > *self.oom_handled.borrow() {
+                    let mut handled = self.oom_handled.subscribe();
+                    let caught_up = tokio::time::timeout(OOM_ORDER_WAIT, handled.wait_for(|h| *h >= w.oom_events));
+                    if caught_up.await.is_err() {
+                        tracing::warn!(container = %id, "the guest's OOM events did not arrive in time; the exit goes first");
+                    }
                 }
                 u32::try_from(w.status).unwrap_or(255)
             }

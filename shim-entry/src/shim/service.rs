@@ -210,6 +210,10 @@ pub(super) struct Inner {
     /// The sandbox's lifetime, guarded by one lock (Create, Delete and Shutdown hold it).
     pub(super) life: tokio::sync::Mutex<SandboxSlot>,
     pub(super) containers: Registry,
+    /// The sequence number of the last guest OOM event the OOM watch has handled (published
+    /// or ignored): the exit of a container's first process waits for the events the agent
+    /// had queued when it answered WaitProcess (see `monitor`).
+    pub(super) oom_handled: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl JoeyTask {
@@ -244,6 +248,7 @@ impl JoeyTask {
                 arbiter: actix::Arbiter::current(),
                 life: tokio::sync::Mutex::new(SandboxSlot::default()),
                 containers: Registry::default(),
+                oom_handled: Arc::new(tokio::sync::watch::channel(0).0),
             }),
         };
         tokio::spawn(task.inner.clone().exit_when_idle());
