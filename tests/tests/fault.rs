@@ -734,6 +734,11 @@ const CLASSES: &[Class] = &[
         run: rows::vmm_sigkill_shim,
     },
     Class {
+        name: "joeyctl-sigkill/rootfs",
+        injection: "SIGKILL `joeyctl run --rootfs`, run again",
+        run: rows::joeyctl_sigkill_rootfs,
+    },
+    Class {
         name: "vmm-frozen/agent-ready",
         injection: "SIGSTOP QEMU during boot",
         run: rows::vmm_frozen_at_boot,
@@ -889,6 +894,80 @@ mod rows {
         let t0 = Instant::now();
         kill(q[0], libc::SIGKILL);
         expect_125(&mut child, t0, REPORT_BOUND, "unexpectedly")
+    }
+
+    /// `joeyctl run --rootfs` is SIGKILLed while its container runs. Its QEMU dies with it
+    /// (`PR_SET_PDEATHSIG`); its state dir with the virtio-fs mounts, its owner file
+    /// (`<id>.joeyctl`) and its cgroup stay, as nothing of it ran any more to remove them. The
+    /// next `joeyctl run` on the same state dir removes them first (ctl/owner.rs), then runs.
+    pub fn joeyctl_sigkill_rootfs(f: &mut Fixture) -> RowResult {
+        let rootfs = f.c.dir.path().join("sigkill-rootfs");
+        let made = (|| -> std::io::Result<()> {
+            for d in ["bin", "proc", "sys", "dev", "tmp"] {
+                std::fs::create_dir_all(rootfs.join(d))?;
+            }
+            std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
+            for a in ["sh", "echo", "sleep"] {
+                std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a))?;
+            }
+            Ok(())
+        })();
+        made.map_err(|e| format!("busybox rootfs: {e}"))?;
+        let env = f.env("");
+        let res = (|| {
+            let r = rootfs.display().to_string();
+            let (mut child, _out) =
+                start_script(&env, &["--rootfs", &r], "echo started; sleep 300")?;
+            let owners: Vec<String> = std::fs::read_dir(&env.state_dir)
+                .map_err(|e| e.to_string())?
+                .flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_suffix(".joeyctl")
+                        .map(str::to_string)
+                })
+                .collect();
+            let [id] = owners.as_slice() else {
+                let _ = child.kill();
+                return Err(format!("owner files while it runs: {owners:?}"));
+            };
+            f.scope.ids.push(id.clone());
+            let state = env.state_dir.join(id);
+            let owner = env.state_dir.join(format!("{id}.joeyctl"));
+            kill(child.id() as i32, libc::SIGKILL);
+            let _ = child.wait();
+            let dir = env.dir.path().display().to_string();
+            wait_for("its QEMU gone", CLEAN_BOUND, Duration::from_millis(100), || {
+                qemus(&dir).is_empty().then_some(())
+            })?;
+            let (mounts, groups) = (mounts_under(&state).len(), cgroups_named(id).len());
+            if !state.is_dir() || !owner.is_file() || mounts == 0 || groups == 0 {
+                return Err(format!(
+                    "not what a killed run leaves: state dir {}, owner file {}, {mounts} mounts, {groups} cgroups",
+                    state.is_dir(),
+                    owner.is_file()
+                ));
+            }
+            let o = joeyctl_output(f, joeyctl(&env, &[], &["echo", "ok"]), REPORT_BOUND)?;
+            if o.status.code() != Some(0) || o.stdout != b"ok\n" {
+                return Err(format!("the next run: {:?} {}", o.status, stderr_of(&o)));
+            }
+            let left = (
+                state.exists(),
+                owner.exists(),
+                mounts_under(&state).len(),
+                cgroups_named(id).len(),
+            );
+            if left != (false, false, 0, 0) {
+                return Err(format!("after the next run: (state dir, owner file, mounts, cgroups) = {left:?}"));
+            }
+            Ok(format!(
+                "left its state dir, {mounts} mounts, its owner file, {groups} cgroup(s); the next run removed them, exit 0"
+            ))
+        })();
+        let _ = std::fs::remove_dir_all(&rootfs);
+        res
     }
 
     pub fn vmm_sigkill_netns(f: &mut Fixture) -> RowResult {

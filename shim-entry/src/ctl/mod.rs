@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod cri;
+pub mod owner;
 pub mod run;
 
 use std::path::PathBuf;

@@ -146,6 +146,18 @@ async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -
             }
         },
     };
+    // Sandboxes of earlier runs whose joeyctl was killed before its teardown (ctl/owner.rs),
+    // then our own claim, held until our sandbox is stopped.
+    let state_root = config.runtime.state_dir.clone();
+    let root = state_root.clone();
+    let _ = tokio::task::spawn_blocking(move || super::owner::clean_dead(&root)).await;
+    let owner = match super::owner::OwnerLock::claim(&state_root, &id, args.netns.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            super::print_error(e);
+            return EXIT_RUNTIME;
+        }
+    };
     let hv = HypervisorActor::new().start();
     let sb = SandboxActor::new(id, config, origin, hv).start();
 
@@ -186,6 +198,11 @@ async fn run_async(args: RunArgs, config: joey_config::Config, origin: String) -
 
     drop(metrics_server);
     let stopped = sb.send(StopSandbox).await;
+    match &stopped {
+        Ok(Ok(_)) => owner.release(),
+        // What the failed teardown left is the next run's to clean (ctl/owner.rs).
+        _ => owner.keep(),
+    }
     let teardown = match &stopped {
         Ok(Ok(s)) => s.teardown,
         Ok(Err(e)) => {
