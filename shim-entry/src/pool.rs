@@ -35,7 +35,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::shim::cleanup::pids_mentioning;
+use crate::shim::cleanup::kill_processes_mentioning;
 use crate::shim::mounts::{unmount_below, MountError};
 
 /// Exit code for bad input (config, host), as joeyctl's.
@@ -727,22 +727,11 @@ pub fn clean_orphans(vms: &Path) -> Result<usize, PoolServerError> {
     for e in rd.flatten() {
         let dir = e.path();
         // QEMU's command line names its sockets in the VM's directory.
-        let needle = format!("{}/", dir.display());
-        for pid in pids_mentioning(&needle) {
-            // SAFETY: kill(2) on a pid whose command line names this VM's directory.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-        let t0 = Instant::now();
-        while !pids_mentioning(&needle).is_empty() {
-            if t0.elapsed() > ORPHAN_KILL_TIMEOUT {
-                return Err(PoolServerError::Leftovers(format!(
-                    "processes of {}",
-                    dir.display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !kill_processes_mentioning(&format!("{}/", dir.display()), ORPHAN_KILL_TIMEOUT) {
+            return Err(PoolServerError::Leftovers(format!(
+                "processes of {}",
+                dir.display()
+            )));
         }
         // And its sandbox cgroup, which QEMU's exit watcher would have removed.
         let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -977,6 +966,7 @@ pub fn main() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shim::cleanup::pids_mentioning;
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {

@@ -195,6 +195,19 @@ pub fn run_scenarios(
     failed
 }
 
+/// Makes `root` a busybox container rootfs: `/bin/busybox` (the host's static one) with a
+/// symlink per applet in `applets`, and empty `/proc`, `/sys`, `/dev`, `/tmp` mountpoints.
+pub fn make_busybox_rootfs(root: &Path, applets: &[&str]) -> std::io::Result<()> {
+    for d in ["bin", "proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+    for a in applets {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(a))?;
+    }
+    Ok(())
+}
+
 /// One isolated test environment: its own config file and state directory.
 pub struct Env {
     pub dir: tempfile::TempDir,

@@ -25,13 +25,7 @@ impl Rootfs {
             .tempdir()
             .expect("tempdir");
         let root = dir.path();
-        for d in ["bin", "proc", "sys", "dev", "tmp"] {
-            std::fs::create_dir(root.join(d)).expect("mkdir");
-        }
-        std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy /bin/busybox");
-        for a in APPLETS {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).expect("symlink");
-        }
+        make_busybox_rootfs(root, APPLETS).expect("busybox rootfs");
         std::fs::write(root.join("marker"), MARKER).expect("write marker");
         Rootfs { dir }
     }

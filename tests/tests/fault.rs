@@ -902,17 +902,8 @@ mod rows {
     /// next `joeyctl run` on the same state dir removes them first (ctl/owner.rs), then runs.
     pub fn joeyctl_sigkill_rootfs(f: &mut Fixture) -> RowResult {
         let rootfs = f.c.dir.path().join("sigkill-rootfs");
-        let made = (|| -> std::io::Result<()> {
-            for d in ["bin", "proc", "sys", "dev", "tmp"] {
-                std::fs::create_dir_all(rootfs.join(d))?;
-            }
-            std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
-            for a in ["sh", "echo", "sleep"] {
-                std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a))?;
-            }
-            Ok(())
-        })();
-        made.map_err(|e| format!("busybox rootfs: {e}"))?;
+        make_busybox_rootfs(&rootfs, &["sh", "echo", "sleep"])
+            .map_err(|e| format!("busybox rootfs: {e}"))?;
         let env = f.env("");
         let res = (|| {
             let r = rootfs.display().to_string();

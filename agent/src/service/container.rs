@@ -50,6 +50,13 @@ pub(super) struct ContainerRecord {
 }
 
 impl ContainerRecord {
+    /// How many of its `count` OOM kills nobody reported yet; records them as reported.
+    fn take_new_ooms(&mut self, count: u64) -> u64 {
+        let new = count.saturating_sub(self.oom_reported);
+        self.oom_reported = self.oom_reported.max(count);
+        new
+    }
+
     /// Whether its first process has not exited.
     pub(super) fn running(&self) -> bool {
         self.process.exit_info().is_none()
@@ -339,32 +346,19 @@ impl Agent {
     /// their events are queued, and its `oom_events` counts them.
     fn queue_new_ooms(&self, id: &str, count: u64) {
         let mut containers = self.containers();
-        let new = match containers.get_mut(id) {
-            Some(r) if count > r.oom_reported => {
-                let new = count - r.oom_reported;
-                r.oom_reported = count;
-                new
-            }
-            _ => 0,
-        };
+        let new = containers.get_mut(id).map_or(0, |r| r.take_new_ooms(count));
         for _ in 0..new {
             agent_log!("container {id}: OOM kill");
             self.oom_events.push(id);
         }
-        drop(containers);
     }
 
     /// How many of a container's `count` OOM kills nobody reported yet; records them as
     /// reported. One lock, so the watcher and WaitProcess never report the same kill twice.
     fn take_new_ooms(&self, id: &str, count: u64) -> u64 {
-        match self.containers().get_mut(id) {
-            Some(r) if count > r.oom_reported => {
-                let new = count - r.oom_reported;
-                r.oom_reported = count;
-                new
-            }
-            _ => 0,
-        }
+        self.containers()
+            .get_mut(id)
+            .map_or(0, |r| r.take_new_ooms(count))
     }
 
     /// For a container's first process that exited: whether OOM kills happened that nobody

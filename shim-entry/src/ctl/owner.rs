@@ -16,9 +16,9 @@ use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use crate::shim::{cleanup, mounts};
+use crate::shim::cleanup;
 
 /// Suffix of an owner file (`<id>.joeyctl`).
 pub const SUFFIX: &str = ".joeyctl";
@@ -37,6 +37,8 @@ pub enum OwnerError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Cleanup(#[from] cleanup::CleanupError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OwnerError + '_ {
@@ -197,19 +199,7 @@ fn clean_if_dead(state_root: &Path, id: &str, owner: &Path) -> Result<bool, Owne
     file.read_to_string(&mut text).map_err(io_err(owner))?;
     let state = state_root.join(id);
     // Whatever still runs for it (QEMU is normally gone already: PR_SET_PDEATHSIG).
-    let pids = cleanup::pids_mentioning(&format!("{}/", state.display()));
-    for &pid in &pids {
-        // SAFETY: kill(2) of a process found by its command line naming the dead sandbox.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    let t0 = Instant::now();
-    while t0.elapsed() < KILL_WAIT
-        && pids
-            .iter()
-            .any(|p| Path::new(&format!("/proc/{p}")).exists())
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cleanup::kill_processes_mentioning(&format!("{}/", state.display()), KILL_WAIT);
     if let Some(ns) = text
         .lines()
         .find_map(|l| l.strip_prefix("netns "))
@@ -221,20 +211,7 @@ fn clean_if_dead(state_root: &Path, id: &str, owner: &Path) -> Result<bool, Owne
             }
         }
     }
-    if state.exists() {
-        match mounts::unmount_below(&state) {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(sandbox = %id, "mounts are left under the dead run's state dir; not removing it");
-                return Ok(false);
-            }
-            Err(e) => {
-                tracing::warn!(sandbox = %id, error = %e, "unmounting the dead run's mounts failed");
-                return Ok(false);
-            }
-        }
-        std::fs::remove_dir_all(&state).map_err(io_err(&state))?;
-    }
+    cleanup::remove_state_dir(&state)?;
     if let Err(e) = joey_actors::hypervisor::sandbox_cgroup::remove_leftover(id, KILL_WAIT) {
         tracing::warn!(sandbox = %id, error = %e, "removing the dead run's cgroup failed");
     }

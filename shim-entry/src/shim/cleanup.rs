@@ -43,6 +43,41 @@ pub fn pids_mentioning(needle: &str) -> Vec<i32> {
         .collect()
 }
 
+/// SIGKILLs every process (not ours) whose command line mentions `needle` (a sandbox's or a
+/// VM's directory, which QEMU's sockets are in) and waits, up to `wait`, until none is left.
+/// True when none is.
+pub fn kill_processes_mentioning(needle: &str, wait: Duration) -> bool {
+    for pid in pids_mentioning(needle) {
+        // SAFETY: kill(2) of a process whose command line names the dead sandbox's directory.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let t0 = Instant::now();
+    loop {
+        if pids_mentioning(needle).is_empty() {
+            return true;
+        }
+        if t0.elapsed() > wait {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Unmounts whatever is mounted below a dead sandbox's state dir and removes the dir (gone
+/// already is fine); refuses while mounts are left.
+pub fn remove_state_dir(state: &Path) -> Result<(), CleanupError> {
+    if !state.exists() {
+        return Ok(());
+    }
+    if !mounts::unmount_below(state)? {
+        return Err(CleanupError::MountsLeft(state.display().to_string()));
+    }
+    std::fs::remove_dir_all(state).map_err(|e| CleanupError::Remove {
+        path: state.display().to_string(),
+        source: e,
+    })
+}
+
 /// Removes the shim's ttrpc socket named in `<bundle>/address` (`unix:///run/containerd/s/<sha>`)
 /// when nobody listens on it any more: a SIGKILLed shim never removes its own socket. A socket
 /// that still accepts connections (a live shim of the same pod) is left alone.
@@ -100,15 +135,7 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
     let spec = spec::load(bundle).ok();
     let group = super::group_of(spec.as_ref(), id);
     let state: PathBuf = config.runtime.state_dir.join(&group);
-    let needle = format!("{}/", state.display());
-    let pids = pids_mentioning(&needle);
-    for &pid in &pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
-    let t0 = Instant::now();
-    while t0.elapsed() < KILL_WAIT && pids.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    kill_processes_mentioning(&format!("{}/", state.display()), KILL_WAIT);
     remove_dead_socket(bundle);
     // Only the sandbox's own container names the pod's netns (app containers of a CRI pod
     // have /proc/<pid>/ns/net paths).
@@ -117,15 +144,7 @@ pub fn delete_dead(id: &str, bundle: &Path) -> Result<DeleteResponse, CleanupErr
     }
     let rootfs = bundle.join("rootfs");
     mounts::unmount_below(&rootfs)?;
-    if state.exists() {
-        if !mounts::unmount_below(&state)? {
-            return Err(CleanupError::MountsLeft(state.display().to_string()));
-        }
-        std::fs::remove_dir_all(&state).map_err(|e| CleanupError::Remove {
-            path: state.display().to_string(),
-            source: e,
-        })?;
-    }
+    remove_state_dir(&state)?;
     // The dead sandbox's cgroup, once its QEMU has finished exiting (docs/security.md).
     if let Err(e) = joey_actors::hypervisor::sandbox_cgroup::remove_leftover(&group, KILL_WAIT) {
         tracing::warn!(error = %e, "removing the sandbox cgroup failed");
